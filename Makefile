@@ -1,0 +1,33 @@
+# Two commands on a fresh machine (see README): `make quickstart` and `make test`.
+PY ?= python3
+VENV ?= .venv
+EXTRAS ?= dev,ray,beam,airflow
+CONSTRAINTS ?= requirements/constraints.txt
+BIN := $(VENV)/bin
+
+.PHONY: install quickstart test lint bench clean
+
+$(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(BIN)/.installed
+
+# Writes ./sample, curates it into ./out/quickstart, and checks the result against VILA's output contract.
+quickstart: install
+	$(BIN)/vila2-curate sample sample
+	$(BIN)/vila2-curate run configs/quickstart.yaml
+	$(BIN)/vila2-curate validate out/quickstart
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
+	$(BIN)/python -m pytest -q
+
+bench: install
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf sample out

@@ -1,0 +1,94 @@
+"""ShardSink: routes one input shard's final rows to kept shards, rejects and quarantine, and counts them.
+
+Engine-independent: the local engine feeds it batch by batch; Ray and Beam feed it per input shard.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.readers.base import InputShard
+from pipelines.writers.mmc4 import Mmc4PklWriter
+from pipelines.writers.records import write_quarantine, write_rejects
+from pipelines.writers.wds import OutputFile, WdsShardWriter
+from schemas.config import OutputConfig
+from schemas.records import ShardStats
+from schemas.table_ops import reason_class
+
+
+class ShardSink:
+    def __init__(self, fs, root: str, out: OutputConfig, shard: InputShard) -> None:
+        self.fs, self.root, self.out, self.shard = fs, root, out, shard
+        prefix = f"{shard.source}/{shard.shard_id}"
+        if shard.row_kind == "document":
+            self.writer = Mmc4PklWriter(fs, root, prefix, docs_per_pkl=out.mmc4_docs_per_pkl,
+                                        max_images_per_doc=out.mmc4_max_images_per_doc)
+        else:
+            self.writer = WdsShardWriter(fs, root, prefix, max_samples=out.shard_max_samples,
+                                         max_bytes=out.shard_max_bytes, caption_policy=out.caption_policy)
+        self.stats = ShardStats(source=shard.source, shard=shard.shard_id)
+        self._reasons: Counter = Counter()
+        self._image_reasons: Counter = Counter()
+        self._rejected: list[pa.Table] = []
+        self._quarantined: list[pa.Table] = []
+
+    def write(self, batch: pa.Table) -> None:
+        """Route one batch of final rows."""
+        st = self.stats
+        st.rows_in += batch.num_rows
+        dropped_mask = pc.is_valid(batch.column("drop_reason"))
+        quarantined_mask = pc.and_(dropped_mask, pc.fill_null(batch.column("quarantined"), False))
+        kept = batch.filter(pc.invert(dropped_mask))
+        rejected = batch.filter(dropped_mask)
+        st.kept += kept.num_rows
+        nq = pc.sum(quarantined_mask).as_py() or 0
+        st.quarantined += nq
+        st.dropped += rejected.num_rows - nq
+        for stage, reason in zip(rejected.column("drop_stage").to_pylist(),
+                                 rejected.column("drop_reason").to_pylist(), strict=True):
+            self._reasons[f"{stage}:{reason_class(reason)}"] += 1
+        if "image_info" in batch.column_names:
+            self._count_images(batch, dropped_mask)
+        if kept.num_rows:
+            self.writer.write(kept)
+        if rejected.num_rows:
+            # rejects keep keys and reasons only; the payload of quarantined rows is kept apart for inspection
+            self._rejected.append(rejected.drop_columns([c for c in ("image", "image_info")
+                                                         if c in rejected.column_names]))
+            if self.out.keep_quarantine_payloads and nq:
+                self._quarantined.append(batch.filter(quarantined_mask))
+
+    def _count_images(self, batch: pa.Table, dropped_mask: pa.ChunkedArray) -> None:
+        for doc_dropped, images in zip(dropped_mask.to_pylist(),
+                                       batch.column("image_info").to_pylist(), strict=True):
+            for im in images or []:
+                self.stats.images_in += 1
+                if im.get("drop_reason") is None and not doc_dropped:
+                    self.stats.images_kept += 1
+                elif im.get("drop_reason") is not None:
+                    self._image_reasons[f"{im.get('drop_stage')}:{reason_class(im['drop_reason'])}"] += 1
+                else:
+                    self._image_reasons["document:dropped_with_document"] += 1
+
+    def close(self) -> tuple[ShardStats, list[OutputFile]]:
+        files = self.writer.close()
+        sid, src = self.shard.shard_id, self.shard.source
+        rejected = pa.concat_tables(self._rejected) if self._rejected else None
+        write_rejects(self.fs, self.root, src, sid, rejected)
+        if self._quarantined:
+            write_quarantine(self.fs, self.root, src, sid, pa.concat_tables(self._quarantined))
+        st = self.stats
+        st.reasons = dict(sorted(self._reasons.items()))
+        st.image_reasons = dict(sorted(self._image_reasons.items()))
+        st.output_shards = [f.relpath for f in files]
+        if not st.balanced():  # an engine bug, never bad input: fail loudly rather than publish
+            raise RuntimeError(f"accounting broken for {src}/{sid}: {st.model_dump()}")
+        return st, files
+
+
+def output_file_dict(f: OutputFile) -> dict:
+    return asdict(f)
