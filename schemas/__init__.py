@@ -14,7 +14,7 @@ from schemas.rows import (
     empty_table,
     make_table,
 )
-from schemas.stage import Resources, Stage
+from schemas.stage import GlobalStage, Resources, Stage
 
 __all__ = [
     "CAPTION_TYPE",
@@ -22,6 +22,7 @@ __all__ = [
     "DOCUMENT_SCHEMA",
     "PAIR_SCHEMA",
     "SCHEMA_VERSION",
+    "GlobalStage",
     "Resources",
     "SchemaVersionError",
     "Stage",

@@ -52,7 +52,80 @@ class NormalizeConfig(_Strict):
     reencode_quality: int = 95
 
 
-StageConfig = Annotated[NormalizeConfig, Field(discriminator="type")]
+class DedupConfig(_Strict):
+    """Duplicate removal across all sources; groups from every method are joined with union-find.
+
+    Put a dedup stage with exact/phash *before* clipscore (cheap, saves GPU time; keeper = smallest id)
+    and one with semantic *after* it (needs embeddings; keeper = highest CLIP score, then smallest id).
+    """
+
+    type: Literal["dedup"] = "dedup"
+    methods: list[Literal["exact", "phash", "minhash_documents", "minhash_captions", "semantic"]] = Field(
+        default_factory=lambda: ["exact", "phash"])
+    phash_max_distance: int = 4  # Hamming distance k on 64-bit pHash
+    phash_confirm: Literal["thumbnail", "clip", "none"] = "thumbnail"  # second signal for pHash candidates
+    thumbnail_max_distance: float = 0.08  # mean |a-b| of 16x16 grey thumbnails, in [0, 1]
+    clip_confirm_min_cosine: float = 0.9
+    minhash_num_perm: int = 128
+    minhash_threshold: float = 0.8  # Jaccard over word shingles
+    shingle_words: int = 3
+    boilerplate_min_images: int = 5  # a caption near-duplicated on >= this many distinct images is flagged
+    semantic_eps: float = 0.05  # cosine >= 1 - eps forms a group (SemDeDup)
+    semantic_clusters: int | None = None  # k-means clusters; None: about sqrt(n / 4)
+    mmc4_policy: Literal["drop_image", "drop_document"] = "drop_image"
+    seed: int = 0
+
+
+class ModelRuntime(_Strict):
+    """Where and how a model stage runs; ``gpus`` is the per-worker share read by the Ray engine."""
+
+    device: str = "auto"  # "auto" -> cuda if available else cpu
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # fp16/bf16 apply on GPU only
+    batch_size: int = 32
+    gpus: float = 0.0
+    cpus: float = 1.0
+    workers: int = 1  # actor-pool size on Ray
+
+
+class ClipScoreConfig(_Strict):
+    """open_clip image/text embeddings -> CLIP-S = 2.5 * max(cos, 0) (Hessel et al. 2021)."""
+
+    type: Literal["clipscore"] = "clipscore"
+    model: str = "ViT-B-32"  # open_clip model name, or a local dir holding open_clip_config.json
+    pretrained: str | None = None  # pretrained tag (cached) or a local checkpoint path
+    runtime: ModelRuntime = ModelRuntime()
+    draft: bool = True  # JPEG draft decoding to about the model's input size
+
+
+class ClipFilterConfig(_Strict):
+    """Keep rows by CLIP score: a fixed floor and/or the top p% per source over the whole dataset."""
+
+    type: Literal["clip_filter"] = "clip_filter"
+    min_score: float | None = None  # floor on CLIP-S
+    top_percent: float | None = None  # keep the best p% per source (or per shard with the vila preset)
+    method: Literal["exact", "sketch"] = "exact"
+    preset: Literal["vila_coyo"] | None = None  # VILA's COYO rule on the dataset's own clip_similarity_*
+    vila_min_similarity_sum: float = 0.6  # preset: floor on clip_similarity_vitb32 + clip_similarity_vitl14
+
+
+class DeltaLossConfig(_Strict):
+    """NVILA DeltaLoss: keep the top K by mean log p_large(text) - mean log p_small(text) per subset."""
+
+    type: Literal["deltaloss"] = "deltaloss"
+    small_model: str  # transformers causal LM: local path or hub name
+    large_model: str
+    scorer: Literal["lm", "vlm"] = "lm"  # vlm: log-likelihood of the caption given the image
+    keep_fraction: float = 0.5
+    subset_by: str = "source"  # a row column, or "meta.<field>"
+    max_length: int = 256
+    trust_remote_code: bool = False
+    runtime: ModelRuntime = ModelRuntime()
+
+
+StageConfig = Annotated[
+    NormalizeConfig | DedupConfig | ClipScoreConfig | ClipFilterConfig | DeltaLossConfig,
+    Field(discriminator="type"),
+]
 
 
 class CaptionPolicy(_Strict):

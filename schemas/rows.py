@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 VERSION_KEY = b"vila2.schema_version"
 KIND_KEY = b"vila2.kind"
 
@@ -86,6 +86,7 @@ _IMAGE_FIELDS = [
     pa.field("clip_score", pa.float32()),  # CLIP-S = 2.5 * max(cos, 0)
     pa.field("clip_cosine", pa.float32()),
     pa.field("clip_model", pa.string()),
+    pa.field("embedding", pa.list_(pa.float32())),  # L2-normalised CLIP image embedding (semantic dedup)
 ]
 
 PAIR_SCHEMA = pa.schema(
@@ -173,3 +174,18 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
         else:
             arrays.append(pa.nulls(table.num_rows, type=f.type))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+# Whole-dataset decisions (dedup groups, thresholds, top-K) come back as rows of this table and are
+# applied to the data rows by (source, key, image_index) in a second map pass.
+DECISION_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("image_index", pa.int32()),  # -1: the row itself; i >= 0: image i of an MMC4 document
+        pa.field("drop_reason", pa.string()),  # null: keep
+        pa.field("flag", pa.string()),  # a non-dropping mark to add to the row's flags (e.g. "boilerplate_caption")
+        pa.field("group", pa.string()),  # duplicate-group id or subset name, for summaries
+        pa.field("value", pa.float64()),  # e.g. the threshold applied or the score ranked
+    ]
+)

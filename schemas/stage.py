@@ -41,3 +41,28 @@ class Stage(Protocol):
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Transform one batch; returns the same rows (same order, same count)."""
+
+
+@runtime_checkable
+class GlobalStage(Protocol):
+    """A decision that needs the whole dataset, done in two passes (DESIGN.md, "The stage contract").
+
+    1. map: ``signatures(batch)`` returns a small table (``source``, ``key``, ``image_index`` and what the
+       decision needs) for the alive rows of a batch; it may use models loaded in ``setup()``.
+    2. aggregate: the engine groups all signatures by ``group_by`` (None: one group holding everything)
+       with its own primitive (local dict, Ray groupby, Beam GroupByKey) and calls ``decide(group)``,
+       which returns rows in DECISION_SCHEMA. ``decide`` must give the same answer for the same rows in
+       any order, so every engine reaches the same decision.
+    3. map: the engine applies the decisions to the data rows (drop_reason / drop_stage / flags).
+    """
+
+    name: str
+    version: str
+    resources: Resources
+    group_by: str | None
+
+    def setup(self) -> None: ...
+
+    def signatures(self, batch: pa.Table) -> pa.Table: ...
+
+    def decide(self, signatures: pa.Table) -> pa.Table: ...
