@@ -30,6 +30,7 @@ class ShardResult:
     config_hash: str
     stage_versions: dict[str, str]
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> {rows, seconds}
+    plan_hash: str = ""  # config + stage versions + the set of input shards (global decisions depend on it)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -40,13 +41,15 @@ class ShardResult:
             "config_hash": self.config_hash,
             "stage_versions": self.stage_versions,
             "timings": self.timings,
+            "plan_hash": self.plan_hash,
         }
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> ShardResult:
         return cls(shard=InputShard(**obj["shard"]), stats=ShardStats(**obj["stats"]),
                    files=[OutputFile(**f) for f in obj["files"]], config_hash=obj["config_hash"],
-                   stage_versions=obj["stage_versions"], timings=obj.get("timings", {}))
+                   stage_versions=obj["stage_versions"], timings=obj.get("timings", {}),
+                   plan_hash=obj.get("plan_hash", ""))
 
 
 def marker_path(root: str, shard: InputShard) -> str:
@@ -64,10 +67,9 @@ def load_marker(fs, root: str, shard: InputShard) -> ShardResult | None:
         return None  # an unreadable marker means "not finished": the shard is redone
 
 
-def is_done(fs, root: str, shard: InputShard, config_hash: str, stage_versions: dict[str, str]) -> bool:
+def is_done(fs, root: str, shard: InputShard, plan_hash: str) -> bool:
     res = load_marker(fs, root, shard)
-    return bool(res and res.config_hash == config_hash and res.stage_versions == stage_versions
-                and res.shard.path == shard.path)
+    return bool(res and res.plan_hash == plan_hash and res.shard.path == shard.path)
 
 
 def remove_stale_outputs(fs, root: str, shard: InputShard) -> None:
@@ -91,8 +93,9 @@ def write_marker(fs, root: str, result: ShardResult) -> None:
     write_json_atomic(fs, marker_path(root, result.shard), result.to_json())
 
 
-def finalize(fs, root: str, name: str, results: list[ShardResult]) -> dict[str, Any]:
-    """Write manifest.parquet, stats.json, timings.json and wids-meta.json from the shard results."""
+def finalize(fs, root: str, name: str, results: list[ShardResult],
+             summaries: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write manifest.parquet, stats.json, timings.json, summaries.json and wids-meta.json."""
     results = sorted(results, key=lambda r: (r.shard.source, r.shard.shard_id))
     manifest_rows = []
     wds_files: list[OutputFile] = []
@@ -118,6 +121,7 @@ def finalize(fs, root: str, name: str, results: list[ShardResult]) -> dict[str, 
         write_wids_meta(fs, posixpath.join(root, source), f"{name}-{source}", local)
     write_json_atomic(fs, posixpath.join(root, "stats.json"), stats)
     write_json_atomic(fs, posixpath.join(root, "timings.json"), _merge_timings(results))
+    write_json_atomic(fs, posixpath.join(root, "summaries.json"), summaries or {})
     return stats
 
 

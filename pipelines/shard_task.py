@@ -1,48 +1,139 @@
-"""Process one input shard end to end: read -> stages -> sink -> result. Engine-independent."""
+"""Process one input shard through one plan segment. Engine-independent: local runs it in-process, Beam
+runs it in a DoFn, and Ray's final per-shard step runs the same output half (``SegmentOutput``).
+
+Input: the source reader (segment 0) or the previous segment's intermediate rows, with the previous
+segment's decisions applied first. Output: intermediate rows + signatures (segments that end in a global
+stage) or the VILA shards, rejects and stats (the last segment).
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
+import pyarrow as pa
+
+from curation.decisions import DecisionIndex, apply_decisions
 from pipelines.guard import apply_guarded
+from pipelines.plan import Plan, Segment
 from pipelines.progress import ShardResult
 from pipelines.readers.base import InputShard, Reader
 from pipelines.sink import ShardSink
+from pipelines.workdir import IntermediateWriter, read_rows, rows_path, write_done, write_signatures
 from schemas.config import OutputConfig
-from schemas.stage import Stage
+from schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA
+
+Timings = dict[str, dict[str, float]]
 
 
-def run_shard(reader: Reader, shard: InputShard, stages: list[Stage], fs, root: str, out: OutputConfig,
-              batch_size: int, config_hash: str, versions: dict[str, str],
-              on_batch: Callable[[int, int], None] | None = None) -> ShardResult:
-    """Stream one shard through the stages into its sink; ``on_batch(rows, kept)`` reports progress."""
-    sink = ShardSink(fs, root, out, shard)
-    timings: dict[str, dict[str, float]] = {s.name: {"rows": 0, "seconds": 0.0} for s in stages}
-    timings["read"] = {"rows": 0, "seconds": 0.0}
-    timings["write"] = {"rows": 0, "seconds": 0.0}
-    t0 = time.perf_counter()
-    for batch in reader.read(shard, batch_size):
-        t1 = time.perf_counter()
-        _add(timings["read"], batch.num_rows, t1 - t0)
-        for stage in stages:
-            t = time.perf_counter()
-            batch = apply_guarded(stage, batch)
-            _add(timings[stage.name], batch.num_rows, time.perf_counter() - t)
-        t = time.perf_counter()
-        kept_before = sink.stats.kept
-        sink.write(batch)
-        _add(timings["write"], batch.num_rows, time.perf_counter() - t)
-        if on_batch:
-            on_batch(batch.num_rows, sink.stats.kept - kept_before)
-        t0 = time.perf_counter()
-    t = time.perf_counter()
-    stats, files = sink.close()
-    _add(timings["write"], 0, time.perf_counter() - t)
-    return ShardResult(shard=shard, stats=stats, files=files, config_hash=config_hash,
-                       stage_versions=versions, timings=timings)
-
-
-def _add(acc: dict[str, float], rows: int, seconds: float) -> None:
+def _add(timings: Timings, name: str, rows: int, seconds: float) -> None:
+    acc = timings.setdefault(name, {"rows": 0, "seconds": 0.0})
     acc["rows"] += rows
     acc["seconds"] += seconds
+
+
+def input_batches(fs, root: str, reader: Reader, shard: InputShard, seg: int, batch_size: int,
+                  prev_decisions: DecisionIndex | None, prev_stage: str | None,
+                  timings: Timings) -> Iterator[pa.Table]:
+    """The rows segment ``seg`` starts from, with the previous segment's decisions applied."""
+    source = reader.read(shard, batch_size) if seg == 0 else read_rows(fs, rows_path(root, seg - 1, shard),
+                                                                      batch_size)
+    t0 = time.perf_counter()
+    for batch in source:
+        _add(timings, "read", batch.num_rows, time.perf_counter() - t0)
+        if prev_decisions is not None:
+            t = time.perf_counter()
+            batch = apply_decisions(batch, prev_decisions, prev_stage or "decision")
+            _add(timings, f"{prev_stage}_apply", batch.num_rows, time.perf_counter() - t)
+        yield batch
+        t0 = time.perf_counter()
+
+
+def map_batch(segment: Segment, batch: pa.Table, timings: Timings) -> pa.Table:
+    for stage in segment.maps:
+        t = time.perf_counter()
+        batch = apply_guarded(stage, batch)
+        _add(timings, stage.name, batch.num_rows, time.perf_counter() - t)
+    return batch
+
+
+class SegmentOutput:
+    """Where a shard's mapped rows go at the end of a segment."""
+
+    def __init__(self, fs, root: str, plan: Plan, segment: Segment, shard: InputShard,
+                 out: OutputConfig) -> None:
+        self.fs, self.root, self.plan, self.segment, self.shard = fs, root, plan, segment, shard
+        self.last = segment.decide is None
+        self.timings: Timings = {}
+        self.rows = self.kept = 0
+        if self.last:
+            self.sink = ShardSink(fs, root, out, shard)
+        else:
+            schema = DOCUMENT_SCHEMA if shard.row_kind == "document" else PAIR_SCHEMA
+            self.inter = IntermediateWriter(fs, rows_path(root, segment.index, shard), schema)
+            self.sigs: list[pa.Table] = []
+
+    def write(self, batch: pa.Table) -> None:
+        t = time.perf_counter()
+        self.rows += batch.num_rows
+        if self.last:
+            before = self.sink.stats.kept
+            self.sink.write(batch)
+            self.kept += self.sink.stats.kept - before
+            _add(self.timings, "write", batch.num_rows, time.perf_counter() - t)
+            return
+        self.inter.write(batch)
+        _add(self.timings, "write_intermediate", batch.num_rows, time.perf_counter() - t)
+        t = time.perf_counter()
+        sig = self.segment.decide.signatures(batch)
+        if sig.num_rows:
+            self.sigs.append(sig)
+        _add(self.timings, f"{self.segment.decide.name}_signatures", batch.num_rows, time.perf_counter() - t)
+
+    def close(self, timings: Timings) -> ShardResult | None:
+        for k, v in self.timings.items():
+            _add(timings, k, int(v["rows"]), v["seconds"])
+        if self.last:
+            stats, files = self.sink.close()
+            return ShardResult(shard=self.shard, stats=stats, files=files, config_hash=self.plan.config_hash,
+                               stage_versions=self.plan.stage_versions, timings=timings)
+        write_signatures(self.fs, self.root, self.segment.index, self.shard, self.sigs)
+        self.inter.commit()
+        write_done(self.fs, self.root, self.segment.index, self.shard,
+                   {"segment_hash": self.plan.segment_hash(self.segment.index), "rows": self.rows,
+                    "timings": timings})
+        return None
+
+    def abort(self) -> None:
+        if not self.last:
+            self.inter.abort()
+
+
+def run_shard_segment(fs, root: str, plan: Plan, segment: Segment, reader: Reader, shard: InputShard,
+                      out: OutputConfig, batch_size: int, prev_decisions: DecisionIndex | None,
+                      on_batch: Callable[[int, int], None] | None = None) -> ShardResult | None:
+    """Stream one shard through one segment; returns the ShardResult on the last segment."""
+    timings: Timings = {}
+    prev_stage = plan.segments[segment.index - 1].decide.name if segment.index else None
+    output = SegmentOutput(fs, root, plan, segment, shard, out)
+    try:
+        for batch in input_batches(fs, root, reader, shard, segment.index, batch_size, prev_decisions,
+                                   prev_stage, timings):
+            batch = map_batch(segment, batch, timings)
+            kept_before = output.kept
+            output.write(batch)
+            if on_batch:
+                on_batch(batch.num_rows, output.kept - kept_before)
+    except BaseException:
+        output.abort()
+        raise
+    return output.close(timings)
+
+
+def merge_timings(parts: Iterable[dict[str, Any]]) -> Timings:
+    total: Timings = {}
+    for p in parts:
+        for k, v in (p or {}).items():
+            _add(total, k, int(v.get("rows", 0)), float(v.get("seconds", 0.0)))
+    return total

@@ -1,62 +1,155 @@
-"""Local engine: in-process, shard by shard, with a progress bar. The embedded default and test engine."""
+"""Local engine: in-process, shard by shard, segment by segment, with a progress bar.
+
+The embedded default and the test engine. Resumable at shard granularity within each segment.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import posixpath
 import time
 from typing import Any
 
 import fsspec
 from tqdm import tqdm
 
+from curation.decisions import index_decisions
+from pipelines.aggregate import decide_local
+from pipelines.plan import Plan, build_plan
 from pipelines.progress import finalize, is_done, load_marker, remove_stale_outputs, write_marker
 from pipelines.readers import make_reader
-from pipelines.shard_task import run_shard
-from pipelines.stages import build_stages, stage_versions
+from pipelines.readers.base import InputShard, Reader
+from pipelines.shard_task import merge_timings, run_shard_segment
+from pipelines.workdir import read_decisions, read_done, read_signatures, seg_dir, write_decisions
+from pipelines.writers.atomic import write_json_atomic
 from schemas.config import RunConfig
 
 log = logging.getLogger(__name__)
 
 
-def run_local(config: RunConfig, *, progress: bool = True, max_shards: int | None = None) -> dict[str, Any]:
-    """Run every source through the configured stages; returns the merged stats.
+class _Progress:
+    """One bar per segment: shards done (for the ETA) plus rows/s and kept % in the postfix."""
 
-    ``max_shards`` stops after that many shards were *processed* (used to simulate an interrupted run).
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.bar = tqdm(total=total, unit="shard", desc=desc, disable=not enabled, dynamic_ncols=True)
+        self.rows = self.kept = 0
+        self.started = time.perf_counter()
+
+    def on_batch(self, n: int, k: int) -> None:
+        self.rows, self.kept = self.rows + n, self.kept + k
+        rate = self.rows / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(f"{rate:,.0f} rows/s" + (f", kept {100 * self.kept / self.rows:.1f}%"
+                                                          if self.kept else ""))
+
+
+def list_work(config: RunConfig) -> list[tuple[Reader, InputShard]]:
+    return [(reader, shard) for reader in (make_reader(s) for s in config.sources)
+            for shard in reader.list_shards()]
+
+
+def run_local(config: RunConfig, *, progress: bool = True, max_shards: int | None = None) -> dict[str, Any]:
+    """Run every source through the plan; returns the merged stats.
+
+    ``max_shards`` stops (InterruptedError) once that many shard-segments were processed: a test hook
+    that simulates an interrupted run at a deterministic point.
     """
     fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
     fs.makedirs(root, exist_ok=True)
-    stages = build_stages(config)
-    for s in stages:
-        s.setup()
-    versions, chash = stage_versions(stages), config.config_hash()
-    work = [(reader, shard) for reader in (make_reader(s) for s in config.sources)
-            for shard in reader.list_shards()]
-
+    plan = build_plan(config)
+    work = list_work(config)
+    plan.set_inputs([shard.path for _, shard in work])
+    budget = [max_shards]
+    for segment in plan.segments:
+        for stage in segment.stages:
+            stage.setup()
     results = []
-    rows = kept = processed = 0
-    started = time.perf_counter()
-    bar = tqdm(total=len(work), unit="shard", disable=not progress, dynamic_ncols=True)
+    for segment in plan.segments:
+        prev = _previous_decisions(fs, root, plan, segment.index)
+        if segment.decide is None:
+            results = _final_segment(fs, root, plan, config, work, prev, progress, budget)
+        else:
+            _decision_segment(fs, root, plan, segment, config, work, prev, progress, budget)
+    return finalize(fs, root, config.name, results, plan_summaries(fs, root, plan))
 
-    def on_batch(n: int, k: int) -> None:
-        nonlocal rows, kept
-        rows, kept = rows + n, kept + k
-        elapsed = max(time.perf_counter() - started, 1e-9)
-        bar.set_postfix_str(f"{rows / elapsed:,.0f} rows/s, kept {100 * kept / max(rows, 1):.1f}%")
 
+def _spend(budget: list[int | None]) -> None:
+    if budget[0] is not None:
+        if budget[0] <= 0:
+            raise InterruptedError("stopped by max_shards")
+        budget[0] -= 1
+
+
+def _previous_decisions(fs, root: str, plan: Plan, index: int):
+    if index == 0:
+        return None
+    table = read_decisions(fs, root, index - 1, plan.segment_hash(index - 1))
+    if table is None:
+        raise RuntimeError(f"decisions of segment {index - 1} are missing")
+    return index_decisions(table)
+
+
+def _decision_segment(fs, root: str, plan: Plan, segment, config: RunConfig, work, prev, progress: bool,
+                      budget: list[int | None]) -> None:
+    """Map every shard, then aggregate the signatures and write the segment's decisions."""
+    seg_hash = plan.segment_hash(segment.index)
+    if read_decisions(fs, root, segment.index, seg_hash) is not None:
+        return
+    bar = _Progress(len(work), f"segment {segment.index} -> {segment.decide.name}", progress)
     for reader, shard in work:
-        if is_done(fs, root, shard, chash, versions):
+        done = read_done(fs, root, segment.index, shard)
+        if not (done and done.get("segment_hash") == seg_hash):
+            _spend(budget)
+            run_shard_segment(fs, root, plan, segment, reader, shard, config.output, config.batch_size, prev,
+                              on_batch=bar.on_batch)
+        bar.bar.update(1)
+    bar.bar.close()
+    signatures = read_signatures(fs, root, segment.index, [s for _, s in work])
+    t = time.perf_counter()
+    decisions = decide_local(segment.decide, signatures)
+    log.info("%s decided over %d signatures in %.2fs", segment.decide.name, signatures.num_rows,
+             time.perf_counter() - t)
+    write_segment_summary(fs, root, segment, decisions, signatures)
+    write_decisions(fs, root, segment.index, decisions, seg_hash)
+
+
+def write_segment_summary(fs, root: str, segment, decisions, signatures) -> None:
+    summarize = getattr(segment.decide, "summarize", None)
+    summary = summarize(decisions, signatures) if summarize else {}
+    summary = {"stage": segment.decide.name, "signatures": signatures.num_rows,
+               "decisions": decisions.num_rows, **summary}
+    write_json_atomic(fs, posixpath.join(seg_dir(root, segment.index), "summary.json"), summary)
+
+
+def plan_summaries(fs, root: str, plan: Plan) -> dict[str, Any]:
+    out = {}
+    for segment in plan.segments:
+        path = posixpath.join(seg_dir(root, segment.index), "summary.json")
+        if segment.decide is not None and fs.exists(path):
+            with fs.open(path, "rb") as f:
+                out[segment.decide.name] = json.load(f)
+    return out
+
+
+def _final_segment(fs, root: str, plan: Plan, config: RunConfig, work, prev, progress: bool,
+                   budget: list[int | None]) -> list:
+    segment = plan.segments[-1]
+    bar = _Progress(len(work), "write", progress)
+    results = []
+    for reader, shard in work:
+        if is_done(fs, root, shard, plan.plan_hash):
             results.append(load_marker(fs, root, shard))
-            bar.update(1)
+            bar.bar.update(1)
             continue
-        if max_shards is not None and processed >= max_shards:
-            bar.close()
-            raise InterruptedError(f"stopped after {processed} shards (max_shards)")
+        _spend(budget)
         remove_stale_outputs(fs, root, shard)
-        result = run_shard(reader, shard, stages, fs, root, config.output, config.batch_size, chash,
-                           versions, on_batch=on_batch)
+        result = run_shard_segment(fs, root, plan, segment, reader, shard, config.output, config.batch_size,
+                                   prev, on_batch=bar.on_batch)
+        earlier = [(read_done(fs, root, s.index, shard) or {}).get("timings") for s in plan.segments[:-1]]
+        result.timings = merge_timings([*earlier, result.timings])
+        result.plan_hash = plan.plan_hash
         write_marker(fs, root, result)
         results.append(result)
-        processed += 1
-        bar.update(1)
-    bar.close()
-    return finalize(fs, root, config.name, results)
+        bar.bar.update(1)
+    bar.bar.close()
+    return results

@@ -1,0 +1,105 @@
+"""Turn the config's stage list into an execution plan of segments.
+
+A segment is a run of map stages, optionally closed by one global stage (a decision over the whole
+dataset). Every engine executes the same plan: segment i's map stages and the signatures of its global
+stage run per batch; the engine aggregates the signatures and decides; segment i+1 starts by applying
+those decisions. The last segment ends in the writers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from schemas.config import (
+    ClipFilterConfig,
+    ClipScoreConfig,
+    DedupConfig,
+    DeltaLossConfig,
+    NormalizeConfig,
+    RunConfig,
+)
+from schemas.stage import GlobalStage, Stage
+
+
+@dataclass
+class Segment:
+    index: int
+    maps: list[Stage] = field(default_factory=list)
+    decide: GlobalStage | None = None
+
+    @property
+    def stages(self) -> list:
+        return [*self.maps, *([self.decide] if self.decide else [])]
+
+
+@dataclass
+class Plan:
+    segments: list[Segment]
+    config_hash: str
+    stage_versions: dict[str, str]
+    inputs_hash: str = ""  # set by the engine from the listed input shards
+
+    def set_inputs(self, shard_paths: list[str]) -> None:
+        self.inputs_hash = hashlib.sha256("\n".join(sorted(shard_paths)).encode()).hexdigest()[:16]
+
+    @property
+    def plan_hash(self) -> str:
+        return self.segment_hash(len(self.segments) - 1)
+
+    def segment_hash(self, index: int) -> str:
+        """Changes when anything up to and including segment ``index`` changes (its work is then redone)."""
+        names = [f"{s.name}@{s.version}" for seg in self.segments[: index + 1] for s in seg.stages]
+        payload = [self.config_hash, self.inputs_hash, names]
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def expand_stage(cfg: object) -> list[Stage | GlobalStage]:
+    """One config entry -> its stage objects (a scoring map stage may come with its global decision)."""
+    if isinstance(cfg, NormalizeConfig):
+        from curation.normalize import NormalizeStage
+
+        return [NormalizeStage(cfg)]
+    if isinstance(cfg, DedupConfig):
+        from curation.dedup.stage import DedupStage
+
+        return [DedupStage(cfg)]
+    if isinstance(cfg, ClipScoreConfig):
+        from curation.clipscore import ClipScoreStage
+
+        return [ClipScoreStage(cfg)]
+    if isinstance(cfg, ClipFilterConfig):
+        from curation.clip_filter import ClipFilterStage
+
+        return [ClipFilterStage(cfg)]
+    if isinstance(cfg, DeltaLossConfig):
+        from curation.deltaloss import DeltaLossScoreStage, DeltaLossTopKStage
+
+        return [DeltaLossScoreStage(cfg), DeltaLossTopKStage(cfg)]
+    raise ValueError(f"no stage implements config {type(cfg).__name__}")
+
+
+def is_global(stage: object) -> bool:
+    return hasattr(stage, "decide") and hasattr(stage, "signatures")
+
+
+def build_plan(config: RunConfig) -> Plan:
+    stages = [s for c in config.stages for s in expand_stage(c)]
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        # stage names key timings, markers and drop_stage; give repeated stages distinct names
+        seen: dict[str, int] = {}
+        for s in stages:
+            n = seen.get(s.name, 0)
+            seen[s.name] = n + 1
+            if n:
+                s.name = f"{s.name}_{n + 1}"
+    segments = [Segment(0)]
+    for s in stages:
+        if is_global(s):
+            segments[-1].decide = s
+            segments.append(Segment(len(segments)))
+        else:
+            segments[-1].maps.append(s)
+    return Plan(segments, config.config_hash(), {s.name: s.version for s in stages})
