@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -198,11 +199,11 @@ def _resolve_relative(raw: dict[str, Any], base: Path) -> None:
     for src in raw.get("sources") or []:
         if isinstance(src, dict):
             if isinstance(src.get("paths"), list):
-                src["paths"] = [str(base / p) if isinstance(p, str) and _is_local_relative(p) else p
+                src["paths"] = [os.path.normpath(base / p) if isinstance(p, str) and _is_local_relative(p) else p
                                 for p in src["paths"]]
             for k in ("image_root", "image_dir"):
                 if isinstance(src.get(k), str) and _is_local_relative(src[k]):
-                    src[k] = str(base / src[k])
+                    src[k] = os.path.normpath(base / src[k])
     out = raw.get("output")
     if isinstance(out, dict) and isinstance(out.get("path"), str) and _is_local_relative(out["path"]):
-        out["path"] = str(base / out["path"])
+        out["path"] = os.path.normpath(base / out["path"])

@@ -1,0 +1,185 @@
+"""Reader for MMC4 interleaved documents: jsonl (plain, .gz or .zip) with images stored by image_name.
+
+Real layout (allenai/mmc4): documents ship as ``docs_no_face_shard_{N}_v{2,3}.jsonl.zip``; each line has
+url, text_list, image_info [{image_name, raw_url, matched_text_index, matched_sim, face_detections}],
+similarity_matrix (images x sentences) and could_have_url_duplicate. Images are not distributed; the
+project's ``scripts/download_images.py`` saves them under ``image_name`` into ``./{jsonl stem}_images/``
+by default (and mogrifies them to <= 800x800, so the bytes need not match the ``.jpg`` name). Hence the
+lookup order here: ``image_dir`` when configured, else the jsonl's folder, then ``{jsonl stem}_images/``
+beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+from fsspec.spec import AbstractFileSystem
+
+from pipelines.readers._common import (
+    READ_STAGE,
+    KeyRegistry,
+    as_float,
+    as_int,
+    as_str,
+    base_row,
+    batched_tables,
+    expand_paths,
+    make_shards,
+    quarantine,
+    short_error,
+    sniff_image_format,
+    to_meta_json,
+    url_to_fs,
+)
+from pipelines.readers.base import InputShard
+from schemas.config import SourceConfig
+from schemas.rows import DOCUMENT_SCHEMA
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zip", ".jsonl.bz2", ".jsonl.xz", ".jsonl.zst")
+_DOC_FIELDS = ("url", "text_list", "image_info", "similarity_matrix", "could_have_url_duplicate")
+_IMAGE_FIELDS = ("image_name", "raw_url", "matched_text_index", "matched_sim")
+
+
+class Mmc4Reader:
+    """Streams MMC4 jsonl shards line by line as DOCUMENT_SCHEMA tables, images read through fsspec."""
+
+    row_kind = "document"
+
+    def __init__(self, source: SourceConfig) -> None:
+        self.source = source
+
+    def list_shards(self) -> list[InputShard]:
+        return make_shards(self.source, expand_paths(self.source, JSONL_SUFFIXES), self.row_kind)
+
+    def read(self, shard: InputShard, batch_size: int) -> Iterator[pa.Table]:
+        yield from batched_tables(self._rows(shard), DOCUMENT_SCHEMA, batch_size)
+
+    # ------------------------------------------------------------------------------------------ rows
+
+    def _image_dirs(self, fs: AbstractFileSystem, path: str) -> list[tuple[AbstractFileSystem, str]]:
+        if self.source.image_dir is not None:
+            return [url_to_fs(self.source.image_dir, self.source.storage_options)]
+        folder = posixpath.dirname(path)
+        stem = posixpath.basename(path).split(".jsonl", 1)[0]
+        return [(fs, folder), (fs, posixpath.join(folder, f"{stem}_images"))]
+
+    def _rows(self, shard: InputShard) -> Iterator[dict[str, Any]]:
+        fs, path = url_to_fs(shard.path, self.source.storage_options)
+        image_dirs = self._image_dirs(fs, path)
+        keys = KeyRegistry()
+        line_no = 0
+        # compression="infer" picks gzip/zip/bz2/xz/zstd from the suffix; the stream is decompressed as read
+        of = fsspec.open(shard.path, "rb", compression="infer", **self.source.storage_options)
+        with of as f:
+            try:
+                for line in f:
+                    line_no += 1
+                    if not line.strip():
+                        continue  # blank lines (a trailing newline) are not documents
+                    yield self._document(shard, keys, line_no, line, image_dirs)
+            except (EOFError, OSError, zlib.error) as e:
+                # a truncated .gz: what was read stands, the unreadable tail is one quarantined row
+                key, source_key, _ = keys.claim(f"{shard.shard_id}_truncated")
+                row = base_row(shard, key, source_key)
+                row["meta"] = to_meta_json({"error": short_error(e), "lines_read": line_no})
+                yield quarantine(row, "jsonl_truncated")
+
+    def _document(
+        self,
+        shard: InputShard,
+        keys: KeyRegistry,
+        line_no: int,
+        line: bytes,
+        image_dirs: list[tuple[AbstractFileSystem, str]],
+    ) -> dict[str, Any]:
+        key, source_key, _ = keys.claim(f"{shard.shard_id}_{line_no:06d}")
+        row = base_row(shard, key, source_key)
+        try:
+            doc = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            row["meta"] = to_meta_json({"line": line_no, "error": short_error(e)})
+            return quarantine(row, "invalid_json")
+        if not isinstance(doc, dict):
+            row["meta"] = to_meta_json({"line": line_no, "error": f"line is a JSON {type(doc).__name__}"})
+            return quarantine(row, "invalid_json")
+
+        row["url"] = as_str(doc.get("url"))
+        row["meta"] = to_meta_json({k: v for k, v in doc.items() if k not in _DOC_FIELDS})
+        text_list = doc.get("text_list")
+        image_info = doc.get("image_info") if doc.get("image_info") is not None else []
+        if not isinstance(text_list, list) or not all(isinstance(t, str) for t in text_list):
+            return quarantine(row, "invalid_document_text_list")
+        if not isinstance(image_info, list) or not all(isinstance(i, dict) for i in image_info):
+            return quarantine(row, "invalid_document_image_info")
+        row["text_list"] = text_list
+        row["could_have_url_duplicate"] = as_int(doc.get("could_have_url_duplicate"))
+        row["similarity_matrix"] = _matrix(doc.get("similarity_matrix"))
+        if doc.get("similarity_matrix") is not None and row["similarity_matrix"] is None:
+            row["flags"] = ["similarity_matrix_invalid"]
+        row["image_info"] = [self._image(info, len(text_list), image_dirs) for info in image_info]
+        return row
+
+    def _image(
+        self, info: dict[str, Any], n_sentences: int, image_dirs: list[tuple[AbstractFileSystem, str]]
+    ) -> dict[str, Any]:
+        """One image_info entry; a problem drops this image (drop_stage "read"), not the document."""
+        name = as_str(info.get("image_name"))
+        idx = info.get("matched_text_index")
+        img: dict[str, Any] = {
+            "image_name": name,
+            "raw_url": as_str(info.get("raw_url")),
+            "matched_text_index": as_int(idx),
+            "matched_sim": as_float(info.get("matched_sim")),
+            "meta": to_meta_json({k: v for k, v in info.items() if k not in _IMAGE_FIELDS}),
+        }
+        reason: str | None = None
+        if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < n_sentences:
+            reason = "matched_text_index_out_of_range"
+        elif not name or "/" in name or "\\" in name or ".." in name or "\x00" in name:
+            reason = "image_name_unsafe"  # names are data; they must not reach outside the image folder
+        else:
+            try:
+                img["image"] = _read_first(image_dirs, name)
+                if img["image"] is None:
+                    reason = "image_missing"
+                elif not img["image"]:
+                    reason = "image_empty"
+                else:
+                    img["image_format"] = sniff_image_format(img["image"], name)
+            except Exception as e:  # noqa: BLE001 - any backend error is bad input for this image
+                reason = "image_unreadable"
+                img["meta"] = to_meta_json({**json.loads(img["meta"] or "{}"), "error": short_error(e)})
+        if reason is not None:
+            img["drop_reason"] = reason
+            img["drop_stage"] = READ_STAGE
+        return img
+
+
+def _read_first(dirs: list[tuple[AbstractFileSystem, str]], name: str) -> bytes | None:
+    """Bytes of ``name`` from the first folder that has it, None when none has it."""
+    for fs, folder in dirs:
+        try:
+            with fs.open(posixpath.join(folder, name) if folder else name, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def _matrix(v: Any) -> list[list[float | None]] | None:
+    """similarity_matrix as a list of float rows, or None when it is not a matrix of numbers."""
+    if not isinstance(v, list) or not all(isinstance(r, list) for r in v):
+        return None
+    out = []
+    for r in v:
+        vals = [as_float(x) for x in r]
+        if any(x is None and y is not None for x, y in zip(vals, r, strict=True)):
+            return None
+        out.append(vals)
+    return out
