@@ -16,7 +16,7 @@ from typing import Any
 from pipelines.readers.base import InputShard
 from pipelines.writers.atomic import write_json_atomic
 from pipelines.writers.records import write_manifest, write_wids_meta
-from pipelines.writers.wds import OutputFile
+from pipelines.writers.atomic import OutputFile
 from schemas.records import ShardStats, merge_stats
 
 PROGRESS_DIR = "_progress"
@@ -110,8 +110,8 @@ def finalize(fs, root: str, name: str, results: list[ShardResult],
                 "config_hash": r.config_hash, "stage_versions": json.dumps(r.stage_versions, sort_keys=True),
             })
     stats = merge_stats([r.stats for r in results])
-    write_manifest(fs, root, manifest_rows)
-    write_wids_meta(fs, root, name, wds_files)
+    if wds_files:
+        write_wids_meta(fs, root, name, wds_files)
     by_source: dict[str, list[OutputFile]] = {}
     for f in wds_files:
         by_source.setdefault(f.relpath.split("/", 1)[0], []).append(f)
@@ -122,6 +122,7 @@ def finalize(fs, root: str, name: str, results: list[ShardResult],
     write_json_atomic(fs, posixpath.join(root, "stats.json"), stats)
     write_json_atomic(fs, posixpath.join(root, "timings.json"), _merge_timings(results))
     write_json_atomic(fs, posixpath.join(root, "summaries.json"), summaries or {})
+    write_manifest(fs, root, manifest_rows)  # last: the manifest is the commit point of a run
     return stats
 
 

@@ -12,9 +12,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.readers.base import InputShard
-from pipelines.writers.mmc4 import Mmc4PklWriter
+from pipelines.writers.mmc4 import Mmc4PklWriter, mark_imageless
 from pipelines.writers.records import write_quarantine, write_rejects
-from pipelines.writers.wds import OutputFile, WdsShardWriter
+from pipelines.writers.atomic import OutputFile
+from pipelines.writers.wds import WdsShardWriter
 from schemas.config import OutputConfig
 from schemas.records import ShardStats
 from schemas.table_ops import reason_class
@@ -39,6 +40,8 @@ class ShardSink:
     def write(self, batch: pa.Table) -> None:
         """Route one batch of final rows."""
         st = self.stats
+        if "image_info" in batch.column_names:
+            batch = mark_imageless(batch)  # VILA's MMC4 loader crashes on a document without images
         st.rows_in += batch.num_rows
         dropped_mask = pc.is_valid(batch.column("drop_reason"))
         quarantined_mask = pc.and_(dropped_mask, pc.fill_null(batch.column("quarantined"), False))
@@ -76,6 +79,11 @@ class ShardSink:
 
     def close(self) -> tuple[ShardStats, list[OutputFile]]:
         files = self.writer.close()
+        truncated = getattr(self.writer, "counters", {}).get("images_truncated", 0)
+        if truncated:  # VILA reads at most N images per document; the rest are cut when writing
+            self.stats.images_kept -= truncated
+            self._image_reasons["mmc4_write:over_image_limit"] += truncated
+            self.stats.counters["mmc4_images_truncated"] = truncated
         sid, src = self.shard.shard_id, self.shard.source
         rejected = pa.concat_tables(self._rejected) if self._rejected else None
         write_rejects(self.fs, self.root, src, sid, rejected)

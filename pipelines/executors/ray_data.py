@@ -122,10 +122,24 @@ def run_ray(config: RunConfig, *, progress: bool = True, address: str | None = N
 
 def _map_segment(ray, fs, root: str, plan: Plan, seg: int, config: RunConfig, items: list[WorkItem],
                  pending: list[WorkItem], prev: pa.Table | None) -> dict[int, list[dict]]:
-    """Run the segment's map stages over the pending shards; returns part descriptions per shard index."""
-    segment = plan.segments[seg]
+    """Run the segment's map stages over the pending shards; returns part descriptions per shard index.
+
+    Pair rows and MMC4 documents go through separate datasets: Ray Data concatenates blocks into batches
+    across shards, and a batch must hold one row schema.
+    """
     for it in pending:
         clear_parts(fs, root, seg, it.shard)
+    by_shard: dict[int, list[dict]] = {it.index: [] for it in pending}
+    for kind in sorted({it.shard.row_kind for it in pending}):
+        subset = [it for it in pending if it.shard.row_kind == kind]
+        for row in _map_dataset(ray, fs, root, plan, seg, config, items, subset, prev).take_all():
+            by_shard[row["shard_index"]].append(row)
+    return by_shard
+
+
+def _map_dataset(ray, fs, root: str, plan: Plan, seg: int, config: RunConfig, items: list[WorkItem],
+                 pending: list[WorkItem], prev: pa.Table | None):
+    segment = plan.segments[seg]
     prev_stage = plan.segments[seg - 1].decide.name if seg else None
     n = len(pending)
     ds = ray.data.from_items([{"item": it.index} for it in pending], override_num_blocks=n)
@@ -145,12 +159,8 @@ def _map_segment(ray, fs, root: str, plan: Plan, seg: int, config: RunConfig, it
         else:
             ds = ds.map_batches(_stage_task, fn_kwargs={"stage": stage}, batch_size=batch_size,
                                 batch_format="pyarrow", **opts)
-    ds = ds.map_batches(_write_parts_task, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs={"fs": fs, "root": root, "seg": seg, "shards": [it.shard for it in items]})
-    by_shard: dict[int, list[dict]] = {it.index: [] for it in pending}
-    for row in ds.take_all():
-        by_shard[row["shard_index"]].append(row)
-    return by_shard
+    return ds.map_batches(_write_parts_task, batch_size=None, batch_format="pyarrow",
+                          fn_kwargs={"fs": fs, "root": root, "seg": seg, "shards": [it.shard for it in items]})
 
 
 def _cluster_cpus(ray) -> int:
