@@ -17,16 +17,27 @@ from schemas.config import ConfigError, load_config
 def _cmd_run(args: argparse.Namespace) -> int:
     overrides = {"engine": args.engine} if args.engine else {}
     config = load_config(args.config, overrides)
-    if config.engine != "local":
-        raise SystemExit(f"engine {config.engine!r} is not available in this version; use engine: local")
-    from pipelines.executors.local import run_local
-
-    stats = run_local(config, progress=not args.no_progress)
+    stats = run(config, progress=not args.no_progress, address=args.address)
     total = stats["total"]
     print(json.dumps({"output": config.output.path, **{k: total[k] for k in
                                                          ("rows_in", "kept", "dropped", "quarantined")},
                       "balanced": stats["balanced"]}))
     return 0 if stats["balanced"] else 3
+
+
+def run(config, *, progress: bool = True, address: str | None = None) -> dict:
+    """Run a config on its engine; returns the merged stats."""
+    if config.engine == "ray":
+        from pipelines.executors.ray_data import run_ray
+
+        return run_ray(config, progress=progress, address=address)
+    if config.engine == "beam":
+        from pipelines.executors.beam import run_beam
+
+        return run_beam(config, progress=progress)
+    from pipelines.executors.local import run_local
+
+    return run_local(config, progress=progress)
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -57,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="YAML run config")
     r.add_argument("--engine", choices=["local", "ray", "beam"], help="override the config's engine")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     r.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("sample", help="write a realistic offline sample (COYO, img2dataset, MMC4)")

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.readers.base import InputShard
-from pipelines.writers.atomic import write_json_atomic
+from pipelines.writers.atomic import OutputFile, write_json_atomic
 from pipelines.writers.records import write_manifest, write_wids_meta
-from pipelines.writers.atomic import OutputFile
 from schemas.records import ShardStats, merge_stats
 
 PROGRESS_DIR = "_progress"

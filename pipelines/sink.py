@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.readers.base import InputShard
+from pipelines.writers.atomic import OutputFile
 from pipelines.writers.mmc4 import Mmc4PklWriter, mark_imageless
 from pipelines.writers.records import write_quarantine, write_rejects
-from pipelines.writers.atomic import OutputFile
 from pipelines.writers.wds import WdsShardWriter
 from schemas.config import OutputConfig
 from schemas.records import ShardStats

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -148,17 +148,30 @@ class OutputConfig(_Strict):
     keep_quarantine_payloads: bool = True  # write quarantined rows' bytes to quarantine/ for inspection
 
 
+class BeamOptions(_Strict):
+    """Beam runner and pipeline options; any runner (Dataflow, Flink, Spark) through ``pipeline_args``."""
+
+    runner: str = "FnApiRunner"  # in-process; DirectRunner first tries to download a binary
+    pipeline_args: list[str] = Field(default_factory=list)  # e.g. ["--project=p", "--region=r", ...]
+
+
+class RayOptions(_Strict):
+    address: str | None = None  # None: RAY_ADDRESS, else start a local cluster
+
+
 class RunConfig(_Strict):
     name: str = "vila2-curate"
     engine: Literal["local", "ray", "beam"] = "local"
     batch_size: int = 256
+    beam: BeamOptions = BeamOptions()
+    ray: RayOptions = RayOptions()
     sources: list[SourceConfig]
     stages: list[StageConfig] = Field(default_factory=lambda: [NormalizeConfig()])
     output: OutputConfig
 
     def config_hash(self) -> str:
         """Hash of everything that changes the output (not the engine, not the batch size)."""
-        payload = self.model_dump(mode="json", exclude={"engine", "batch_size"})
+        payload = self.model_dump(mode="json", exclude={"engine", "batch_size", "beam", "ray"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

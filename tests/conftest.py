@@ -33,3 +33,40 @@ def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("sample")
     write_sample(str(out), seed=0)
     return out
+
+
+def write_config(sample: Path, out: Path, dest: Path, *, stages: list | None = None, **output) -> Path:
+    """configs/quickstart.yaml re-pointed at ``sample`` and ``out`` (optionally other stages/output keys)."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    for src in raw["sources"]:
+        src["paths"] = [p.replace("../sample", str(sample)) for p in src["paths"]]
+        for k in ("image_root", "image_dir"):
+            if k in src:
+                src[k] = src[k].replace("../sample", str(sample))
+    raw["output"]["path"] = str(out)
+    raw["output"].update(output)
+    if stages is not None:
+        raw["stages"] = stages
+    dest.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return dest
+
+
+def output_files(root: Path) -> dict[str, bytes]:
+    """The files a run publishes whose bytes must not depend on engine, interruption or batch size."""
+    keep = (".tar", ".pkl", ".count")
+    files = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+             if p.is_file() and (p.suffix in keep or p.name in ("stats.json", "wids-meta.json"))
+             and "_work" not in p.parts}
+    return files
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """One local Ray cluster for the whole test session (starting one costs ~10 s)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2,
+             ignore_reinit_error=True, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,156 @@
+"""End to end on the local engine over the realistic sample: contract, accounting, ground truth, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import ROOT, output_files, write_config
+
+from pipelines.cli import main as cli_main
+from pipelines.executors.local import run_local
+from pipelines.validate import read_vila_samples, validate_output
+from schemas.config import load_config
+
+# The sample's ground-truth outcome classes -> the reason class our pipeline must give that row.
+EXPECTED_REASON = {
+    "corrupt": {"image_undecodable", "image_empty", "tar_truncated"},
+    "too_small": {"too_small"},
+    "aspect": {"aspect_ratio"},
+    "bomb": {"decompression_bomb"},
+    "failed_to_download": {"img2dataset_failed_to_download"},
+    "failed_to_resize": {"img2dataset_failed_to_resize"},
+    "not_utf8": {"caption_not_utf8"},
+    "missing_image": {"image_unreadable", "image_missing"},
+}
+
+
+@pytest.fixture(scope="module")
+def clean_run(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("clean")
+    cfg = write_config(sample_dir, tmp / "out", tmp / "run.yaml")
+    run_local(load_config(cfg), progress=False)
+    return tmp / "out"
+
+
+def _rejects(out: Path) -> dict[tuple[str, str], dict]:
+    rows = {}
+    for p in (out / "rejects").rglob("*.parquet"):
+        for r in pq.read_table(p).to_pylist():
+            rows[(r["source"], r["source_key"] or r["key"])] = r
+    return rows
+
+
+def test_output_matches_vila_contract(clean_run: Path):
+    assert validate_output(str(clean_run)) == []
+    samples = list(read_vila_samples(str(clean_run)))
+    assert samples and all({".txt", ".json"} <= set(s) for s in samples)
+    assert all(s[".json"]["url"] for s in samples)
+
+
+def test_accounting_balances_per_input_shard(clean_run: Path, sample_dir: Path):
+    stats = json.loads((clean_run / "stats.json").read_text())
+    assert stats["balanced"]
+    for shard in stats["shards"]:
+        assert shard["rows_in"] == shard["kept"] + shard["dropped"] + shard["quarantined"], shard
+    truth = json.loads((sample_dir / "ground_truth.json").read_text())
+    n_pairs = sum(1 for r in truth["records"] if r["source"] != "mmc4")
+    n_docs = len(truth["documents"])
+    assert stats["total"]["rows_in"] == n_pairs + n_docs
+    rejected = sum(1 for p in (clean_run / "rejects").rglob("*.parquet") for _ in pq.read_table(p).to_pylist())
+    assert rejected == stats["total"]["dropped"] + stats["total"]["quarantined"]
+
+
+def test_ground_truth_outcomes(clean_run: Path, sample_dir: Path):
+    truth = json.loads((sample_dir / "ground_truth.json").read_text())
+    rejects = _rejects(clean_run)
+    kept = {(s[".json"]["source"], s[".json"].get("source_key") or s["__key__"])
+            for s in read_vila_samples(str(clean_run))}
+    checked = 0
+    for rec in truth["records"]:
+        if rec["source"] == "mmc4":
+            continue
+        ident = (rec["source"], rec["key"])
+        if rec["expected"] == "keep":
+            assert ident in kept, f"{ident} should be kept; rejected as {rejects.get(ident)}"
+        else:
+            assert ident in rejects, f"{ident} ({rec['expected']}) was not rejected"
+            reason = rejects[ident]["reason"].split(":")[0]
+            assert reason in EXPECTED_REASON[rec["expected"]], (ident, rec["expected"], reason)
+        checked += 1
+    assert checked >= 120
+    mmc4 = json.loads((clean_run / "stats.json").read_text())["sources"]["mmc4"]
+    assert mmc4["image_reasons"].get("read:image_missing") == 1
+    assert mmc4["image_reasons"].get("read:matched_text_index_out_of_range") == 1
+    assert mmc4["images_kept"] == sum(1 for r in truth["records"] if r["source"] == "mmc4" and r["expected"] == "keep")
+
+
+def test_rerun_does_no_work_and_changes_nothing(clean_run: Path, sample_dir: Path, tmp_path: Path):
+    cfg = load_config(write_config(sample_dir, clean_run, tmp_path / "run.yaml"))
+    before = {p: p.stat().st_mtime_ns for p in clean_run.rglob("*.tar")}
+    run_local(cfg, progress=False, max_shards=0)  # would raise if any shard still had work
+    assert before == {p: p.stat().st_mtime_ns for p in clean_run.rglob("*.tar")}
+
+
+def test_interrupted_run_resumes_to_identical_output(clean_run: Path, sample_dir: Path, tmp_path: Path):
+    cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml"))
+    for stop_after in (1, 3):
+        with pytest.raises(InterruptedError):
+            run_local(cfg, progress=False, max_shards=stop_after)
+    run_local(cfg, progress=False)
+    assert output_files(tmp_path / "out") == output_files(clean_run)
+
+
+def test_batch_size_and_shard_size_are_independent(clean_run: Path, sample_dir: Path, tmp_path: Path):
+    cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml"), {"batch_size": 7})
+    run_local(cfg, progress=False)
+    assert output_files(tmp_path / "out") == output_files(clean_run)
+    small = load_config(write_config(sample_dir, tmp_path / "o2", tmp_path / "r2.yaml", shard_max_samples=10))
+    run_local(small, progress=False)
+    meta = json.loads((tmp_path / "o2" / "wids-meta.json").read_text())
+    assert max(s["nsamples"] for s in meta["shardlist"]) == 10
+    assert validate_output(str(tmp_path / "o2")) == []
+
+
+@pytest.mark.parametrize("kill_when", ["first_tar", "first_marker", "after_1s"])
+def test_kill_9_and_rerun_gives_identical_output(clean_run: Path, sample_dir: Path, tmp_path: Path,
+                                                 kill_when: str):
+    out = tmp_path / "out"
+    cfg = write_config(sample_dir, out, tmp_path / "run.yaml")
+    cmd = [sys.executable, "-m", "pipelines.cli", "run", str(cfg), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while proc.poll() is None and time.time() < deadline:
+        if kill_when == "first_tar" and any(out.rglob("*.tar")):
+            break
+        if kill_when == "first_marker" and any((out / "_progress").rglob("*.json")):
+            break
+        if kill_when == "after_1s" and time.time() > deadline - 59:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert cli_main(["run", str(cfg), "--no-progress"]) == 0
+    assert output_files(out) == output_files(clean_run)
+    assert validate_output(str(out)) == []
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+
+def test_cli_reports_bad_config_field(tmp_path: Path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sources: [{name: a, kind: coyo_parquet, paths: [x], image_colum: img}]\noutput: {path: o}\n")
+    assert cli_main(["run", str(bad)]) == 2
+    assert "sources.0.image_colum" in capsys.readouterr().err
+
+
+def test_cli_validate_exit_codes(clean_run: Path, tmp_path: Path):
+    assert cli_main(["validate", str(clean_run)]) == 0
+    assert cli_main(["validate", str(tmp_path)]) == 1
