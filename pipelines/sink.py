@@ -18,7 +18,7 @@ from pipelines.writers.records import write_quarantine, write_rejects
 from pipelines.writers.wds import WdsShardWriter
 from schemas.config import OutputConfig
 from schemas.records import ShardStats
-from schemas.table_ops import reason_class
+from schemas.table_ops import reason_class, replace_columns
 
 
 class ShardSink:
@@ -38,10 +38,29 @@ class ShardSink:
         self._quarantined: list[pa.Table] = []
 
     def write(self, batch: pa.Table) -> None:
-        """Route one batch of final rows."""
-        st = self.stats
+        """Route one batch of final rows: kept rows to the writer, the rest to rejects / quarantine."""
         if "image_info" in batch.column_names:
             batch = mark_imageless(batch)  # VILA's MMC4 loader crashes on a document without images
+        kept_mask = pc.is_null(batch.column("drop_reason"))
+        if pc.any(kept_mask).as_py():
+            refused = self.writer.write(batch.filter(kept_mask))
+            if refused:
+                batch = self._reject_refused(batch, kept_mask, refused)
+        self._account(batch)
+
+    def _reject_refused(self, batch: pa.Table, kept_mask, refused: list[tuple[int, str]]) -> pa.Table:
+        """Rows the writer could not publish (no url, no caption, ...) become quarantined with its reason."""
+        kept_rows = [i for i, k in enumerate(kept_mask.to_pylist()) if k]
+        drop = batch.column("drop_reason").to_pylist()
+        stage = batch.column("drop_stage").to_pylist()
+        quarantined = batch.column("quarantined").to_pylist()
+        for idx, why in refused:
+            row = kept_rows[idx]
+            drop[row], stage[row], quarantined[row] = f"unpublishable: {why}", "write", True
+        return replace_columns(batch, {"drop_reason": drop, "drop_stage": stage, "quarantined": quarantined})
+
+    def _account(self, batch: pa.Table) -> None:
+        st = self.stats
         st.rows_in += batch.num_rows
         dropped_mask = pc.is_valid(batch.column("drop_reason"))
         quarantined_mask = pc.and_(dropped_mask, pc.fill_null(batch.column("quarantined"), False))
@@ -56,8 +75,6 @@ class ShardSink:
             self._reasons[f"{stage}:{reason_class(reason)}"] += 1
         if "image_info" in batch.column_names:
             self._count_images(batch, dropped_mask)
-        if kept.num_rows:
-            self.writer.write(kept)
         if rejected.num_rows:
             # rejects keep keys and reasons only; the payload of quarantined rows is kept apart for inspection
             self._rejected.append(rejected.drop_columns([c for c in ("image", "image_info")

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import pyarrow.parquet as pq  # noqa: F401
 import pytest
 from conftest import ROOT, output_files, write_config
 
@@ -154,3 +154,39 @@ def test_cli_reports_bad_config_field(tmp_path: Path, capsys):
 def test_cli_validate_exit_codes(clean_run: Path, tmp_path: Path):
     assert cli_main(["validate", str(clean_run)]) == 0
     assert cli_main(["validate", str(tmp_path)]) == 1
+
+
+def test_unpublishable_rows_are_quarantined_not_fatal(tmp_path: Path):
+    """A COYO row without url or caption cannot be looked up / trained on: rejected with a reason."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    from PIL import Image
+
+    def jpeg(seed: int) -> bytes:
+        arr = np.random.default_rng(seed).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).resize((320, 240)).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    table = pa.table({"id": [1, 2, 3], "url": ["http://a/1.jpg", None, "http://a/3.jpg"],
+                      "text": ["a cat", "a dog", ""], "image": [jpeg(1), jpeg(2), jpeg(3)]})
+    (tmp_path / "coyo").mkdir()
+    pa.parquet.write_table(table, tmp_path / "coyo" / "part-0.parquet")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"sources: [{{name: c, kind: coyo_parquet, paths: ['{tmp_path}/coyo/*.parquet'], "
+                   f"image_column: image}}]\noutput: {{path: '{tmp_path}/out'}}\n")
+    stats = run_local(load_config(cfg), progress=False)
+    assert stats["total"]["kept"] == 1 and stats["total"]["quarantined"] == 2 and stats["balanced"]
+    assert set(stats["total"]["reasons"]) == {"write:unpublishable"}
+    assert validate_output(str(tmp_path / "out")) == []
+
+
+def test_output_to_memory_filesystem(sample_dir: Path, tmp_path: Path):
+    """Every path goes through fsspec: the same run writes to memory:// and validates there."""
+    cfg = load_config(write_config(sample_dir, tmp_path / "unused", tmp_path / "run.yaml"),
+                      {"output": {"path": "memory://vila2-test/out", "shard_max_samples": 64}})
+    stats = run_local(cfg, progress=False)
+    assert stats["balanced"] and stats["total"]["kept"] > 100
+    assert validate_output("memory://vila2-test/out") == []

@@ -28,7 +28,7 @@ def _encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
     return buf.getvalue()
 
 
-def _pairs(images: list[bytes | None]) -> "pa.Table":  # noqa: F821
+def _pairs(images: list[bytes | None]) -> pa.Table:  # noqa: F821
     return make_table([{"key": f"k{i}", "source": "s", "shard": "0", "image": b, "quarantined": False}
                        for i, b in enumerate(images)], PAIR_SCHEMA)
 

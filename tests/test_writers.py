@@ -77,9 +77,13 @@ def write_pairs(root: Path, table: pa.Table, batch: int, **kw: Any) -> list:
     kw.setdefault("max_bytes", None)
     kw.setdefault("caption_policy", LATEST)
     w = WdsShardWriter(fs, str(root), "coyo/00000", **kw)
+    refused = []
     for off in range(0, table.num_rows, batch):
-        w.write(table.slice(off, batch))
-    return w.close()
+        refused += [(off + i, why) for i, why in w.write(table.slice(off, batch))]
+    files = w.close()
+    if refused:  # the sink turns these into rejects; tests see them as the error they are
+        raise ValueError("; ".join(why for _, why in refused))
+    return files
 
 
 def all_files(root: Path) -> list[str]:
@@ -195,7 +199,11 @@ def test_bad_keys_are_refused_and_leave_no_temp_file(tmp_path: Path, key: str) -
     table = make_table([pair_row(0), pair_row(1, key=key)], PAIR_SCHEMA)
     with pytest.raises(ValueError, match="key"):
         write_pairs(tmp_path, table, batch=2)
-    assert all_files(tmp_path) == []
+    assert not [f for f in all_files(tmp_path) if ".tmp" in f]
+    w = WdsShardWriter(fsspec.filesystem("file"), str(tmp_path / "again"), "coyo/00000", max_samples=10,
+                       max_bytes=None, caption_policy=LATEST)
+    assert [i for i, _ in w.write(table)] == [1]  # the bad row is refused, the good one written
+    assert [f.nsamples for f in w.close()] == [1]
 
 
 def test_key_at_the_name_limit_is_accepted(tmp_path: Path) -> None:
@@ -206,16 +214,18 @@ def test_key_at_the_name_limit_is_accepted(tmp_path: Path) -> None:
 
 
 def test_dropped_rows_duplicates_and_missing_urls_are_refused(tmp_path: Path) -> None:
-    for bad in ([pair_row(0, drop_reason="x", drop_stage="s")], [pair_row(0, quarantined=True)],
-                [pair_row(0), pair_row(0)], [pair_row(0, url=None)], [pair_row(0, image_format="gif")]):
-        with pytest.raises(ValueError):
+    for bad in ([pair_row(0, drop_reason="x", drop_stage="s")], [pair_row(0, quarantined=True)]):
+        with pytest.raises(RuntimeError):  # a dropped row reaching the writer is an engine bug
             write_pairs(tmp_path, make_table(bad, PAIR_SCHEMA), batch=2)
-    assert all_files(tmp_path) == []
+    for bad in ([pair_row(0), pair_row(0)], [pair_row(0, url=None)], [pair_row(0, image_format="gif")]):
+        with pytest.raises(ValueError):
+            write_pairs(tmp_path / "refused", make_table(bad, PAIR_SCHEMA), batch=2)
+    assert not [f for f in all_files(tmp_path) if ".tmp" in f]
 
 
 def test_exception_mid_part_keeps_finished_parts_and_removes_the_temp(tmp_path: Path) -> None:
-    rows = [pair_row(i) for i in range(12)] + [pair_row(12, key="bad.key")]
-    with pytest.raises(ValueError):
+    rows = [pair_row(i) for i in range(12)] + [pair_row(12, drop_reason="x", drop_stage="s")]
+    with pytest.raises(RuntimeError):
         write_pairs(tmp_path, make_table(rows, PAIR_SCHEMA), batch=13, max_samples=10)
     assert all_files(tmp_path) == ["coyo/00000_0000.tar"]
 
@@ -315,9 +325,13 @@ def write_docs(root: Path, rows: list[dict[str, Any]], docs_per_pkl: int, batch:
     fs = fsspec.filesystem("file")
     w = Mmc4PklWriter(fs, str(root), "mmc4/docs/00000", docs_per_pkl=docs_per_pkl, **kw)
     table = make_table(rows, DOCUMENT_SCHEMA)
+    refused = []
     for off in range(0, table.num_rows, batch):
-        w.write(table.slice(off, batch))
-    return w, w.close()
+        refused += w.write(table.slice(off, batch))
+    files = w.close()
+    if refused:
+        raise ValueError("; ".join(why for _, why in refused))
+    return w, files
 
 
 def vila_mmc4_images(info: dict[str, Any]) -> tuple[list[Image.Image], list[int]]:

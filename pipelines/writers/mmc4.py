@@ -172,24 +172,33 @@ class Mmc4PklWriter:
         write_bytes_atomic(self.fs, path[: -len(".pkl")] + ".count", f"{len(docs)}\n".encode())
         self._done.append(OutputFile(rel, len(docs), hw.nbytes, hw.hexdigest()))
 
-    def write(self, table: pa.Table) -> None:
-        """Append kept DOCUMENT_SCHEMA rows; a pkl is written each time ``docs_per_pkl`` accumulate."""
+    def write(self, table: pa.Table) -> list[tuple[int, str]]:
+        """Append kept DOCUMENT_SCHEMA rows; a pkl is written each time ``docs_per_pkl`` accumulate.
+
+        Returns ``(row index, why)`` for documents that cannot be published; they are skipped.
+        """
         if self._closed:
             raise RuntimeError("writer is closed")
-        for row in conform(table, DOCUMENT_SCHEMA).to_pylist():
+        refused: list[tuple[int, str]] = []
+        for i, row in enumerate(conform(table, DOCUMENT_SCHEMA).to_pylist()):
             key = row["key"]
             if row.get("drop_reason") is not None or row.get("quarantined"):
-                raise ValueError(f"document {key!r} is dropped or quarantined; only kept rows are written")
-            if key in self._keys:
-                raise ValueError(f"duplicate key {key!r} in one output")
+                raise RuntimeError(f"document {key!r} is dropped or quarantined; only kept rows are written")
+            try:
+                if key in self._keys:
+                    raise ValueError(f"duplicate key {key!r} in one output")
+                doc, truncated = mmc4_document(row, self.max_images_per_doc)
+            except ValueError as e:
+                refused.append((i, str(e)))
+                continue
             self._keys.add(key)
-            doc, truncated = mmc4_document(row, self.max_images_per_doc)
             self.counters["documents_written"] += 1
             self.counters["images_written"] += len(doc["image_info"])
             self.counters["images_truncated"] += truncated
             self._buf.append(doc)
             if len(self._buf) >= self.docs_per_pkl:
                 self._flush()
+        return refused
 
     def close(self) -> list[OutputFile]:
         """Write the last, partial pkl; returns every pkl written (relpath, documents, bytes, sha256)."""

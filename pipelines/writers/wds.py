@@ -225,7 +225,7 @@ class WdsShardWriter:
         key = row["key"]
         check_key(key)
         if row.get("drop_reason") is not None or row.get("quarantined"):
-            raise ValueError(f"row {key!r} is dropped or quarantined; only kept rows go to shards")
+            raise RuntimeError(f"row {key!r} is dropped or quarantined; only kept rows go to shards")
         if not row.get("url"):
             raise ValueError(f"row {key!r} has no url; VILA looks samples up in caption sidecars by url")
         image = row.get("image")
@@ -256,16 +256,25 @@ class WdsShardWriter:
         self.fs.mv(part.tmp, part.path)
         self._done.append(OutputFile(part.relpath, part.nsamples, nbytes, sha))
 
-    def write(self, table: pa.Table) -> None:
-        """Append kept PAIR_SCHEMA rows (in table order) to the current part, rolling over as needed."""
+    def write(self, table: pa.Table) -> list[tuple[int, str]]:
+        """Append kept PAIR_SCHEMA rows (in table order) to the current part, rolling over as needed.
+
+        Returns ``(row index, why)`` for rows that cannot be published (no url, no caption, duplicate key):
+        they are skipped, so the caller can reject them with a reason instead of failing the shard.
+        """
         if self._closed:
             raise RuntimeError("writer is closed")
         table = conform(table, PAIR_SCHEMA)
+        refused: list[tuple[int, str]] = []
         try:
-            for row in table.to_pylist():
-                members = self._members(row)
-                if row["key"] in self._keys:
-                    raise ValueError(f"duplicate key {row['key']!r} in one output")
+            for i, row in enumerate(table.to_pylist()):
+                try:
+                    members = self._members(row)
+                    if row["key"] in self._keys:
+                        raise ValueError(f"duplicate key {row['key']!r} in one output")
+                except ValueError as e:
+                    refused.append((i, str(e)))
+                    continue
                 self._keys.add(row["key"])
                 size = sum(_member_bytes(len(d)) for _, d in members)
                 part = self._part
@@ -280,6 +289,7 @@ class WdsShardWriter:
         except BaseException:
             self.abort()
             raise
+        return refused
 
     def close(self) -> list[OutputFile]:
         """Finish the last part; returns every part written, in name order. Idempotent."""
