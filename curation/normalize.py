@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import warnings
 
 import imagehash
@@ -22,6 +23,7 @@ from schemas.table_ops import replace_columns
 # Formats VILA's trainer reads as-is, mapped to the shard member extension.
 _KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 _EXIF_ORIENTATION = 0x0112
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _PHASH_DRAFT_SIZE = (128, 128)  # 4x pHash's 32x32 input: draft stays within a few bits of a full decode
 
 
@@ -71,7 +73,8 @@ def probe_image(data: bytes | None, cfg: NormalizeConfig) -> ProbedImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageRejected(f"decompression_bomb: {e}", True) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageRejected(f"image_undecodable: {type(e).__name__}: {str(e)[:120]}", True) from None
+        msg = _ADDRESS.sub("", str(e))[:120]  # "<_io.BytesIO object at 0x7f..>" differs run to run
+        raise ImageRejected(f"image_undecodable: {type(e).__name__}: {msg}", True) from None
 
     reencoded = None
     out = data

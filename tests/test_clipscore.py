@@ -68,8 +68,17 @@ def reference(demo: dict[str, str]):
 
 
 def _pairs(n: int, **overrides: dict) -> pa.Table:
-    rows = [{"key": f"k{i:02d}", "source": "coyo", "shard": "00000", "image": _image(i),
-             "text": f"a photo number {i} of a red car", "quarantined": False} for i in range(n)]
+    rows = [
+        {
+            "key": f"k{i:02d}",
+            "source": "coyo",
+            "shard": "00000",
+            "image": _image(i),
+            "text": f"a photo number {i} of a red car",
+            "quarantined": False,
+        }
+        for i in range(n)
+    ]
     for i, extra in overrides.items():
         rows[int(i)].update(extra)
     return make_table(rows, PAIR_SCHEMA)
@@ -80,8 +89,10 @@ def test_clip_score_matches_direct_computation(stage: ClipScoreStage, reference)
     table = _pairs(7, **{"3": {"captions": captions}, "5": {"image": _image(5, fmt="PNG")}})
     out = stage(table)
     assert out.num_rows == 7 and out.schema == PAIR_SCHEMA
-    texts = [latest_caption(c, t) for c, t in zip(table.column("captions").to_pylist(),
-                                                  table.column("text").to_pylist(), strict=True)]
+    texts = [
+        latest_caption(c, t)
+        for c, t in zip(table.column("captions").to_pylist(), table.column("text").to_pylist(), strict=True)
+    ]
     assert texts[3] == "a detailed new caption of a car"
     emb, cos = reference(table.column("image").to_pylist(), texts)
     got_cos = np.array(out.column("clip_cosine").to_pylist())
@@ -118,8 +129,13 @@ def test_pretrained_file_overrides_folder_checkpoint(demo: dict[str, str]) -> No
 
 
 def test_undecodable_image_quarantines_only_its_row(stage: ClipScoreStage) -> None:
-    table = _pairs(4, **{"1": {"image": b"\xff\xd8\xff\xe0 not really a jpeg"},
-                         "2": {"drop_reason": "too_small: 10x10 < 200", "drop_stage": "normalize"}})
+    table = _pairs(
+        4,
+        **{
+            "1": {"image": b"\xff\xd8\xff\xe0 not really a jpeg"},
+            "2": {"drop_reason": "too_small: 10x10 < 200", "drop_stage": "normalize"},
+        },
+    )
     out = stage(table)
     rows = out.to_pylist()
     assert rows[1]["quarantined"] is True and rows[1]["drop_stage"] == "clipscore"
@@ -140,16 +156,37 @@ def test_mmc4_images_scored_against_matched_sentence(stage: ClipScoreStage, refe
     images = [
         {"image_name": "a.jpg", "matched_text_index": 2, "image": _image(10)},
         {"image_name": "b.jpg", "matched_text_index": 0, "image": _image(11)},
-        {"image_name": "c.jpg", "matched_text_index": 1, "image": _image(12),
-         "drop_reason": "exact_duplicate: of x", "drop_stage": "dedup"},
+        {
+            "image_name": "c.jpg",
+            "matched_text_index": 1,
+            "image": _image(12),
+            "drop_reason": "exact_duplicate: of x",
+            "drop_stage": "dedup",
+        },
         {"image_name": "d.jpg", "matched_text_index": 7, "image": _image(13)},
         {"image_name": "e.jpg", "matched_text_index": 1, "image": b"broken"},
     ]
-    doc = make_table([{"key": "doc1", "source": "mmc4", "shard": "s0", "text_list": sentences,
-                       "image_info": images, "quarantined": False},
-                      {"key": "doc2", "source": "mmc4", "shard": "s0", "text_list": sentences,
-                       "image_info": [{"image_name": "z.jpg", "matched_text_index": 0, "image": b"x"}],
-                       "quarantined": False}], DOCUMENT_SCHEMA)
+    doc = make_table(
+        [
+            {
+                "key": "doc1",
+                "source": "mmc4",
+                "shard": "s0",
+                "text_list": sentences,
+                "image_info": images,
+                "quarantined": False,
+            },
+            {
+                "key": "doc2",
+                "source": "mmc4",
+                "shard": "s0",
+                "text_list": sentences,
+                "image_info": [{"image_name": "z.jpg", "matched_text_index": 0, "image": b"x"}],
+                "quarantined": False,
+            },
+        ],
+        DOCUMENT_SCHEMA,
+    )
     out = stage(doc).to_pylist()
     ims = out[0]["image_info"]
     _, cos = reference([_image(10), _image(11)], [sentences[2], sentences[0]])
@@ -176,13 +213,25 @@ def test_draft_decoding_stays_close_to_full_decode(demo: dict[str, str]) -> None
 
 # -- clip_filter -------------------------------------------------------------------------------------------
 
-def _scored(scores: list[float | None], source: str = "coyo", metas: list[dict | None] | None = None,
-            shards: list[str] | None = None) -> pa.Table:
+
+def _scored(
+    scores: list[float | None],
+    source: str = "coyo",
+    metas: list[dict | None] | None = None,
+    shards: list[str] | None = None,
+) -> pa.Table:
     rows = []
     for i, s in enumerate(scores):
-        rows.append({"key": f"k{i:02d}", "source": source, "shard": (shards or ["00000"] * len(scores))[i],
-                     "clip_score": s, "quarantined": False,
-                     "meta": json.dumps(metas[i]) if metas and metas[i] is not None else None})
+        rows.append(
+            {
+                "key": f"k{i:02d}",
+                "source": source,
+                "shard": (shards or ["00000"] * len(scores))[i],
+                "clip_score": s,
+                "quarantined": False,
+                "meta": json.dumps(metas[i]) if metas and metas[i] is not None else None,
+            }
+        )
     return make_table(rows, PAIR_SCHEMA)
 
 
@@ -196,7 +245,9 @@ def _decide_all(stage: ClipFilterStage, sigs: pa.Table) -> pa.Table:
 
 
 def _reasons(decisions: pa.Table) -> dict[str, str]:
-    return dict(zip(decisions.column("key").to_pylist(), decisions.column("drop_reason").to_pylist(), strict=True))
+    return dict(
+        zip(decisions.column("key").to_pylist(), decisions.column("drop_reason").to_pylist(), strict=True)
+    )
 
 
 def test_floor_drops_below_min_score_and_unscored() -> None:
@@ -205,9 +256,13 @@ def test_floor_drops_below_min_score_and_unscored() -> None:
     assert sigs.schema == SIGNATURE_SCHEMA and sigs.num_rows == 4
     dec = _decide_all(stage, sigs)
     r = _reasons(dec)
-    assert r == {"k00": "clip_below_floor: 0.1200 < 0.2000",
-                 "k03": "clip_unscored: no CLIP score (empty caption or not run through clipscore)"}
-    assert dec.filter(pa.compute.equal(dec.column("key"), "k00")).column("value")[0].as_py() == pytest.approx(0.2)
+    assert r == {
+        "k00": "clip_below_floor: 0.1200 < 0.2000",
+        "k03": "clip_unscored: no CLIP score (empty caption or not run through clipscore)",
+    }
+    assert dec.filter(pa.compute.equal(dec.column("key"), "k00")).column("value")[0].as_py() == pytest.approx(
+        0.2
+    )
 
 
 def test_top_percent_exact_with_ties_broken_by_key() -> None:
@@ -231,9 +286,12 @@ def test_floor_then_top_percent_counts_whole_group() -> None:
 
 def test_groups_are_per_source() -> None:
     stage = ClipFilterStage(ClipFilterConfig(top_percent=50))
-    sigs = pa.concat_tables([stage.signatures(_scored([0.1, 0.2], "a")), stage.signatures(_scored([0.8, 0.9], "b"))])
+    sigs = pa.concat_tables(
+        [stage.signatures(_scored([0.1, 0.2], "a")), stage.signatures(_scored([0.8, 0.9], "b"))]
+    )
     dec = _decide_all(stage, sigs)
-    assert sorted(zip(dec.column("source").to_pylist(), dec.column("key").to_pylist())) == [("a", "k00"), ("b", "k00")]
+    pairs = zip(dec.column("source").to_pylist(), dec.column("key").to_pylist(), strict=True)
+    assert sorted(pairs) == [("a", "k00"), ("b", "k00")]
 
 
 def test_vila_coyo_preset_per_shard() -> None:
@@ -242,8 +300,12 @@ def test_vila_coyo_preset_per_shard() -> None:
     sims = [0.30, 0.40, 0.35, 0.28, 0.25, 0.32, 0.31, 0.36, 0.29, 0.33]
     metas = [{"clip_similarity_vitb32": s, "clip_similarity_vitl14": s - 0.02} for s in sims]
     metas[4]["clip_similarity_vitl14"] = 0.34  # 0.59 <= 0.6: below VILA's floor
-    table = pa.concat_tables([_scored([None] * 10, metas=metas, shards=["00000"] * 10),
-                              _scored([None] * 5, metas=metas[:5], shards=["00001"] * 5)])
+    table = pa.concat_tables(
+        [
+            _scored([None] * 10, metas=metas, shards=["00000"] * 10),
+            _scored([None] * 5, metas=metas[:5], shards=["00001"] * 5),
+        ]
+    )
     sigs = stage.signatures(table)
     assert set(sigs.column("group").to_pylist()) == {"coyo/00000", "coyo/00001"}
     dec = _decide_all(stage, sigs)
@@ -278,9 +340,19 @@ def test_decide_is_order_independent() -> None:
 
 def test_document_images_filtered_individually() -> None:
     info = [{"image_name": f"{j}.jpg", "clip_score": s} for j, s in enumerate([0.1, 0.6, 0.05])]
-    docs = make_table([{"key": "d1", "source": "mmc4", "shard": "s", "image_info": info, "quarantined": False},
-                       {"key": "d2", "source": "mmc4", "shard": "s", "quarantined": False,
-                        "image_info": [{"image_name": "x.jpg", "clip_score": 0.01}]}], DOCUMENT_SCHEMA)
+    docs = make_table(
+        [
+            {"key": "d1", "source": "mmc4", "shard": "s", "image_info": info, "quarantined": False},
+            {
+                "key": "d2",
+                "source": "mmc4",
+                "shard": "s",
+                "quarantined": False,
+                "image_info": [{"image_name": "x.jpg", "clip_score": 0.01}],
+            },
+        ],
+        DOCUMENT_SCHEMA,
+    )
     stage = ClipFilterStage(ClipFilterConfig(min_score=0.2))
     sigs = stage.signatures(docs)
     assert sigs.column("image_index").to_pylist() == [0, 1, 2, 0]
@@ -292,3 +364,16 @@ def test_document_images_filtered_individually() -> None:
 def test_sketch_method_needs_datasketches() -> None:
     with pytest.raises(ImportError, match="datasketches"):
         ClipFilterStage(ClipFilterConfig(top_percent=10, method="sketch"))
+
+
+def test_set_up_stage_pickles_without_its_model(stage: ClipScoreStage) -> None:
+    import pickle
+
+    stage.name = "clipscore_2"  # the planner renames repeated stages per instance
+    try:
+        clone = pickle.loads(pickle.dumps(stage))
+    finally:
+        stage.name = "clipscore"
+    assert clone._bundle is None and clone.name == "clipscore_2" and clone.cfg == stage.cfg
+    out = clone(_pairs(1))  # a worker's first batch loads the model
+    assert out.column("drop_reason")[0].as_py() is None and out.column("clip_score")[0].is_valid

@@ -35,8 +35,12 @@ def demo() -> dict[str, str]:
 
 
 def _cfg(demo: dict[str, str], batch_size: int = 8, **kw) -> DeltaLossConfig:
-    return DeltaLossConfig(small_model=demo["lm_small"], large_model=demo["lm_large"],
-                           runtime=ModelRuntime(device="cpu", batch_size=batch_size), **kw)
+    return DeltaLossConfig(
+        small_model=demo["lm_small"],
+        large_model=demo["lm_large"],
+        runtime=ModelRuntime(device="cpu", batch_size=batch_size),
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +65,13 @@ def _by_hand(path: str, text: str, max_length: int | None = None) -> float:
 
 
 def _pairs(texts: list[str | None], **extra) -> pa.Table:
-    return make_table([{"key": f"k{i}", "source": "coyo", "shard": "0", "text": t, "quarantined": False, **extra}
-                       for i, t in enumerate(texts)], PAIR_SCHEMA)
+    return make_table(
+        [
+            {"key": f"k{i}", "source": "coyo", "shard": "0", "text": t, "quarantined": False, **extra}
+            for i, t in enumerate(texts)
+        ],
+        PAIR_SCHEMA,
+    )
 
 
 def test_logp_matches_hand_computation(stage: DeltaLossScoreStage, demo: dict[str, str]) -> None:
@@ -73,7 +82,9 @@ def test_logp_matches_hand_computation(stage: DeltaLossScoreStage, demo: dict[st
     assert out[0]["delta_loss"] == pytest.approx(large - small, abs=1e-5)
     for r in out:
         assert r["delta_loss"] == pytest.approx(r["logp_large"] - r["logp_small"], abs=1e-6)
-    assert stage.identities["small"]["demo"] is True and len(stage.identities["large"]["weights_sha256"]) == 64
+    assert (
+        stage.identities["small"]["demo"] is True and len(stage.identities["large"]["weights_sha256"]) == 64
+    )
 
 
 def test_padding_does_not_change_scores(demo: dict[str, str], stage: DeltaLossScoreStage) -> None:
@@ -82,16 +93,28 @@ def test_padding_does_not_change_scores(demo: dict[str, str], stage: DeltaLossSc
     for col in ("logp_small", "logp_large", "delta_loss"):
         assert one.column(col).to_pylist() == pytest.approx(many.column(col).to_pylist(), abs=1e-5)
     alone = stage(_pairs([TEXTS[1]]))
-    assert alone.column("logp_large")[0].as_py() == pytest.approx(many.column("logp_large")[1].as_py(), abs=1e-5)
+    assert alone.column("logp_large")[0].as_py() == pytest.approx(
+        many.column("logp_large")[1].as_py(), abs=1e-5
+    )
 
 
 def test_latest_caption_dropped_rows_and_empty_text(stage: DeltaLossScoreStage, demo: dict[str, str]) -> None:
     caps = [{"round": 1, "text": TEXTS[3]}]
-    table = make_table([
-        {"key": "a", "source": "s", "shard": "0", "text": "ignored alt text", "captions": caps},
-        {"key": "b", "source": "s", "shard": "0", "text": TEXTS[0], "drop_reason": "x: y", "drop_stage": "z"},
-        {"key": "c", "source": "s", "shard": "0", "text": ""},
-    ], PAIR_SCHEMA)
+    table = make_table(
+        [
+            {"key": "a", "source": "s", "shard": "0", "text": "ignored alt text", "captions": caps},
+            {
+                "key": "b",
+                "source": "s",
+                "shard": "0",
+                "text": TEXTS[0],
+                "drop_reason": "x: y",
+                "drop_stage": "z",
+            },
+            {"key": "c", "source": "s", "shard": "0", "text": ""},
+        ],
+        PAIR_SCHEMA,
+    )
     out = stage(table).to_pylist()
     assert out[0]["logp_small"] == pytest.approx(_by_hand(demo["lm_small"], TEXTS[3]), abs=1e-5)
     assert out[1]["logp_small"] is None and out[1]["drop_reason"] == "x: y"
@@ -100,8 +123,19 @@ def test_latest_caption_dropped_rows_and_empty_text(stage: DeltaLossScoreStage, 
 
 def test_documents_join_sentences_and_truncate(demo: dict[str, str]) -> None:
     stage = DeltaLossScoreStage(_cfg(demo, max_length=8))
-    doc = make_table([{"key": "d", "source": "mmc4", "shard": "0", "text_list": TEXTS[:3],
-                       "image_info": [{"image_name": "a.jpg"}], "quarantined": False}], DOCUMENT_SCHEMA)
+    doc = make_table(
+        [
+            {
+                "key": "d",
+                "source": "mmc4",
+                "shard": "0",
+                "text_list": TEXTS[:3],
+                "image_info": [{"image_name": "a.jpg"}],
+                "quarantined": False,
+            }
+        ],
+        DOCUMENT_SCHEMA,
+    )
     out = stage(doc).to_pylist()[0]
     joined = " ".join(TEXTS[:3])
     assert out["logp_large"] == pytest.approx(_by_hand(demo["lm_large"], joined, max_length=8), abs=1e-5)
@@ -114,16 +148,29 @@ def test_vlm_scorer_not_implemented(demo: dict[str, str]) -> None:
 
 # -- top-K per subset --------------------------------------------------------------------------------------
 
+
 def _scored(deltas: list[float | None], subsets: list[str]) -> pa.Table:
-    return make_table([{"key": f"k{i:02d}", "source": "coyo", "shard": "0", "delta_loss": d, "quarantined": False,
-                        "meta": json.dumps({"domain": s})} for i, (d, s) in enumerate(zip(deltas, subsets, strict=True))],
-                      PAIR_SCHEMA)
+    return make_table(
+        [
+            {
+                "key": f"k{i:02d}",
+                "source": "coyo",
+                "shard": "0",
+                "delta_loss": d,
+                "quarantined": False,
+                "meta": json.dumps({"domain": s}),
+            }
+            for i, (d, s) in enumerate(zip(deltas, subsets, strict=True))
+        ],
+        PAIR_SCHEMA,
+    )
 
 
 def _decide_all(stage: DeltaLossTopKStage, sigs: pa.Table) -> pa.Table:
     groups = sigs.column(stage.group_by).to_pylist()
-    return pa.concat_tables([stage.decide(sigs.filter(pa.array([x == g for x in groups])))
-                             for g in sorted(set(groups))])
+    return pa.concat_tables(
+        [stage.decide(sigs.filter(pa.array([x == g for x in groups]))) for g in sorted(set(groups))]
+    )
 
 
 def test_top_k_per_subset_with_ties(demo: dict[str, str]) -> None:
@@ -142,8 +189,12 @@ def test_top_k_per_subset_with_ties(demo: dict[str, str]) -> None:
     assert dropped["k04"].startswith("deltaloss_below_top_k: unscored (no text) ranks 5 > k=3")
     values = dict(zip(dec.column("key").to_pylist(), dec.column("value").to_pylist(), strict=True))
     assert values["k07"] == pytest.approx(0.1) and values["k03"] == pytest.approx(0.2)
-    assert stage.summarize(dec, sigs)["subsets"]["news"] == {"rows": 5, "kept": 3, "dropped": 2,
-                                                             "cut": pytest.approx(0.2)}
+    assert stage.summarize(dec, sigs)["subsets"]["news"] == {
+        "rows": 5,
+        "kept": 3,
+        "dropped": 2,
+        "cut": pytest.approx(0.2),
+    }
 
 
 def test_top_k_subset_by_column_and_order_independence(demo: dict[str, str]) -> None:

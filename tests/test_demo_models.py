@@ -20,8 +20,10 @@ from schemas.config import ModelRuntime
 
 
 def _digests(paths: dict[str, str]) -> dict[str, str]:
-    return {name: hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(folder).iterdir()))).hexdigest()
-            for name, folder in paths.items()}
+    return {
+        name: hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(folder).iterdir()))).hexdigest()
+        for name, folder in paths.items()
+    }
 
 
 def test_build_is_deterministic_fast_and_marked(tmp_path: Path) -> None:

@@ -483,3 +483,27 @@ def test_atomic_open_replaces_existing_file(tmp_path: Path) -> None:
             f.write(payload)
     assert (tmp_path / "x.bin").read_bytes() == b"two"
     assert all_files(tmp_path) == ["x.bin"]
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "000010007.json", "x" * 95 + ".json", "ü-key.txt"])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 60_000, 8**11 - 1])
+def test_hand_built_ustar_header_equals_tarfile(name: str, size: int) -> None:
+    from pipelines.writers.wds import _tarinfo, ustar_header
+
+    expected = _tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    assert ustar_header(name, size) == expected
+
+
+def test_tar_bytes_equal_tarfile_archive(tmp_path: Path) -> None:
+    """The whole part is byte-identical to what tarfile writes for the same members."""
+    from pipelines.writers.wds import _tarinfo
+
+    (f,) = write_pairs(tmp_path, pairs(7), batch=3)
+    written = (tmp_path / f.relpath).read_bytes()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar, \
+            tarfile.open(tmp_path / f.relpath) as src:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            tar.addfile(_tarinfo(m.name, len(data)), io.BytesIO(data))
+    assert written == buf.getvalue()

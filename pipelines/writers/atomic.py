@@ -15,6 +15,8 @@ import hashlib
 import io
 import json
 import posixpath
+import queue
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -119,27 +121,52 @@ def write_parquet_atomic(fs: fsspec.AbstractFileSystem, path: str, table: pa.Tab
 class HashingWriter(io.RawIOBase):
     """Write-through wrapper that counts bytes and hashes them, so finished files need no re-read.
 
-    ``tell()`` is what ``tarfile`` in "w" mode asks for; position == bytes written because we only append.
+    Hashing runs on a helper thread (hashlib releases the GIL on large buffers), so it overlaps with the
+    caller's encoding and I/O instead of adding to them. ``tell()`` is what ``tarfile`` in "w" mode asks
+    for; position == bytes written because we only append.
     """
+
+    _SMALL = 1 << 14  # below this, hashing inline is cheaper than a queue hop
 
     def __init__(self, raw: IO[bytes]) -> None:
         super().__init__()
         self._raw = raw
         self._sha = hashlib.sha256()
         self.nbytes = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=64)
+        self._thread: threading.Thread | None = None
+
+    def _hash_loop(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._sha.update(chunk)
 
     def writable(self) -> bool:
         return True
 
     def write(self, b: Any) -> int:  # type: ignore[override]
-        mv = memoryview(b).cast("B")
-        self._raw.write(mv)
-        self._sha.update(mv)
-        self.nbytes += len(mv)
-        return len(mv)
+        data = bytes(b) if not isinstance(b, bytes) else b  # the hashing thread needs an immutable copy
+        self._raw.write(data)
+        n = len(data)
+        if n < self._SMALL and self._thread is None:
+            self._sha.update(data)
+        else:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._hash_loop, daemon=True)
+                self._thread.start()
+            self._queue.put(data)
+        self.nbytes += n
+        return n
 
     def tell(self) -> int:
         return self.nbytes
 
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        super().close()
+
     def hexdigest(self) -> str:
+        self.close()
         return self._sha.hexdigest()

@@ -1,0 +1,274 @@
+"""clipscore: open_clip image and caption embeddings -> CLIP-S, raw cosine and the image embedding.
+
+One model pass gives both the score the CLIP filter ranks by and the L2-normalised image embedding that
+semantic dedup clusters, so no stage has to run CLIP twice. CLIP-S = 2.5 * max(cos, 0) (Hessel et al.
+2021, "CLIPScore"); the raw cosine is kept too, because negative cosines all map to CLIP-S 0.
+
+Pairs score the image against the latest caption (the last ``captions`` entry, else the original
+``text``); MMC4 documents score every alive image against its matched sentence
+``text_list[matched_text_index]``, as MMC4 itself assigns images to sentences by CLIP similarity.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from curation.models import autocast, identity_tag, load_open_clip, resolve_device, resolve_dtype
+from schemas.config import ClipScoreConfig
+from schemas.stage import Resources
+from schemas.table_ops import replace_columns
+
+_ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")
+CLIPS_WEIGHT = 2.5  # Hessel et al. 2021: rescales typical cosines (0..0.4) to roughly 0..1
+
+
+def latest_caption(captions: list[dict] | None, text: str | None) -> str | None:
+    """The caption the next stage should judge: the newest recaption round if any, else the alt-text."""
+    if captions:
+        last = captions[-1].get("text")
+        if last:
+            return last
+    return text
+
+
+def clip_score(cosine: float) -> float:
+    return CLIPS_WEIGHT * max(cosine, 0.0)
+
+
+class _Undecodable(Exception):
+    pass
+
+
+class ClipScoreStage:
+    """Map stage: sets clip_cosine, clip_score, clip_model and embedding on alive rows / document images.
+
+    ``setup()`` loads the open_clip model on ``runtime.device`` (auto -> cuda) in ``runtime.precision``
+    (fp16/bf16 on GPU only) plus a decode thread pool of ``runtime.cpus`` threads, so JPEG decoding and
+    resizing of the next batch overlap the GPU work of the current one (PIL releases the GIL).
+    """
+
+    name = "clipscore"
+    version = "1"
+    loads_model = True  # engines route it like a model (Beam RunInference, GPU actor pools)
+
+    def __init__(self, cfg: ClipScoreConfig | None = None) -> None:
+        self.cfg = cfg or ClipScoreConfig()
+        rt = self.cfg.runtime
+        self.resources = Resources(cpus=rt.cpus, gpus=rt.gpus)
+        self._bundle = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        if self._bundle is not None:
+            return
+        self.device = resolve_device(self.cfg.runtime)
+        self.dtype = resolve_dtype(self.cfg.runtime, self.device)
+        self._bundle = load_open_clip(self.cfg.model, self.cfg.pretrained, self.device, self.dtype)
+        self.identity = self._bundle.identity
+        self.model_tag = identity_tag(self.identity)
+        size = self._bundle.model.visual.preprocess_cfg.get("size", 224)
+        self.input_size = (size, size) if isinstance(size, int) else tuple(size)
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, round(self.cfg.runtime.cpus)), thread_name_prefix="clipscore-decode"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Ship the config only: engines pickle stages to workers, which call setup() themselves."""
+        keep = {"cfg", "resources", "name"}  # name: the planner renames repeated stages per instance
+        return {k: v for k, v in self.__dict__.items() if k in keep} | {"_bundle": None, "_pool": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- batch transform -------------------------------------------------------------------------------
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.setup()
+        if "image_info" in batch.column_names:
+            return self._documents(batch)
+        return self._pairs(batch)
+
+    def _pairs(self, batch: pa.Table) -> pa.Table:
+        drop = batch.column("drop_reason").to_pylist()
+        todo = [i for i, r in enumerate(drop) if r is None]
+        if not todo:
+            return batch
+        images = batch.column("image").take(todo).to_pylist()
+        captions = batch.column("captions").take(todo).to_pylist()
+        texts = [
+            latest_caption(c, t)
+            for c, t in zip(captions, batch.column("text").take(todo).to_pylist(), strict=True)
+        ]
+        emb, cos, errors = self.score(images, texts)
+
+        n = batch.num_rows
+        cosine = batch.column("clip_cosine").to_pylist()
+        score = batch.column("clip_score").to_pylist()
+        model = batch.column("clip_model").to_pylist()
+        stage, quarantined = batch.column("drop_stage").to_pylist(), batch.column("quarantined").to_pylist()
+        emb_rows: list[np.ndarray | None] = [None] * n
+        old_emb = batch.column("embedding")
+        for j, i in enumerate(todo):
+            if errors[j] is not None:
+                drop[i], stage[i], quarantined[i] = errors[j], self.name, True
+                continue
+            model[i] = self.model_tag
+            emb_rows[i] = emb[j]
+            c = cos[j]
+            cosine[i], score[i] = (None, None) if np.isnan(c) else (float(c), clip_score(float(c)))
+        embedding = _embedding_column(emb_rows, old_emb)
+        return replace_columns(
+            batch,
+            {
+                "clip_cosine": cosine,
+                "clip_score": score,
+                "clip_model": model,
+                "embedding": embedding,
+                "drop_reason": drop,
+                "drop_stage": stage,
+                "quarantined": quarantined,
+            },
+        )
+
+    def _documents(self, batch: pa.Table) -> pa.Table:
+        infos = batch.column("image_info").to_pylist()
+        text_lists = batch.column("text_list").to_pylist()
+        drop, dstage = batch.column("drop_reason").to_pylist(), batch.column("drop_stage").to_pylist()
+        refs: list[tuple[int, int]] = []
+        images: list[bytes | None] = []
+        texts: list[str | None] = []
+        for d, ims in enumerate(infos):
+            if drop[d] is not None:
+                continue
+            sentences = text_lists[d] or []
+            for k, im in enumerate(ims or []):
+                if im.get("drop_reason") is not None:
+                    continue
+                idx = im.get("matched_text_index")
+                if idx is None or not 0 <= idx < len(sentences):
+                    im["drop_reason"] = (
+                        f"clip_no_matched_text: matched_text_index {idx} not in 0..{len(sentences) - 1}"
+                    )
+                    im["drop_stage"] = self.name
+                    continue
+                refs.append((d, k))
+                images.append(im.get("image"))
+                texts.append(sentences[idx])
+        if refs:
+            emb, cos, errors = self.score(images, texts)
+            for j, (d, k) in enumerate(refs):
+                im = infos[d][k]
+                if errors[j] is not None:
+                    im["drop_reason"], im["drop_stage"] = errors[j], self.name
+                    continue
+                c = float(cos[j])
+                im["embedding"] = emb[j].tolist()
+                im["clip_model"] = self.model_tag
+                im["clip_cosine"], im["clip_score"] = (None, None) if np.isnan(c) else (c, clip_score(c))
+        for d, ims in enumerate(infos):
+            if drop[d] is None and ims and all(im.get("drop_reason") is not None for im in ims):
+                drop[d], dstage[d] = "no_usable_images", self.name
+        return replace_columns(batch, {"image_info": infos, "drop_reason": drop, "drop_stage": dstage})
+
+    # -- scoring ---------------------------------------------------------------------------------------
+    def score(
+        self, images: list[bytes | None], texts: list[str | None]
+    ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        """Embed images and texts pairwise.
+
+        Returns (image embeddings [n, d] float32, L2-normalised; cosines [n], NaN where the text is empty;
+        per image an error reason or None). Undecodable images get a zero embedding and a reason instead
+        of failing the batch.
+        """
+        self.setup()
+        n = len(images)
+        bundle, bs = self._bundle, self.cfg.runtime.batch_size
+        futures = [self._pool.submit(self._load_image, data) for data in images]
+        img_emb: np.ndarray | None = None
+        errors: list[str | None] = [None] * n
+        for start in range(0, n, bs):
+            tensors, rows = [], []
+            for j in range(start, min(start + bs, n)):
+                try:
+                    tensors.append(futures[j].result())
+                    rows.append(j)
+                except _Undecodable as e:
+                    errors[j] = str(e)
+            if not tensors:
+                continue
+            feats = self._encode(bundle.model.encode_image, torch.stack(tensors))
+            if img_emb is None:
+                img_emb = np.zeros((n, feats.shape[1]), dtype=np.float32)
+            img_emb[rows] = feats
+
+        if img_emb is None:  # every image failed: no row reads an embedding
+            img_emb = np.zeros((n, 0), dtype=np.float32)
+        # texts: each distinct non-empty text once (MMC4 images often share a sentence)
+        uniq = sorted({t for j, t in enumerate(texts) if t and errors[j] is None})
+        txt_emb: dict[str, np.ndarray] = {}
+        for start in range(0, len(uniq), bs):
+            chunk = uniq[start : start + bs]
+            feats = self._encode(bundle.model.encode_text, bundle.tokenizer(chunk))
+            txt_emb.update(zip(chunk, feats, strict=True))
+        cos = np.full(n, np.nan, dtype=np.float32)
+        for j, t in enumerate(texts):
+            if errors[j] is None and t:
+                cos[j] = float(np.dot(img_emb[j], txt_emb[t]))
+        return img_emb, cos, errors
+
+    def _encode(self, fn: Any, x: torch.Tensor) -> np.ndarray:
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            feats = fn(x)
+        feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+        return feats.cpu().numpy()
+
+    def _load_image(self, data: bytes | None) -> torch.Tensor:
+        """Decode (JPEG draft-decoded to about the model input size) and preprocess one image."""
+        if not data:
+            raise _Undecodable("image_undecodable: empty image bytes")
+        try:
+            img = Image.open(io.BytesIO(data))
+            if self.cfg.draft and img.format in ("JPEG", "MPO"):
+                img.draft("RGB", self.input_size)  # DCT scaling: never below the requested size
+            img = img.convert("RGB")
+            return self._bundle.preprocess(img)
+        except Exception as e:  # noqa: BLE001 - any decoder failure quarantines this row only
+            detail = _ADDRESS.sub("", str(e))[:120]  # no object addresses: reasons must be reproducible
+            raise _Undecodable(f"image_undecodable: {type(e).__name__}: {detail}") from None
+
+
+def _embedding_column(rows: list[np.ndarray | None], old: pa.ChunkedArray) -> pa.Array:
+    """list<float32> column built from one contiguous buffer; rows without a new embedding keep the old."""
+    old_list = old.to_pylist() if any(r is None for r in rows) else None
+    offsets, values, valid = [0], [], []
+    for i, r in enumerate(rows):
+        if r is None and old_list is not None and old_list[i] is not None:
+            r = np.asarray(old_list[i], dtype=np.float32)
+        if r is None:
+            valid.append(False)
+        else:
+            values.append(r.astype(np.float32, copy=False))
+            valid.append(True)
+        offsets.append(offsets[-1] + (0 if r is None else len(r)))
+    flat = np.concatenate(values) if values else np.zeros(0, dtype=np.float32)
+    mask = pa.array([not v for v in valid])
+    return pa.ListArray.from_arrays(
+        pa.array(offsets, type=pa.int32()), pa.array(flat, type=pa.float32()), mask=mask
+    )
+
+
+def identity_json(stage: ClipScoreStage) -> str:
+    """The full identity (untruncated sha256) as JSON, for manifests and reports."""
+    return json.dumps(stage.identity, sort_keys=True)

@@ -1,0 +1,55 @@
+"""Small content thumbnails: the second signal that confirms (or rejects) a pHash candidate pair.
+
+pHash keeps only the signs of low DCT frequencies, so flat, low-texture images (plain colours, a word
+on white) collide. A thumbnail keeps absolute grey levels and colour. Before shrinking, the image is
+cropped to its content box when it sits on a uniform background: a word on a white page then fills the
+16x16 grid, so two different words differ by ~0.2 mean |a-b| instead of ~0.005, while a re-encoded,
+resized or slightly cropped copy stays under ~0.07 (measured on synthetic shapes/words/photos).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+GREY_SIDE = 16
+RGB_SIDE = 8
+THUMB_BYTES = GREY_SIDE * GREY_SIDE + RGB_SIDE * RGB_SIDE * 3  # 256 grey + 192 RGB = 448 bytes
+_WORK_SIDE = 256  # decode size: keeps small text legible for the content box
+_BG_TOLERANCE = 32  # grey levels: a pixel this far from the border median is content
+_BORDER_MAX_STD = 8.0  # border this uniform counts as a background that may be cropped away
+
+
+def thumbnail(data: bytes) -> bytes:
+    """16x16 grey + 8x8 RGB thumbnail of encoded image bytes (448 bytes), content-cropped."""
+    img = Image.open(io.BytesIO(data))
+    if img.format in ("JPEG", "MPO"):
+        img.draft("RGB", (_WORK_SIDE, _WORK_SIDE))  # DCT-domain downscale: 2-8x faster decode
+    img = img.convert("RGB")
+    img.thumbnail((_WORK_SIDE, _WORK_SIDE), Image.Resampling.BILINEAR)
+    grey = np.asarray(img.convert("L"), dtype=np.int16)
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    if border.std() <= _BORDER_MAX_STD:
+        mask = np.abs(grey - np.median(border)) > _BG_TOLERANCE
+        if mask.any():
+            ys, xs = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            h, w = grey.shape
+            img = img.crop((max(xs[0] - 1, 0), max(ys[0] - 1, 0), min(xs[-1] + 2, w), min(ys[-1] + 2, h)))
+    g = img.convert("L").resize((GREY_SIDE, GREY_SIDE), Image.Resampling.BOX)
+    c = img.resize((RGB_SIDE, RGB_SIDE), Image.Resampling.BOX)
+    return np.asarray(g, dtype=np.uint8).tobytes() + np.asarray(c, dtype=np.uint8).tobytes()
+
+
+def thumbnail_distances(thumbs: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Per pair: max(grey, rgb) mean |a-b| in [0, 1]; ``thumbs`` is (n, THUMB_BYTES) uint8."""
+    out = np.empty(len(pairs), dtype=np.float32)
+    grey_n = GREY_SIDE * GREY_SIDE
+    for s in range(0, len(pairs), 65536):
+        p = pairs[s:s + 65536]
+        diff = np.abs(thumbs[p[:, 0]].astype(np.int16) - thumbs[p[:, 1]].astype(np.int16))
+        grey = diff[:, :grey_n].mean(axis=1)
+        rgb = diff[:, grey_n:].mean(axis=1)
+        out[s:s + 65536] = np.maximum(grey, rgb) / 255.0
+    return out
