@@ -16,6 +16,7 @@ import numpy as np
 FLAT_MAX_ITEMS = 20_000
 _ALL_PAIRS_MAX_RUN = 64  # identical hashes: all pairs up to this many, then a sliding window
 _RUN_WINDOW = 32
+_TABLE_MAX_BITS = 24  # 2^24 int64 counts + starts = 256 MiB at most
 
 
 def popcount64(x: np.ndarray) -> np.ndarray:
@@ -92,13 +93,19 @@ def _mih_unique(uniq: np.ndarray, k: int) -> np.ndarray:
         width = bits if c < n_chunks - 1 else 64 - bits * (n_chunks - 1)
         keys = (uniq >> np.uint64(c * bits)) & np.uint64((1 << width) - 1)
         order = np.argsort(keys, kind="stable")
-        skeys = keys[order]
-        probes = [np.uint64(0)] + [np.uint64(1 << f) for f in range(width)]
-        for flip in probes:
-            q = keys ^ flip
-            lo = np.searchsorted(skeys, q, side="left")
-            hi = np.searchsorted(skeys, q, side="right")
-            cnt = hi - lo
+        if width <= _TABLE_MAX_BITS:  # direct bucket table: O(1) gathers instead of binary searches
+            keys = keys.astype(np.int64)
+            counts = np.bincount(keys, minlength=1 << width)
+            starts = np.cumsum(counts) - counts
+        else:
+            skeys = keys[order]
+        for f in range(-1, width):
+            q = keys ^ (keys.dtype.type(1) << keys.dtype.type(f)) if f >= 0 else keys
+            if width <= _TABLE_MAX_BITS:
+                cnt, lo = counts[q], starts[q]
+            else:
+                lo = np.searchsorted(skeys, q, side="left")
+                cnt = np.searchsorted(skeys, q, side="right") - lo
             qi = np.repeat(np.arange(uniq.size, dtype=np.int64), cnt)
             if qi.size == 0:
                 continue

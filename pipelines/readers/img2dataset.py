@@ -52,6 +52,7 @@ from pipelines.readers._common import (
     url_to_fs,
 )
 from pipelines.readers.base import InputShard
+from pipelines.readers.tarstream import TarMember, TarTruncated, iter_members
 from schemas.config import SourceConfig
 from schemas.rows import PAIR_SCHEMA
 
@@ -64,28 +65,6 @@ _KNOWN_EXTS = set(IMAGE_EXTENSIONS) | _TEXT_EXTS | _JSON_EXTS
 # the downloaded bytes, saved extra columns) stays in meta.
 _MAPPED_JSON_FIELDS = ("url", "caption", "key", "width", "height")
 _PARQUET_READ_BATCH = 4096  # parquet rows carry no image: a few KB each
-
-
-def _tarinfo_class(end: dict[str, str | None]) -> type[tarfile.TarInfo]:
-    """A TarInfo that remembers why tarfile stopped reading headers, which tarfile itself swallows.
-
-    After the first member, a garbage, short or missing header ends ``TarFile.next()`` silently, exactly
-    like a proper end-of-archive block; we need to tell the two apart to report a truncated shard.
-    """
-
-    class _TarInfo(tarfile.TarInfo):
-        @classmethod
-        def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-            try:
-                return super().fromtarfile(tarfile_)
-            except tarfile.EOFHeaderError:
-                end["end"] = "clean"
-                raise
-            except tarfile.HeaderError as e:
-                end["end"] = short_error(e)
-                raise
-
-    return _TarInfo
 
 
 @dataclass
@@ -113,7 +92,7 @@ def split_member_name(name: str) -> tuple[str, str]:
     return stem, ext.lower()
 
 
-def unsafe_member_reason(info: tarfile.TarInfo) -> str | None:
+def unsafe_member_reason(info: TarMember | tarfile.TarInfo) -> str | None:
     """Why a member cannot be a sample file, or None for a plain regular file with a flat name."""
     if info.issym():
         return "tar_member_symlink"
@@ -186,26 +165,14 @@ class Img2DatasetReader:
     ) -> Iterator[dict[str, Any]]:
         """Stream members in order; a sample is complete when the next member has another key.
 
-        A hand-written iterator over ``tarfile`` stream mode ("r|*") rather than webdataset's
-        ``tar_file_iterator``: webdataset silently skips non-regular members (and would group a member
-        name with a folder part into a sample), but every member must be accounted for, quarantined with a
-        reason, and links must never be followed. Nothing is extracted to disk; member bytes are read into
-        memory one key at a time, and tarfile's member list is cleared as we go so that memory does not
-        grow with the shard.
+        Members come from ``tarstream.iter_members`` (see its docstring for why not tarfile/webdataset):
+        every member is accounted for, quarantined with a reason when unusable, links never followed,
+        nothing extracted; member bytes are held one key at a time.
         """
-        end: dict[str, str | None] = {"end": None}
         current: _Sample | None = None
         with fs.open(tar_path, "rb") as f:
             try:
-                # closing a stream-mode TarFile only drops buffers; the fsspec file ``f`` owns the stream
-                tf = tarfile.open(fileobj=f, mode="r|*", tarinfo=_tarinfo_class(end))  # noqa: SIM115
-            except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
-                if end["end"] != "clean":  # an archive of only end blocks is a valid, empty shard
-                    state["truncated"] = f"unreadable tar: {short_error(e)}"
-                return
-            try:
-                while (info := tf.next()) is not None:
-                    tf.members = []
+                for info in iter_members(f, want=lambda name: split_member_name(name)[1] in _KNOWN_EXTS):
                     if info.name.startswith("./"):  # `tar -C dir .` style names; harmless, not a folder
                         info.name = info.name[2:]
                     reason = unsafe_member_reason(info)
@@ -227,11 +194,8 @@ class Img2DatasetReader:
                         seen_raw.add(raw_key)
                     current.names.append(info.name)
                     if ext in _KNOWN_EXTS:
-                        member = tf.extractfile(info)
-                        current.files[ext] = member.read() if member is not None else b""
-                if end["end"] not in (None, "clean"):
-                    state["truncated"] = f"bad header after last member: {end['end']}"
-            except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+                        current.files[ext] = info.data or b""
+            except (TarTruncated, EOFError, OSError, zlib.error) as e:
                 state["truncated"] = short_error(e)
                 if current is not None:
                     current.problem = "tar_truncated"
@@ -242,7 +206,7 @@ class Img2DatasetReader:
             state["samples"] += 1
 
     def _member_row(
-        self, shard: InputShard, keys: KeyRegistry, seen_raw: set[str], info: tarfile.TarInfo, reason: str
+        self, shard: InputShard, keys: KeyRegistry, seen_raw: set[str], info: TarMember, reason: str
     ) -> dict[str, Any]:
         """One quarantined row per unusable member; its data is never read, links never resolved."""
         base = posixpath.basename(info.name.replace("\\", "/")) or info.name

@@ -1,0 +1,169 @@
+"""MinHash over word shingles, batch-vectorised, plus LSH banding to find near-duplicate texts.
+
+Signatures: words are hashed once per distinct word in the batch (blake2b, stable across processes,
+unlike ``hash()``), shingle hashes are combined in numpy, and the ``num_perm`` permutations are
+multiply-shift hashes ((a*x + b) mod 2^64) >> 32 evaluated as one (shingles x perms) matrix per chunk,
+reduced per document with ``np.minimum.reduceat``. datasketch's ``MinHash.bulk`` runs a Python sha1 per
+shingle and a ``% mersenne_prime`` per cell per document; benchmarks/bench_dedup.py measures both.
+The values are a valid MinHash family but not bit-identical to datasketch's; ``to_lean_minhash`` wraps
+them for datasketch's MinHashLSH / jaccard when wanted.
+
+LSH: bands/rows from datasketch's own optimiser (``_optimal_param``); banding is done in numpy (sort
+by band key) so a million signatures need no Python loop, and candidates are verified by the
+estimated Jaccard >= threshold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+from datasketch import LeanMinHash
+from datasketch.lsh import _optimal_param
+
+EMPTY = np.uint32(0xFFFFFFFF)  # signature value of a text without words (never matched)
+_MIX1, _MIX2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)
+_PRIME = np.uint64(0x9E3779B97F4A7C15)
+_CHUNK_CELLS = 1 << 21  # shingles x perms per matrix chunk (16 MiB of uint64)
+_ALL_PAIRS_MAX_BUCKET = 64
+
+
+def _fmix64(x: np.ndarray) -> np.ndarray:
+    """murmur3 finaliser: spreads every input bit over the 64-bit word (vectorised)."""
+    x = x ^ (x >> np.uint64(33))
+    x = x * _MIX1
+    x = x ^ (x >> np.uint64(33))
+    x = x * _MIX2
+    return x ^ (x >> np.uint64(33))
+
+
+def _word_hash(word: str) -> int:
+    return int.from_bytes(hashlib.blake2b(word.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+
+
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(1, 2**64 - 1, size=num_perm, dtype=np.uint64, endpoint=True) | np.uint64(1)
+    b = rng.integers(0, 2**64 - 1, size=num_perm, dtype=np.uint64, endpoint=True)
+    return a, b
+
+
+def shingle_hashes(texts: Sequence[str], shingle_words: int) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of lower-cased word k-shingles of every text, and per-text counts.
+
+    A text shorter than k words yields one shingle of all its words; an empty text yields none.
+    """
+    vocab: dict[str, int] = {}
+    ids: list[int] = []
+    lengths = np.empty(len(texts), dtype=np.int64)
+    for t, text in enumerate(texts):
+        words = (text or "").lower().split()
+        lengths[t] = len(words)
+        ids.extend([vocab.setdefault(w, len(vocab)) for w in words])
+    word_h = np.fromiter((_word_hash(w) for w in vocab), dtype=np.uint64, count=len(vocab))
+    h = word_h[np.asarray(ids, dtype=np.int64)] if ids else np.empty(0, dtype=np.uint64)
+    k = max(1, shingle_words)
+    n_sh = np.where(lengths >= k, lengths - k + 1, np.minimum(lengths, 1))
+    total = h.size
+    starts = np.cumsum(lengths) - lengths
+    # shingle j of text t starts at word starts[t] + j and spans min(k, lengths[t]) words
+    sh_start = np.repeat(starts, n_sh) + (np.arange(int(n_sh.sum())) - np.repeat(np.cumsum(n_sh) - n_sh, n_sh))
+    span = np.repeat(np.minimum(lengths, k), n_sh)
+    acc = np.zeros(sh_start.size, dtype=np.uint64)
+    for j in range(k):
+        pos = np.minimum(sh_start + j, max(total - 1, 0))
+        word = np.where(j < span, h[pos] if total else np.uint64(0), np.uint64(0))
+        acc = _fmix64(acc * _PRIME + word + np.uint64(j))
+    return acc, n_sh
+
+
+def minhash_signatures(texts: Sequence[str], num_perm: int = 128, shingle_words: int = 3,
+                       seed: int = 0) -> np.ndarray:
+    """(n, num_perm) uint32 MinHash signatures; rows of texts without words are all EMPTY."""
+    a, b = permutations(num_perm, seed)
+    sh, counts = shingle_hashes(texts, shingle_words)
+    out = np.full((len(texts), num_perm), EMPTY, dtype=np.uint32)
+    has = np.flatnonzero(counts > 0)
+    if has.size == 0:
+        return out
+    seg_start = (np.cumsum(counts) - counts)[has]
+    rows_per_chunk = max(1, _CHUNK_CELLS // num_perm)
+    # process whole texts per chunk so reduceat segments never straddle chunks
+    t0 = 0
+    while t0 < has.size:
+        t1 = t0 + 1
+        lo = seg_start[t0]
+        while t1 < has.size and seg_start[t1] + counts[has[t1]] - lo <= rows_per_chunk:
+            t1 += 1
+        hi = seg_start[t1 - 1] + counts[has[t1 - 1]]
+        x = sh[lo:hi]
+        m = np.multiply.outer(x, a)
+        m += b
+        m >>= np.uint64(32)
+        out[has[t0:t1]] = np.minimum.reduceat(m, seg_start[t0:t1] - lo, axis=0).astype(np.uint32)
+        t0 = t1
+    return out
+
+
+def to_lean_minhash(signature: np.ndarray, seed: int = 0) -> LeanMinHash:
+    """Wrap one of our signatures for datasketch (MinHashLSH.insert / LeanMinHash.jaccard)."""
+    return LeanMinHash(seed=seed, hashvalues=signature.astype(np.uint64))
+
+
+def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) minimising false positives + negatives at ``threshold`` (datasketch's optimiser)."""
+    return _optimal_param(threshold, num_perm, 0.5, 0.5)
+
+
+def near_duplicate_pairs(sigs: np.ndarray, threshold: float) -> np.ndarray:
+    """(m, 2) pairs i < j whose estimated Jaccard >= threshold, found by LSH banding then verified.
+
+    Rows with identical signatures are paired as a star (one union per member); inside an LSH bucket of
+    distinct signatures all pairs are checked up to 64 members, then each member against its 64 bucket
+    neighbours in sorted order (bounded work on boilerplate-sized buckets).
+    """
+    n, num_perm = sigs.shape
+    valid = np.flatnonzero(sigs[:, 0] != EMPTY) if n else np.empty(0, dtype=np.int64)
+    if valid.size < 2:
+        return np.empty((0, 2), dtype=np.int64)
+    uniq, first, inverse = np.unique(sigs[valid], axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    rep = valid[first]
+    out = [np.stack([rep[inverse], valid], axis=1)]
+    out[0] = out[0][out[0][:, 0] != out[0][:, 1]]
+    bands, rows = lsh_params(threshold, num_perm)
+    cand = []
+    for band in range(bands):
+        block = uniq[:, band * rows:(band + 1) * rows].astype(np.uint64)
+        key = np.zeros(uniq.shape[0], dtype=np.uint64)
+        for c in range(rows):
+            key = _fmix64(key * _PRIME + block[:, c])
+        cand.append(_bucket_pairs(key))
+    if cand:
+        pairs = np.unique(np.concatenate(cand), axis=0)
+        if pairs.size:
+            est = (uniq[pairs[:, 0]] == uniq[pairs[:, 1]]).mean(axis=1)
+            pairs = pairs[est >= threshold]
+            out.append(np.stack([rep[pairs[:, 0]], rep[pairs[:, 1]]], axis=1))
+    pairs = np.concatenate(out)
+    return np.sort(pairs, axis=1) if pairs.size else np.empty((0, 2), dtype=np.int64)
+
+
+def _bucket_pairs(key: np.ndarray) -> np.ndarray:
+    order = np.argsort(key, kind="stable")
+    sk = key[order]
+    starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
+    sizes = np.diff(np.r_[starts, sk.size])
+    out = []
+    big = sizes > 1
+    for s, m in zip(starts[big], sizes[big], strict=True):
+        members = order[s:s + m]
+        if m <= _ALL_PAIRS_MAX_BUCKET:
+            a, b = np.triu_indices(m, 1)
+        else:
+            a = np.repeat(np.arange(m), _ALL_PAIRS_MAX_BUCKET)
+            b = a + np.tile(np.arange(1, _ALL_PAIRS_MAX_BUCKET + 1), m)
+            a, b = a[b < m], b[b < m]
+        out.append(np.sort(np.stack([members[a], members[b]], axis=1), axis=1))
+    return np.concatenate(out) if out else np.empty((0, 2), dtype=np.int64)

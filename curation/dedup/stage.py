@@ -1,0 +1,341 @@
+"""DedupStage: the dedup GlobalStage (signatures -> decide -> DECISION_SCHEMA rows) and its summary.
+
+Image methods (exact sha256, pHash confirmed by thumbnails or CLIP, SemDeDup) are joined with
+union-find, so an item linked to a group by any method joins it; one keeper per group survives:
+highest ``clip_score`` where present, then smallest ``"{source}/{key}/{image_index}"``.
+
+MMC4 documents (``mmc4_policy``):
+
+* ``drop_image``: a duplicate image inside a document is dropped from that document alone (decision with
+  its ``image_index``); ``apply_decisions`` drops a document whose every image went.
+* ``drop_document``: images inside documents take no part in image dedup (removing one image would
+  break the text around it); document dedup is done by MinHash over the document text instead.
+
+With ``minhash_documents`` configured, near-duplicate documents are dropped whole under either policy
+(``duplicate_document``), and images of such dropped documents are not used as image keepers.
+``minhash_captions`` flags (does not drop) pair rows whose caption is near-duplicated on at least
+``boilerplate_min_images`` distinct images (``flag = "boilerplate_caption"``).
+
+Every member of a group gets one decision row (keepers with ``drop_reason`` null), so ``summarize``
+and reports can rebuild whole groups; a target never gets two rows (flags merge into its dedup row),
+because ``curation.decisions.index_decisions`` keeps only the first row per target.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.dedup.exact import exact_pairs
+from curation.dedup.minhash import minhash_signatures, near_duplicate_pairs
+from curation.dedup.phash import hamming_pairs
+from curation.dedup.semantic import clip_cosines, semantic_pairs
+from curation.dedup.thumbnails import THUMB_BYTES, thumbnail, thumbnail_distances
+from curation.dedup.unionfind import UnionFind
+from schemas.config import DedupConfig
+from schemas.rows import DECISION_SCHEMA
+from schemas.stage import Resources
+
+BOILERPLATE_FLAG = "boilerplate_caption"
+IMAGE_METHODS = ("exact", "phash", "semantic")  # also the priority of the reason given to a member
+
+SIGNATURE_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string()),
+        pa.field("key", pa.string()),
+        pa.field("image_index", pa.int32()),  # -1: the row itself; i >= 0: image i of an MMC4 document
+        pa.field("kind", pa.string()),  # "pair" | "document" (text only) | "doc_image"
+        pa.field("sha256", pa.string()),
+        pa.field("phash", pa.uint64()),
+        pa.field("thumb", pa.binary()),  # thumbnails.THUMB_BYTES: 16x16 grey + 8x8 RGB, content-cropped
+        pa.field("embedding", pa.list_(pa.float32())),
+        pa.field("clip_score", pa.float32()),
+        pa.field("text", pa.string()),  # pair caption; first 200 chars of a document (for summaries)
+        pa.field("minhash", pa.list_(pa.uint32())),
+    ]
+)
+
+
+def item_id(source: str, key: str, image_index: int) -> str:
+    return f"{source}/{key}/{image_index}"
+
+
+class DedupStage:
+    """GlobalStage over pair rows and MMC4 document rows; ``group_by=None``: one decide() over all."""
+
+    name = "dedup"
+    version = "1"
+    resources = Resources(cpus=1)
+    group_by: str | None = None
+
+    def __init__(self, cfg: DedupConfig | None = None) -> None:
+        self.cfg = cfg or DedupConfig()
+        m = set(self.cfg.methods)
+        self._images = bool(m & set(IMAGE_METHODS))
+        self._thumbs = "phash" in m and self.cfg.phash_confirm != "none"
+
+    def setup(self) -> None:
+        """No model: embeddings and CLIP scores come from the clipscore stage's columns."""
+
+    # ---- map: signatures -------------------------------------------------------------------------
+    def signatures(self, batch: pa.Table) -> pa.Table:
+        """One row per alive pair row / alive document / alive image of an alive document."""
+        rows: list[dict[str, Any]] = []
+        if "image_info" in batch.column_names:
+            self._document_rows(batch, rows)
+        else:
+            self._pair_rows(batch, rows)
+        texts = [r.pop("_minhash_text", None) for r in rows]
+        todo = [i for i, t in enumerate(texts) if t is not None]
+        if todo:
+            sigs = minhash_signatures([texts[i] for i in todo], self.cfg.minhash_num_perm,
+                                      self.cfg.shingle_words, self.cfg.seed)
+            for i, sig in zip(todo, sigs, strict=True):
+                rows[i]["minhash"] = sig
+        cols = {f.name: [r.get(f.name) for r in rows] for f in SIGNATURE_SCHEMA}
+        return pa.Table.from_pydict(cols, schema=SIGNATURE_SCHEMA)
+
+    def _image_fields(self, im: dict[str, Any]) -> dict[str, Any]:
+        out = {k: im.get(k) for k in ("sha256", "phash", "embedding", "clip_score")}
+        need_thumb = self._thumbs and (self.cfg.phash_confirm == "thumbnail" or not im.get("embedding"))
+        if need_thumb and im.get("image"):
+            try:
+                out["thumb"] = thumbnail(im["image"])
+            except Exception:  # noqa: BLE001 - an undecodable image just gets no confirmation signal
+                out["thumb"] = None
+        return out
+
+    def _pair_rows(self, batch: pa.Table, rows: list[dict[str, Any]]) -> None:
+        names = ["source", "key", "drop_reason", "image", "sha256", "phash", "embedding", "clip_score", "text"]
+        cols = {n: batch.column(n).to_pylist() if n in batch.column_names else [None] * batch.num_rows
+                for n in names}
+        captions = "minhash_captions" in self.cfg.methods
+        for i in range(batch.num_rows):
+            if cols["drop_reason"][i] is not None:
+                continue
+            row: dict[str, Any] = {"source": cols["source"][i], "key": cols["key"][i], "image_index": -1,
+                                   "kind": "pair", "text": cols["text"][i]}
+            if self._images:
+                row.update(self._image_fields({n: cols[n][i] for n in names}))
+            else:
+                row["clip_score"] = cols["clip_score"][i]
+            if captions:
+                row["_minhash_text"] = cols["text"][i] or ""
+            rows.append(row)
+
+    def _document_rows(self, batch: pa.Table, rows: list[dict[str, Any]]) -> None:
+        sources, keys = batch.column("source").to_pylist(), batch.column("key").to_pylist()
+        drop = batch.column("drop_reason").to_pylist()
+        texts = batch.column("text_list").to_pylist()
+        infos = batch.column("image_info").to_pylist()
+        docs = "minhash_documents" in self.cfg.methods
+        images = self._images and self.cfg.mmc4_policy == "drop_image"
+        for d in range(batch.num_rows):
+            if drop[d] is not None:
+                continue
+            if docs:
+                text = " ".join(t for t in texts[d] or [] if t)
+                rows.append({"source": sources[d], "key": keys[d], "image_index": -1, "kind": "document",
+                             "text": text[:200], "_minhash_text": text})
+            if images:
+                for j, im in enumerate(infos[d] or []):
+                    if im.get("drop_reason") is None:
+                        rows.append({"source": sources[d], "key": keys[d], "image_index": j,
+                                     "kind": "doc_image", **self._image_fields(im)})
+
+    # ---- aggregate: decide -----------------------------------------------------------------------
+    def decide(self, signatures: pa.Table) -> pa.Table:
+        """Decision rows for every grouped item; identical for the same rows in any order."""
+        sig = _canonical(signatures)
+        ids = [item_id(s, k, i) for s, k, i in zip(*(sig.column(c).to_pylist()
+                                                     for c in ("source", "key", "image_index")), strict=True)]
+        kinds = sig.column("kind").to_pylist()
+        out: dict[str, list[Any]] = {}  # id -> [drop_reason, flag, group, value]
+        dropped_docs = self._decide_documents(sig, ids, kinds, out)
+        self._decide_images(sig, ids, kinds, dropped_docs, out)
+        self._decide_captions(sig, ids, kinds, out)
+        rows = []
+        for iid in sorted(out):
+            source, key, index = iid.split("/", 1)[0], *iid.split("/", 1)[1].rsplit("/", 1)
+            reason, flag, group, value = out[iid]
+            rows.append({"source": source, "key": key, "image_index": int(index), "drop_reason": reason,
+                         "flag": flag, "group": group, "value": value})
+        return pa.Table.from_pylist(rows, schema=DECISION_SCHEMA)
+
+    def _decide_documents(self, sig: pa.Table, ids: list[str], kinds: list[str],
+                          out: dict[str, list[Any]]) -> set[str]:
+        if "minhash_documents" not in self.cfg.methods:
+            return set()
+        rows = [i for i, k in enumerate(kinds) if k == "document"]
+        pairs = _minhash_pairs(sig, rows, self.cfg.minhash_threshold)
+        dropped: set[str] = set()
+        for group in _groups(len(rows), pairs):
+            members = [ids[rows[g]] for g in group]
+            keeper = min(members)  # documents carry no CLIP score: smallest id
+            gid = f"document:{keeper}"
+            for m in members:
+                reason = None if m == keeper else f"duplicate_document: of {keeper}"
+                out[m] = [reason, None, gid, float(len(members))]
+                if reason:
+                    dropped.add(m.rsplit("/", 1)[0])
+        return dropped
+
+    def _decide_images(self, sig: pa.Table, ids: list[str], kinds: list[str], dropped_docs: set[str],
+                       out: dict[str, list[Any]]) -> None:
+        cfg = self.cfg
+        rows = [i for i, k in enumerate(kinds) if k == "pair" or (
+            k == "doc_image" and cfg.mmc4_policy == "drop_image" and ids[i].rsplit("/", 1)[0] not in dropped_docs)]
+        if not rows or not self._images:
+            return
+        take = pa.array(rows, type=pa.int64())
+        sha = sig.column("sha256").take(take).to_pylist()
+        ph = sig.column("phash").take(take).to_pylist()
+        emb_list = sig.column("embedding").take(take).to_pylist()
+        scores = sig.column("clip_score").take(take).to_pylist()
+        thumbs_list = sig.column("thumb").take(take).to_pylist()
+        per_method: dict[str, np.ndarray] = {}
+        if "exact" in cfg.methods:
+            per_method["exact"] = exact_pairs(sha)
+        emb_idx = np.array([i for i, e in enumerate(emb_list) if e], dtype=np.int64)
+        emb = _matrix(emb_list, emb_idx)
+        if "phash" in cfg.methods:
+            per_method["phash"] = self._phash_pairs(ph, thumbs_list, emb_list)
+        if "semantic" in cfg.methods and emb_idx.size > 1:
+            local = semantic_pairs(emb, cfg.semantic_eps, cfg.semantic_clusters, cfg.seed)
+            per_method["semantic"] = emb_idx[local] if local.size else local
+        union = UnionFind()
+        method_uf: dict[str, UnionFind] = {}
+        for method in IMAGE_METHODS:
+            pairs = per_method.get(method)
+            if pairs is None or pairs.size == 0:
+                continue
+            uf = method_uf[method] = UnionFind()
+            for a, b in pairs.tolist():
+                uf.union(a, b)
+                union.union(a, b)
+        for group in union.groups():
+            keeper = min(group, key=lambda g: (scores[g] is None, -(scores[g] or 0.0), ids[rows[g]]))
+            kid = ids[rows[keeper]]
+            gid = f"image:{kid}"
+            for g in group:
+                reason = None
+                if g != keeper:
+                    method = next((m for m in IMAGE_METHODS if m in method_uf and g in method_uf[m]
+                                   and keeper in method_uf[m] and method_uf[m].connected(g, keeper)), None)
+                    method = method or next(m for m in IMAGE_METHODS if m in method_uf and g in method_uf[m])
+                    reason = f"duplicate_{method}: of {kid}"
+                out[ids[rows[g]]] = [reason, None, gid, float(len(group))]
+
+    def _phash_pairs(self, ph: list[int | None], thumbs_list: list[bytes | None],
+                     emb_list: list[list[float] | None]) -> np.ndarray:
+        cfg = self.cfg
+        idx = np.array([i for i, h in enumerate(ph) if h is not None], dtype=np.int64)
+        if idx.size < 2:
+            return np.empty((0, 2), dtype=np.int64)
+        pairs = idx[hamming_pairs(np.array([ph[i] for i in idx], dtype=np.uint64), cfg.phash_max_distance)]
+        if cfg.phash_confirm == "none" or pairs.size == 0:
+            return pairs
+        ok = np.zeros(len(pairs), dtype=bool)
+        todo = np.ones(len(pairs), dtype=bool)
+        if cfg.phash_confirm == "clip":
+            has = np.array([bool(emb_list[a]) and bool(emb_list[b]) for a, b in pairs.tolist()])
+            if has.any():
+                sub = pairs[has]
+                uniq, inv = np.unique(sub, return_inverse=True)
+                e = _matrix(emb_list, uniq)
+                ok[has] = clip_cosines(e, inv.reshape(-1, 2)) >= cfg.clip_confirm_min_cosine
+                todo &= ~has  # no embedding on one side: fall back to thumbnails
+        has_t = todo & np.array([thumbs_list[a] is not None and thumbs_list[b] is not None
+                                 for a, b in pairs.tolist()])
+        if has_t.any():
+            sub = pairs[has_t]
+            uniq, inv = np.unique(sub, return_inverse=True)
+            t = np.frombuffer(b"".join(thumbs_list[i] for i in uniq), dtype=np.uint8).reshape(-1, THUMB_BYTES)
+            ok[has_t] = thumbnail_distances(t, inv.reshape(-1, 2)) <= cfg.thumbnail_max_distance
+        return pairs[ok]
+
+    def _decide_captions(self, sig: pa.Table, ids: list[str], kinds: list[str],
+                         out: dict[str, list[Any]]) -> None:
+        if "minhash_captions" not in self.cfg.methods:
+            return
+        rows = [i for i, k in enumerate(kinds) if k == "pair"]
+        pairs = _minhash_pairs(sig, rows, self.cfg.minhash_threshold)
+        sha = sig.column("sha256").to_pylist()
+        for group in _groups(len(rows), pairs):
+            images = {sha[rows[g]] or ids[rows[g]] for g in group}
+            if len(images) < self.cfg.boilerplate_min_images:
+                continue
+            gid = f"caption:{ids[rows[group[0]]]}"
+            for g in group:
+                entry = out.setdefault(ids[rows[g]], [None, None, gid, float(len(images))])
+                entry[1] = BOILERPLATE_FLAG
+
+
+def _canonical(signatures: pa.Table) -> pa.Table:
+    """Sorted by (source, key, image_index), one row per id: makes decide() independent of row order."""
+    sig = signatures.select([f.name for f in SIGNATURE_SCHEMA]).cast(SIGNATURE_SCHEMA).combine_chunks()
+    sig = sig.take(pc.sort_indices(sig, sort_keys=[("source", "ascending"), ("key", "ascending"),
+                                                   ("image_index", "ascending")]))
+    if sig.num_rows < 2:
+        return sig
+    s, k, i = (sig.column(c).to_pylist() for c in ("source", "key", "image_index"))
+    keep = [0] + [r for r in range(1, sig.num_rows) if (s[r], k[r], i[r]) != (s[r - 1], k[r - 1], i[r - 1])]
+    return sig.take(pa.array(keep, type=pa.int64())) if len(keep) < sig.num_rows else sig
+
+
+def _matrix(lists: list[Any], idx: np.ndarray) -> np.ndarray:
+    if idx.size == 0:
+        return np.empty((0, 0), dtype=np.float32)
+    return np.asarray([lists[i] for i in idx], dtype=np.float32)
+
+
+def _minhash_pairs(sig: pa.Table, rows: list[int], threshold: float) -> np.ndarray:
+    values = sig.column("minhash").take(pa.array(rows, type=pa.int64())).to_pylist()
+    have = [r for r, v in enumerate(values) if v]
+    if len(have) < 2:
+        return np.empty((0, 2), dtype=np.int64)
+    mat = np.asarray([values[r] for r in have], dtype=np.uint32)
+    pairs = near_duplicate_pairs(mat, threshold)
+    return np.asarray(have, dtype=np.int64)[pairs] if pairs.size else pairs
+
+
+def _groups(n: int, pairs: np.ndarray) -> list[list[int]]:
+    uf = UnionFind()
+    for a, b in pairs.tolist():
+        uf.union(a, b)
+    return uf.groups()
+
+
+def summarize(decisions: pa.Table, signatures: pa.Table | None = None, examples: int = 10) -> dict[str, Any]:
+    """Group-size histogram, per-source counts and up to ``examples`` largest groups, for reports."""
+    d = decisions.to_pylist()
+    texts: dict[str, str | None] = {}
+    if signatures is not None and signatures.num_rows:
+        for s, k, i, t in zip(*(signatures.column(c).to_pylist()
+                                for c in ("source", "key", "image_index", "text")), strict=True):
+            texts[item_id(s, k, i)] = t
+    groups: dict[str, list[dict[str, Any]]] = {}
+    per_source: dict[str, Counter] = {}
+    for r in d:
+        iid = item_id(r["source"], r["key"], r["image_index"])
+        if r["group"]:
+            groups.setdefault(r["group"], []).append({"id": iid, "drop_reason": r["drop_reason"],
+                                                      "flag": r["flag"], "text": texts.get(iid)})
+        c = per_source.setdefault(r["source"], Counter())
+        if r["drop_reason"]:
+            c["dropped"] += 1
+            c[r["drop_reason"].split(":", 1)[0]] += 1
+        if r["flag"]:
+            c[r["flag"]] += 1
+    hist = Counter(len(m) for m in groups.values())
+    top = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:examples]
+    return {
+        "groups": len(groups),
+        "group_size_histogram": {str(k): hist[k] for k in sorted(hist)},
+        "per_source": {s: dict(sorted(c.items())) for s, c in sorted(per_source.items())},
+        "examples": [{"group": g, "size": len(m), "members": sorted(m, key=lambda x: x["id"])} for g, m in top],
+    }
