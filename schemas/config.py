@@ -217,6 +217,12 @@ def _resolve_relative(raw: dict[str, Any], base: Path) -> None:
             for k in ("image_root", "image_dir"):
                 if isinstance(src.get(k), str) and _is_local_relative(src[k]):
                     src[k] = os.path.normpath(base / src[k])
+    for stage in raw.get("stages") or []:
+        # model references that look like relative paths ("./x", "../x") are local checkpoints
+        for k in ("model", "pretrained", "small_model", "large_model", "processor"):
+            v = stage.get(k) if isinstance(stage, dict) else None
+            if isinstance(v, str) and v.startswith(("./", "../")):
+                stage[k] = os.path.normpath(base / v)
     out = raw.get("output")
     if isinstance(out, dict) and isinstance(out.get("path"), str) and _is_local_relative(out["path"]):
         out["path"] = os.path.normpath(base / out["path"])

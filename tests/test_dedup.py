@@ -39,7 +39,7 @@ def _photo(seed: int) -> Image.Image:
 def _flat_images() -> dict[str, Image.Image]:
     out: dict[str, Image.Image] = {}
     for c in [(200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 120), (0, 102, 0), (0, 0, 0)]:
-        out["colour_%d_%d_%d" % c] = Image.new("RGB", (W, H), c)
+        out[f"colour_{c[0]}_{c[1]}_{c[2]}"] = Image.new("RGB", (W, H), c)
     cx, cy, r = W // 2, H // 2, 60
     shapes = {
         "circle": lambda d: d.ellipse([cx - r, cy - r, cx + r, cy + r], fill="black"),
