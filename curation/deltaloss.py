@@ -212,7 +212,7 @@ class DeltaLossTopKStage:
     def signatures(self, batch: pa.Table) -> pa.Table:
         drop = batch.column("drop_reason").to_pylist()
         keep = [i for i, r in enumerate(drop) if r is None]
-        sub = batch.take(keep)
+        sub = batch.take(pa.array(keep, type=pa.int64()))
         subsets = self._subsets(sub)
         return pa.table(
             {

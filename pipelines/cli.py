@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from schemas.config import ConfigError, load_config
 
@@ -44,6 +45,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from pipelines.sample import write_sample
 
     truth = write_sample(args.out_dir, seed=args.seed, scale=args.scale)
+    if not args.no_models:
+        from pipelines.demo_models import build_demo_models
+
+        build_demo_models(str(Path(args.out_dir) / "models"), seed=args.seed)
     print(json.dumps({"sample": args.out_dir, "summary": truth.get("summary", {})}, default=str))
     return 0
 
@@ -75,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out_dir")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--scale", type=int, default=1, help="multiply the number of rows")
+    s.add_argument("--no-models", action="store_true",
+                   help="skip the tiny random demo models (sample/models) the quickstart's model stages use")
     s.set_defaults(func=_cmd_sample)
 
     v = sub.add_parser("validate", help="check an output directory against VILA's output contract")

@@ -39,6 +39,14 @@ cp1252 instead of UTF-8 (a user re-pack), and one sample re-packed with a versio
 and MMC4 has no keys, so the tar is the only place a dotted key can honestly appear; a reader that
 splits at the first dot sees key ``000010030`` with extensions ``v2.jpg``..., one that takes the last
 known suffix recovers ``000010030.v2`` and must rewrite it to a safe key).
+
+Text is as distinct as the web's: MMC4 documents are 3-12 sentences from a combinatorial grammar (unrelated
+documents share < 0.3 of their word trigrams, in practice < 0.1), and pair captions are made distinct
+(trigram Jaccard < CAPTION_MAX_JACCARD) except where the ground truth says they repeat: copies of one
+picture (``exact_groups``, ``near_groups``) and the boilerplate caption. The only near-duplicate documents
+are DOC_NEAR_GROUPS planted re-crawls (``doc_near_groups``: an original and its AMP copy with one number
+edited and one sentence added, trigram Jaccard ~0.85-0.9; each document's ``doc_near_group`` names its
+group). Text draws use their own seeded stream, so they do not move image bytes.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 import struct
 import tarfile
 import zlib
@@ -62,6 +71,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 SOURCES = ("img2dataset", "coyo_bytes", "coyo_paths", "mmc4")
 BOILERPLATE_CAPTION = "Stock photo - image may contain: outdoor"
+DOC_NEAR_GROUPS = 2  # planted re-crawled MMC4 page pairs (the only near-duplicate documents)
 BOMB_SIDE = 30_000  # 900 Mpx declared: > 2x PIL's MAX_IMAGE_PIXELS, so Image.open raises
 TEXT_FONT_SIZE = 52  # upper-case glyphs ~38 px tall: comfortably OCR-readable
 
@@ -89,28 +99,158 @@ _DOWNLOAD_ERRORS = (
     "The read operation timed out",
     "HTTP Error 403: Forbidden",
 )
-_DOC_TOPICS = {
-    "baking": ["Preheat the oven and grease a loaf tin before you start.",
-               "Mix the flour, yeast and salt in a large bowl.",
-               "Knead the dough for ten minutes until it is smooth and elastic.",
-               "Leave it to rise in a warm place for about an hour.",
-               "Bake until the crust is golden and the loaf sounds hollow when tapped."],
-    "travel": ["We arrived in the old town just after sunrise.",
-               "The market square was already full of flower stalls.",
-               "A short walk took us to the river and the stone bridge.",
-               "In the afternoon we climbed the hill for a view over the rooftops.",
-               "The station is a ten minute walk from the main square."],
-    "garden": ["Spring is the best time to plan a small vegetable garden.",
-               "Choose a sunny spot with well drained soil.",
-               "Tomatoes and beans grow well in raised beds.",
-               "Water early in the morning to reduce evaporation.",
-               "Mulch helps keep the weeds down during the summer."],
-    "design": ["Simple geometric shapes are a staple of modern poster design.",
-               "Bold primary colours draw the eye across the page.",
-               "Negative space gives each element room to breathe.",
-               "Try limiting the palette to three colours.",
-               "Print a test copy before committing to a large run."],
+# Documents: every sentence is drawn from a combinatorial grammar (topic vocabulary x shared slots), so two
+# unrelated documents share almost no word trigrams, as distinct web pages do; see _Text.
+_DOC_TOPICS: dict[str, dict[str, tuple[str, ...]]] = {
+    "baking": {
+        "nouns": ("sourdough loaf", "rye starter", "pie crust", "focaccia", "brioche dough", "lemon tart",
+                  "cinnamon roll", "baguette", "banana bread", "shortbread", "croissant", "bagel"),
+        "verbs": ("knead/kneaded", "proof/proofed", "bake/baked", "fold/folded", "glaze/glazed",
+                  "shape/shaped", "score/scored", "chill/chilled"),
+        "adjs": ("golden", "crusty", "airy", "buttery", "dense", "flaky", "tangy", "sticky"),
+    },
+    "travel": {
+        "nouns": ("harbour walk", "night train", "hostel", "ferry crossing", "old quarter", "cable car",
+                  "street market", "mountain pass", "river cruise", "cathedral tower", "museum pass",
+                  "coastal road"),
+        "verbs": ("visit/visited", "explore/explored", "book/booked", "cross/crossed", "photograph/photographed",
+                  "skip/skipped", "recommend/recommended", "revisit/revisited"),
+        "adjs": ("crowded", "quiet", "charming", "pricey", "windy", "sunlit", "remote", "lively"),
+    },
+    "garden": {
+        "nouns": ("tomato bed", "herb spiral", "compost heap", "rose hedge", "bean trellis", "potato patch",
+                  "apple tree", "pond liner", "strawberry row", "greenhouse", "lavender border", "seed tray"),
+        "verbs": ("prune/pruned", "water/watered", "mulch/mulched", "sow/sowed", "harvest/harvested",
+                  "repot/repotted", "weed/weeded", "fertilise/fertilised"),
+        "adjs": ("leafy", "shaded", "waterlogged", "sunny", "overgrown", "fragrant", "sheltered", "sandy"),
+    },
+    "design": {
+        "nouns": ("poster grid", "logo sketch", "colour palette", "type specimen", "landing page",
+                  "brand guide", "icon set", "book cover", "mood board", "wireframe", "letterhead", "zine layout"),
+        "verbs": ("sketch/sketched", "refine/refined", "print/printed", "crop/cropped", "align/aligned",
+                  "review/reviewed", "iterate/iterated", "export/exported"),
+        "adjs": ("minimal", "bold", "playful", "cluttered", "elegant", "muted", "geometric", "retro"),
+    },
+    "cycling": {
+        "nouns": ("gravel bike", "chain ring", "climb", "saddle bag", "tubeless tyre", "descent",
+                  "rain jacket", "bike path", "brake pad", "group ride", "headwind", "gear cable"),
+        "verbs": ("ride/rode", "climb/climbed", "service/serviced", "patch/patched", "tune/tuned",
+                  "race/raced", "pack/packed", "replace/replaced"),
+        "adjs": ("muddy", "steep", "smooth", "punishing", "scenic", "gusty", "fast", "rough"),
+    },
+    "photography": {
+        "nouns": ("prime lens", "tripod", "light meter", "film roll", "long exposure", "portrait session",
+                  "darkroom print", "golden hour", "street scene", "flash unit", "contact sheet", "viewfinder"),
+        "verbs": ("shoot/shot", "develop/developed", "frame/framed", "meter/metered", "edit/edited",
+                  "scan/scanned", "expose/exposed", "test/tested"),
+        "adjs": ("grainy", "sharp", "overexposed", "moody", "contrasty", "soft", "vivid", "washed-out"),
+    },
 }
+_NAMES = ("Amira", "Bruno", "Chen", "Dana", "Emeka", "Freya", "Goran", "Hana", "Ivo", "Jules", "Kofi", "Lena",
+          "Mateo", "Nadia", "Oskar", "Priya", "Quinn", "Rosa", "Sami", "Tove", "Ugo", "Vera", "Wim", "Yusuf",
+          "Zofia", "Ines", "Marek", "Aiko", "Tariq", "Elsa")
+_PLACES = ("Porto", "Ghent", "Kraków", "Lyon", "Bergen", "Trieste", "Bilbao", "Tallinn", "Malmö", "Graz",
+           "Cork", "Utrecht", "Brno", "Nantes", "Aarhus", "Split", "Bologna", "Leipzig", "Sintra", "Zadar",
+           "Lucerne", "Ljubljana", "Turku", "Girona", "Innsbruck", "Plovdiv", "Galway", "Freiburg")
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December")
+_UNITS = ("minutes", "hours", "days", "weeks")
+_SHOPS = ("hardware store", "corner bakery", "flea market", "bookshop", "farm stall", "camera shop",
+          "bike shop", "co-op")
+_STREETS = ("Elm", "Harbour", "Mill", "Chapel", "Orchard", "Station", "Bridge", "Market", "Linden", "Quarry")
+_ADVS = ("slightly", "far", "noticeably", "a little", "much", "somewhat")
+_ADJ2 = ("worth it", "tricky", "surprisingly easy", "rewarding", "exhausting", "a bargain", "disappointing",
+         "better than expected")
+_SEASONS = ("spring", "summer", "autumn", "winter")
+_TRANSPORT = ("bus", "train", "bike", "car", "ferry", "tram")
+_ORDINALS = ("first", "second", "third", "fourth", "fifth")
+_SENTENCES = (
+    "{name} {ved} the {adj} {noun} in {place} last {month}.",
+    "Last {month} {name} and {name2} {ved} {num} times near {place}.",
+    "It took {num} {unit} to {v} the {noun}, which {name} found {adj2}.",
+    "{place} is {num} km from {place2}, so {name} went by {transport}.",
+    "Our {noun} cost {num} euros at the {shop} on {street} Street.",
+    "If you {v} a {noun} in {month}, keep it {adj} for {num} {unit}.",
+    "{name} says the {noun} at {place} is {adv} more {adj} than last {season}.",
+    "We {ved} {noun2} until it looked {adj}, about {num} {unit} in total.",
+    "According to {name}, a {adj} {noun} from {place} is {adj2} in {season}.",
+    "The {ordinal} time we {ved} there, the {noun} was {adj} and the {noun2} {adj3}.",
+    "Tip {num}: never {v} a {adj} {noun} without asking {name} about the {noun2}.",
+    "In {year} {name} {ved} a {noun} for {num} friends from {place}.",
+    "The {noun2} at {street} Street stays {adj} until {month}, {name} told us.",
+    "Bring a {adj} {noun} if you plan to {v} anything around {place} in {season}.",
+    "{name} prefers to {v} the {noun} by hand, which takes {num} {unit} longer.",
+    "By {month} {year} the {noun} near {place} had become {adj} again.",
+    "{num} readers asked {name} how to {v} a {noun}; the short answer is {adj2}.",
+    "On a {adj} {season} morning in {place}, {name2} {ved} the {noun2} twice.",
+    "The {shop} in {place} sold out of {noun} kits after {num} {unit}.",
+    "Ask {name} whether the {adj3} {noun2} from {place2} was {adj2} in the end.",
+)
+_PHOTO_DETAILS = (
+    ", {place}, {month} {year}", " near {place}", " - photo by {name}, {place2}",
+    " seen from {street} Street in {place}", " on a trip to {place} in {season}", " ({place}, {year})",
+)
+_OTHER_DETAILS = (
+    " - uploaded by {name}, {month} {year}", " ({place} collection, {year})", " #{num} in {name}'s set",
+    ", item {num} from the {place} archive", " for the {place2} {season} fair",
+)
+CAPTION_MAX_JACCARD = 0.5  # word-trigram Jaccard any two unrelated pair captions stay below
+
+
+class _Text:
+    """Seeded sentence and caption-detail generator, separate from the image stream so text changes leave
+    image bytes alone."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng([seed, 0x7E47])
+
+    def pick(self, seq: Any) -> Any:
+        return seq[int(self.rng.integers(0, len(seq)))]
+
+    def _slots(self, topic: str) -> dict[str, str]:
+        voc = _DOC_TOPICS[topic]
+        verb = self.pick(voc["verbs"]).split("/")
+        name, name2 = (str(x) for x in self.rng.choice(_NAMES, size=2, replace=False))
+        place, place2 = (str(x) for x in self.rng.choice(_PLACES, size=2, replace=False))
+        noun, noun2 = (str(x) for x in self.rng.choice(voc["nouns"], size=2, replace=False))
+        adj, adj3 = (str(x) for x in self.rng.choice(voc["adjs"], size=2, replace=False))
+        return {"name": name, "name2": name2, "place": place, "place2": place2, "noun": noun, "noun2": noun2,
+                "adj": adj, "adj3": adj3, "v": verb[0], "ved": verb[1], "adj2": self.pick(_ADJ2),
+                "month": self.pick(_MONTHS), "year": str(int(self.rng.integers(1995, 2024))),
+                "num": str(int(self.rng.integers(2, 98))), "unit": self.pick(_UNITS), "shop": self.pick(_SHOPS),
+                "street": self.pick(_STREETS), "adv": self.pick(_ADVS), "season": self.pick(_SEASONS),
+                "transport": self.pick(_TRANSPORT), "ordinal": self.pick(_ORDINALS)}
+
+    def document(self, topic: str, n_sentences: int) -> list[str]:
+        """``n_sentences`` (<= len(_SENTENCES)) sentences on ``topic``, each template at most once: a page
+        does not repeat its own phrasing, and shared template words stay a small share of any two pages."""
+        out = []
+        for t in self.rng.choice(len(_SENTENCES), size=n_sentences, replace=False):
+            s = _SENTENCES[int(t)].format(**self._slots(topic))
+            out.append(s[0].upper() + s[1:])
+        return out
+
+    def edit_number(self, sentence: str) -> str:
+        """The sentence with its first number changed: the small edit a re-crawled page typically shows."""
+        m = re.search(r"\d+", sentence)
+        if m is None:
+            return sentence.rstrip(".") + " again."
+        old = int(m.group())
+        new = old + int(self.rng.integers(1, 9))
+        return sentence[:m.start()] + str(new) + sentence[m.end():]
+
+    def caption_detail(self, photo: bool) -> str:
+        return self.pick(_PHOTO_DETAILS if photo else _OTHER_DETAILS).format(**self._slots("travel"))
+
+
+def _shingles(text: str, k: int = 3) -> set[tuple[str, ...]]:
+    """Lower-cased word k-shingles, as curation.dedup.minhash builds them (a short text is one shingle)."""
+    w = text.lower().split()
+    return {tuple(w[i:i + k]) for i in range(max(1, len(w) - k + 1))} if w else set()
+
+
+def _jaccard(a: set[Any], b: set[Any]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
 
 
 def _sha(b: bytes) -> str:
@@ -306,6 +446,7 @@ class _Item:
         self.similar_group: str | None = None
         self.phash = _phash_hex(phash_img) if phash_img is not None else None
         self.caption_bytes: bytes | None = None  # set when the stored caption is not UTF-8
+        self.caption_final = False  # set once _Sample.settle_caption has made it distinct
 
     def copy(self) -> _Item:
         new = _Item.__new__(_Item)
@@ -321,6 +462,10 @@ class _Sample:
         self.g = _Gen(seed)
         self.records: list[dict[str, Any]] = []
         self.documents: list[dict[str, Any]] = []
+        self.t = _Text(seed)
+        self._caption_shingles: list[set[tuple[str, ...]]] = []
+        self._group_captions: dict[str, str] = {}
+        self.doc_near_groups: dict[str, list[dict[str, Any]]] = {}
 
     # -- item factories ----------------------------------------------------------------------------
     def shape_item(self) -> _Item:
@@ -434,6 +579,35 @@ class _Sample:
                      width=BOMB_SIDE, height=BOMB_SIDE,
                      notes=f"valid 1-bit PNG declaring {BOMB_SIDE}x{BOMB_SIDE}; exceeds PIL MAX_IMAGE_PIXELS")
 
+    # -- captions ----------------------------------------------------------------------------------
+    def settle_caption(self, it: _Item) -> None:
+        """Give ``it`` a caption no unrelated pair caption is a near-duplicate of (trigram Jaccard below
+        CAPTION_MAX_JACCARD): copies of one picture (exact/near groups) share theirs, the boilerplate is
+        repeated on purpose. Small template pools otherwise repeat captions, and a caption repeated on
+        ``boilerplate_min_images`` images would be flagged as boilerplate the ground truth never planted."""
+        if it.caption_final:
+            return
+        group = it.exact_group or it.near_group
+        if group is not None and group in self._group_captions:
+            it.caption, it.caption_final = self._group_captions[group], True
+            return
+        if it.boilerplate:
+            if not any(_jaccard(_shingles(it.caption), s) == 1.0 for s in self._caption_shingles):
+                self._caption_shingles.append(_shingles(it.caption))
+        else:
+            cap = it.caption
+            for attempt in range(50):
+                sh = _shingles(cap)
+                if all(_jaccard(sh, s) < CAPTION_MAX_JACCARD for s in self._caption_shingles):
+                    break
+                cap = (it.caption if attempt < 25 else cap) + self.t.caption_detail(it.kind == "photo")
+            if it.caption_bytes is None:  # a cp1252 caption stays exactly what its bytes say
+                it.caption = cap
+            self._caption_shingles.append(_shingles(it.caption))
+        if group is not None:
+            self._group_captions[group] = it.caption
+        it.caption_final = True
+
     # -- recording ---------------------------------------------------------------------------------
     def record(self, source: str, file: str, key: str, it: _Item, **extra: Any) -> None:
         rec: dict[str, Any] = {
@@ -470,6 +644,7 @@ class _Sample:
             counts = Counter()
             for n, idx in enumerate(order):
                 it, failure = rows[idx]
+                self.settle_caption(it)
                 original = it.data or b""
                 if failure is None and it.fmt != "jpg":
                     # --skip_reencode keeps JPEG bytes only: anything else is re-encoded (cv2, quality 95),
@@ -527,6 +702,7 @@ class _Sample:
         extra_col = "image" if mode == "bytes" else "image_path"
         cols[extra_col] = []
         for it in items:
+            self.settle_caption(it)
             cid = int(self.g.rng.integers(10**12, 10**13))
             text = it.caption
             words = text.split()
@@ -569,18 +745,57 @@ class _Sample:
                        strict=True)], pa.schema(fields), row_group_size=1000)
 
     # -- MMC4 ----------------------------------------------------------------------------------------
-    def write_mmc4(self, shard: int, docs: list[list[_Item]], gz: bool) -> None:
+    def plan_documents(self, docs: list[list[_Item]], half: int) -> list[list[dict[str, Any]]]:
+        """Text and URL of every document, per shard; plants DOC_NEAR_GROUPS re-crawled page pairs.
+
+        Ordinary documents are 3-12 sentences from the combinatorial grammar (distinct pages). A planted
+        pair is an original of 12 sentences and its re-crawl (the AMP copy of the same URL) with one
+        number edited and one sentence added: word-trigram Jaccard ~0.85-0.95, what MinHash document dedup
+        at 0.8 must catch. Both sides hold ordinary pool images, so image counts do not change.
+        """
+        topics = sorted(_DOC_TOPICS)
+        plans: list[list[dict[str, Any]]] = [[], []]
+        for d, images in enumerate(docs):
+            shard, line = (0, d) if d < half else (1, d - half)
+            topic = self.t.pick(topics)
+            n_sent = int(self.t.rng.integers(max(3, len(images)), 13))
+            plans[shard].append({
+                "images": images, "topic": topic, "text_list": self.t.document(topic, n_sent),
+                "url": f"https://www.{topic}-blog-{shard}.example.org/posts/{line}-{topic}.html",
+                "doc_near_group": None, "doc_near_role": None,
+            })
+
+        def ordinary(plan: dict[str, Any]) -> bool:
+            return all(it.kind in {"shape", "text", "photo"} and it.expected == "keep" and not (
+                it.exact_group or it.near_group or it.similar_group) for it in plan["images"])
+
+        plain = [[pl for pl in plans[sh] if ordinary(pl)] for sh in (0, 1)]
+        for g in range(DOC_NEAR_GROUPS):
+            gid = f"doc-near-{g + 1}"
+            # group 1: original in the .jsonl, re-crawl in the .jsonl.gz; group 2 the other way round
+            orig, dup = (plain[0][g], plain[1][g]) if g % 2 == 0 else (plain[1][g], plain[0][g])
+            topic = orig["topic"]
+            text = self.t.document(topic, 12)
+            edited = [i for i, x in enumerate(text) if re.search(r"\d", x)] or [0]
+            i_edit = edited[int(self.t.rng.integers(0, len(edited)))]
+            i_add = int(self.t.rng.integers(1, len(text)))
+            recrawl = list(text)
+            recrawl[i_edit] = self.t.edit_number(recrawl[i_edit])
+            extra = min(self.t.document(topic, 6), key=lambda x: (len(x.split()), x))  # a short update note
+            recrawl.insert(i_add, extra)
+            orig.update(text_list=text, doc_near_group=gid, doc_near_role="original")
+            dup.update(topic=topic, text_list=recrawl, url=orig["url"] + "?output=amp",
+                       doc_near_group=gid, doc_near_role="recrawl")
+        return plans
+
+    def write_mmc4(self, shard: int, plans: list[dict[str, Any]], gz: bool) -> None:
         folder = self.out / "mmc4"
         folder.mkdir(parents=True, exist_ok=True)
         fname = f"docs_shard_{shard:05d}_v2.jsonl" + (".gz" if gz else "")
         lines = []
-        topics = sorted(_DOC_TOPICS)
-        for line_no, images in enumerate(docs):
-            topic = self.g.choice(topics)
-            sents = list(_DOC_TOPICS[topic])
-            n_sent = self.g.randint(max(3, len(images)), len(sents))
-            text_list = sents[:n_sent]
-            doc_url = f"https://www.{topic}-blog-{shard}.example.org/posts/{line_no}-{topic}.html"
+        for line_no, plan in enumerate(plans):
+            images, topic, text_list, doc_url = plan["images"], plan["topic"], plan["text_list"], plan["url"]
+            n_sent = len(text_list)
             sim = self.g.rng.uniform(0.12, 0.3, size=(len(images), n_sent))
             image_info, doc_issues = [], []
             for i, it in enumerate(images):
@@ -601,14 +816,21 @@ class _Sample:
                 self.record("mmc4", f"mmc4/{name}", name, it, doc_file=f"mmc4/{fname}", doc_line=line_no,
                             doc_url=doc_url, image_index=i, matched_text_index=j,
                             caption=text_list[j] if j < n_sent else None)
+            could_dup = int(self.g.rng.random() < 0.1)
             doc = {"url": doc_url, "text_list": text_list, "image_info": image_info,
                    "similarity_matrix": [[float(v) for v in r] for r in sim],
-                   "could_have_url_duplicate": int(self.g.rng.random() < 0.1)}
+                   "could_have_url_duplicate": 1 if plan["doc_near_group"] else could_dup}
             lines.append(json.dumps(doc))
-            self.documents.append({"source": "mmc4", "file": f"mmc4/{fname}", "line": line_no, "key": doc_url,
-                                   "n_images": len(images), "n_sentences": n_sent,
-                                   "issues": sorted(set(doc_issues)),
-                                   "image_names": [x["image_name"] for x in image_info]})
+            entry = {"source": "mmc4", "file": f"mmc4/{fname}", "line": line_no, "key": doc_url,
+                     "n_images": len(images), "n_sentences": n_sent, "issues": sorted(set(doc_issues)),
+                     "image_names": [x["image_name"] for x in image_info],
+                     "doc_near_group": plan["doc_near_group"]}
+            self.documents.append(entry)
+            if plan["doc_near_group"]:
+                member = {k: entry[k] for k in ("source", "file", "line", "key")}
+                member["role"] = plan["doc_near_role"]
+                member["text"] = " ".join(text_list)
+                self.doc_near_groups.setdefault(plan["doc_near_group"], []).append(member)
         payload = ("\n".join(lines) + "\n").encode()
         path = folder / fname
         if gz:
@@ -684,8 +906,9 @@ class _Sample:
         self.write_img2dataset([i2d0, i2d1])
         self.write_coyo(0, coyo0, "bytes")
         self.write_coyo(1, coyo1, "paths")
-        self.write_mmc4(0, docs[:half], gz=False)
-        self.write_mmc4(1, docs[half:], gz=True)
+        plans = self.plan_documents(docs, half)
+        self.write_mmc4(0, plans[0], gz=False)
+        self.write_mmc4(1, plans[1], gz=True)
         return self.ground_truth()
 
     def ground_truth(self) -> dict[str, Any]:
@@ -709,7 +932,15 @@ class _Sample:
             "exact_groups": len(groups("exact_group")),
             "near_groups": len(groups("near_group")),
             "similar_groups": len(groups("similar_group")),
+            "doc_near_groups": len(self.doc_near_groups),
         }
+        doc_near: dict[str, list[dict[str, Any]]] = {}
+        for gid, members in sorted(self.doc_near_groups.items()):
+            members = sorted(members, key=lambda m: m["role"] != "original")
+            base = _shingles(members[0]["text"])
+            doc_near[gid] = [{**{k: v for k, v in m.items() if k != "text"},
+                              "jaccard_to_original": round(_jaccard(base, _shingles(m["text"])), 4)}
+                             for m in members]
         return {
             "version": 1, "seed": self.seed, "scale": self.scale, "boilerplate_caption": BOILERPLATE_CAPTION,
             "sources": {"img2dataset": "img2dataset/*.tar (+ .parquet, _stats.json)",
@@ -718,7 +949,7 @@ class _Sample:
                         "mmc4": "mmc4/docs_shard_*_v2.jsonl[.gz], images beside them"},
             "summary": summary,
             "exact_groups": groups("exact_group"), "near_groups": groups("near_group"),
-            "similar_groups": groups("similar_group"),
+            "similar_groups": groups("similar_group"), "doc_near_groups": doc_near,
             "records": self.records, "documents": self.documents,
         }
 

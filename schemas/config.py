@@ -20,7 +20,7 @@ class SourceConfig(_Strict):
     """One input dataset. ``paths`` are fsspec URLs or globs (local, memory://, s3://, gs://)."""
 
     name: str
-    kind: Literal["img2dataset", "coyo_parquet", "mmc4"]
+    kind: Literal["img2dataset", "coyo_parquet", "mmc4", "vila_wds"]  # vila_wds: our own output (rounds)
     paths: list[str]
     storage_options: dict[str, Any] = Field(default_factory=dict)
     # coyo_parquet: where the image comes from (a bytes column, or a path/url column read through fsspec)
@@ -66,6 +66,7 @@ class DedupConfig(_Strict):
     phash_max_distance: int = 4  # Hamming distance k on 64-bit pHash
     phash_confirm: Literal["thumbnail", "clip", "none"] = "thumbnail"  # second signal for pHash candidates
     thumbnail_max_distance: float = 0.08  # mean |a-b| of 16x16 grey thumbnails, in [0, 1]
+    thumbnail_neighbours: int = 5  # also pair each image with its k nearest thumbnails (crops); 0: off
     clip_confirm_min_cosine: float = 0.9
     minhash_num_perm: int = 128
     minhash_threshold: float = 0.8  # Jaccard over word shingles
@@ -123,8 +124,76 @@ class DeltaLossConfig(_Strict):
     runtime: ModelRuntime = ModelRuntime()
 
 
+class GenerationParams(_Strict):
+    """Generation settings; their hash (with the seed) is each caption's ``params_hash``."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+
+class CaptionerConfig(_Strict):
+    """A VLM that writes text about an image: in-process transformers, or an OpenAI-compatible server."""
+
+    backend: Literal["transformers", "openai"] = "transformers"
+    model: str  # transformers: local path or hub id; openai: the served model name
+    model_tag: str | None = None  # lineage tag and sidecar folder name; default: last part of ``model``
+    processor: str | None = None  # transformers: processor path if not beside the model
+    trust_remote_code: bool = False  # only when the model's config says it needs it (NVILA-*-hf)
+    base_url: str | None = None  # openai: e.g. http://sglang-host:30000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # openai: read the key from this env var (may be unset)
+    max_concurrency: int = 16  # openai: requests in flight per worker
+    timeout_s: float = 120.0
+    max_retries: int = 4
+    image_max_side: int = 1024  # downscale larger images before sending / preprocessing
+    generation: GenerationParams = GenerationParams()
+    runtime: ModelRuntime = ModelRuntime()
+
+
+class RecaptionConfig(_Strict):
+    """VILA² self-augment: round k writes a new caption for every kept pair row with lineage."""
+
+    type: Literal["recaption"] = "recaption"
+    round: int = 1  # overridden by `--round K`
+    captioner: CaptionerConfig
+    prompts: str = "self_augment"  # a built-in prompt set, or a path to a prompt-set YAML
+    sidecars: bool = True  # write <captions>/<model-tag>/<tar relpath>.json next to the shards
+
+
+class OcrConfig(_Strict):
+    """rapidocr-onnxruntime text lines with boxes, plus an optional VLM OCR prompt."""
+
+    type: Literal["ocr"] = "ocr"
+    min_score: float = 0.5
+    vlm: CaptionerConfig | None = None
+    runtime: ModelRuntime = ModelRuntime()
+
+
+class GroundingConfig(_Strict):
+    """Zero-shot detection (OWLv2 / Grounding DINO through transformers' Auto API) of caption phrases."""
+
+    type: Literal["grounding"] = "grounding"
+    model: str
+    box_threshold: float = 0.25
+    max_phrases: int = 8
+    trust_remote_code: bool = False
+    runtime: ModelRuntime = ModelRuntime()
+
+
+class SpatialConfig(_Strict):
+    """Spatial relations derived from the grounded boxes, plus an optional VLM spatial prompt."""
+
+    type: Literal["spatial"] = "spatial"
+    max_relations: int = 12
+    vlm: CaptionerConfig | None = None
+
+
 StageConfig = Annotated[
-    NormalizeConfig | DedupConfig | ClipScoreConfig | ClipFilterConfig | DeltaLossConfig,
+    NormalizeConfig | DedupConfig | ClipScoreConfig | ClipFilterConfig | DeltaLossConfig | RecaptionConfig
+    | OcrConfig | GroundingConfig | SpatialConfig,
     Field(discriminator="type"),
 ]
 

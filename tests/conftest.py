@@ -30,8 +30,11 @@ def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The realistic offline sample (`vila2-curate sample`), written once per test session."""
     from pipelines.sample import write_sample
 
+    from pipelines.demo_models import build_demo_models
+
     out = tmp_path_factory.mktemp("sample")
     write_sample(str(out), seed=0)
+    build_demo_models(str(out / "models"), seed=0)  # what `vila2-curate sample` also writes
     return out
 
 
@@ -49,6 +52,10 @@ def write_config(sample: Path, out: Path, dest: Path, *, stages: list | None = N
     raw["output"].update(output)
     if stages is not None:
         raw["stages"] = stages
+    for stage in raw["stages"]:
+        for k, v in list(stage.items()):
+            if isinstance(v, str) and v.startswith("../sample"):
+                stage[k] = v.replace("../sample", str(sample))
     dest.write_text(yaml.safe_dump(raw, sort_keys=False))
     return dest
 

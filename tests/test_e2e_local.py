@@ -19,6 +19,8 @@ from pipelines.executors.local import run_local
 from pipelines.validate import read_vila_samples, validate_output
 from schemas.config import load_config
 
+NORMALIZE = [{"type": "normalize"}]  # these tests are about reading, normalizing, writing and resuming
+
 # The sample's ground-truth outcome classes -> the reason class our pipeline must give that row.
 EXPECTED_REASON = {
     "corrupt": {"image_undecodable", "image_empty", "tar_truncated"},
@@ -35,7 +37,7 @@ EXPECTED_REASON = {
 @pytest.fixture(scope="module")
 def clean_run(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("clean")
-    cfg = write_config(sample_dir, tmp / "out", tmp / "run.yaml")
+    cfg = write_config(sample_dir, tmp / "out", tmp / "run.yaml", stages=NORMALIZE)
     run_local(load_config(cfg), progress=False)
     return tmp / "out"
 
@@ -93,14 +95,14 @@ def test_ground_truth_outcomes(clean_run: Path, sample_dir: Path):
 
 
 def test_rerun_does_no_work_and_changes_nothing(clean_run: Path, sample_dir: Path, tmp_path: Path):
-    cfg = load_config(write_config(sample_dir, clean_run, tmp_path / "run.yaml"))
+    cfg = load_config(write_config(sample_dir, clean_run, tmp_path / "run.yaml", stages=NORMALIZE))
     before = {p: p.stat().st_mtime_ns for p in clean_run.rglob("*.tar")}
     run_local(cfg, progress=False, max_shards=0)  # would raise if any shard still had work
     assert before == {p: p.stat().st_mtime_ns for p in clean_run.rglob("*.tar")}
 
 
 def test_interrupted_run_resumes_to_identical_output(clean_run: Path, sample_dir: Path, tmp_path: Path):
-    cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml"))
+    cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml", stages=NORMALIZE))
     for stop_after in (1, 3):
         with pytest.raises(InterruptedError):
             run_local(cfg, progress=False, max_shards=stop_after)
@@ -109,10 +111,10 @@ def test_interrupted_run_resumes_to_identical_output(clean_run: Path, sample_dir
 
 
 def test_batch_size_and_shard_size_are_independent(clean_run: Path, sample_dir: Path, tmp_path: Path):
-    cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml"), {"batch_size": 7})
+    cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml", stages=NORMALIZE), {"batch_size": 7})
     run_local(cfg, progress=False)
     assert output_files(tmp_path / "out") == output_files(clean_run)
-    small = load_config(write_config(sample_dir, tmp_path / "o2", tmp_path / "r2.yaml", shard_max_samples=10))
+    small = load_config(write_config(sample_dir, tmp_path / "o2", tmp_path / "r2.yaml", shard_max_samples=10, stages=NORMALIZE))
     run_local(small, progress=False)
     meta = json.loads((tmp_path / "o2" / "wids-meta.json").read_text())
     assert max(s["nsamples"] for s in meta["shardlist"]) == 10
@@ -123,7 +125,7 @@ def test_batch_size_and_shard_size_are_independent(clean_run: Path, sample_dir: 
 def test_kill_9_and_rerun_gives_identical_output(clean_run: Path, sample_dir: Path, tmp_path: Path,
                                                  kill_when: str):
     out = tmp_path / "out"
-    cfg = write_config(sample_dir, out, tmp_path / "run.yaml")
+    cfg = write_config(sample_dir, out, tmp_path / "run.yaml", stages=NORMALIZE)
     cmd = [sys.executable, "-m", "pipelines.cli", "run", str(cfg), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -185,7 +187,7 @@ def test_unpublishable_rows_are_quarantined_not_fatal(tmp_path: Path):
 
 def test_output_to_memory_filesystem(sample_dir: Path, tmp_path: Path):
     """Every path goes through fsspec: the same run writes to memory:// and validates there."""
-    cfg = load_config(write_config(sample_dir, tmp_path / "unused", tmp_path / "run.yaml"),
+    cfg = load_config(write_config(sample_dir, tmp_path / "unused", tmp_path / "run.yaml", stages=NORMALIZE),
                       {"output": {"path": "memory://vila2-test/out", "shard_max_samples": 64}})
     stats = run_local(cfg, progress=False)
     assert stats["balanced"] and stats["total"]["kept"] > 100

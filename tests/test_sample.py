@@ -6,6 +6,7 @@ import glob
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import re
 import shutil
@@ -347,3 +348,52 @@ def test_text_images_are_ocr_readable(sample: tuple[Path, dict[str, Any]],
         result, _ = engine(payloads[(r["source"], r["key"])])
         read = " ".join(line[1] for line in result or []).upper()
         assert all(w["text"] in read.replace(" ", "") or w["text"] in read for w in r["words"]), (r["words"], read)
+
+
+def _trigrams(text: str) -> set[tuple[str, ...]]:
+    """Word 3-shingles as curation.dedup.minhash builds them (lower-cased, split on whitespace)."""
+    w = text.lower().split()
+    return {tuple(w[i:i + 3]) for i in range(max(1, len(w) - 2))}
+
+
+def _jaccard(a: set[Any], b: set[Any]) -> float:
+    return len(a & b) / len(a | b)
+
+
+def test_documents_are_distinct_pages_except_planted_recrawls(sample: tuple[Path, dict[str, Any]]) -> None:
+    root, truth = sample
+    docs = _mmc4_docs(root)
+    by_url = {d["url"]: d for d in docs}
+    assert [d["key"] for d in truth["documents"]] == [d["url"] for d in docs] and len(by_url) == len(docs)
+    groups = truth["doc_near_groups"]
+    assert 1 <= len(groups) <= 2 and truth["summary"]["doc_near_groups"] == len(groups)
+    planted: dict[str, str] = {}
+    for gid, members in groups.items():
+        assert [m["role"] for m in members] == ["original", "recrawl"]
+        assert len({m["file"] for m in members}) == 2  # across shards: dedup must compare globally
+        orig, dup = (by_url[m["key"]]["text_list"] for m in members)
+        assert len(dup) == len(orig) + 1 and len(set(dup) - set(orig)) == 2  # one sentence edited, one added
+        j = _jaccard(_trigrams(" ".join(orig)), _trigrams(" ".join(dup)))
+        assert 0.85 <= j <= 0.95 and members[1]["jaccard_to_original"] == pytest.approx(j, abs=1e-4)
+        planted.update({m["key"]: gid for m in members})
+    for d in truth["documents"]:
+        assert d["doc_near_group"] == planted.get(d["key"])
+        if d["doc_near_group"] is None:
+            assert 3 <= d["n_sentences"] <= 12
+    shingles = {d["url"]: _trigrams(" ".join(d["text_list"])) for d in docs}
+    for a, b in itertools.combinations(docs, 2):
+        if planted.get(a["url"]) is None or planted.get(a["url"]) != planted.get(b["url"]):
+            assert _jaccard(shingles[a["url"]], shingles[b["url"]]) < 0.3, (a["url"], b["url"])
+
+
+def test_pair_captions_repeat_only_where_the_truth_says(sample: tuple[Path, dict[str, Any]]) -> None:
+    """Caption MinHash dedup (threshold 0.8) must find only the planted boilerplate, which is on >= 5 images."""
+    _, truth = sample
+    recs = [r for r in truth["records"] if r["source"] != "mmc4" and r["sha256"] is not None]
+    bp = [r for r in recs if r["boilerplate"]]
+    assert len({r["sha256"] for r in bp}) >= 5
+    for a, b in itertools.combinations(recs, 2):
+        same_picture = a["sha256"] == b["sha256"] or (a["near_group"] and a["near_group"] == b["near_group"])
+        if (a["boilerplate"] and b["boilerplate"]) or same_picture:
+            continue
+        assert _jaccard(_trigrams(a["caption"]), _trigrams(b["caption"])) < 0.5, (a["caption"], b["caption"])

@@ -112,8 +112,13 @@ def to_lean_minhash(signature: np.ndarray, seed: int = 0) -> LeanMinHash:
 
 
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows) minimising false positives + negatives at ``threshold`` (datasketch's optimiser)."""
-    return _optimal_param(threshold, num_perm, 0.5, 0.5)
+    """(bands, rows) from datasketch's optimiser, weighted towards recall.
+
+    Every candidate is verified against ``threshold`` afterwards, so a false positive costs one
+    comparison while a false negative is a missed duplicate: with equal weights (9 bands x 13 rows at
+    0.8) a pair at Jaccard 0.87 is missed about 30% of the time; weighting misses 9:1 finds ~99%.
+    """
+    return _optimal_param(threshold, num_perm, 0.1, 0.9)
 
 
 def near_duplicate_pairs(sigs: np.ndarray, threshold: float) -> np.ndarray:

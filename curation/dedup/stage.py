@@ -34,7 +34,7 @@ from curation.dedup.exact import exact_pairs
 from curation.dedup.minhash import minhash_signatures, near_duplicate_pairs
 from curation.dedup.phash import hamming_pairs
 from curation.dedup.semantic import clip_cosines, semantic_pairs
-from curation.dedup.thumbnails import THUMB_BYTES, thumbnail, thumbnail_distances
+from curation.dedup.thumbnails import THUMB_BYTES, thumbnail, thumbnail_distances, thumbnail_neighbour_pairs
 from curation.dedup.unionfind import UnionFind
 from schemas.config import DedupConfig
 from schemas.rows import DECISION_SCHEMA
@@ -82,6 +82,10 @@ class DedupStage:
         """No model: embeddings and CLIP scores come from the clipscore stage's columns."""
 
     # ---- map: signatures -------------------------------------------------------------------------
+    def summarize(self, decisions: pa.Table, signatures: pa.Table | None = None) -> dict[str, Any]:
+        """Group sizes, per-source counts and example groups, for summaries.json and the report."""
+        return summarize(decisions, signatures)
+
     def signatures(self, batch: pa.Table) -> pa.Table:
         """One row per alive pair row / alive document / alive image of an alive document."""
         rows: list[dict[str, Any]] = []
@@ -232,12 +236,26 @@ class DedupStage:
 
     def _phash_pairs(self, ph: list[int | None], thumbs_list: list[bytes | None],
                      emb_list: list[list[float] | None]) -> np.ndarray:
+        """pHash candidates within k, plus thumbnail nearest neighbours within 2k (crops), each confirmed
+        by a second signal: thumbnail distance (or CLIP cosine when configured and present)."""
         cfg = self.cfg
         idx = np.array([i for i, h in enumerate(ph) if h is not None], dtype=np.int64)
         if idx.size < 2:
             return np.empty((0, 2), dtype=np.int64)
-        pairs = idx[hamming_pairs(np.array([ph[i] for i in idx], dtype=np.uint64), cfg.phash_max_distance)]
-        if cfg.phash_confirm == "none" or pairs.size == 0:
+        hashes = np.array([ph[i] for i in idx], dtype=np.uint64)
+        pairs = idx[hamming_pairs(hashes, cfg.phash_max_distance)]
+        if cfg.phash_confirm == "none":
+            return pairs
+        with_thumb = np.array([i for i in idx.tolist() if thumbs_list[i] is not None], dtype=np.int64)
+        if cfg.thumbnail_neighbours and with_thumb.size > 1:
+            t = np.frombuffer(b"".join(thumbs_list[i] for i in with_thumb), dtype=np.uint8).reshape(-1, THUMB_BYTES)
+            extra = with_thumb[thumbnail_neighbour_pairs(t, cfg.thumbnail_neighbours)]
+            if extra.size:
+                h = {int(i): ph[int(i)] for i in np.unique(extra)}
+                dist = np.array([bin(h[a] ^ h[b]).count("1") for a, b in extra.tolist()])
+                extra = extra[dist <= 2 * cfg.phash_max_distance]
+                pairs = np.unique(np.concatenate([pairs, extra]), axis=0) if pairs.size else extra
+        if pairs.size == 0:
             return pairs
         ok = np.zeros(len(pairs), dtype=bool)
         todo = np.ones(len(pairs), dtype=bool)

@@ -53,3 +53,34 @@ def thumbnail_distances(thumbs: np.ndarray, pairs: np.ndarray) -> np.ndarray:
         rgb = diff[:, grey_n:].mean(axis=1)
         out[s:s + 65536] = np.maximum(grey, rgb) / 255.0
     return out
+
+
+FLAT_KNN_MAX_ITEMS = 4096  # above this, an HNSW graph instead of an exact scan
+
+
+def thumbnail_neighbour_pairs(thumbs: np.ndarray, k: int) -> np.ndarray:
+    """(m, 2) pairs i < j where j is among i's k nearest grey thumbnails (faiss L2).
+
+    A second candidate generator beside pHash: a small crop or shift moves low DCT frequencies (8-10
+    pHash bits for a 3% crop) but barely moves a content thumbnail. Exact flat search for small inputs,
+    HNSW (approximate, M=16) for large ones, so the cost stays n log n.
+    """
+    import faiss
+
+    n = len(thumbs)
+    if n < 2 or k <= 0:
+        return np.empty((0, 2), dtype=np.int64)
+    x = np.ascontiguousarray(thumbs[:, : GREY_SIDE * GREY_SIDE], dtype=np.float32)
+    if n <= FLAT_KNN_MAX_ITEMS:
+        index = faiss.IndexFlatL2(x.shape[1])
+    else:
+        index = faiss.IndexHNSWFlat(x.shape[1], 16)
+        index.hnsw.efSearch = max(32, 2 * k)
+    index.add(x)
+    _, nbrs = index.search(x, min(k + 1, n))
+    rows = np.repeat(np.arange(n, dtype=np.int64), nbrs.shape[1])
+    cols = nbrs.reshape(-1).astype(np.int64)
+    keep = (cols >= 0) & (rows != cols)
+    a, b = rows[keep], cols[keep]
+    pairs = np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1)
+    return np.unique(pairs, axis=0) if len(pairs) else pairs

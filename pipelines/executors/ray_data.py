@@ -29,12 +29,14 @@ from pipelines.shard_task import merge_timings
 from pipelines.workdir import (
     read_decisions,
     read_done,
+    read_signatures,
     signatures_path,
     write_decisions,
 )
 from schemas.config import RunConfig
 
 log = logging.getLogger(__name__)
+SUMMARY_MAX_SIGNATURES = 5_000_000
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -187,22 +189,23 @@ def _decision_segment(ray, fs, root: str, plan: Plan, segment, config: RunConfig
         assemble = _assemble_remote(ray)
         ray.get([assemble.remote(fs, root, plan, segment.index, it, parts[it.index], config.output,
                                  config.batch_size) for it in pending])
-    signatures = _read_signatures_ray(ray, fs, root, segment.index, items)
+    signatures, n_sigs = _read_signatures_ray(ray, fs, root, segment.index, items)
     stage = segment.decide
-    if signatures is None or signatures.count() == 0:
+    if signatures is None:
         decisions = normalize_decisions(None)
-        sig_table = pa.table({})
     else:
         if stage.group_by is None:
             grouped = signatures.repartition(1).map_batches(_decide_task, batch_size=None,
                                                             batch_format="pyarrow", fn_kwargs={"stage": stage})
         else:
-            grouped = signatures.groupby(stage.group_by).map_groups(_decide_task, batch_format="pyarrow",
-                                                                    fn_kwargs={"stage": stage})
+            # hash-partitioned by group: one partition per CPU (Ray's default of 200 costs seconds each)
+            grouped = signatures.groupby(stage.group_by, num_partitions=_cluster_cpus(ray)).map_groups(
+                _decide_task, batch_format="pyarrow", fn_kwargs={"stage": stage})
         tables = [t for t in ray.get(grouped.to_arrow_refs()) if t.num_rows]
         decisions = pa.concat_tables(tables) if tables else normalize_decisions(None)
-        sig_table = pa.concat_tables([t for t in ray.get(signatures.to_arrow_refs()) if t.num_rows]
-                                     or [pa.table({})])
+    # the summary reads the signatures on the driver only while they are small
+    sig_table = (read_signatures(fs, root, segment.index, [it.shard for it in items])
+                 if n_sigs <= SUMMARY_MAX_SIGNATURES else pa.table({}))
     write_segment_summary(fs, root, segment, normalize_decisions(decisions), sig_table)
     write_decisions(fs, root, segment.index, decisions, seg_hash)
 
@@ -211,15 +214,17 @@ def _read_signatures_ray(ray, fs, root: str, seg: int, items: list[WorkItem]):
     import pyarrow.parquet as pq
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    paths = []
+    paths, total = [], 0
     for it in items:
         path = signatures_path(root, seg, it.shard)
         with fs.open(path, "rb") as f:
-            if pq.ParquetFile(f).metadata.num_rows:
-                paths.append(path)
+            n = pq.ParquetFile(f).metadata.num_rows
+        if n:
+            paths.append(path)
+            total += n
     if not paths:
-        return None
-    return ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs)))
+        return None, 0
+    return ray.data.read_parquet(paths, filesystem=PyFileSystem(FSSpecHandler(fs))), total
 
 
 def _final_segment(ray, fs, root: str, plan: Plan, config: RunConfig, items: list[WorkItem],
