@@ -17,7 +17,7 @@ from schemas.config import ConfigError, load_config
 
 def _cmd_run(args: argparse.Namespace) -> int:
     overrides = {"engine": args.engine} if args.engine else {}
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, overrides, round=args.round)
     stats = run(config, progress=not args.no_progress, address=args.address)
     total = stats["total"]
     print(json.dumps({"output": config.output.path, **{k: total[k] for k in
@@ -47,8 +47,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     truth = write_sample(args.out_dir, seed=args.seed, scale=args.scale)
     if not args.no_models:
         from pipelines.demo_models import build_demo_models
+        from recaption.demo import build_demo_vlm
+        from specialists.demo import build_demo_detector
 
-        build_demo_models(str(Path(args.out_dir) / "models"), seed=args.seed)
+        models = Path(args.out_dir) / "models"
+        build_demo_models(str(models), seed=args.seed)
+        build_demo_vlm(str(models / "vlm"), seed=args.seed)
+        build_demo_detector(str(models / "owlv2"), seed=args.seed)
     print(json.dumps({"sample": args.out_dir, "summary": truth.get("summary", {})}, default=str))
     return 0
 
@@ -74,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--engine", choices=["local", "ray", "beam"], help="override the config's engine")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    r.add_argument("--round", type=int, help="recaption round K (fills {round}/{prev_round} in paths)")
     r.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("sample", help="write a realistic offline sample (COYO, img2dataset, MMC4)")

@@ -17,8 +17,12 @@ from schemas.config import (
     ClipScoreConfig,
     DedupConfig,
     DeltaLossConfig,
+    GroundingConfig,
     NormalizeConfig,
+    OcrConfig,
+    RecaptionConfig,
     RunConfig,
+    SpatialConfig,
 )
 from schemas.stage import GlobalStage, Stage
 
@@ -40,6 +44,7 @@ class Plan:
     config_hash: str
     stage_versions: dict[str, str]
     inputs_hash: str = ""  # set by the engine from the listed input shards
+    sidecars: dict = field(default_factory=dict)  # sidecar folder -> row -> text (pipelines.sidecars)
 
     def set_inputs(self, shard_paths: list[str]) -> None:
         self.inputs_hash = hashlib.sha256("\n".join(sorted(shard_paths)).encode()).hexdigest()[:16]
@@ -76,7 +81,27 @@ def expand_stage(cfg: object) -> list[Stage | GlobalStage]:
     if isinstance(cfg, DeltaLossConfig):
         from curation.deltaloss import DeltaLossScoreStage, DeltaLossTopKStage
 
+        if cfg.scorer == "vlm":  # log p(caption | image) under two VLMs, as NVILA scored its data
+            from recaption.deltaloss_vlm import VlmDeltaLossScoreStage
+
+            return [VlmDeltaLossScoreStage(cfg), DeltaLossTopKStage(cfg)]
         return [DeltaLossScoreStage(cfg), DeltaLossTopKStage(cfg)]
+    if isinstance(cfg, RecaptionConfig):
+        from recaption.stage import RecaptionStage
+
+        return [RecaptionStage(cfg)]
+    if isinstance(cfg, OcrConfig):
+        from specialists.ocr import OcrStage
+
+        return [OcrStage(cfg)]
+    if isinstance(cfg, GroundingConfig):
+        from specialists.grounding import GroundingStage
+
+        return [GroundingStage(cfg)]
+    if isinstance(cfg, SpatialConfig):
+        from specialists.spatial import SpatialStage
+
+        return [SpatialStage(cfg)]
     raise ValueError(f"no stage implements config {type(cfg).__name__}")
 
 
@@ -102,4 +127,16 @@ def build_plan(config: RunConfig) -> Plan:
             segments.append(Segment(len(segments)))
         else:
             segments[-1].maps.append(s)
-    return Plan(segments, config.config_hash(), {s.name: s.version for s in stages})
+    from pipelines.sidecars import plan_sidecars
+
+    return Plan(segments, config.config_hash(), {s.name: s.version for s in stages},
+                sidecars=plan_sidecars(list(config.stages)))
+
+
+def set_run_started_at(plan: Plan, started_at: str) -> None:
+    """Give stages that timestamp their output (caption lineage) the run's recorded start time, so a
+    resumed run writes the same bytes as an uninterrupted one."""
+    for segment in plan.segments:
+        for stage in segment.stages:
+            if hasattr(stage, "run_started_at"):
+                stage.run_started_at = started_at

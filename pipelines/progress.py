@@ -51,6 +51,25 @@ class ShardResult:
                    plan_hash=obj.get("plan_hash", ""))
 
 
+def run_started_at(fs, root: str, plan_hash: str) -> str:
+    """The run's start time, recorded once per plan: a resumed run reuses it, so timestamps in caption
+    lineage (and with them the shards) come out identical to an uninterrupted run."""
+    import datetime
+
+    path = posixpath.join(root, PROGRESS_DIR, "run.json")
+    if fs.exists(path):
+        try:
+            with fs.open(path, "rb") as f:
+                rec = json.load(f)
+            if rec.get("plan_hash") == plan_hash:
+                return rec["started_at"]
+        except (ValueError, KeyError):
+            pass
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    write_json_atomic(fs, path, {"plan_hash": plan_hash, "started_at": now})
+    return now
+
+
 def marker_path(root: str, shard: InputShard) -> str:
     return posixpath.join(root, PROGRESS_DIR, shard.source, f"{shard.shard_id}.json")
 
@@ -100,7 +119,8 @@ def finalize(fs, root: str, name: str, results: list[ShardResult],
     wds_files: list[OutputFile] = []
     for r in results:
         for f in r.files:
-            kind = "mmc4" if f.relpath.endswith(".pkl") else "wds"
+            kind = ("mmc4" if f.relpath.endswith(".pkl") else "sidecar" if f.relpath.endswith(".json")
+                    else "wds")
             if kind == "wds":
                 wds_files.append(f)
             manifest_rows.append({

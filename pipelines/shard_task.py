@@ -68,7 +68,7 @@ class SegmentOutput:
         self.timings: Timings = {}
         self.rows = self.kept = 0
         if self.last:
-            self.sink = ShardSink(fs, root, out, shard)
+            self.sink = ShardSink(fs, root, out, shard, sidecars=plan.sidecars)
         else:
             schema = DOCUMENT_SCHEMA if shard.row_kind == "document" else PAIR_SCHEMA
             self.inter = IntermediateWriter(fs, rows_path(root, segment.index, shard), schema)

@@ -22,15 +22,19 @@ from schemas.table_ops import reason_class, replace_columns
 
 
 class ShardSink:
-    def __init__(self, fs, root: str, out: OutputConfig, shard: InputShard) -> None:
+    def __init__(self, fs, root: str, out: OutputConfig, shard: InputShard,
+                 sidecars: dict | None = None) -> None:
         self.fs, self.root, self.out, self.shard = fs, root, out, shard
         prefix = f"{shard.source}/{shard.shard_id}"
+        # a round's input tar keeps its name (coyo/00000_0000.tar -> coyo/00000_0000.tar), not _0000_0000
+        part_name = _same_name(shard.shard_id) if shard.kind == "vila_wds" else None
         if shard.row_kind == "document":
             self.writer = Mmc4PklWriter(fs, root, prefix, docs_per_pkl=out.mmc4_docs_per_pkl,
                                         max_images_per_doc=out.mmc4_max_images_per_doc)
         else:
             self.writer = WdsShardWriter(fs, root, prefix, max_samples=out.shard_max_samples,
-                                         max_bytes=out.shard_max_bytes, caption_policy=out.caption_policy)
+                                         max_bytes=out.shard_max_bytes, caption_policy=out.caption_policy,
+                                         part_name=part_name, sidecars=sidecars)
         self.stats = ShardStats(source=shard.source, shard=shard.shard_id)
         self._reasons: Counter = Counter()
         self._image_reasons: Counter = Counter()
@@ -109,6 +113,10 @@ class ShardSink:
         st = self.stats
         st.reasons = dict(sorted(self._reasons.items()))
         st.image_reasons = dict(sorted(self._image_reasons.items()))
+        files = files + list(getattr(self.writer, "sidecar_files", []))
+        collisions = getattr(self.writer, "counters", {}).get("sidecar_url_collisions", 0)
+        if collisions:
+            st.counters["sidecar_url_collisions"] = collisions
         st.output_shards = [f.relpath for f in files]
         if not st.balanced():  # an engine bug, never bad input: fail loudly rather than publish
             raise RuntimeError(f"accounting broken for {src}/{sid}: {st.model_dump()}")
@@ -117,3 +125,13 @@ class ShardSink:
 
 def output_file_dict(f: OutputFile) -> dict:
     return asdict(f)
+
+
+class _same_name:  # noqa: N801 - a picklable naming function
+    """Part i of a re-written tar: the input's own name for part 0, ``<stem>-<i>`` after that."""
+
+    def __init__(self, stem: str) -> None:
+        self.stem = stem
+
+    def __call__(self, i: int) -> str:
+        return f"{self.stem}.tar" if i == 0 else f"{self.stem}-{i}.tar"

@@ -248,8 +248,13 @@ class ConfigError(ValueError):
     pass
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Load and validate a YAML config; relative local paths resolve against the YAML's folder."""
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None, round: int | None = None) -> RunConfig:
+    """Load and validate a YAML config; relative local paths resolve against the YAML's folder.
+
+    ``round`` (the CLI's ``--round K``) sets every recaption stage's round and fills ``{round}`` and
+    ``{prev_round}`` in source and output paths, so one config serves every round: round k reads round
+    k-1's output and writes its own.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -258,6 +263,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     raw.update(overrides or {})
+    _apply_round(raw, round, str(path))
     _resolve_relative(raw, path.parent.resolve())
     return parse_config(raw, origin=str(path))
 
@@ -271,6 +277,30 @@ def parse_config(raw: dict[str, Any], origin: str = "<config>") -> RunConfig:
             loc = ".".join(str(p) for p in err["loc"])
             lines.append(f"  {loc}: {err['msg']}")
         raise ConfigError(f"{origin}: invalid config\n" + "\n".join(lines)) from None
+
+
+def _apply_round(raw: dict[str, Any], round_: int | None, origin: str) -> None:
+    text = yaml.safe_dump(raw)
+    if round_ is None:
+        if "{round}" in text or "{prev_round}" in text:
+            raise ConfigError(f"{origin}: paths use {{round}}/{{prev_round}}: run it with --round K")
+        return
+    if round_ < 1:
+        raise ConfigError(f"{origin}: --round must be >= 1 (round 0 is the curated dataset)")
+
+    def fill(v: Any) -> Any:
+        return v.replace("{round}", str(round_)).replace("{prev_round}", str(round_ - 1)) if isinstance(v, str) else v
+
+    for src in raw.get("sources") or []:
+        if isinstance(src, dict) and isinstance(src.get("paths"), list):
+            src["paths"] = [fill(p) for p in src["paths"]]
+    if isinstance(raw.get("output"), dict):
+        raw["output"]["path"] = fill(raw["output"].get("path"))
+    if isinstance(raw.get("name"), str):
+        raw["name"] = fill(raw["name"])
+    for stage in raw.get("stages") or []:
+        if isinstance(stage, dict) and stage.get("type") == "recaption":
+            stage["round"] = round_
 
 
 def _is_local_relative(p: str) -> bool:
@@ -287,11 +317,16 @@ def _resolve_relative(raw: dict[str, Any], base: Path) -> None:
                 if isinstance(src.get(k), str) and _is_local_relative(src[k]):
                     src[k] = os.path.normpath(base / src[k])
     for stage in raw.get("stages") or []:
+        if not isinstance(stage, dict):
+            continue
         # model references that look like relative paths ("./x", "../x") are local checkpoints
-        for k in ("model", "pretrained", "small_model", "large_model", "processor"):
-            v = stage.get(k) if isinstance(stage, dict) else None
-            if isinstance(v, str) and v.startswith(("./", "../")):
-                stage[k] = os.path.normpath(base / v)
+        for holder in (stage, stage.get("captioner"), stage.get("vlm")):
+            if not isinstance(holder, dict):
+                continue
+            for k in ("model", "pretrained", "small_model", "large_model", "processor"):
+                v = holder.get(k)
+                if isinstance(v, str) and v.startswith(("./", "../")):
+                    holder[k] = os.path.normpath(base / v)
     out = raw.get("output")
     if isinstance(out, dict) and isinstance(out.get("path"), str) and _is_local_relative(out["path"]):
         out["path"] = os.path.normpath(base / out["path"])

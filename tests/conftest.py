@@ -28,9 +28,8 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The realistic offline sample (`vila2-curate sample`), written once per test session."""
-    from pipelines.sample import write_sample
-
     from pipelines.demo_models import build_demo_models
+    from pipelines.sample import write_sample
 
     out = tmp_path_factory.mktemp("sample")
     write_sample(str(out), seed=0)

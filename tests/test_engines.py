@@ -14,7 +14,6 @@ from pipelines.executors.local import run_local
 from pipelines.validate import validate_output
 from schemas.config import load_config
 
-
 # Every curation stage, with the demo models the sample fixture builds (scores are random but the
 # decisions must still be identical on every engine).
 CURATION = [

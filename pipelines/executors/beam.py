@@ -23,8 +23,15 @@ from pipelines.aggregate import normalize_decisions
 from pipelines.executors.local import list_work, plan_summaries, write_segment_summary
 from pipelines.executors.parts import WorkItem, assemble_shard, clear_parts, tagged_batches, write_parts
 from pipelines.guard import apply_guarded
-from pipelines.plan import Plan, build_plan
-from pipelines.progress import finalize, is_done, load_marker, remove_stale_outputs, write_marker
+from pipelines.plan import Plan, build_plan, set_run_started_at
+from pipelines.progress import (
+    finalize,
+    is_done,
+    load_marker,
+    remove_stale_outputs,
+    run_started_at,
+    write_marker,
+)
 from pipelines.shard_task import merge_timings
 from pipelines.workdir import read_decisions, read_done, read_signatures, write_decisions
 from schemas.config import RunConfig
@@ -80,6 +87,7 @@ def run_beam(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     plan = build_plan(config)
     work = list_work(config)
     plan.set_inputs([s.path for _, s in work])
+    set_run_started_at(plan, run_started_at(fs, root, plan.plan_hash))
     items = [WorkItem(i, reader, shard) for i, (reader, shard) in enumerate(work)]
     for segment in plan.segments:
         last = segment.decide is None

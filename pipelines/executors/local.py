@@ -16,8 +16,15 @@ from tqdm import tqdm
 
 from curation.decisions import index_decisions
 from pipelines.aggregate import decide_local
-from pipelines.plan import Plan, build_plan
-from pipelines.progress import finalize, is_done, load_marker, remove_stale_outputs, write_marker
+from pipelines.plan import Plan, build_plan, set_run_started_at
+from pipelines.progress import (
+    finalize,
+    is_done,
+    load_marker,
+    remove_stale_outputs,
+    run_started_at,
+    write_marker,
+)
 from pipelines.readers import make_reader
 from pipelines.readers.base import InputShard, Reader
 from pipelines.shard_task import merge_timings, run_shard_segment
@@ -59,6 +66,7 @@ def run_local(config: RunConfig, *, progress: bool = True, max_shards: int | Non
     plan = build_plan(config)
     work = list_work(config)
     plan.set_inputs([shard.path for _, shard in work])
+    set_run_started_at(plan, run_started_at(fs, root, plan.plan_hash))
     budget = [max_shards]
     for segment in plan.segments:
         for stage in segment.stages:

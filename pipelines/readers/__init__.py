@@ -6,12 +6,14 @@ from pipelines.readers.base import InputShard, Reader, SourceFormatError
 from pipelines.readers.coyo import CoyoParquetReader
 from pipelines.readers.img2dataset import Img2DatasetReader
 from pipelines.readers.mmc4 import Mmc4Reader
+from pipelines.readers.vila_wds import VilaWdsReader
 from schemas.config import SourceConfig
 
 _READERS: dict[str, type] = {
     "img2dataset": Img2DatasetReader,
     "coyo_parquet": CoyoParquetReader,
     "mmc4": Mmc4Reader,
+    "vila_wds": VilaWdsReader,
 }
 
 

@@ -21,22 +21,25 @@ gives byte-identical archives for the same rows.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import posixpath
 import tarfile
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 
-from pipelines.writers.atomic import HashingWriter, OutputFile, join, temp_path
+from pipelines.writers.atomic import HashingWriter, OutputFile, join, temp_path, write_json_atomic
 from recaption.policy import choose_caption_source
 from schemas.config import CaptionPolicy
 from schemas.rows import PAIR_SCHEMA, conform
 
 IMAGE_EXTS = ("jpg", "png", "webp")
+SIDECAR_ROOT = "captions"  # <root>/captions/<model-tag or specialist folder>/<tar relpath>.json
 _FORMAT_ALIASES = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
 MAX_NAME_BYTES = 100  # the ustar name field; VILA's MMIndexedTar reads nothing else
 FIXED_MTIME = 946_684_800  # 2000-01-01T00:00:00Z: constant so identical rows give identical bytes
@@ -222,6 +225,8 @@ class WdsShardWriter:
         max_samples: int | None,
         max_bytes: int | None,
         caption_policy: CaptionPolicy,
+        part_name: Callable[[int], str] | None = None,
+        sidecars: dict[str, Callable[[dict[str, Any]], str | None]] | None = None,
     ) -> None:
         if prefix.startswith("/") or ".." in prefix.split("/") or not prefix.strip("/"):
             raise ValueError(f"prefix must be a relative path stem, got {prefix!r}")
@@ -238,9 +243,17 @@ class WdsShardWriter:
         self._done: list[OutputFile] = []
         self._keys: set[str] = set()
         self._closed = False
+        self._part_name = part_name
+        # sidecar folder -> (row -> text or None): VILA's <captions>/<folder>/<tar relpath>.json files
+        self._sidecar_fns = dict(sidecars or {})
+        self._sidecar_rows: dict[str, dict[str, dict[str, str]]] = {}
+        self.sidecar_files: list[OutputFile] = []
+        self.counters: dict[str, int] = {"sidecar_url_collisions": 0}
 
     def _relpath(self, i: int) -> str:
-        return f"{self.prefix}_{i:04d}.tar"
+        if self._part_name is None:
+            return f"{self.prefix}_{i:04d}.tar"
+        return posixpath.join(posixpath.dirname(self.prefix), self._part_name(i))
 
     def _members(self, row: dict[str, Any]) -> list[tuple[str, bytes]]:
         key = row["key"]
@@ -269,6 +282,16 @@ class WdsShardWriter:
         self._index += 1
         return _Part(self.fs, join(self.root, rel), rel)
 
+    def _collect_sidecars(self, row: dict[str, Any]) -> None:
+        for folder, fn in self._sidecar_fns.items():
+            text = fn(row)
+            if text:
+                entries = self._sidecar_rows.setdefault(folder, {})
+                if row["url"] in entries:  # VILA looks sidecars up by url: a repeated url keeps the first
+                    self.counters["sidecar_url_collisions"] += 1
+                    continue
+                entries[row["url"]] = {"output": text}
+
     def _finish_part(self) -> None:
         part, self._part = self._part, None
         if part is None:
@@ -276,6 +299,11 @@ class WdsShardWriter:
         nbytes, sha = part.finish()
         self.fs.mv(part.tmp, part.path)
         self._done.append(OutputFile(part.relpath, part.nsamples, nbytes, sha))
+        for folder, entries in sorted(self._sidecar_rows.items()):
+            rel = f"{SIDECAR_ROOT}/{folder}/{part.relpath}.json"
+            data = write_json_atomic(self.fs, join(self.root, rel), entries)
+            self.sidecar_files.append(OutputFile(rel, len(entries), len(data), hashlib.sha256(data).hexdigest()))
+        self._sidecar_rows = {}
 
     def write(self, table: pa.Table) -> list[tuple[int, str]]:
         """Append kept PAIR_SCHEMA rows (in table order) to the current part, rolling over as needed.
@@ -307,6 +335,7 @@ class WdsShardWriter:
                 if self._part is None:
                     self._part = self._open_part()
                 self._part.add(members)
+                self._collect_sidecars(row)
         except BaseException:
             self.abort()
             raise

@@ -1,0 +1,48 @@
+"""Ray job entry point for recaption rounds (and any other config) on a Ray cluster.
+
+    ray job submit --working-dir . -- python pipelines/recaption.py --config configs/recaption.yaml --round 1
+
+Inside ``ray job submit`` the job connects to its cluster (RAY_ADDRESS is set by Ray); run directly, it
+connects to RAY_ADDRESS or ``--address``, or starts a local cluster when there is none. GPU stages run as
+actor pools sized and placed by each stage's ``runtime`` (``gpus`` may be fractional, so the OCR,
+grounding and spatial specialists can share one GPU). Finished input shards are skipped on a rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# `python pipelines/recaption.py` puts pipelines/ on sys.path, not the repository root
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.executors.ray_data import ensure_ray, run_ray
+    from schemas.config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="YAML run config")
+    ap.add_argument("--round", type=int, help="recaption round K (fills {round}/{prev_round} in paths)")
+    ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        config = load_config(args.config, {"engine": "ray"}, round=args.round)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ensure_ray(args.address or config.ray.address)
+    stats = run_ray(config, progress=not args.no_progress)
+    total = stats["total"]
+    print(json.dumps({"output": config.output.path, "round": args.round, "balanced": stats["balanced"],
+                      **{k: total[k] for k in ("rows_in", "kept", "dropped", "quarantined")}}))
+    return 0 if stats["balanced"] else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
