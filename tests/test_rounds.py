@@ -1,0 +1,169 @@
+"""Recaption rounds end to end: lineage kept across rounds, sidecars in VILA's layout, resume, Ray job."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT, output_files, write_config
+
+from pipelines.executors.local import run_local
+from pipelines.validate import read_vila_samples, validate_output
+from schemas.config import load_config
+
+CURATE = [{"type": "normalize"}, {"type": "dedup", "methods": ["exact", "phash"]}]
+
+
+def _round_config(sample: Path, root: Path, dest: Path, *, specialists: bool = True) -> Path:
+    stages: list[dict] = [{
+        "type": "recaption", "prompts": "self_augment",
+        "captioner": {"model": str(sample / "models" / "vlm"), "model_tag": "demo-vlm",
+                      "generation": {"max_new_tokens": 12, "seed": 0}, "runtime": {"batch_size": 8}},
+    }]
+    if specialists:
+        stages += [{"type": "ocr"}, {"type": "grounding", "model": str(sample / "models" / "owlv2"),
+                                      "box_threshold": 0.0}, {"type": "spatial"}]
+    raw = {"name": "t-r{round}", "batch_size": 16,
+           "sources": [{"name": "prev", "kind": "vila_wds", "paths": [str(root / "r{prev_round}")]}],
+           "stages": stages, "output": {"path": str(root / "r{round}"), "shard_max_samples": 64}}
+    dest.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def models(sample_dir: Path) -> Path:
+    from recaption.demo import build_demo_vlm
+    from specialists.demo import build_demo_detector
+
+    if not (sample_dir / "models" / "vlm").exists():
+        build_demo_vlm(str(sample_dir / "models" / "vlm"), seed=0)
+        build_demo_detector(str(sample_dir / "models" / "owlv2"), seed=0)
+    return sample_dir / "models"
+
+
+@pytest.fixture(scope="module")
+def r0(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small curated round 0: the two COYO sources only (keeps the model rounds fast)."""
+    tmp = tmp_path_factory.mktemp("rounds")
+    cfg = write_config(sample_dir, tmp / "r0", tmp / "r0.yaml", stages=CURATE)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["sources"] = [s for s in raw["sources"] if s["name"] in ("coyo_bytes", "coyo_paths")]
+    cfg.write_text(yaml.safe_dump(raw))
+    run_local(load_config(cfg), progress=False)
+    return tmp
+
+
+def _captions(root: Path) -> dict[str, list[dict]]:
+    return {s["__key__"]: s[".json"]["captions"] for s in read_vila_samples(str(root))}
+
+
+def test_round_1_then_2_keep_lineage_and_write_sidecars(r0: Path, sample_dir: Path, models: Path):
+    cfg = _round_config(sample_dir, r0, r0 / "round.yaml")
+    s1 = run_local(load_config(cfg, round=1), progress=False)
+    assert s1["balanced"] and s1["total"]["kept"] > 10
+    assert validate_output(str(r0 / "r1")) == []
+    caps1 = _captions(r0 / "r1")
+    assert set(caps1) == set(_captions(r0 / "r0"))
+    for key, caps in caps1.items():
+        assert [c["round"] for c in caps] == [1], key
+        c = caps[0]
+        assert c["model"] == "demo-vlm" and "demo_model" in c["flags"]
+        assert c["prompt_id"] and c["params_hash"] and c["created_at"].endswith("Z")
+
+    # tars keep their names across rounds; sidecars mirror them and are keyed by each sample's url
+    tars0 = sorted(p.relative_to(r0 / "r0") for p in (r0 / "r0").rglob("*.tar"))
+    tars1 = sorted(p.relative_to(r0 / "r1") for p in (r0 / "r1").rglob("*.tar"))
+    assert tars0 == tars1
+    folders = sorted(p.name for p in (r0 / "r1" / "captions").iterdir())
+    assert folders == ["r1-demo-vlm", "specialist_bbox_interleaved", "specialist_ocr", "specialist_spatial"]
+    samples = {s[".json"]["url"]: s for s in read_vila_samples(str(r0 / "r1"))}
+    side = json.loads((r0 / "r1" / "captions" / "r1-demo-vlm" / f"{tars1[0]}.json").read_text())
+    assert side and set(side) <= set(samples)
+    for url, entry in side.items():
+        cap = samples[url][".json"]["captions"][-1]
+        assert entry == {"output": cap["text"]} and not {"truncated", "refusal", "empty"} & set(cap["flags"])
+    ocr = json.loads((r0 / "r1" / "captions" / "specialist_ocr" / f"{tars1[0]}.json").read_text())
+    assert any("The text in the image reads" in e["output"] for e in ocr.values())
+
+    # round 2 appends, never overwrites round 1
+    cfg2 = _round_config(sample_dir, r0, r0 / "round2.yaml", specialists=False)
+    run_local(load_config(cfg2, round=2), progress=False)
+    caps2 = _captions(r0 / "r2")
+    for key, caps in caps2.items():
+        assert [c["round"] for c in caps] == [1, 2], key
+        assert caps[0] == caps1[key][0]
+    assert validate_output(str(r0 / "r2")) == []
+
+
+def test_rerun_round_does_nothing_and_resume_is_identical(r0: Path, sample_dir: Path, models: Path,
+                                                          tmp_path: Path):
+    root = tmp_path / "rr"
+    shutil.copytree(r0 / "r0", root / "r0")
+    cfg = load_config(_round_config(sample_dir, root, tmp_path / "round.yaml", specialists=False), round=1)
+    run_local(cfg, progress=False)
+    clean = output_files(root / "r1")
+    # keep only the run's recorded start time (what a killed run leaves behind), then interrupt and resume
+    for p in (root / "r1").iterdir():
+        if p.name != "_progress":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in (root / "r1" / "_progress").iterdir():
+        if p.name != "run.json":
+            shutil.rmtree(p)
+    with pytest.raises(InterruptedError):
+        run_local(cfg, progress=False, max_shards=1)
+    run_local(cfg, progress=False)
+    assert output_files(root / "r1") == clean
+    before = {p: p.stat().st_mtime_ns for p in (root / "r1").rglob("*.tar")}
+    run_local(cfg, progress=False, max_shards=0)  # raises if anything still had work
+    assert before == {p: p.stat().st_mtime_ns for p in (root / "r1").rglob("*.tar")}
+
+
+def test_round_needs_round_flag(r0: Path, sample_dir: Path, tmp_path: Path):
+    from schemas.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--round"):
+        load_config(_round_config(sample_dir, r0, tmp_path / "x.yaml"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_a_round(r0: Path, sample_dir: Path, models: Path, tmp_path: Path):
+    """`ray job submit --working-dir . -- python pipelines/recaption.py ...` against a real local cluster."""
+    pytest.importorskip("ray")
+    ray_bin = Path(sys.executable).with_name("ray")
+    root = tmp_path / "job"
+    shutil.copytree(r0 / "r0", root / "r0")
+    cfg = _round_config(sample_dir, root, tmp_path / "round.yaml", specialists=False)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    gcs, dash = _free_port(), _free_port()
+    temp = Path(os.environ.get("RAY_TMPDIR", tmp_path)) / "job-cluster"
+    subprocess.run([str(ray_bin), "start", "--head", f"--port={gcs}", "--num-cpus=2",
+                    "--include-dashboard=true", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                    f"--temp-dir={temp}", "--disable-usage-stats"], check=True, env=env, capture_output=True)
+    try:
+        job = subprocess.run(
+            [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={ROOT}",
+             "--", "python", "pipelines/recaption.py", "--config", str(cfg), "--round", "1", "--no-progress"],
+            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert '"balanced": true' in job.stdout
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True)
+    assert validate_output(str(root / "r1")) == []
+    caps = _captions(root / "r1")
+    assert caps and all([c["round"] for c in v] == [1] for v in caps.values())
+    with tarfile.open(next((root / "r1").rglob("*.tar"))) as tf:
+        assert all(m.isreg() for m in tf.getmembers())
