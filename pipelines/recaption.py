@@ -15,10 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-# `python pipelines/recaption.py` puts pipelines/ on sys.path, not the repository root
+# `python pipelines/recaption.py` puts pipelines/ first on sys.path, where this very file would shadow the
+# `recaption` package; the repository root must come first instead (Ray's working_dir may list it later).
 _ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+_HERE = str(Path(__file__).resolve().parent)
+sys.path[:] = [str(_ROOT)] + [p for p in sys.path if p not in (str(_ROOT), _HERE, "")]
 
 
 def main(argv: list[str] | None = None) -> int:

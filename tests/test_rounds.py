@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -147,18 +148,25 @@ def test_ray_job_submit_runs_a_round(r0: Path, sample_dir: Path, models: Path, t
     root = tmp_path / "job"
     shutil.copytree(r0 / "r0", root / "r0")
     cfg = _round_config(sample_dir, root, tmp_path / "round.yaml", specialists=False)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # a throwaway loopback cluster: no token auth (Ray 2.5x+ enables it by default for `ray start`)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # `python` = this venv
     gcs, dash = _free_port(), _free_port()
     temp = Path(os.environ.get("RAY_TMPDIR", tmp_path)) / "job-cluster"
     subprocess.run([str(ray_bin), "start", "--head", f"--port={gcs}", "--num-cpus=2",
                     "--include-dashboard=true", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
                     f"--temp-dir={temp}", "--disable-usage-stats"], check=True, env=env, capture_output=True)
     try:
-        job = subprocess.run(
-            [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={ROOT}",
-             "--", "python", "pipelines/recaption.py", "--config", str(cfg), "--round", "1", "--no-progress"],
-            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        deadline = time.time() + 120
+        while True:  # the job agent starts a few seconds after `ray start` returns
+            job = subprocess.run(
+                [str(ray_bin), "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={ROOT}",
+                 "--", "python", "pipelines/recaption.py", "--config", str(cfg), "--round", "1", "--no-progress"],
+                env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+            if "No available agent" not in job.stdout + job.stderr or time.time() > deadline:
+                break
+            time.sleep(3)
+        assert job.returncode == 0, job.stdout[-6000:]
         assert '"balanced": true' in job.stdout
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True)
