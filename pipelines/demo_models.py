@@ -94,29 +94,10 @@ def build_demo_clip(out_dir: str | Path, seed: int = 0) -> Path:
 
 
 def _train_tokenizer(seed: int):  # -> transformers.PreTrainedTokenizerFast
-    """Byte-level BPE trained on the built-in corpus, with <s> prepended like Llama's tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    """Byte-level BPE trained on the built-in corpus (deterministic; ``seed`` kept for the API)."""
+    from recaption.demo import train_demo_tokenizer
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB_SIZE,
-        special_tokens=specials,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    lines = [ln.strip() for ln in _CORPUS.strip().splitlines() if ln.strip()]
-    tok.train_from_iterator(lines, trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    return train_demo_tokenizer(_CORPUS, _VOCAB_SIZE)
 
 
 def build_demo_lm(out_dir: str | Path, size: str = "small", seed: int = 0, tokenizer=None) -> Path:

@@ -91,36 +91,38 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
 _VOCAB_SIZE = 600
 
 
-def _train_tokenizer():  # -> transformers.PreTrainedTokenizerFast
-    """Byte-level BPE on the built-in corpus; ``<s>`` prepended like Llama; ``<image>`` a special token."""
+def train_demo_tokenizer(corpus: str, vocab_size: int, extra_specials: tuple[str, ...] = ()):
+    """Byte-level BPE trained offline on ``corpus``, ``<s>`` prepended like Llama's tokenizer.
+
+    The one tokenizer builder for every demo model (VLM, DeltaLoss LMs): no download, deterministic.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+    specials = ["<unk>", "<s>", "</s>", "<pad>", *extra_specials]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=specials,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(
-        [ln.strip() for ln in _CORPUS.strip().splitlines() if ln.strip()], trainer=trainer
-    )
+    tok.train_from_iterator([ln.strip() for ln in corpus.strip().splitlines() if ln.strip()], trainer=trainer)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
     )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    extra = {"extra_special_tokens": {"image_token": IMAGE_TOKEN}} if IMAGE_TOKEN in extra_specials else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>", **extra
     )
+
+
+def _train_tokenizer():  # -> transformers.PreTrainedTokenizerFast
+    """The demo VLM's tokenizer: ``<image>`` a special token, a chat template, left padding."""
+    fast = train_demo_tokenizer(_CORPUS, _VOCAB_SIZE, (IMAGE_TOKEN,))
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"  # generation pads on the left; recorded in tokenizer_config.json
     return fast

@@ -14,22 +14,20 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.decisions import index_decisions
 from pipelines.aggregate import normalize_decisions
-from pipelines.executors.local import list_work, plan_summaries, write_segment_summary
+from pipelines.executors.local import plan_summaries, prepare_run, write_segment_summary
 from pipelines.executors.parts import WorkItem, assemble_shard, clear_parts, tagged_batches, write_parts
 from pipelines.guard import apply_guarded
-from pipelines.plan import Plan, build_plan, set_run_started_at
+from pipelines.plan import Plan
 from pipelines.progress import (
     finalize,
     is_done,
     load_marker,
     remove_stale_outputs,
-    run_started_at,
     write_marker,
 )
 from pipelines.shard_task import merge_timings
@@ -82,12 +80,7 @@ def _model_handler_class():
 
 def run_beam(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
     beam = _beam()
-    fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
-    fs.makedirs(root, exist_ok=True)
-    plan = build_plan(config)
-    work = list_work(config)
-    plan.set_inputs([s.path for _, s in work])
-    set_run_started_at(plan, run_started_at(fs, root, plan.plan_hash))
+    fs, root, plan, work = prepare_run(config)
     items = [WorkItem(i, reader, shard) for i, (reader, shard) in enumerate(work)]
     for segment in plan.segments:
         last = segment.decide is None

@@ -55,18 +55,27 @@ def list_work(config: RunConfig) -> list[tuple[Reader, InputShard]]:
             for shard in reader.list_shards()]
 
 
-def run_local(config: RunConfig, *, progress: bool = True, max_shards: int | None = None) -> dict[str, Any]:
-    """Run every source through the plan; returns the merged stats.
-
-    ``max_shards`` stops (InterruptedError) once that many shard-segments were processed: a test hook
-    that simulates an interrupted run at a deterministic point.
-    """
+def prepare_run(config: RunConfig, plan: Plan | None = None):
+    """What every engine does first: open the output, build the plan, list the input shards, and fix
+    the run's start time. Returns (fs, root, plan, work)."""
     fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
     fs.makedirs(root, exist_ok=True)
-    plan = build_plan(config)
+    plan = plan or build_plan(config)
     work = list_work(config)
     plan.set_inputs([shard.path for _, shard in work])
     set_run_started_at(plan, run_started_at(fs, root, plan.plan_hash))
+    return fs, root, plan, work
+
+
+def run_local(config: RunConfig, *, progress: bool = True, max_shards: int | None = None,
+              plan: Plan | None = None) -> dict[str, Any]:
+    """Run every source through the plan; returns the merged stats.
+
+    ``max_shards`` stops (InterruptedError) once that many shard-segments were processed: a test hook
+    that simulates an interrupted run at a deterministic point. ``plan``: a prepared plan (default: the
+    config's).
+    """
+    fs, root, plan, work = prepare_run(config, plan)
     budget = [max_shards]
     for segment in plan.segments:
         for stage in segment.stages:

@@ -15,21 +15,19 @@ import logging
 import os
 from typing import Any
 
-import fsspec
 import pyarrow as pa
 
 from curation.decisions import index_decisions
 from pipelines.aggregate import normalize_decisions
-from pipelines.executors.local import list_work, plan_summaries, write_segment_summary
+from pipelines.executors.local import plan_summaries, prepare_run, write_segment_summary
 from pipelines.executors.parts import WorkItem, assemble_shard, clear_parts, tagged_batches, write_parts
 from pipelines.guard import apply_guarded
-from pipelines.plan import Plan, build_plan, set_run_started_at
+from pipelines.plan import Plan
 from pipelines.progress import (
     finalize,
     is_done,
     load_marker,
     remove_stale_outputs,
-    run_started_at,
     write_marker,
 )
 from pipelines.shard_task import merge_timings
@@ -109,12 +107,7 @@ def run_ray(config: RunConfig, *, progress: bool = True, address: str | None = N
 
     ensure_ray(address)
     ray.data.DataContext.get_current().enable_progress_bars = progress
-    fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
-    fs.makedirs(root, exist_ok=True)
-    plan = build_plan(config)
-    work = list_work(config)
-    plan.set_inputs([s.path for _, s in work])
-    set_run_started_at(plan, run_started_at(fs, root, plan.plan_hash))
+    fs, root, plan, work = prepare_run(config)
     items = [WorkItem(i, reader, shard) for i, (reader, shard) in enumerate(work)]
     results = []
     for segment in plan.segments:
