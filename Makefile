@@ -5,7 +5,7 @@ EXTRAS ?= dev,ray,beam,airflow
 CONSTRAINTS ?= requirements/constraints.txt
 BIN := $(VENV)/bin
 
-.PHONY: install quickstart test lint bench clean
+.PHONY: install quickstart test lint bench clean browser
 
 $(BIN)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,12 +18,19 @@ install: $(BIN)/.installed
 quickstart: install
 	$(BIN)/vila2-curate sample sample
 	$(BIN)/vila2-curate run configs/quickstart.yaml
-	$(BIN)/vila2-curate validate out/quickstart
+	$(BIN)/vila2-curate run configs/recaption.yaml --round 1
+	$(BIN)/vila2-curate validate out/quickstart/r0
+	$(BIN)/vila2-curate validate out/quickstart/r1
+	$(BIN)/vila2-curate report out/quickstart/r0 out/quickstart/r1
 
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint
+# the report test opens the page in Debian's headless Chromium (installed with apt-get when missing)
+browser:
+	bash .ci/install_chromium.sh || [ -z "$$CI" ]  # outside CI a missing browser only skips that test
+
+test: install lint browser
 	$(BIN)/python -m pytest -q
 
 bench: install

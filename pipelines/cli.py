@@ -1,4 +1,4 @@
-"""vila2-curate command line: run, sample, validate.
+"""vila2-curate command line: run, sample, validate, report.
 
 Flags map one to one onto the functions they call (img2dataset's convention), so everything the CLI
 does is reachable from Python too.
@@ -69,6 +69,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from pipelines.report import write_report
+
+    path = write_report(args.out_dirs, dest=args.dest, gallery=args.gallery)
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vila2-curate", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -89,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-models", action="store_true",
                    help="skip the tiny random demo models (sample/models) the quickstart's model stages use")
     s.set_defaults(func=_cmd_sample)
+
+    rp = sub.add_parser("report", help="write report.html (funnel, CLIP histograms, caption lengths per round, "
+                                       "dedup groups, specialist coverage, cost per stage, gallery)")
+    rp.add_argument("out_dirs", nargs="+", help="round 0 (curated) output first, then later rounds")
+    rp.add_argument("--dest", help="default: <first out_dir>/report.html")
+    rp.add_argument("--gallery", type=int, default=12, help="samples in the gallery")
+    rp.set_defaults(func=_cmd_report)
 
     v = sub.add_parser("validate", help="check an output directory against VILA's output contract")
     v.add_argument("out_dir")

@@ -112,7 +112,7 @@ def write_marker(fs, root: str, result: ShardResult) -> None:
 
 
 def finalize(fs, root: str, name: str, results: list[ShardResult],
-             summaries: dict[str, Any] | None = None) -> dict[str, Any]:
+             summaries: dict[str, Any] | None = None, run_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write manifest.parquet, stats.json, timings.json, summaries.json and wids-meta.json."""
     results = sorted(results, key=lambda r: (r.shard.source, r.shard.shard_id))
     manifest_rows = []
@@ -139,7 +139,8 @@ def finalize(fs, root: str, name: str, results: list[ShardResult],
         local = [OutputFile(**{**f.__dict__, "relpath": f.relpath.split("/", 1)[1]}) for f in files]
         write_wids_meta(fs, posixpath.join(root, source), f"{name}-{source}", local)
     write_json_atomic(fs, posixpath.join(root, "stats.json"), stats)
-    write_json_atomic(fs, posixpath.join(root, "timings.json"), _merge_timings(results))
+    write_json_atomic(fs, posixpath.join(root, "timings.json"),
+                      {**_merge_timings(results), **(run_info or {})})
     write_json_atomic(fs, posixpath.join(root, "summaries.json"), summaries or {})
     write_manifest(fs, root, manifest_rows)  # last: the manifest is the commit point of a run
     return stats

@@ -40,12 +40,28 @@ from pipelines.writers.atomic import write_bytes_atomic
 THUMB_SIDE = 160
 IMAGE_EXTS = ("jpg", "png", "webp", "jpeg")
 # Stage order for the funnel; stages not listed follow in order of first appearance.
-STAGE_ORDER = ("read", "normalize", "dedup", "clipscore", "clip_filter", "deltaloss", "recaption", "ocr",
-               "grounding", "spatial", "document", "write")
+STAGE_ORDER = (
+    "read",
+    "normalize",
+    "dedup",
+    "clipscore",
+    "clip_filter",
+    "deltaloss",
+    "recaption",
+    "ocr",
+    "grounding",
+    "spatial",
+    "document",
+    "write",
+)
 # Assumed GPUs per worker for the throughput projection when the run records none (it records none today:
 # resources live only in the config). Keys match a timings stage name or its prefix before "_".
-DEFAULT_STAGE_GPUS: dict[str, float] = {"clipscore": 1.0, "deltaloss_score": 1.0, "recaption": 1.0,
-                                        "grounding": 1.0}
+DEFAULT_STAGE_GPUS: dict[str, float] = {
+    "clipscore": 1.0,
+    "deltaloss_score": 1.0,
+    "recaption": 1.0,
+    "grounding": 1.0,
+}
 DEDUP_EXAMPLE_GROUPS = 8
 DEDUP_EXAMPLE_MEMBERS = 6
 _CLIP_LO, _CLIP_HI, _CLIP_FINE = -1.0, 2.5, 3500  # fixed fine bins (width 0.001) cover cosine and CLIP-S
@@ -153,7 +169,9 @@ class _Hist:
             return
         self.n += int(v.size)
         self.lo, self.hi = min(self.lo, float(v.min())), max(self.hi, float(v.max()))
-        idx = np.clip(((v - _CLIP_LO) / (_CLIP_HI - _CLIP_LO) * _CLIP_FINE).astype(np.int64), 0, _CLIP_FINE - 1)
+        idx = np.clip(
+            ((v - _CLIP_LO) / (_CLIP_HI - _CLIP_LO) * _CLIP_FINE).astype(np.int64), 0, _CLIP_FINE - 1
+        )
         np.add.at(self.counts, idx, 1)
 
     def rebinned(self, bins: int = 30) -> tuple[np.ndarray, np.ndarray]:
@@ -239,14 +257,21 @@ def _open_root(path: str) -> _Root:
             versions = json.loads(v or "{}")
     except (FileNotFoundError, OSError, ValueError, KeyError):
         versions = {}
-    return _Root(path=path, fs=fs, base=base, stats=_read_json(fs, _join(base, "stats.json")) or {},
-                 summaries=_read_json(fs, _join(base, "summaries.json")) or {},
-                 timings=_read_json(fs, _join(base, "timings.json")) or {}, stage_versions=versions,
-                 meta=_read_json(fs, _join(base, "wids-meta.json")) or {})
+    return _Root(
+        path=path,
+        fs=fs,
+        base=base,
+        stats=_read_json(fs, _join(base, "stats.json")) or {},
+        summaries=_read_json(fs, _join(base, "summaries.json")) or {},
+        timings=_read_json(fs, _join(base, "timings.json")) or {},
+        stage_versions=versions,
+        meta=_read_json(fs, _join(base, "wids-meta.json")) or {},
+    )
 
 
-def _tar_members(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[str, str, tarfile.TarFile,
-                                                                             tarfile.TarInfo]]:
+def _tar_members(
+    fs: fsspec.AbstractFileSystem, path: str
+) -> Iterator[tuple[str, str, tarfile.TarFile, tarfile.TarInfo]]:
     """(key, ext, tar, member) in stream order; the caller reads a member only if it wants it."""
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
         for m in tf:
@@ -266,7 +291,9 @@ def _scan_root(root: _Root, *, gallery: int, want_thumbs: set[str]) -> _Scan:
         for key, ext, tf, m in _tar_members(root.fs, posixpath.normpath(_join(root.base, url))):
             if ext in IMAGE_EXTS:
                 pending.clear()
-                need = len(scan.gallery.get(tar_source, [])) < gallery or f"{tar_source}/{key}/-1" in want_thumbs
+                need = (
+                    len(scan.gallery.get(tar_source, [])) < gallery or f"{tar_source}/{key}/-1" in want_thumbs
+                )
                 if need and (fh := tf.extractfile(m)) is not None:
                     pending[key] = fh.read()
                 continue
@@ -280,8 +307,15 @@ def _scan_root(root: _Root, *, gallery: int, want_thumbs: set[str]) -> _Scan:
     return scan
 
 
-def _account(scan: _Scan, rec: dict[str, Any], tar_source: str, key: str, image: bytes | None, gallery: int,
-             want_thumbs: set[str]) -> None:
+def _account(
+    scan: _Scan,
+    rec: dict[str, Any],
+    tar_source: str,
+    key: str,
+    image: bytes | None,
+    gallery: int,
+    want_thumbs: set[str],
+) -> None:
     source = str(rec.get("source") or tar_source)
     scan.samples += 1
     scan.words.setdefault((source, 0), _Acc()).add(len(str(rec.get("text") or "").split()))
@@ -315,12 +349,20 @@ def _account(scan: _Scan, rec: dict[str, Any], tar_source: str, key: str, image:
         if ident in want_thumbs and thumb:
             scan.thumbs[ident] = thumb
     if len(items) < gallery:
-        items.append(_Item(
-            source=source, key=key, thumb=thumb, original=str(rec.get("text") or ""),
-            captions=sorted(caps, key=lambda c: int(c.get("round") or 0)),
-            ocr=str(spec.get("ocr_text") or ""), spatial=[str(s) for s in spec.get("spatial") or []],
-            boxes=len(spec.get("grounding") or []),
-            clip_score=rec.get("clip_score"), delta_loss=rec.get("delta_loss")))
+        items.append(
+            _Item(
+                source=source,
+                key=key,
+                thumb=thumb,
+                original=str(rec.get("text") or ""),
+                captions=sorted(caps, key=lambda c: int(c.get("round") or 0)),
+                ocr=str(spec.get("ocr_text") or ""),
+                spatial=[str(s) for s in spec.get("spatial") or []],
+                boxes=len(spec.get("grounding") or []),
+                clip_score=rec.get("clip_score"),
+                delta_loss=rec.get("delta_loss"),
+            )
+        )
 
 
 def _work_segment(root: _Root, stage: str) -> str | None:
@@ -358,14 +400,19 @@ def _clip_hists_from_work(root: _Root) -> dict[str, _Hist]:
             names = set(pf.schema_arrow.names)
             if "clip_score" not in names:
                 continue
-            cols = [c for c in ("group", "source", "rule", "clip_score", "clip_similarity_vitb32") if c in names]
+            cols = [
+                c for c in ("group", "source", "rule", "clip_score", "clip_similarity_vitb32") if c in names
+            ]
             for batch in pf.iter_batches(batch_size=8192, columns=cols):
                 d = batch.to_pydict()
                 groups = d.get("group") or d.get("source") or ["all"] * batch.num_rows
                 rules = d.get("rule") or ["clip_score"] * batch.num_rows
                 for g in set(groups):
-                    vals = [d[r][i] if r in d else d["clip_score"][i]
-                            for i, (gg, r) in enumerate(zip(groups, rules, strict=True)) if gg == g]
+                    vals = [
+                        d[r][i] if r in d else d["clip_score"][i]
+                        for i, (gg, r) in enumerate(zip(groups, rules, strict=True))
+                        if gg == g
+                    ]
                     arr = np.asarray([np.nan if v is None else v for v in vals], dtype=np.float64)
                     hists.setdefault(str(g), _Hist()).add(arr)
     return hists
@@ -428,6 +475,9 @@ def _split_ident(ident: str) -> tuple[str, str, int]:
 # ---------------------------------------------------------------- plots
 
 
+_NO_METADATA = {"Date": None, "Creator": None, "Format": None, "Type": None}  # no RDF block, no URLs
+
+
 class _Plots:
     """Figures rendered as inline SVG with text kept as text and per-figure id salts (no id clashes)."""
 
@@ -440,9 +490,9 @@ class _Plots:
         self.count += 1
         buf = io.StringIO()
         with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": f"vila2-report-{self.count}"}):
-            fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
+            fig.savefig(buf, format="svg", bbox_inches="tight", metadata=_NO_METADATA)
         text = buf.getvalue()
-        return text[text.index("<svg"):]
+        return text[text.index("<svg") :]
 
     @staticmethod
     def figure(w: float, h: float) -> Any:
@@ -489,9 +539,14 @@ def _funnel(root: _Root, plots: _Plots) -> str:
         seq.append(("kept", int(s.get("kept", 0))))
         steps[name] = seq
         ok = left == int(s.get("kept", 0))
-        rows.append([esc(name)] + [f"{n:,}" for _, n in seq[:-1]]
-                    + [f"<b>{seq[-1][1]:,}</b>" + ("" if ok else " <span class='bad'>≠</span>"),
-                       f"{int(s.get('quarantined', 0)):,}"])
+        rows.append(
+            [esc(name)]
+            + [f"{n:,}" for _, n in seq[:-1]]
+            + [
+                f"<b>{seq[-1][1]:,}</b>" + ("" if ok else " <span class='bad'>≠</span>"),
+                f"{int(s.get('quarantined', 0)):,}",
+            ]
+        )
     head = ["source", "rows in"] + [f"after {esc(s)}" for s in stages] + ["kept", "of which quarantined⁺"]
     html_rows = _table(head, rows, "num")
 
@@ -500,37 +555,72 @@ def _funnel(root: _Root, plots: _Plots) -> str:
     for ax, (name, seq) in zip(axes, steps.items(), strict=True):
         labels = [lab for lab, _ in seq][::-1]
         vals = [n for _, n in seq][::-1]
-        colors = ["#2a9d8f" if lab == "kept" else "#8ab6d6" if lab == "rows in" else "#c9d6df" for lab in labels]
+        colors = [
+            "#2a9d8f" if lab == "kept" else "#8ab6d6" if lab == "rows in" else "#c9d6df" for lab in labels
+        ]
         ax.barh(labels, vals, color=colors)
         for y, v in enumerate(vals):
             ax.text(v, y, f" {v:,}", va="center", fontsize=7)
         ax.set_title(name, fontsize=9, loc="left")
         _style(ax)
     axes[-1].set_xlabel("rows", fontsize=8)
-    svg = _figure(plots.svg(fig), "Rows left after each stage, per source (stage = prefix of the stats reason).")
+    svg = _figure(
+        plots.svg(fig), "Rows left after each stage, per source (stage = prefix of the stats reason)."
+    )
 
-    reasons = sorted({k for s in sources.values() for k in (s.get("reasons") or {})},
-                     key=lambda k: (stages.index(_stage_of(k)[0]) if _stage_of(k)[0] in stages else 99, k))
+    reasons = sorted(
+        {k for s in sources.values() for k in (s.get("reasons") or {})},
+        key=lambda k: (stages.index(_stage_of(k)[0]) if _stage_of(k)[0] in stages else 99, k),
+    )
     names = list(sources)
-    rrows = [[esc(_stage_of(k)[0]), esc(_stage_of(k)[1])]
-             + [str((sources[n].get("reasons") or {}).get(k, "")) for n in names] for k in reasons]
+    rrows = [
+        [esc(_stage_of(k)[0]), esc(_stage_of(k)[1])]
+        + [str((sources[n].get("reasons") or {}).get(k, "")) for n in names]
+        for k in reasons
+    ]
     reason_tbl = _table(["stage", "reason"] + [esc(n) for n in names], rrows, "num")
-    img_rows = [[esc(n), f"{int(s.get('images_in', 0)):,}", f"{int(s.get('images_kept', 0)):,}",
-                 esc(", ".join(f"{k} {v}" for k, v in sorted((s.get("image_reasons") or {}).items())))]
-                for n, s in sources.items() if s.get("images_in")]
-    img_tbl = ("<h3>Images inside documents (MMC4)</h3>"
-               + _table(["source", "images in", "images kept", "image drop reasons"], img_rows)) if img_rows else ""
+    img_rows = [
+        [
+            esc(n),
+            f"{int(s.get('images_in', 0)):,}",
+            f"{int(s.get('images_kept', 0)):,}",
+            esc(", ".join(f"{k} {v}" for k, v in sorted((s.get("image_reasons") or {}).items()))),
+        ]
+        for n, s in sources.items()
+        if s.get("images_in")
+    ]
+    img_tbl = (
+        (
+            "<h3>Images inside documents (MMC4)</h3>"
+            + _table(["source", "images in", "images kept", "image drop reasons"], img_rows)
+        )
+        if img_rows
+        else ""
+    )
     shards = root.stats.get("shards") or []
-    srows = [[esc(s.get("source")), esc(s.get("shard")), f"{s.get('rows_in', 0):,}", f"{s.get('kept', 0):,}",
-              f"{s.get('dropped', 0):,}", f"{s.get('quarantined', 0):,}",
-              "✓" if s.get("rows_in", 0) == s.get("kept", 0) + s.get("dropped", 0) + s.get("quarantined", 0)
-              else "<span class='bad'>✗</span>"] for s in shards]
-    shard_tbl = _table(["source", "input shard", "rows in", "kept", "dropped", "quarantined", "balanced"], srows,
-                       "num")
-    return (f"{svg}{html_rows}<p class='muted'>⁺ quarantined rows are counted in their stage's reasons too "
-            f"(rows in = kept + dropped + quarantined; balanced: {esc(root.stats.get('balanced'))}).</p>"
-            f"<h3>Drop reasons</h3>{reason_tbl}{img_tbl}"
-            f"<details><summary>Per input shard ({len(shards)})</summary>{shard_tbl}</details>")
+    srows = [
+        [
+            esc(s.get("source")),
+            esc(s.get("shard")),
+            f"{s.get('rows_in', 0):,}",
+            f"{s.get('kept', 0):,}",
+            f"{s.get('dropped', 0):,}",
+            f"{s.get('quarantined', 0):,}",
+            "✓"
+            if s.get("rows_in", 0) == s.get("kept", 0) + s.get("dropped", 0) + s.get("quarantined", 0)
+            else "<span class='bad'>✗</span>",
+        ]
+        for s in shards
+    ]
+    shard_tbl = _table(
+        ["source", "input shard", "rows in", "kept", "dropped", "quarantined", "balanced"], srows, "num"
+    )
+    return (
+        f"{svg}{html_rows}<p class='muted'>⁺ quarantined rows are counted in their stage's reasons too "
+        f"(rows in = kept + dropped + quarantined; balanced: {esc(root.stats.get('balanced'))}).</p>"
+        f"<h3>Drop reasons</h3>{reason_tbl}{img_tbl}"
+        f"<details><summary>Per input shard ({len(shards)})</summary>{shard_tbl}</details>"
+    )
 
 
 def _clip(root: _Root, plots: _Plots) -> str:
@@ -552,20 +642,34 @@ def _clip(root: _Root, plots: _Plots) -> str:
         cut = g.get("top_percent_cut", g.get("threshold", g.get("min_score")))
         fig = _Plots.figure(4.2, 2.4)
         ax = fig.subplots()
-        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#8ab6d6", edgecolor="white",
-               linewidth=0.4)
+        ax.bar(
+            edges[:-1],
+            counts,
+            width=np.diff(edges),
+            align="edge",
+            color="#8ab6d6",
+            edgecolor="white",
+            linewidth=0.4,
+        )
         if isinstance(cut, int | float):
             ax.axvline(float(cut), color="#d62828", linewidth=1.5, linestyle="--")
-            ax.text(float(cut), ax.get_ylim()[1] * 0.95, f" cut {cut:.3f}", color="#d62828", fontsize=7,
-                    va="top")
+            ax.text(
+                float(cut), ax.get_ylim()[1] * 0.95, f" cut {cut:.3f}", color="#d62828", fontsize=7, va="top"
+            )
         ax.set_title(f"{name}  (n={h.n:,})", fontsize=9, loc="left")
         ax.set_xlabel("CLIP score", fontsize=8)
         ax.set_ylabel("rows", fontsize=8)
         _style(ax)
-        kept = f"kept {g.get('kept')} / {g.get('rows')}, dropped {g.get('dropped')}" if g else "no filter summary"
+        kept = (
+            f"kept {g.get('kept')} / {g.get('rows')}, dropped {g.get('dropped')}"
+            if g
+            else "no filter summary"
+        )
         out.append(_figure(plots.svg(fig), f"{name}: {kept}; cut {_fmt(cut, 4) if cut is not None else '–'}"))
-    return f"<p class='muted'>Scores: {esc(origin)}. Dashed line: the clip_filter cut from summaries.json.</p>" \
-           f"<div class='grid'>{''.join(out)}</div>"
+    return (
+        f"<p class='muted'>Scores: {esc(origin)}. Dashed line: the clip_filter cut from summaries.json.</p>"
+        f"<div class='grid'>{''.join(out)}</div>"
+    )
 
 
 def _words(roots: list[_Root], plots: _Plots) -> str:
@@ -586,8 +690,11 @@ def _words(roots: list[_Root], plots: _Plots) -> str:
             acc, flags = cells.get((s, r), (_Acc(), Counter()))
             bad = sum(flags.get(f, 0) for f in ("truncated", "refusal", "empty"))
             note = f" <span class='muted'>({bad} flagged)</span>" if bad else ""
-            row.append(f"{_fmt(acc.mean, 1)} ± {_fmt(acc.std, 1)} <span class='muted'>n={acc.n}</span>{note}"
-                       if acc.n else "–")
+            row.append(
+                f"{_fmt(acc.mean, 1)} ± {_fmt(acc.std, 1)} <span class='muted'>n={acc.n}</span>{note}"
+                if acc.n
+                else "–"
+            )
         rows.append(row)
     fig = _Plots.figure(7, 2.6)
     ax = fig.subplots()
@@ -595,15 +702,23 @@ def _words(roots: list[_Root], plots: _Plots) -> str:
     for j, r in enumerate(rounds):
         means = [(cells.get((s, r), (_Acc(),))[0].mean or 0.0) for s in sources]
         stds = [(cells.get((s, r), (_Acc(),))[0].std or 0.0) for s in sources]
-        ax.bar(np.arange(len(sources)) + j * width, means, width, yerr=stds, capsize=2,
-               label="original" if r == 0 else f"round {r}")
+        ax.bar(
+            np.arange(len(sources)) + j * width,
+            means,
+            width,
+            yerr=stds,
+            capsize=2,
+            label="original" if r == 0 else f"round {r}",
+        )
     ax.set_xticks(np.arange(len(sources)) + 0.4 - width / 2, sources, fontsize=8)
     ax.set_ylabel("words per caption", fontsize=8)
     ax.legend(fontsize=7, frameon=False)
     _style(ax)
-    return (_table(head, rows, "num")
-            + _figure(plots.svg(fig), "Mean ± std words per caption, per source and round "
-                      "(original = round-0 alt-text; flagged = truncated/refusal/empty captions)."))
+    return _table(head, rows, "num") + _figure(
+        plots.svg(fig),
+        "Mean ± std words per caption, per source and round "
+        "(original = round-0 alt-text; flagged = truncated/refusal/empty captions).",
+    )
 
 
 def _dedup(root: _Root, plots: _Plots, thumbs: Mapping[str, str]) -> str:
@@ -620,8 +735,11 @@ def _dedup(root: _Root, plots: _Plots, thumbs: Mapping[str, str]) -> str:
     _style(ax)
     per_source = d.get("per_source") or {}
     kinds = sorted({k for v in per_source.values() for k in v})
-    ps = _table(["source"] + [esc(k) for k in kinds],
-                [[esc(s)] + [str(v.get(k, "")) for k in kinds] for s, v in sorted(per_source.items())], "num")
+    ps = _table(
+        ["source"] + [esc(k) for k in kinds],
+        [[esc(s)] + [str(v.get(k, "")) for k in kinds] for s, v in sorted(per_source.items())],
+        "num",
+    )
     ex = []
     for g in (d.get("examples") or [])[:DEDUP_EXAMPLE_GROUPS]:
         members = g.get("members") or []
@@ -629,20 +747,31 @@ def _dedup(root: _Root, plots: _Plots, thumbs: Mapping[str, str]) -> str:
         for m in members[:DEDUP_EXAMPLE_MEMBERS]:
             ident = str(m.get("id", ""))
             t = thumbs.get(ident)
-            img = (f'<img class="dedup-thumb" src="{t}" alt="">' if t else "<div class='noimg'>no image</div>")
+            img = f'<img class="dedup-thumb" src="{t}" alt="">' if t else "<div class='noimg'>no image</div>"
             status = m.get("drop_reason") or ("flag: " + m["flag"] if m.get("flag") else "keeper")
             cls = "dropped" if m.get("drop_reason") else "keeper"
-            cards.append(f"<div class='card {cls}'>{img}<div class='id'>{esc(ident)}</div>"
-                         f"<div class='cap'>{esc(_clip_text(m.get('text')))}</div>"
-                         f"<div class='muted small'>{esc(status)}</div></div>")
-        more = f"<div class='muted'>+{len(members) - DEDUP_EXAMPLE_MEMBERS} more</div>" \
-            if len(members) > DEDUP_EXAMPLE_MEMBERS else ""
-        ex.append(f"<div class='group'><div class='gtitle'>{esc(g.get('group'))} · size {esc(g.get('size'))}"
-                  f"</div><div class='row'>{''.join(cards)}{more}</div></div>")
-    return (f"<p>{esc(d.get('groups'))} duplicate groups over {esc(d.get('signatures'))} signatures; "
-            f"{esc(d.get('decisions'))} decisions.</p>"
-            + _figure(plots.svg(fig), "Duplicate group sizes (summaries.json dedup.group_size_histogram).")
-            + ps + "<h3>Example groups</h3>" + "".join(ex))
+            cards.append(
+                f"<div class='card {cls}'>{img}<div class='id'>{esc(ident)}</div>"
+                f"<div class='cap'>{esc(_clip_text(m.get('text')))}</div>"
+                f"<div class='muted small'>{esc(status)}</div></div>"
+            )
+        more = (
+            f"<div class='muted'>+{len(members) - DEDUP_EXAMPLE_MEMBERS} more</div>"
+            if len(members) > DEDUP_EXAMPLE_MEMBERS
+            else ""
+        )
+        ex.append(
+            f"<div class='group'><div class='gtitle'>{esc(g.get('group'))} · size {esc(g.get('size'))}"
+            f"</div><div class='row'>{''.join(cards)}{more}</div></div>"
+        )
+    return (
+        f"<p>{esc(d.get('groups'))} duplicate groups over {esc(d.get('signatures'))} signatures; "
+        f"{esc(d.get('decisions'))} decisions.</p>"
+        + _figure(plots.svg(fig), "Duplicate group sizes (summaries.json dedup.group_size_histogram).")
+        + ps
+        + "<h3>Example groups</h3>"
+        + "".join(ex)
+    )
 
 
 def _specialists(roots: list[_Root], plots: _Plots) -> str:
@@ -656,27 +785,52 @@ def _specialists(roots: list[_Root], plots: _Plots) -> str:
         for n in names:
             s = spec[n]
             d = max(s.n, 1)
-            rows.append([esc(n), f"{s.n:,}", f"{100 * s.with_ocr / d:.1f}%", f"{s.ocr_lines / d:.2f}",
-                         f"{100 * s.with_box / d:.1f}%", f"{s.boxes / d:.2f}", f"{100 * s.with_spatial / d:.1f}%",
-                         f"{s.spatial / d:.2f}"])
+            rows.append(
+                [
+                    esc(n),
+                    f"{s.n:,}",
+                    f"{100 * s.with_ocr / d:.1f}%",
+                    f"{s.ocr_lines / d:.2f}",
+                    f"{100 * s.with_box / d:.1f}%",
+                    f"{s.boxes / d:.2f}",
+                    f"{100 * s.with_spatial / d:.1f}%",
+                    f"{s.spatial / d:.2f}",
+                ]
+            )
         fig = _Plots.figure(7.5, 2.2)
         axes = fig.subplots(1, 3, sharey=True, gridspec_kw={"wspace": 0.35})
-        metrics = [("share with OCR text", [spec[n].with_ocr / max(spec[n].n, 1) for n in names]),
-                   ("boxes per image", [spec[n].boxes / max(spec[n].n, 1) for n in names]),
-                   ("spatial sentences per image", [spec[n].spatial / max(spec[n].n, 1) for n in names])]
+        metrics = [
+            ("share with OCR text", [spec[n].with_ocr / max(spec[n].n, 1) for n in names]),
+            ("boxes per image", [spec[n].boxes / max(spec[n].n, 1) for n in names]),
+            ("spatial sentences per image", [spec[n].spatial / max(spec[n].n, 1) for n in names]),
+        ]
         for ax, (title, vals) in zip(axes, metrics, strict=True):
             ax.barh(names, vals, color="#9b5de5")
             ax.set_title(title, fontsize=8)
             _style(ax)
-        out.append(f"<h3>{esc(r.label)} · {esc(r.path)}</h3>"
-                   + _figure(plots.svg(fig), f"Specialist coverage in {r.label}.")
-                   + _table(["source", "samples", "with OCR text", "OCR lines / img", "with ≥1 box", "boxes / img",
-                             "with spatial", "spatial sentences / img"], rows, "num"))
+        out.append(
+            f"<h3>{esc(r.label)} · {esc(r.path)}</h3>"
+            + _figure(plots.svg(fig), f"Specialist coverage in {r.label}.")
+            + _table(
+                [
+                    "source",
+                    "samples",
+                    "with OCR text",
+                    "OCR lines / img",
+                    "with ≥1 box",
+                    "boxes / img",
+                    "with spatial",
+                    "spatial sentences / img",
+                ],
+                rows,
+                "num",
+            )
+        )
     return "".join(out) or "<p class='muted'>No specialist outputs in these roots.</p>"
 
 
 def _prefix_match(name: str, keys: Iterable[str]) -> str | None:
-    """``name`` itself, else the longest key that ``name`` starts with plus ``_`` (recaption_r1, dedup_apply)."""
+    """``name``, else the longest key that ``name`` starts with plus ``_`` (recaption_r1, dedup_apply)."""
     keys = list(keys)
     if name in keys:
         return name
@@ -697,7 +851,7 @@ def _stage_rank(name: str) -> tuple[int, str]:
 def _throughput(roots: list[_Root], plots: _Plots, gpus: Mapping[str, float]) -> str:
     out = []
     for r in roots:
-        stages = (r.timings.get("stages") or {})
+        stages = r.timings.get("stages") or {}
         if not stages:
             continue
         names = sorted(stages, key=_stage_rank)
@@ -714,28 +868,60 @@ def _throughput(roots: list[_Root], plots: _Plots, gpus: Mapping[str, float]) ->
                 gh, how = sec / rows_n * 1e6 / 3600 * g, "projected"
             else:
                 gh, how = (0.0 if rows_n else None), "CPU stage"
-            rows.append([esc(n), f"{rows_n:,}", _fmt(sec, 2), _fmt(1000 * sec / rows_n if rows_n else None, 2),
-                         _fmt(gsec, 2), _fmt(g, 2), _fmt(gh, 2) + f" <span class='muted'>{how}</span>",
-                         _fmt(sec / rows_n * 1e6 / 3600 if rows_n else None, 2)])
+            rows.append(
+                [
+                    esc(n),
+                    f"{rows_n:,}",
+                    _fmt(sec, 2),
+                    _fmt(1000 * sec / rows_n if rows_n else None, 2),
+                    _fmt(gsec, 2),
+                    _fmt(g, 2),
+                    _fmt(gh, 2) + f" <span class='muted'>{how}</span>",
+                    _fmt(sec / rows_n * 1e6 / 3600 if rows_n else None, 2),
+                ]
+            )
         fig = _Plots.figure(6, 0.6 + 0.28 * len(names))
         ax = fig.subplots()
-        vals = [1000 * float(stages[n].get("seconds") or 0) / max(int(stages[n].get("rows") or 0), 1) for n in names]
-        ax.barh(names[::-1], vals[::-1], color=["#f4a261" if _gpus_for(n, gpus) else "#8ab6d6" for n in names][::-1])
+        vals = [
+            1000 * float(stages[n].get("seconds") or 0) / max(int(stages[n].get("rows") or 0), 1)
+            for n in names
+        ]
+        ax.barh(
+            names[::-1],
+            vals[::-1],
+            color=["#f4a261" if _gpus_for(n, gpus) else "#8ab6d6" for n in names][::-1],
+        )
         ax.set_xlabel("seconds per 1k rows (orange: GPU-model stage)", fontsize=8)
         _style(ax)
-        out.append(f"<h3>{esc(r.label)} · {esc(r.path)}</h3>"
-                   + _figure(plots.svg(fig), f"Seconds per 1k rows per stage in {r.label}.")
-                   + _table(["stage", "rows", "seconds", "s / 1k rows", "GPU-seconds", "GPUs (assumed)",
-                             "GPU-h / 1M samples", "wall-h / 1M (1 worker)"], rows, "num"))
+        out.append(
+            f"<h3>{esc(r.label)} · {esc(r.path)}</h3>"
+            + _figure(plots.svg(fig), f"Seconds per 1k rows per stage in {r.label}.")
+            + _table(
+                [
+                    "stage",
+                    "rows",
+                    "seconds",
+                    "s / 1k rows",
+                    "GPU-seconds",
+                    "GPUs (assumed)",
+                    "GPU-h / 1M samples",
+                    "wall-h / 1M (1 worker)",
+                ],
+                rows,
+                "num",
+            )
+        )
     if not out:
         return "<p class='muted'>No timings.json.</p>"
     assumed = ", ".join(f"{k}={v:g}" for k, v in sorted(gpus.items()))
-    return ("<p class='formula'>GPU-hours per 1M samples = gpu_seconds / rows × 10⁶ / 3600 when the engine "
-            "measured GPU time (gpu_seconds &gt; 0, GPU workers); otherwise, for a model stage, "
-            "seconds / rows × 10⁶ / 3600 × GPUs — the wall time measured here, as if one worker holding that "
-            "many GPUs ran at the same rate (a pessimistic bound when the stage ran on CPU). CPU stages count 0. "
-            f"GPUs per stage are not recorded in the run's outputs, so they are assumed: {esc(assumed)} "
-            "(pass <code>gpus=</code> to <code>write_report</code> to change them).</p>" + "".join(out))
+    return (
+        "<p class='formula'>GPU-hours per 1M samples = gpu_seconds / rows × 10⁶ / 3600 when the engine "
+        "measured GPU time (gpu_seconds &gt; 0, GPU workers); otherwise, for a model stage, "
+        "seconds / rows × 10⁶ / 3600 × GPUs — the wall time measured here, as if one worker holding that "
+        "many GPUs ran at the same rate (a pessimistic bound when the stage ran on CPU). CPU stages count 0. "
+        f"GPUs per stage are not recorded in the run's outputs, so they are assumed: {esc(assumed)} "
+        "(pass <code>gpus=</code> to <code>write_report</code> to change them).</p>" + "".join(out)
+    )
 
 
 def _gallery(roots: list[_Root], n: int) -> str:
@@ -752,8 +938,11 @@ def _gallery(roots: list[_Root], n: int) -> str:
     head = "".join(f"<th>round {r}</th>" for r in rounds)
     body = []
     for it in picked:
-        img = (f'<img class="gallery-thumb" src="{it.thumb}" alt="{esc(it.key)}">' if it.thumb
-               else "<div class='noimg'>no image</div>")
+        img = (
+            f'<img class="gallery-thumb" src="{it.thumb}" alt="{esc(it.key)}">'
+            if it.thumb
+            else "<div class='noimg'>no image</div>"
+        )
         by_round = {int(c.get("round") or 0): c for c in it.captions}
         cells = []
         for r in rounds:
@@ -762,47 +951,59 @@ def _gallery(roots: list[_Root], n: int) -> str:
                 cells.append("<td class='muted'>–</td>")
                 continue
             flags = ", ".join(str(f) for f in c.get("flags") or [])
-            cells.append(f"<td><div class='cap'>{esc(c.get('text'))}</div><div class='lineage muted small'>"
-                         f"{esc(c.get('model'))} · {esc(c.get('prompt_id'))}{' · ' + esc(flags) if flags else ''}"
-                         "</div></td>")
+            cells.append(
+                f"<td><div class='cap'>{esc(c.get('text'))}</div><div class='lineage muted small'>"
+                f"{esc(c.get('model'))} · {esc(c.get('prompt_id'))}{' · ' + esc(flags) if flags else ''}"
+                "</div></td>"
+            )
         spatial = "".join(f"<li>{esc(s)}</li>" for s in it.spatial[:8])
         more = f"<li class='muted'>+{len(it.spatial) - 8} more</li>" if len(it.spatial) > 8 else ""
-        spec = (f"<div class='ocr'><b>OCR:</b> {esc(it.ocr) or '<span class=muted>none</span>'}</div>"
-                f"<div class='small'><b>boxes:</b> {it.boxes}</div>"
-                f"<ul class='spatial'>{spatial}{more}</ul>")
+        spec = (
+            f"<div class='ocr'><b>OCR:</b> {esc(it.ocr) or '<span class=muted>none</span>'}</div>"
+            f"<div class='small'><b>boxes:</b> {it.boxes}</div>"
+            f"<ul class='spatial'>{spatial}{more}</ul>"
+        )
         scores = f"CLIP {_fmt(it.clip_score, 3)} · ΔL {_fmt(it.delta_loss, 3)}"
-        body.append(f"<tr class='gallery-entry'><td>{img}<div class='id'>{esc(it.source)}/{esc(it.key)}</div>"
-                    f"<div class='muted small'>{scores}</div></td>"
-                    f"<td class='original'><div class='cap'>{esc(it.original)}</div></td>{''.join(cells)}"
-                    f"<td class='spec'>{spec}</td></tr>")
-    return (f"<p class='muted'>{len(picked)} samples from {esc(last.path)}, round-robin over sources; every "
-            "caption round from its lineage.</p>"
-            f"<table class='gallery'><thead><tr><th>image</th><th>original alt-text</th>{head}"
-            f"<th>specialists</th></tr></thead><tbody>{''.join(body)}</tbody></table>")
+        body.append(
+            f"<tr class='gallery-entry'><td>{img}<div class='id'>{esc(it.source)}/{esc(it.key)}</div>"
+            f"<div class='muted small'>{scores}</div></td>"
+            f"<td class='original'><div class='cap'>{esc(it.original)}</div></td>{''.join(cells)}"
+            f"<td class='spec'>{spec}</td></tr>"
+        )
+    return (
+        f"<p class='muted'>{len(picked)} samples from {esc(last.path)}, round-robin over sources; every "
+        "caption round from its lineage.</p>"
+        f"<table class='gallery'><thead><tr><th>image</th><th>original alt-text</th>{head}"
+        f"<th>specialists</th></tr></thead><tbody>{''.join(body)}</tbody></table>"
+    )
 
 
 # ---------------------------------------------------------------- page
 
 _CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2733;background:#f6f7f9}
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2733;
+background:#f6f7f9}
 header{background:#1d3557;color:#fff;padding:18px 28px}header h1{margin:0;font-size:20px}
 header .muted{color:#c8d3e0}main{padding:8px 28px 40px;max-width:1500px}
 section{background:#fff;border:1px solid #e3e6ea;border-radius:8px;padding:14px 18px;margin:16px 0}
 h2{font-size:17px;margin:0 0 10px}h3{font-size:14px;margin:14px 0 6px}
 table{border-collapse:collapse;margin:8px 0;font-size:12.5px}th,td{border-bottom:1px solid #eceff3;
 padding:4px 8px;text-align:left;vertical-align:top}th{background:#f1f4f8;font-weight:600}
-table.num td{font-variant-numeric:tabular-nums}.muted{color:#6b7785}.small{font-size:11.5px}.bad{color:#d62828}
+table.num td{font-variant-numeric:tabular-nums}.muted{color:#6b7785}.small{font-size:11.5px}
+.bad{color:#d62828}
 figure.plot{margin:8px 0;display:inline-block}figure.plot svg{max-width:100%;height:auto}
 figcaption{font-size:12px;color:#6b7785}.grid{display:flex;flex-wrap:wrap;gap:8px}
 .group{margin:10px 0}.gtitle{font-size:12px;font-weight:600;margin-bottom:4px}.row{display:flex;gap:8px;
 flex-wrap:wrap}.card{width:170px;border:1px solid #e3e6ea;border-radius:6px;padding:5px;font-size:12px}
-.card .small{word-break:break-all}.card.keeper{border-color:#2a9d8f}.card.dropped{opacity:.85;border-style:dashed}
+.card .small{word-break:break-all}.card.keeper{border-color:#2a9d8f}
+.card.dropped{opacity:.85;border-style:dashed}
 .id{font-family:ui-monospace,monospace;font-size:11px;color:#44505c;word-break:break-all}
 .noimg{width:160px;height:90px;background:#eceff3;color:#6b7785;display:flex;align-items:center;
 justify-content:center;font-size:11px}
 img.gallery-thumb,img.dedup-thumb{max-width:160px;max-height:160px;display:block;border-radius:4px}
 table.gallery td{max-width:320px}.cap{white-space:pre-wrap;word-break:break-word}
-ul.spatial{margin:4px 0 0 16px;padding:0;font-size:12px}.formula{background:#f1f4f8;padding:8px;border-radius:6px}
+ul.spatial{margin:4px 0 0 16px;padding:0;font-size:12px}
+.formula{background:#f1f4f8;padding:8px;border-radius:6px}
 nav a{color:#fff;margin-right:14px;font-size:13px}code{font-size:12px}
 """
 
@@ -825,10 +1026,15 @@ window.addEventListener('load', function () {
 });
 """
 
-SECTIONS = (("funnel", "1 · Funnel: rows per stage and drop reason"), ("clip", "2 · CLIPScore per source"),
-            ("words", "3 · Words per caption by round"), ("dedup", "4 · Duplicate groups"),
-            ("specialists", "5 · Specialist coverage"), ("throughput", "6 · Throughput and cost per stage"),
-            ("gallery", "7 · Gallery: captions by round"))
+SECTIONS = (
+    ("funnel", "1 · Funnel: rows per stage and drop reason"),
+    ("clip", "2 · CLIPScore per source"),
+    ("words", "3 · Words per caption by round"),
+    ("dedup", "4 · Duplicate groups"),
+    ("specialists", "5 · Specialist coverage"),
+    ("throughput", "6 · Throughput and cost per stage"),
+    ("gallery", "7 · Gallery: captions by round"),
+)
 
 
 def render_report(out_dirs: list[str], gallery: int = 12, gpus: Mapping[str, float] | None = None) -> str:
@@ -840,17 +1046,26 @@ def render_report(out_dirs: list[str], gallery: int = 12, gpus: Mapping[str, flo
     examples = ((first.summaries.get("dedup") or {}).get("examples") or [])[:DEDUP_EXAMPLE_GROUPS]
     wanted = {str(m.get("id")) for g in examples for m in (g.get("members") or [])[:DEDUP_EXAMPLE_MEMBERS]}
     for i, r in enumerate(roots):
-        r.scan = _scan_root(r, gallery=gallery if i == len(roots) - 1 else 0,
-                            want_thumbs=wanted if i == 0 else set())
+        r.scan = _scan_root(
+            r, gallery=gallery if i == len(roots) - 1 else 0, want_thumbs=wanted if i == 0 else set()
+        )
     thumbs = dict(first.scan.thumbs)
     thumbs.update(_dedup_thumbs_from_work(first, wanted - thumbs.keys()))
     plots = _Plots()
     gpu_map = dict(DEFAULT_STAGE_GPUS if gpus is None else gpus)
-    body = {"funnel": _funnel(first, plots), "clip": _clip(first, plots), "words": _words(roots, plots),
-            "dedup": _dedup(first, plots, thumbs), "specialists": _specialists(roots, plots),
-            "throughput": _throughput(roots, plots, gpu_map), "gallery": _gallery(roots, gallery)}
+    body = {
+        "funnel": _funnel(first, plots),
+        "clip": _clip(first, plots),
+        "words": _words(roots, plots),
+        "dedup": _dedup(first, plots, thumbs),
+        "specialists": _specialists(roots, plots),
+        "throughput": _throughput(roots, plots, gpu_map),
+        "gallery": _gallery(roots, gallery),
+    }
     nav = "".join(f'<a href="#{sid}">{esc(title.split(" · ")[1])}</a>' for sid, title in SECTIONS)
-    secs = "".join(f'<section id="{sid}"><h2>{esc(title)}</h2>{body[sid]}</section>' for sid, title in SECTIONS)
+    secs = "".join(
+        f'<section id="{sid}"><h2>{esc(title)}</h2>{body[sid]}</section>' for sid, title in SECTIONS
+    )
     name = first.meta.get("name") or posixpath.basename(first.base.rstrip("/")) or "dataset"
     roots_txt = " → ".join(f"{r.label}: {r.path} ({r.scan.samples:,} published samples)" for r in roots)
     total = first.stats.get("total") or {}
@@ -868,8 +1083,9 @@ def render_report(out_dirs: list[str], gallery: int = 12, gpus: Mapping[str, flo
     )
 
 
-def write_report(out_dirs: list[str], dest: str | None = None, gallery: int = 12,
-                 gpus: Mapping[str, float] | None = None) -> str:
+def write_report(
+    out_dirs: list[str], dest: str | None = None, gallery: int = 12, gpus: Mapping[str, float] | None = None
+) -> str:
     """Write the self-contained report for ``out_dirs`` (round 0 first, then later rounds); return its path.
 
     ``dest`` defaults to ``<first root>/report.html``; the file is written to a temporary name and renamed.

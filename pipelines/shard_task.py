@@ -27,10 +27,11 @@ from schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA
 Timings = dict[str, dict[str, float]]
 
 
-def _add(timings: Timings, name: str, rows: int, seconds: float) -> None:
-    acc = timings.setdefault(name, {"rows": 0, "seconds": 0.0})
+def _add(timings: Timings, name: str, rows: int, seconds: float, gpus: float = 0.0) -> None:
+    acc = timings.setdefault(name, {"rows": 0, "seconds": 0.0, "gpu_seconds": 0.0})
     acc["rows"] += rows
     acc["seconds"] += seconds
+    acc["gpu_seconds"] = acc.get("gpu_seconds", 0.0) + seconds * gpus
 
 
 def input_batches(fs, root: str, reader: Reader, shard: InputShard, seg: int, batch_size: int,
@@ -39,9 +40,10 @@ def input_batches(fs, root: str, reader: Reader, shard: InputShard, seg: int, ba
     """The rows segment ``seg`` starts from, with the previous segment's decisions applied."""
     source = reader.read(shard, batch_size) if seg == 0 else read_rows(fs, rows_path(root, seg - 1, shard),
                                                                       batch_size)
+    read_name = "read" if seg == 0 else "read_intermediate"
     t0 = time.perf_counter()
     for batch in source:
-        _add(timings, "read", batch.num_rows, time.perf_counter() - t0)
+        _add(timings, read_name, batch.num_rows, time.perf_counter() - t0)
         if prev_decisions is not None:
             t = time.perf_counter()
             batch = apply_decisions(batch, prev_decisions, prev_stage or "decision")
@@ -54,7 +56,7 @@ def map_batch(segment: Segment, batch: pa.Table, timings: Timings) -> pa.Table:
     for stage in segment.maps:
         t = time.perf_counter()
         batch = apply_guarded(stage, batch)
-        _add(timings, stage.name, batch.num_rows, time.perf_counter() - t)
+        _add(timings, stage.name, batch.num_rows, time.perf_counter() - t, gpu_share(stage))
     return batch
 
 
@@ -131,9 +133,25 @@ def run_shard_segment(fs, root: str, plan: Plan, segment: Segment, reader: Reade
     return output.close(timings)
 
 
+def gpu_share(stage: Any) -> float:
+    """GPU-seconds per wall second of this stage: its declared GPU share, when a GPU is in use."""
+    gpus = float(getattr(stage.resources, "gpus", 0.0) or 0.0)
+    if not gpus:
+        return 0.0
+    try:
+        import torch
+
+        return gpus if torch.cuda.is_available() else 0.0
+    except ImportError:
+        return 0.0
+
+
 def merge_timings(parts: Iterable[dict[str, Any]]) -> Timings:
     total: Timings = {}
     for p in parts:
         for k, v in (p or {}).items():
-            _add(total, k, int(v.get("rows", 0)), float(v.get("seconds", 0.0)))
+            acc = total.setdefault(k, {"rows": 0, "seconds": 0.0, "gpu_seconds": 0.0})
+            acc["rows"] += int(v.get("rows", 0))
+            acc["seconds"] += float(v.get("seconds", 0.0))
+            acc["gpu_seconds"] += float(v.get("gpu_seconds", 0.0))
     return total

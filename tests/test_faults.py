@@ -10,6 +10,7 @@ seconds. Trial results are printed (``pytest -s``) and, with ``VILA2_FAULT_REPOR
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import random
@@ -366,6 +367,10 @@ def test_disk_full_fails_clearly_then_resumes(sample_dir: Path, clean: dict[str,
         ours = [f"{Path(str(e.path)).name}:{e.lineno + 1}" for e in info.traceback
                 if str(e.path).startswith(str(ROOT)) and "/tests/" not in str(e.path)]
         print(f"\n[{how}] disk full: {info.value!r} via {' > '.join(ours)}; on disk: {_on_disk(disk / 'out')}")
+        # The engine leaks the failed shard's open ParquetWriter (see TEMP_BUG); collect it here, where its
+        # finalizer's failing flush is harmless, not later inside some unrelated compile() (CPython 3.11 then
+        # raises "SystemError: AST constructor recursion depth mismatch" in pytest's assertion rewriter).
+        gc.collect()
         # A real ENOSPC from write(2) carries no file name (the engine does not add one): errno is the signal.
         assert info.value.errno == errno.ENOSPC
         _assert_no_partial_final_files(disk / "out")

@@ -1,4 +1,4 @@
-"""report.html from a real round 0 + round 1, checked by parsing it and by rendering it in headless Chromium."""
+"""report.html from a real round 0 + round 1, parsed and rendered in headless Chromium."""
 
 from __future__ import annotations
 
@@ -55,23 +55,37 @@ def rounds(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     if not (sample_dir / "models" / "vlm").exists():  # as in test_rounds: the session sample may lack it
         build_demo_vlm(str(sample_dir / "models" / "vlm"), seed=0)
     tmp = tmp_path_factory.mktemp("report")
-    stages = [{"type": "normalize"}, {"type": "dedup", "methods": ["exact", "phash"]},
-              {"type": "clipscore", "model": str(sample_dir / "models" / "clip")},
-              {"type": "clip_filter", "top_percent": 90}]
+    stages = [
+        {"type": "normalize"},
+        {"type": "dedup", "methods": ["exact", "phash"]},
+        {"type": "clipscore", "model": str(sample_dir / "models" / "clip")},
+        {"type": "clip_filter", "top_percent": 90},
+    ]
     cfg = write_config(sample_dir, tmp / "r0", tmp / "r0.yaml", stages=stages)
     raw = yaml.safe_load(cfg.read_text())
     raw["sources"] = [s for s in raw["sources"] if s["name"] in ("coyo_bytes", "coyo_paths")]
     cfg.write_text(yaml.safe_dump(raw))
     run_local(load_config(cfg), progress=False)
 
-    r1 = {"name": "rep-r{round}", "batch_size": 32,
-          "sources": [{"name": "prev", "kind": "vila_wds", "paths": [str(tmp / "r{prev_round}")]}],
-          "stages": [{"type": "recaption", "prompts": "self_augment",
-                      "captioner": {"model": str(sample_dir / "models" / "vlm"), "model_tag": "demo-vlm",
-                                    "generation": {"max_new_tokens": 8, "seed": 0},
-                                    "runtime": {"batch_size": 16}}},
-                     {"type": "ocr"}],
-          "output": {"path": str(tmp / "r{round}"), "shard_max_samples": 64}}
+    r1 = {
+        "name": "rep-r{round}",
+        "batch_size": 32,
+        "sources": [{"name": "prev", "kind": "vila_wds", "paths": [str(tmp / "r{prev_round}")]}],
+        "stages": [
+            {
+                "type": "recaption",
+                "prompts": "self_augment",
+                "captioner": {
+                    "model": str(sample_dir / "models" / "vlm"),
+                    "model_tag": "demo-vlm",
+                    "generation": {"max_new_tokens": 8, "seed": 0},
+                    "runtime": {"batch_size": 16},
+                },
+            },
+            {"type": "ocr"},
+        ],
+        "output": {"path": str(tmp / "r{round}"), "shard_max_samples": 64},
+    }
     (tmp / "r1.yaml").write_text(yaml.safe_dump(r1, sort_keys=False))
     run_local(load_config(tmp / "r1.yaml", round=1), progress=False)
 
@@ -157,8 +171,14 @@ def test_report_sections_plots_gallery_and_escaping(rounds: tuple[Path, Path], t
     assert any("".join(e["caps"]) == EVIL_CAP for e in p.entries)
     assert EVIL_ALT in p.dedup_texts
     assert "&lt;script&gt;alert(&quot;vlm&quot;)&lt;/script&gt;" in text
-    for section in ("clip_below_top_percent", "original (alt-text)", "round 1", "with OCR text",
-                    "GPU-h / 1M samples", "cut 0."):
+    for section in (
+        "clip_below_top_percent",
+        "original (alt-text)",
+        "round 1",
+        "with OCR text",
+        "GPU-h / 1M samples",
+        "cut 0.",
+    ):
         assert section in text, section
 
 
@@ -173,9 +193,20 @@ def _chromium() -> str:
 
 
 def _browser(exe: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--virtual-time-budget=5000", *args]
+    cmd = [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=90)
 
 
@@ -197,8 +228,14 @@ def test_report_renders_in_headless_chromium(rounds: tuple[Path, Path], tmp_path
     assert dom.stdout.count("<script") == 1 and "&lt;script&gt;" in dom.stdout  # hostile captions stayed text
 
     shot = tmp_path / "report.png"
-    run = _browser(exe, tmp_path / "profile2", "--hide-scrollbars", "--window-size=1280,2400",
-                   f"--screenshot={shot}", url)
+    run = _browser(
+        exe,
+        tmp_path / "profile2",
+        "--hide-scrollbars",
+        "--window-size=1280,2400",
+        f"--screenshot={shot}",
+        url,
+    )
     assert shot.exists(), run.stderr[-2000:]
     img = Image.open(shot).convert("RGB")
     assert img.size == (1280, 2400)

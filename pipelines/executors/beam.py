@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 
 from curation.decisions import index_decisions
 from pipelines.aggregate import normalize_decisions
-from pipelines.executors.local import plan_summaries, prepare_run, write_segment_summary
+from pipelines.executors.local import plan_summaries, prepare_run, run_info, write_segment_summary
 from pipelines.executors.parts import WorkItem, assemble_shard, clear_parts, tagged_batches, write_parts
 from pipelines.guard import apply_guarded
 from pipelines.plan import Plan
@@ -104,7 +104,7 @@ def run_beam(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
         if not last:
             _decide_pipeline(beam, config, fs, root, plan, segment, items)
     results = [load_marker(fs, root, it.shard) for it in items]
-    return finalize(fs, root, config.name, results, plan_summaries(fs, root, plan))
+    return finalize(fs, root, config.name, results, plan_summaries(fs, root, plan), run_info(plan, config))
 
 
 def _map_pipeline(beam, config: RunConfig, fs, root: str, plan: Plan, seg: int, items: list[WorkItem],

@@ -87,7 +87,7 @@ def run_local(config: RunConfig, *, progress: bool = True, max_shards: int | Non
             results = _final_segment(fs, root, plan, config, work, prev, progress, budget)
         else:
             _decision_segment(fs, root, plan, segment, config, work, prev, progress, budget)
-    return finalize(fs, root, config.name, results, plan_summaries(fs, root, plan))
+    return finalize(fs, root, config.name, results, plan_summaries(fs, root, plan), run_info(plan, config))
 
 
 def _spend(budget: list[int | None]) -> None:
@@ -136,6 +136,15 @@ def write_segment_summary(fs, root: str, segment, decisions, signatures) -> None
     summary = {"stage": segment.decide.name, "signatures": signatures.num_rows,
                "decisions": decisions.num_rows, **summary}
     write_json_atomic(fs, posixpath.join(seg_dir(root, segment.index), "summary.json"), summary)
+
+
+def run_info(plan: Plan, config: RunConfig) -> dict[str, Any]:
+    """What the report needs beside the timings: stage order, each stage's declared resources."""
+    stages = [{"name": s.name, "version": s.version, "segment": seg.index,
+               "global": s is seg.decide, "cpus": s.resources.cpus, "gpus": s.resources.gpus}
+              for seg in plan.segments for s in seg.stages]
+    return {"run": {"name": config.name, "engine": config.engine, "config_hash": plan.config_hash,
+                    "plan_hash": plan.plan_hash, "stages": stages}}
 
 
 def plan_summaries(fs, root: str, plan: Plan) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from curation.decisions import index_decisions
 from pipelines.aggregate import normalize_decisions
-from pipelines.executors.local import plan_summaries, prepare_run, write_segment_summary
+from pipelines.executors.local import plan_summaries, prepare_run, run_info, write_segment_summary
 from pipelines.executors.parts import WorkItem, assemble_shard, clear_parts, tagged_batches, write_parts
 from pipelines.guard import apply_guarded
 from pipelines.plan import Plan
@@ -120,7 +120,7 @@ def run_ray(config: RunConfig, *, progress: bool = True, address: str | None = N
             results = _final_segment(ray, fs, root, plan, config, items, prev)
         else:
             _decision_segment(ray, fs, root, plan, segment, config, items, prev)
-    return finalize(fs, root, config.name, results, plan_summaries(fs, root, plan))
+    return finalize(fs, root, config.name, results, plan_summaries(fs, root, plan), run_info(plan, config))
 
 
 def _map_segment(ray, fs, root: str, plan: Plan, seg: int, config: RunConfig, items: list[WorkItem],
