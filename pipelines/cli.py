@@ -18,7 +18,13 @@ from schemas.config import ConfigError, load_config
 def _cmd_run(args: argparse.Namespace) -> int:
     overrides = {"engine": args.engine} if args.engine else {}
     config = load_config(args.config, overrides, round=args.round)
-    stats = run(config, progress=not args.no_progress, address=args.address)
+    try:
+        stats = run(config, progress=not args.no_progress, address=args.address)
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {type(e).__name__}: {e.strerror or e}{where}; output: {config.output.path}. "
+              "Finished shards are kept: rerun the same command to resume.", file=sys.stderr)
+        return 4
     total = stats["total"]
     print(json.dumps({"output": config.output.path, **{k: total[k] for k in
                                                          ("rows_in", "kept", "dropped", "quarantined")},
@@ -120,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # output not writable, disk full, input gone: say what and where, no traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: {type(e).__name__}: {e.strerror or e}{where}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -127,10 +127,10 @@ def run_shard_segment(fs, root: str, plan: Plan, segment: Segment, reader: Reade
             output.write(batch)
             if on_batch:
                 on_batch(batch.num_rows, output.kept - kept_before)
+        return output.close(timings)
     except BaseException:
         output.abort()
         raise
-    return output.close(timings)
 
 
 def gpu_share(stage: Any) -> float:

@@ -12,6 +12,7 @@ Rows dropped by a curation decision keep their identity and reason but lose thei
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import uuid
@@ -81,12 +82,11 @@ class IntermediateWriter:
         self.fs.mv(self.tmp, self.path)
 
     def abort(self) -> None:
-        try:
-            self._writer.close()
-            self._file.close()
-        finally:
-            if self.fs.exists(self.tmp):
-                self.fs.rm(self.tmp)
+        for close in (self._writer.close, self._file.close):
+            with contextlib.suppress(Exception):  # the original error is what matters; clean up regardless
+                close()
+        if self.fs.exists(self.tmp):
+            self.fs.rm(self.tmp)
 
 
 def read_rows(fs, path: str, batch_size: int) -> Iterator[pa.Table]:

@@ -95,9 +95,6 @@ def _leftover_temps(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in _temp_files(out))
 
 
-TEMP_BUG = ("engine bug: a rerun does not remove temporary files a killed/failed run left "
-            "(IntermediateWriter's _work/seg*/rows/*.parquet.tmp-*; nothing sweeps .tmp- names on resume), "
-            "so `vila2-curate validate` fails after a successful resume")
 
 
 def _assert_no_partial_final_files(out: Path) -> None:
@@ -195,7 +192,6 @@ def test_kill_9_rerun_gives_identical_output(kill_trials: list[dict]):
     assert all(t["result"].startswith("identical") for t in kill_trials), kill_trials
 
 
-@pytest.mark.xfail(strict=True, reason=TEMP_BUG)
 def test_kill_9_rerun_leaves_no_temporary_files(kill_trials: list[dict]):
     """The first_tmp trial always kills while a temporary file is open, so this fails until the bug is fixed."""
     assert [t["trial"] for t in kill_trials if t["temps_after_rerun"] or t["validate"] != "ok"] == []
@@ -245,10 +241,10 @@ def test_guard_quarantines_only_the_failing_row():
     assert stage.processed == set(keys) - {"k7"}
 
 
-def test_stage_error_in_the_local_engine_quarantines_one_sample(sample_dir: Path, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch):
-    """Inject the failing stage into the plan the local engine builds; the run finishes around it."""
+def test_stage_error_in_the_local_engine_quarantines_one_sample(sample_dir: Path, tmp_path: Path):
+    """Inject the failing stage into the plan and hand it to the local engine; the run finishes around it."""
     import pipelines.executors.local as local
+    from pipelines.plan import build_plan
     from schemas.config import load_config
 
     normalize = [{"type": "normalize"}]
@@ -257,17 +253,11 @@ def test_stage_error_in_the_local_engine_quarantines_one_sample(sample_dir: Path
     ref_kept = {s["__key__"] for s in read_vila_samples(str(tmp_path / "ref"))}
     bad = sorted(ref_kept)[len(ref_kept) // 2]
     stage = _FailsOnKey(bad)
-    real_build = local.build_plan
-
-    def build_with_failing_stage(config):
-        plan = real_build(config)
-        plan.segments[0].maps.append(stage)  # after normalize, before the writer
-        plan.stage_versions[stage.name] = stage.version
-        return plan
-
-    monkeypatch.setattr(local, "build_plan", build_with_failing_stage)
     cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml", stages=normalize))
-    stats = local.run_local(cfg, progress=False)
+    plan = build_plan(cfg)
+    plan.segments[0].maps.append(stage)  # after normalize, before the writer
+    plan.stage_versions[stage.name] = stage.version
+    stats = local.run_local(cfg, progress=False, plan=plan)
     assert stats["balanced"]
     assert stats["total"]["rows_in"] == ref_stats["total"]["rows_in"]
     assert stats["total"]["kept"] == ref_stats["total"]["kept"] - 1
@@ -296,7 +286,8 @@ def test_unwritable_output_fails_clearly(sample_dir: Path, tmp_path: Path, where
     cfg = write_config(sample_dir, out, tmp_path / "run.yaml", stages=[{"type": "normalize"}])
     proc = subprocess.run(_cli_cmd(cfg), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     print(f"\n[{where}] rc={proc.returncode} stderr tail: {proc.stderr.strip().splitlines()[-1:]}")
-    assert proc.returncode != 0
+    assert proc.returncode == 4  # the CLI's "cannot write / read" exit code, not a traceback
+    assert "Traceback" not in proc.stderr and "error:" in proc.stderr
     assert str(out.parent) in proc.stderr or str(out) in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()
     if where == "file_as_dir":
@@ -367,12 +358,15 @@ def test_disk_full_fails_clearly_then_resumes(sample_dir: Path, clean: dict[str,
         ours = [f"{Path(str(e.path)).name}:{e.lineno + 1}" for e in info.traceback
                 if str(e.path).startswith(str(ROOT)) and "/tests/" not in str(e.path)]
         print(f"\n[{how}] disk full: {info.value!r} via {' > '.join(ours)}; on disk: {_on_disk(disk / 'out')}")
-        # The engine leaks the failed shard's open ParquetWriter (see TEMP_BUG); collect it here, where its
-        # finalizer's failing flush is harmless, not later inside some unrelated compile() (CPython 3.11 then
-        # raises "SystemError: AST constructor recursion depth mismatch" in pytest's assertion rewriter).
+        code = info.value.errno
+        # a failed shard's ParquetWriter may still be reachable from the traceback;
+        # drop it and collect here, where its finalizer's failing flush is harmless, not later inside some
+        # unrelated compile() (CPython 3.11 then raises "SystemError: AST constructor recursion depth
+        # mismatch" from pytest's assertion rewriter at session end).
+        del info
         gc.collect()
         # A real ENOSPC from write(2) carries no file name (the engine does not add one): errno is the signal.
-        assert info.value.errno == errno.ENOSPC
+        assert code == errno.ENOSPC
         _assert_no_partial_final_files(disk / "out")
         # free space, rerun: finishes and matches the clean run
         if how == "tmpfs":
@@ -383,8 +377,7 @@ def test_disk_full_fails_clearly_then_resumes(sample_dir: Path, clean: dict[str,
         _assert_finished_like_clean(disk / "out", clean)
         temps = _leftover_temps(disk / "out")
         print(f"[{how}] rerun after freeing space: identical; temporary files left: {temps}")
-        if temps:
-            pytest.xfail(f"{TEMP_BUG}: {temps}")
+        assert not temps, temps
     finally:
         if how == "tmpfs" and os.path.ismount(disk):
             # lazy: the failed run may still hold a file open on it (the leaked IntermediateWriter handle)

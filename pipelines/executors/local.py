@@ -29,7 +29,7 @@ from pipelines.readers import make_reader
 from pipelines.readers.base import InputShard, Reader
 from pipelines.shard_task import merge_timings, run_shard_segment
 from pipelines.workdir import read_decisions, read_done, read_signatures, seg_dir, write_decisions
-from pipelines.writers.atomic import write_json_atomic
+from pipelines.writers.atomic import is_temp_name, write_json_atomic
 from schemas.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,24 @@ def prepare_run(config: RunConfig, plan: Plan | None = None):
     the run's start time. Returns (fs, root, plan, work)."""
     fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
     fs.makedirs(root, exist_ok=True)
+    remove_temp_files(fs, root)
     plan = plan or build_plan(config)
     work = list_work(config)
     plan.set_inputs([shard.path for _, shard in work])
     set_run_started_at(plan, run_started_at(fs, root, plan.plan_hash))
     return fs, root, plan, work
+
+
+def remove_temp_files(fs, root: str) -> int:
+    """Delete temporary files a killed or failed run left (one run per output directory at a time)."""
+    removed = 0
+    for path in fs.find(root):
+        if is_temp_name(path):
+            fs.rm(path)
+            removed += 1
+    if removed:
+        log.info("removed %d temporary files left by an interrupted run", removed)
+    return removed
 
 
 def run_local(config: RunConfig, *, progress: bool = True, max_shards: int | None = None,
