@@ -21,7 +21,7 @@ from fsspec.spec import AbstractFileSystem
 from pipelines.readers.base import InputShard, SourceFormatError
 from schemas.config import SourceConfig
 from schemas.keys import safe_key
-from schemas.rows import make_table
+from schemas.rows import PAIR_SCHEMA, make_table
 
 READ_STAGE = "read"
 _GLOB_CHARS = "*?["
@@ -249,3 +249,24 @@ def batched_tables(rows: Iterable[dict[str, Any]], schema: pa.Schema, batch_size
             buf = []
     if buf:
         yield make_table(buf, schema)
+
+
+class StreamingReader:
+    """The shared shape of the file readers: each file matching ``suffixes`` is one input shard, and
+    ``_rows(shard)`` streams row dicts that are grouped into ``schema`` tables of ``batch_size`` rows."""
+
+    row_kind = "pair"
+    suffixes: tuple[str, ...] = ()
+    schema: pa.Schema = PAIR_SCHEMA
+
+    def __init__(self, source: SourceConfig) -> None:
+        self.source = source
+
+    def list_shards(self) -> list[InputShard]:
+        return make_shards(self.source, expand_paths(self.source, self.suffixes), self.row_kind)
+
+    def read(self, shard: InputShard, batch_size: int) -> Iterator[pa.Table]:
+        yield from batched_tables(self._rows(shard), self.schema, batch_size)
+
+    def _rows(self, shard: InputShard) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError

@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.spec import AbstractFileSystem
 
@@ -38,12 +37,10 @@ from pipelines.readers._common import (
     IMAGE_EXTENSIONS,
     READ_STAGE,
     KeyRegistry,
+    StreamingReader,
     as_int,
     as_str,
     base_row,
-    batched_tables,
-    expand_paths,
-    make_shards,
     quarantine,
     short_error,
     sniff_image_format,
@@ -53,7 +50,6 @@ from pipelines.readers._common import (
 )
 from pipelines.readers.base import InputShard
 from pipelines.readers.tarstream import TarMember, TarTruncated, iter_members
-from schemas.config import SourceConfig
 from schemas.rows import PAIR_SCHEMA
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -110,19 +106,12 @@ def unsafe_member_reason(info: TarMember | tarfile.TarInfo) -> str | None:
     return None
 
 
-class Img2DatasetReader:
+class Img2DatasetReader(StreamingReader):
     """Streams img2dataset WebDataset shards (tar + parquet) as PAIR_SCHEMA tables."""
 
     row_kind = "pair"
-
-    def __init__(self, source: SourceConfig) -> None:
-        self.source = source
-
-    def list_shards(self) -> list[InputShard]:
-        return make_shards(self.source, expand_paths(self.source, TAR_SUFFIXES), self.row_kind)
-
-    def read(self, shard: InputShard, batch_size: int) -> Iterator[pa.Table]:
-        yield from batched_tables(self._rows(shard), PAIR_SCHEMA, batch_size)
+    suffixes = TAR_SUFFIXES
+    schema = PAIR_SCHEMA
 
     # ------------------------------------------------------------------------------------------ rows
 

@@ -18,19 +18,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import fsspec
-import pyarrow as pa
 from fsspec.spec import AbstractFileSystem
 
 from pipelines.readers._common import (
     READ_STAGE,
     KeyRegistry,
+    StreamingReader,
     as_float,
     as_int,
     as_str,
     base_row,
-    batched_tables,
-    expand_paths,
-    make_shards,
     quarantine,
     short_error,
     sniff_image_format,
@@ -38,7 +35,6 @@ from pipelines.readers._common import (
     url_to_fs,
 )
 from pipelines.readers.base import InputShard
-from schemas.config import SourceConfig
 from schemas.rows import DOCUMENT_SCHEMA
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zip", ".jsonl.bz2", ".jsonl.xz", ".jsonl.zst")
@@ -46,19 +42,12 @@ _DOC_FIELDS = ("url", "text_list", "image_info", "similarity_matrix", "could_hav
 _IMAGE_FIELDS = ("image_name", "raw_url", "matched_text_index", "matched_sim")
 
 
-class Mmc4Reader:
+class Mmc4Reader(StreamingReader):
     """Streams MMC4 jsonl shards line by line as DOCUMENT_SCHEMA tables, images read through fsspec."""
 
     row_kind = "document"
-
-    def __init__(self, source: SourceConfig) -> None:
-        self.source = source
-
-    def list_shards(self) -> list[InputShard]:
-        return make_shards(self.source, expand_paths(self.source, JSONL_SUFFIXES), self.row_kind)
-
-    def read(self, shard: InputShard, batch_size: int) -> Iterator[pa.Table]:
-        yield from batched_tables(self._rows(shard), DOCUMENT_SCHEMA, batch_size)
+    suffixes = JSONL_SUFFIXES
+    schema = DOCUMENT_SCHEMA
 
     # ------------------------------------------------------------------------------------------ rows
 
