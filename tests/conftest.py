@@ -30,10 +30,15 @@ def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The realistic offline sample (`vila2-curate sample`), written once per test session."""
     from pipelines.demo_models import build_demo_models
     from pipelines.sample import write_sample
+    from recaption.demo import build_demo_vlm
+    from specialists.demo import build_demo_detector
 
     out = tmp_path_factory.mktemp("sample")
     write_sample(str(out), seed=0)
-    build_demo_models(str(out / "models"), seed=0)  # what `vila2-curate sample` also writes
+    # what `vila2-curate sample` also writes: every demo model the quickstart configs use
+    build_demo_models(str(out / "models"), seed=0)
+    build_demo_vlm(str(out / "models" / "vlm"), seed=0)
+    build_demo_detector(str(out / "models" / "owlv2"), seed=0)
     return out
 
 

@@ -50,10 +50,6 @@ def _inject(tar_path: Path) -> str:
 @pytest.fixture(scope="module")
 def rounds(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Round 0 (2 COYO sources: normalize, dedup, clipscore, clip_filter), then round 1 (recaption + OCR)."""
-    from recaption.demo import build_demo_vlm
-
-    if not (sample_dir / "models" / "vlm").exists():  # as in test_rounds: the session sample may lack it
-        build_demo_vlm(str(sample_dir / "models" / "vlm"), seed=0)
     tmp = tmp_path_factory.mktemp("report")
     stages = [
         {"type": "normalize"},

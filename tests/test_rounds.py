@@ -42,13 +42,7 @@ def _round_config(sample: Path, root: Path, dest: Path, *, specialists: bool = T
 
 @pytest.fixture(scope="module")
 def models(sample_dir: Path) -> Path:
-    from recaption.demo import build_demo_vlm
-    from specialists.demo import build_demo_detector
-
-    if not (sample_dir / "models" / "vlm").exists():
-        build_demo_vlm(str(sample_dir / "models" / "vlm"), seed=0)
-        build_demo_detector(str(sample_dir / "models" / "owlv2"), seed=0)
-    return sample_dir / "models"
+    return sample_dir / "models"  # the session fixture builds every demo model, as `vila2-curate sample` does
 
 
 @pytest.fixture(scope="module")
@@ -153,12 +147,17 @@ def test_ray_job_submit_runs_a_round(r0: Path, sample_dir: Path, models: Path, t
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
            "PATH": f"{ray_bin.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # `python` = this venv
     gcs, dash = _free_port(), _free_port()
+    # every fixed default port moved: the test session's own cluster already holds them (agent 52365...)
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "ray-client-server-port", "runtime-env-agent-port", "node-manager-port", "object-manager-port")]
     temp = Path(os.environ.get("RAY_TMPDIR", tmp_path)) / "job-cluster"
     # --block keeps the head's processes in one process group that we end ourselves: `ray stop` would
     # stop every Ray process on the machine, including the test session's own cluster
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
                              "--include-dashboard=true", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                             f"--temp-dir={temp}", "--disable-usage-stats"], env=env, start_new_session=True,
+                             f"--temp-dir={temp}", "--disable-usage-stats", *ports], env=env,
+                            start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
