@@ -112,10 +112,7 @@ def stage_command(cfg: DagConfig, config: str, task_id: str, with_round: bool) -
 
 def ingest_command(cfg: DagConfig) -> str:
     """List the curation config's input shards and fail when there are none (after an optional download)."""
-    check = (f"python -c 'import json, sys; from schemas.config import load_config; "
-             f"from pipelines.executors.local import list_work; w = list_work(load_config(sys.argv[1])); "
-             f"print(json.dumps({{\"input_shards\": len(w)}})); sys.exit(0 if w else 1)' "
-             f"{shlex.quote(cfg.path(cfg.curation_config))}")
+    check = f"{shlex.quote(cfg.cli)} inputs {shlex.quote(cfg.path(cfg.curation_config))}"
     return f"{cfg.ingest_command} && {check}" if cfg.ingest_command else check
 
 

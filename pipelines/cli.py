@@ -75,6 +75,22 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _cmd_inputs(args: argparse.Namespace) -> int:
+    """List the input shards a config would read; exit 1 when there are none (Airflow's ingest check)."""
+    from pipelines.executors.local import list_work
+    from pipelines.readers.base import SourceFormatError
+
+    try:
+        work = list_work(load_config(args.config, round=args.round))
+        print(json.dumps({"input_shards": len(work),
+                          "by_source": {s: sum(1 for _, sh in work if sh.source == s)
+                                        for s in sorted({sh.source for _, sh in work})}}))
+        return 0 if work else 1
+    except SourceFormatError as e:
+        print(json.dumps({"input_shards": 0, "error": str(e)}))
+        return 1
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from pipelines.report import write_report
 
@@ -103,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-models", action="store_true",
                    help="skip the tiny random demo models (sample/models) the quickstart's model stages use")
     s.set_defaults(func=_cmd_sample)
+
+    ip = sub.add_parser("inputs", help="count the input shards a config would read (exit 1 when none)")
+    ip.add_argument("config")
+    ip.add_argument("--round", type=int)
+    ip.set_defaults(func=_cmd_inputs)
 
     rp = sub.add_parser("report", help="write report.html (funnel, CLIP histograms, caption lengths per round, "
                                        "dedup groups, specialist coverage, cost per stage, gallery)")

@@ -94,7 +94,7 @@ def test_rendered_cli_commands_for_round_2(dagbag):
     assert _render(dag, "curate", 2) == f"vila2-curate run {ROOT}/configs/quickstart.yaml --no-progress"
     assert _render(dag, "deltaloss", 2) == f"vila2-curate run {ROOT}/configs/deltaloss.yaml --round 2 --no-progress"
     assert "recaption.yaml (round 2)" in _render(dag, "specialists", 2)  # specialists ran in the round config
-    assert "list_work" in _render(dag, "ingest", 2)
+    assert " inputs " in _render(dag, "ingest", 2)
     assert dag.get_task("recaption").cwd == str(ROOT)
 
 
