@@ -8,6 +8,7 @@ stage) or the VILA shards, rejects and stats (the last segment).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -136,14 +137,16 @@ def run_shard_segment(fs, root: str, plan: Plan, segment: Segment, reader: Reade
 def gpu_share(stage: Any) -> float:
     """GPU-seconds per wall second of this stage: its declared GPU share, when a GPU is in use."""
     gpus = float(getattr(stage.resources, "gpus", 0.0) or 0.0)
-    if not gpus:
-        return 0.0
+    return gpus if gpus and _cuda_available() else 0.0
+
+
+@functools.cache
+def _cuda_available() -> bool:
     try:
         import torch
-
-        return gpus if torch.cuda.is_available() else 0.0
     except ImportError:
-        return 0.0
+        return False
+    return torch.cuda.is_available()
 
 
 def merge_timings(parts: Iterable[dict[str, Any]]) -> Timings:

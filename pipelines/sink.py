@@ -6,7 +6,6 @@ Engine-independent: the local engine feeds it batch by batch; Ray and Beam feed 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -68,9 +67,8 @@ class ShardSink:
         st.rows_in += batch.num_rows
         dropped_mask = pc.is_valid(batch.column("drop_reason"))
         quarantined_mask = pc.and_(dropped_mask, pc.fill_null(batch.column("quarantined"), False))
-        kept = batch.filter(pc.invert(dropped_mask))
         rejected = batch.filter(dropped_mask)
-        st.kept += kept.num_rows
+        st.kept += batch.num_rows - rejected.num_rows
         nq = pc.sum(quarantined_mask).as_py() or 0
         st.quarantined += nq
         st.dropped += rejected.num_rows - nq
@@ -121,10 +119,6 @@ class ShardSink:
         if not st.balanced():  # an engine bug, never bad input: fail loudly rather than publish
             raise RuntimeError(f"accounting broken for {src}/{sid}: {st.model_dump()}")
         return st, files
-
-
-def output_file_dict(f: OutputFile) -> dict:
-    return asdict(f)
 
 
 class _same_name:  # noqa: N801 - a picklable naming function

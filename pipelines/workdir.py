@@ -23,9 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.aggregate import normalize_decisions
 from pipelines.readers.base import InputShard
 from pipelines.writers.atomic import write_json_atomic, write_parquet_atomic
-from schemas.rows import DECISION_SCHEMA, check_schema_version
+from schemas.rows import check_schema_version
 from schemas.table_ops import replace_columns
 
 WORK_DIR = "_work"
@@ -128,8 +129,7 @@ def read_done(fs, root: str, seg: int, shard: InputShard) -> dict[str, Any] | No
 
 
 def write_decisions(fs, root: str, seg: int, decisions: pa.Table, seg_hash: str) -> None:
-    decisions = decisions.select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA)
-    decisions = decisions.sort_by([("source", "ascending"), ("key", "ascending"),
+    decisions = normalize_decisions(decisions).sort_by([("source", "ascending"), ("key", "ascending"),
                                    ("image_index", "ascending")]).combine_chunks()
     meta = {b"vila2.segment_hash": seg_hash.encode()}
     write_parquet_atomic(fs, decisions_path(root, seg), decisions.replace_schema_metadata(meta))

@@ -62,15 +62,6 @@ class ShardStats(BaseModel):
         return self.rows_in == self.kept + self.dropped + self.quarantined
 
 
-class StageTiming(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    stage: str
-    rows: int = 0
-    seconds: float = 0.0
-    gpu_seconds: float = 0.0
-
-
 def merge_stats(parts: list[ShardStats]) -> dict[str, Any]:
     """Merge per-shard stats into the dataset's stats.json payload (sorted, deterministic)."""
     parts = sorted(parts, key=lambda s: (s.source, s.shard))

@@ -126,18 +126,6 @@ DOCUMENT_SCHEMA = pa.schema(
     metadata={VERSION_KEY: SCHEMA_VERSION.encode(), KIND_KEY: b"document"},
 )
 
-SCHEMAS = {"pair": PAIR_SCHEMA, "document": DOCUMENT_SCHEMA}
-
-
-def schema_kind(schema: pa.Schema) -> str:
-    """Return "pair" or "document" for a schema that carries our metadata."""
-    meta = schema.metadata or {}
-    kind = meta.get(KIND_KEY, b"").decode()
-    if kind not in SCHEMAS:
-        raise SchemaVersionError(f"schema has no vila2 row kind in its metadata (got {kind!r})")
-    return kind
-
-
 def check_schema_version(schema: pa.Schema) -> str:
     """Refuse rows written by an unknown major schema version; return the version found."""
     meta = schema.metadata or {}

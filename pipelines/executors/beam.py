@@ -20,7 +20,14 @@ import pyarrow.compute as pc
 from curation.decisions import index_decisions
 from pipelines.aggregate import normalize_decisions
 from pipelines.executors.local import plan_summaries, prepare_run, run_info, write_segment_summary
-from pipelines.executors.parts import WorkItem, assemble_shard, clear_parts, tagged_batches, write_parts
+from pipelines.executors.parts import (
+    WorkItem,
+    assemble_shard,
+    clear_parts,
+    tagged_batches,
+    uses_model,
+    write_parts,
+)
 from pipelines.guard import apply_guarded
 from pipelines.plan import Plan
 from pipelines.progress import (
@@ -159,7 +166,7 @@ def _map_pipeline(beam, config: RunConfig, fs, root: str, plan: Plan, seg: int, 
             batches = p | f"shards_{kind}" >> beam.Create(subset) | f"read_{kind}" >> beam.ParDo(ReadShard())
             for stage in segment.maps:
                 label = f"{stage.name}_{kind}"
-                if stage.resources.gpus > 0 or getattr(stage, "loads_model", False):
+                if uses_model(stage):
                     batches = batches | label >> RunInference(handler_cls(stage))
                 else:
                     batches = batches | label >> beam.ParDo(RunStage(stage))

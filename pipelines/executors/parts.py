@@ -38,6 +38,11 @@ class WorkItem:
     shard: InputShard
 
 
+def uses_model(stage) -> bool:
+    """Model stages run where a model is loaded once per worker (Ray actor pool, Beam RunInference)."""
+    return stage.resources.gpus > 0 or bool(getattr(stage, "loads_model", False))
+
+
 def parts_dir(root: str, seg: int, shard: InputShard) -> str:
     return posixpath.join(seg_dir(root, seg), "parts", shard.source, shard.shard_id)
 

@@ -20,7 +20,14 @@ import pyarrow as pa
 from curation.decisions import index_decisions
 from pipelines.aggregate import normalize_decisions
 from pipelines.executors.local import plan_summaries, prepare_run, run_info, write_segment_summary
-from pipelines.executors.parts import WorkItem, assemble_shard, clear_parts, tagged_batches, write_parts
+from pipelines.executors.parts import (
+    WorkItem,
+    assemble_shard,
+    clear_parts,
+    tagged_batches,
+    uses_model,
+    write_parts,
+)
 from pipelines.guard import apply_guarded
 from pipelines.plan import Plan
 from pipelines.progress import (
@@ -56,10 +63,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True)
-
-
-def _uses_model(stage: Any) -> bool:
-    return stage.resources.gpus > 0 or bool(getattr(stage, "loads_model", False))
 
 
 class _ReadShards:
@@ -154,7 +157,7 @@ def _map_dataset(ray, fs, root: str, plan: Plan, seg: int, config: RunConfig, it
         opts = stage.resources.ray_options()
         batch_size = getattr(getattr(stage, "cfg", None), "runtime", None)
         batch_size = batch_size.batch_size if batch_size else config.batch_size
-        if _uses_model(stage):
+        if uses_model(stage):
             workers = getattr(getattr(stage.cfg, "runtime", None), "workers", 1)
             ds = ds.map_batches(_StageActor, fn_constructor_args=(stage,), batch_size=batch_size,
                                 batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
