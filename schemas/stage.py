@@ -66,3 +66,38 @@ class GlobalStage(Protocol):
     def signatures(self, batch: pa.Table) -> pa.Table: ...
 
     def decide(self, signatures: pa.Table) -> pa.Table: ...
+
+
+SHARD_COL = "shard"  # "<source>/<shard_id>": the input shard a signature (and so a decision) belongs to
+PARTITION_COL = "partition"  # int64 group key of the partitioned decide
+
+
+@runtime_checkable
+class PartitionedDecide(Protocol):
+    """The scale path of a global stage (issue 8): ``decide`` split into independent, bounded groups.
+
+    ``decide(all signatures)`` above stays the single-process reference; for the same signatures the
+    partitioned path must give the same decisions (same kept rows, same reasons). The engine runs:
+
+    1. per input shard (map side): the shard's signatures, with a ``shard`` column added by the engine,
+       go through ``partition(sig)``, which returns the rows to shuffle with an int64 ``partition``
+       column; a signature may be emitted under several partitions (pHash bands, LSH bands) and the
+       rows may be a projection of the signature columns.
+    2. per partition (in parallel; memory bounded by the partition's size): ``decide_partition(rows)``
+       returns partial results (dedup: confirmed edges carrying what the keeper rule needs of both
+       endpoints and their ``shard``; cut-offs: a serialized mergeable sketch per subset).
+    3. once (one process, holding only partial results: edges and group members, one sketch per
+       subset; never all rows): ``combine(partials)`` returns the combined result. When it has a
+       ``shard`` column (dedup: one decision row per group member), the engine hands each shard only
+       its own rows; otherwise (thresholds per subset) every shard gets the whole small table.
+    4. per input shard: ``shard_decisions(combined_for_shard, shard_signatures)`` returns that shard's
+       decisions in DECISION_SCHEMA; the engine stores them per input shard.
+    """
+
+    def partition(self, signatures: pa.Table) -> pa.Table: ...
+
+    def decide_partition(self, rows: pa.Table) -> pa.Table: ...
+
+    def combine(self, partials: list[pa.Table]) -> pa.Table: ...
+
+    def shard_decisions(self, combined: pa.Table, signatures: pa.Table) -> pa.Table: ...
