@@ -75,3 +75,27 @@ def choose_caption(
     - "mix": "latest" for a ``mix_ratio`` share of keys, decided by a hash of (seed, key), else "original".
     """
     return choose_caption_source(key, original, captions, policy)[0]
+
+
+def has_usable_caption(original: str | None, captions: list[dict[str, Any]] | None) -> bool:
+    """True when every policy mode yields a non-blank ``.txt``: a non-blank original or a usable recaption.
+
+    ``choose_caption_source`` falls back from one to the other in every mode, so the answer does not
+    depend on the policy; dedup uses it to choose keepers the writer will publish.
+    """
+    return bool(original and original.strip()) or latest_caption(captions) is not None
+
+
+def publish_problem(url: str | None, image: bytes | None, original: str | None,
+                    captions: list[dict[str, Any]] | None) -> str | None:
+    """Why the writer would refuse a kept pair row (None: it publishes it); one rule for writer and dedup.
+
+    Per-row content rules only; key syntax and duplicate keys are the writer's own checks.
+    """
+    if not url:
+        return "has no url; VILA looks samples up in caption sidecars by url"
+    if not image:
+        return "has no image bytes"
+    if not has_usable_caption(original, captions):
+        return "has no usable caption; drop it in a stage before the writer"
+    return None

@@ -1,8 +1,9 @@
 """DedupStage: the dedup GlobalStage (signatures -> decide -> DECISION_SCHEMA rows) and its summary.
 
 Image methods (exact sha256, pHash confirmed by thumbnails or CLIP, SemDeDup) are joined with
-union-find, so an item linked to a group by any method joins it; one keeper per group survives:
-highest ``clip_score`` where present, then smallest ``"{source}/{key}/{image_index}"``.
+union-find, so an item linked to a group by any method joins it; one keeper per group survives, chosen
+by ``keeper.keeper_sort_key``: publishable first (the writer would not refuse it), then the most pixels,
+then the highest ``clip_score``, then the smallest ``"{source}/{key}/{image_index}"``.
 
 MMC4 documents (``mmc4_policy``):
 
@@ -31,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.dedup.exact import exact_pairs
+from curation.dedup.keeper import keeper_sort_key, pair_publishable, pixels
 from curation.dedup.minhash import minhash_signatures, near_duplicate_pairs
 from curation.dedup.phash import hamming_pairs
 from curation.dedup.semantic import clip_cosines, semantic_pairs
@@ -56,6 +58,8 @@ SIGNATURE_SCHEMA = pa.schema(
         pa.field("clip_score", pa.float32()),
         pa.field("text", pa.string()),  # pair caption; first 200 chars of a document (for summaries)
         pa.field("minhash", pa.list_(pa.uint32())),
+        pa.field("publishable", pa.bool_()),  # keeper.py: the writer would publish it (url, image, caption)
+        pa.field("pixels", pa.int64()),  # width x height (keeper: the larger copy survives)
     ]
 )
 
@@ -68,7 +72,7 @@ class DedupStage:
     """GlobalStage over pair rows and MMC4 document rows; ``group_by=None``: one decide() over all."""
 
     name = "dedup"
-    version = "1"
+    version = "2"  # 2: keeper = publishable, then pixels, then CLIP score, then id
     resources = Resources(cpus=1)
     group_by: str | None = None
 
@@ -105,6 +109,7 @@ class DedupStage:
 
     def _image_fields(self, im: dict[str, Any]) -> dict[str, Any]:
         out = {k: im.get(k) for k in ("sha256", "phash", "embedding", "clip_score")}
+        out["pixels"] = pixels(im.get("width"), im.get("height"))
         need_thumb = self._thumbs and (self.cfg.phash_confirm == "thumbnail" or not im.get("embedding"))
         if need_thumb and im.get("image"):
             try:
@@ -114,7 +119,8 @@ class DedupStage:
         return out
 
     def _pair_rows(self, batch: pa.Table, rows: list[dict[str, Any]]) -> None:
-        names = ["source", "key", "drop_reason", "image", "sha256", "phash", "embedding", "clip_score", "text"]
+        names = ["source", "key", "drop_reason", "image", "sha256", "phash", "embedding", "clip_score", "text",
+                 "url", "captions", "width", "height"]
         cols = {n: batch.column(n).to_pylist() if n in batch.column_names else [None] * batch.num_rows
                 for n in names}
         captions = "minhash_captions" in self.cfg.methods
@@ -122,7 +128,8 @@ class DedupStage:
             if cols["drop_reason"][i] is not None:
                 continue
             row: dict[str, Any] = {"source": cols["source"][i], "key": cols["key"][i], "image_index": -1,
-                                   "kind": "pair", "text": cols["text"][i]}
+                                   "kind": "pair", "text": cols["text"][i],
+                                   "publishable": pair_publishable({n: cols[n][i] for n in names})}
             if self._images:
                 row.update(self._image_fields({n: cols[n][i] for n in names}))
             else:
@@ -148,8 +155,8 @@ class DedupStage:
             if images:
                 for j, im in enumerate(infos[d] or []):
                     if im.get("drop_reason") is None:
-                        rows.append({"source": sources[d], "key": keys[d], "image_index": j,
-                                     "kind": "doc_image", **self._image_fields(im)})
+                        rows.append({"source": sources[d], "key": keys[d], "image_index": j, "kind": "doc_image",
+                                     "publishable": True, **self._image_fields(im)})
 
     # ---- aggregate: decide -----------------------------------------------------------------------
     def decide(self, signatures: pa.Table) -> pa.Table:
@@ -200,6 +207,8 @@ class DedupStage:
         ph = sig.column("phash").take(take).to_pylist()
         emb_list = sig.column("embedding").take(take).to_pylist()
         scores = sig.column("clip_score").take(take).to_pylist()
+        publishable = sig.column("publishable").take(take).to_pylist()
+        sizes = sig.column("pixels").take(take).to_pylist()
         thumbs_list = sig.column("thumb").take(take).to_pylist()
         per_method: dict[str, np.ndarray] = {}
         if "exact" in cfg.methods:
@@ -222,7 +231,7 @@ class DedupStage:
                 uf.union(a, b)
                 union.union(a, b)
         for group in union.groups():
-            keeper = min(group, key=lambda g: (scores[g] is None, -(scores[g] or 0.0), ids[rows[g]]))
+            keeper = min(group, key=lambda g: keeper_sort_key(publishable[g], sizes[g], scores[g], ids[rows[g]]))
             kid = ids[rows[keeper]]
             gid = f"image:{kid}"
             for g in group:

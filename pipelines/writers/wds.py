@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.writers.atomic import HashingWriter, OutputFile, join, temp_path, write_json_atomic
-from recaption.policy import choose_caption_source
+from recaption.policy import choose_caption_source, publish_problem
 from schemas.config import CaptionPolicy
 from schemas.rows import PAIR_SCHEMA, conform
 
@@ -260,15 +260,14 @@ class WdsShardWriter:
         check_key(key)
         if row.get("drop_reason") is not None or row.get("quarantined"):
             raise RuntimeError(f"row {key!r} is dropped or quarantined; only kept rows go to shards")
-        if not row.get("url"):
-            raise ValueError(f"row {key!r} has no url; VILA looks samples up in caption sidecars by url")
-        image = row.get("image")
-        if not image:
-            raise ValueError(f"row {key!r} has no image bytes")
-        ext = member_ext(row.get("image_format"))
         captions = [c for c in (row.get("captions") or []) if c is not None]
+        image = row.get("image")
+        problem = publish_problem(row.get("url"), image, row.get("text"), captions)  # dedup keepers use it too
+        if problem:
+            raise ValueError(f"row {key!r} {problem}")
+        ext = member_ext(row.get("image_format"))
         txt, source = choose_caption_source(key, row.get("text"), captions, self.policy)
-        if not txt.strip():
+        if not txt.strip():  # publish_problem's caption rule and the policy agree; kept as a guard
             raise ValueError(f"row {key!r} has no usable caption; drop it in a stage before the writer")
         meta = json.dumps(sample_json(row, source), sort_keys=True, ensure_ascii=False, allow_nan=False)
         return [(f"{key}.{ext}", bytes(image)), (f"{key}.txt", txt.encode("utf-8")),
