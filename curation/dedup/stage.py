@@ -36,7 +36,7 @@ from curation.dedup.keeper import keeper_sort_key, pair_publishable, pixels
 from curation.dedup.minhash import minhash_signatures, near_duplicate_pairs
 from curation.dedup.phash import hamming_pairs
 from curation.dedup.semantic import clip_cosines, semantic_pairs
-from curation.dedup.thumbnails import THUMB_BYTES, thumbnail, thumbnail_distances, thumbnail_neighbour_pairs
+from curation.dedup.thumbnails import THUMB_BYTES, confirm_pairs, thumbnail, thumbnail_neighbour_pairs
 from curation.dedup.unionfind import UnionFind
 from schemas.config import DedupConfig
 from schemas.rows import DECISION_SCHEMA
@@ -282,7 +282,7 @@ class DedupStage:
             sub = pairs[has_t]
             uniq, inv = np.unique(sub, return_inverse=True)
             t = np.frombuffer(b"".join(thumbs_list[i] for i in uniq), dtype=np.uint8).reshape(-1, THUMB_BYTES)
-            ok[has_t] = thumbnail_distances(t, inv.reshape(-1, 2)) <= cfg.thumbnail_max_distance
+            ok[has_t] = confirm_pairs(t, inv.reshape(-1, 2), cfg)
         return pairs[ok]
 
     def _decide_captions(self, sig: pa.Table, ids: list[str], kinds: list[str],

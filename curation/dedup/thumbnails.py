@@ -14,6 +14,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from schemas.config import DedupConfig
+
 GREY_SIDE = 16
 RGB_SIDE = 8
 THUMB_BYTES = GREY_SIDE * GREY_SIDE + RGB_SIDE * RGB_SIDE * 3  # 256 grey + 192 RGB = 448 bytes
@@ -53,6 +55,23 @@ def thumbnail_distances(thumbs: np.ndarray, pairs: np.ndarray) -> np.ndarray:
         rgb = diff[:, grey_n:].mean(axis=1)
         out[s:s + 65536] = np.maximum(grey, rgb) / 255.0
     return out
+
+
+def confirm_pairs(thumbs: np.ndarray, pairs: np.ndarray, cfg: DedupConfig) -> np.ndarray:
+    """Boolean mask over ``pairs`` (indices into ``thumbs``, (n, THUMB_BYTES) uint8): same picture?
+
+    A pure function of the two thumbnails and the config, so a partitioned decide can call it on any
+    worker that holds both items' signatures.
+    """
+    if len(pairs) == 0:
+        return np.zeros(0, dtype=bool)
+    return thumbnail_distances(thumbs, pairs) <= cfg.thumbnail_max_distance
+
+
+def confirm_pair(thumb_a: bytes, thumb_b: bytes, cfg: DedupConfig) -> bool:
+    """:func:`confirm_pairs` for one pair of thumbnail byte strings."""
+    t = np.frombuffer(thumb_a + thumb_b, dtype=np.uint8).reshape(2, THUMB_BYTES)
+    return bool(confirm_pairs(t, np.array([[0, 1]], dtype=np.int64), cfg)[0])
 
 
 FLAT_KNN_MAX_ITEMS = 4096  # above this, an HNSW graph instead of an exact scan
