@@ -19,6 +19,7 @@ import pyarrow as pa
 from fsspec.spec import AbstractFileSystem
 
 from pipelines.readers.base import InputShard, SourceFormatError
+from pipelines.readers.text import scrub_row
 from schemas.config import SourceConfig
 from schemas.keys import safe_key
 from schemas.rows import PAIR_SCHEMA, make_table
@@ -243,7 +244,7 @@ def batched_tables(rows: Iterable[dict[str, Any]], schema: pa.Schema, batch_size
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     buf: list[dict[str, Any]] = []
     for row in rows:
-        buf.append(row)
+        buf.append(scrub_row(row))  # lone surrogates would fail the whole batch in Arrow
         if len(buf) >= batch_size:
             yield make_table(buf, schema)
             buf = []

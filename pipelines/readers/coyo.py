@@ -32,6 +32,7 @@ from pipelines.readers._common import (
     url_to_fs,
 )
 from pipelines.readers.base import InputShard, SourceFormatError
+from pipelines.readers.text import arrow_records, invalid_utf8_reason
 from schemas.config import SourceConfig
 from schemas.rows import PAIR_SCHEMA
 
@@ -94,8 +95,8 @@ class CoyoParquetReader:
             def rows() -> Iterator[dict[str, Any]]:
                 index = 0
                 for batch in pf.iter_batches(batch_size=batch_size):
-                    for rec in batch.to_pylist():
-                        yield self._row(shard, keys, index, rec, root)
+                    for rec, bad_text in arrow_records(batch):  # invalid UTF-8 -> that row, not the run
+                        yield self._row(shard, keys, index, rec, root, bad_text)
                         index += 1
 
             yield from batched_tables(rows(), PAIR_SCHEMA, batch_size)
@@ -109,8 +110,12 @@ class CoyoParquetReader:
         index: int,
         rec: dict[str, Any],
         root: tuple[AbstractFileSystem, str],
+        bad_text: list[str] | None = None,
     ) -> dict[str, Any]:
         s = self.source
+        for col in bad_text or ():
+            if col in (s.image_path_column, s.url_column):
+                rec[col] = None  # a reference we cannot read faithfully is never opened or fetched
         raw = rec.get(s.key_column)
         raw_key = str(raw) if raw is not None else f"{shard.shard_id}_row{index:09d}"
         key, source_key, duplicate = keys.claim(raw_key)
@@ -143,6 +148,8 @@ class CoyoParquetReader:
                     problem = f"image_unreadable: {short_error(e)}"
         if problem is None and not row.get("image"):
             problem = "image_empty"
+        if bad_text:
+            problem = invalid_utf8_reason(bad_text)
         if raw is None:
             problem = "key_missing"
         if duplicate:

@@ -50,6 +50,7 @@ from pipelines.readers._common import (
 )
 from pipelines.readers.base import InputShard
 from pipelines.readers.tarstream import TarMember, TarTruncated, iter_members
+from pipelines.readers.text import INVALID_UTF8, arrow_records, invalid_utf8_reason, loads_json
 from schemas.rows import PAIR_SCHEMA
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -225,14 +226,14 @@ class Img2DatasetReader(StreamingReader):
         info: dict[str, Any] = {}
         json_bytes = next((s.files[e] for e in s.files if e in _JSON_EXTS), None)
         if json_bytes is not None:
-            try:
-                parsed = json.loads(json_bytes.decode("utf-8"))
-                if not isinstance(parsed, dict):
-                    raise ValueError("json member is not an object")
-                info = parsed
-            except (UnicodeDecodeError, ValueError) as e:
+            parsed, bad = loads_json(json_bytes)
+            if bad == INVALID_UTF8:
+                problem = problem or invalid_utf8_reason("json")
+            elif bad is not None or not isinstance(parsed, dict):
                 problem = problem or "json_invalid"
-                meta["json_error"] = short_error(e)
+                meta["json_error"] = "not a JSON object" if bad is None else "not valid JSON"
+            else:
+                info = parsed
         row["url"] = as_str(info.get("url"))
         row["width"] = as_int(info.get("width"))
         row["height"] = as_int(info.get("height"))
@@ -291,7 +292,7 @@ class Img2DatasetReader(StreamingReader):
             matched: set[str] = set()
             index = 0
             for batch in pf.iter_batches(batch_size=_PARQUET_READ_BATCH):
-                for rec in batch.to_pylist():
+                for rec, bad_text in arrow_records(batch):  # invalid UTF-8 -> that row, not the shard
                     raw = rec.get("key") if has_key else None
                     raw = str(raw) if raw is not None else f"{shard.shard_id}_parquet_row{index:06d}"
                     index += 1
@@ -299,7 +300,8 @@ class Img2DatasetReader(StreamingReader):
                         matched.add(raw)  # the tar already gave this input row its one output row
                         continue
                     matched.add(raw)
-                    yield self._parquet_row(shard, keys, raw, rec)
+                    row = self._parquet_row(shard, keys, raw, rec)
+                    yield quarantine(row, invalid_utf8_reason(bad_text)) if bad_text else row
 
     def _parquet_row(self, shard: InputShard, keys: KeyRegistry, raw: str, rec: dict[str, Any]) -> dict:
         key, source_key, duplicate = keys.claim(raw)

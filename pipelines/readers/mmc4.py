@@ -35,6 +35,7 @@ from pipelines.readers._common import (
     url_to_fs,
 )
 from pipelines.readers.base import InputShard
+from pipelines.readers.text import INVALID_UTF8, invalid_utf8_reason, loads_json
 from schemas.rows import DOCUMENT_SCHEMA
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zip", ".jsonl.bz2", ".jsonl.xz", ".jsonl.zst")
@@ -89,11 +90,10 @@ class Mmc4Reader(StreamingReader):
     ) -> dict[str, Any]:
         key, source_key, _ = keys.claim(f"{shard.shard_id}_{line_no:06d}")
         row = base_row(shard, key, source_key)
-        try:
-            doc = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as e:
-            row["meta"] = to_meta_json({"line": line_no, "error": short_error(e)})
-            return quarantine(row, "invalid_json")
+        doc, bad = loads_json(line)
+        if bad is not None:
+            row["meta"] = to_meta_json({"line": line_no, "error": f"line is not {'UTF-8' if bad == INVALID_UTF8 else 'JSON'}"})
+            return quarantine(row, invalid_utf8_reason("line") if bad == INVALID_UTF8 else "invalid_json")
         if not isinstance(doc, dict):
             row["meta"] = to_meta_json({"line": line_no, "error": f"line is a JSON {type(doc).__name__}"})
             return quarantine(row, "invalid_json")

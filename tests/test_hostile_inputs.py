@@ -1,0 +1,128 @@
+"""Hostile and broken input (issue 9, points 3-5): invalid text quarantines its row and the rest of the
+file goes on; configuration and source-format errors end with one `error:` line and exit 2; a source
+whose references mostly fail is flagged on screen, in stats.json and in the report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.readers import make_reader
+from schemas.config import SourceConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def jpeg(color: tuple[int, int, int] = (200, 30, 30), size: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def broken_string_array(values: list[bytes | None]) -> pa.Array:
+    """A pyarrow ``string`` array holding the raw bytes as given, invalid UTF-8 included: what a writer
+    that skips validation (or a bit flip in a data page) leaves in a parquet ``string`` column."""
+    offsets = np.cumsum([0] + [len(v or b"") for v in values]).astype("int32")
+    validity = pa.array([v is not None for v in values]).buffers()[1]
+    return pa.Array.from_buffers(pa.string(), len(values),
+                                 [validity, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(v or b"" for v in values))],
+                                 null_count=sum(v is None for v in values))
+
+
+def read_rows(source: SourceConfig) -> list[dict[str, Any]]:
+    reader = make_reader(source)
+    rows: list[dict[str, Any]] = []
+    for shard in reader.list_shards():
+        for table in reader.read(shard, batch_size=4):
+            rows.extend(table.to_pylist())
+    return rows
+
+
+def write_tar(path: Path, members: list[tuple[str | bytes, bytes]]) -> None:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="surrogateescape") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name if isinstance(name, str) else name.decode("utf-8", "surrogateescape"))
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+# ------------------------------------------------------------------------------------ point 3: text
+
+
+def test_coyo_parquet_invalid_utf8_in_string_columns_quarantines_only_those_rows(tmp_path: Path) -> None:
+    texts = [b"a fine caption", b"caf\xe9 cp1252", b"ok again", b"\xed\xa0\x80 encoded surrogate", None]
+    urls = [b"http://x/0", b"http://x/1", b"http://x/\xff2", b"http://x/3", b"http://x/4"]
+    table = pa.table({"id": [str(i) for i in range(5)], "text": broken_string_array(texts),
+                      "url": broken_string_array(urls), "image": [jpeg()] * 5,
+                      "tags": pa.array([["a"], ["b"], ["c"], ["d"], ["e"]])})
+    with pytest.raises(pa.ArrowInvalid):  # the file really holds invalid UTF-8 in `string` columns
+        table.column("text").validate(full=True)
+    pq.write_table(table, tmp_path / "part-0.parquet", row_group_size=5)
+    assert pq.read_schema(tmp_path / "part-0.parquet").field("text").type == pa.string()
+
+    rows = read_rows(SourceConfig(name="coyo", kind="coyo_parquet", paths=[str(tmp_path / "part-0.parquet")],
+                                  image_column="image"))
+    got = {r["key"]: r for r in rows}
+    assert len(rows) == 5  # every row accounted for; the good ones are untouched
+    assert got["0"]["drop_reason"] is None and got["0"]["text"] == "a fine caption"
+    assert got["4"]["drop_reason"] is None and got["4"]["text"] == ""
+    assert got["1"]["drop_reason"] == "invalid_utf8: text" and got["1"]["quarantined"]
+    assert got["1"]["text"] == "caf\ufffd cp1252"  # kept for inspection, with U+FFFD for the bad bytes
+    assert got["1"]["image"] == jpeg()
+    assert got["2"]["drop_reason"] == "invalid_utf8: url" and got["2"]["url"] is None
+    assert got["3"]["drop_reason"] == "invalid_utf8: text"
+
+
+def test_img2dataset_parquet_and_json_invalid_utf8(tmp_path: Path) -> None:
+    img = jpeg()
+    write_tar(tmp_path / "00000.tar", [
+        ("000.jpg", img), ("000.json", json.dumps({"key": "000", "url": "u0"}).encode()), ("000.txt", b"fine"),
+        ("001.jpg", img), ("001.json", b'{"key": "001", "url": "u\xff1"}'), ("001.txt", b"fine"),
+        ("002.jpg", img), ("002.json", b'{"key": "002", "caption": "lone \\udc80 surrogate"}'),
+        ("003.jpg", img), ("003.json", b'{"key": "003"}'), ("003.txt", b"caption \x81\x82"),
+        (b"00\xff4.jpg", img),  # a member name that is not UTF-8
+    ])
+    statuses = ["success"] * 4 + ["failed_to_download"] * 2
+    pq.write_table(pa.table({
+        "key": ["000", "001", "002", "003", "005", "006"],
+        "caption": broken_string_array([b"fine", b"fine", b"x", b"y", b"bad \xc3", b"good"]),
+        "status": statuses, "url": [f"u{i}" for i in range(6)]}), tmp_path / "00000.parquet")
+
+    rows = read_rows(SourceConfig(name="i2d", kind="img2dataset", paths=[str(tmp_path / "00000.tar")]))
+    by_source_key = {r["source_key"] or r["key"]: r for r in rows}
+    assert len(rows) == 7  # 5 tar samples + 2 failed parquet rows
+    assert by_source_key["000"]["drop_reason"] is None
+    assert by_source_key["001"]["drop_reason"] == "invalid_utf8: json"
+    assert by_source_key["002"]["drop_reason"] == "invalid_utf8: text"  # caption from json, escaped
+    assert by_source_key["002"]["text"] == "lone \\udc80 surrogate"
+    assert by_source_key["003"]["drop_reason"] == "caption_not_utf8"  # the existing .txt reason
+    odd = [r for r in rows if r["key"].startswith("00_4")]
+    assert len(odd) == 1 and odd[0]["drop_reason"] == "invalid_utf8: source_key"
+    assert odd[0]["source_key"] == "00\\udcff4"
+    assert by_source_key["005"]["drop_reason"] == "invalid_utf8: caption" and by_source_key["005"]["quarantined"]
+    assert by_source_key["006"]["drop_reason"] == "img2dataset_failed_to_download"
+
+
+def test_mmc4_invalid_utf8_lines_and_surrogates(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    good = {"url": "http://d/0", "text_list": ["one", "two"],
+            "image_info": [{"image_name": "a.jpg", "matched_text_index": 0}]}
+    lines = [json.dumps(good).encode(),
+             b'{"url": "http://d/1", "text_list": ["caf\xe9"], "image_info": []}',
+             b'{"url": "http://d/2", "text_list": ["\\ud800 alone"], "image_info": []}',
+             json.dumps({**good, "url": "http://d/3"}).encode()]
+    (tmp_path / "docs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    rows = read_rows(SourceConfig(name="mmc4", kind="mmc4", paths=[str(tmp_path / "docs.jsonl")]))
+    assert [r["drop_reason"] for r in rows] == [None, "invalid_utf8: line", "invalid_utf8: text_list", None]
+    assert rows[2]["text_list"] == ["\\ud800 alone"] and rows[2]["quarantined"]
+    assert rows[3]["image_info"][0]["image"] == (tmp_path / "a.jpg").read_bytes()
