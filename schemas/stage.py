@@ -77,12 +77,22 @@ class PartitionedDecide(Protocol):
     """The scale path of a global stage (issue 8): ``decide`` split into independent, bounded groups.
 
     ``decide(all signatures)`` above stays the single-process reference; for the same signatures the
-    partitioned path must give the same decisions (same kept rows, same reasons). The engine runs:
+    partitioned path must give the same decisions (same kept rows, same reasons).
+    ``pipelines.aggregate.decide_partitioned`` runs these steps in one process (the reference of the path;
+    helpers ``with_shard``, ``split_by_partition``, ``fit_sample`` there). The engine runs:
 
+    0. only when the stage has ``fit`` (optional; dedup with thumbnail neighbours or SemDeDup, for its
+       k-means centroids): ``stage.fit(stage.sample(sig) for each shard's sig)``. ``sample`` returns at
+       most M rows per shard (the M smallest hashes of the item id: a deterministic bottom-M sample,
+       independent of sharding and order); ``fit`` consumes the iterable and keeps the M smallest
+       overall, so the driver holds one sample, never all rows. Workers of steps 1-2 must use the
+       fitted stage (pickle it after ``fit``).
     1. per input shard (map side): the shard's signatures, with a ``shard`` column added by the engine,
        go through ``partition(sig)``, which returns the rows to shuffle with an int64 ``partition``
-       column; a signature may be emitted under several partitions (pHash bands, LSH bands) and the
-       rows may be a projection of the signature columns.
+       column (a non-negative hash); a signature may be emitted under several partitions (pHash bands,
+       LSH bands) and the rows may be a projection of the signature columns. All rows with the same
+       ``partition`` value must reach the same group, normally ``partition % P`` for P groups:
+       ``decide_partition`` accepts any union of whole ``partition`` values.
     2. per partition (in parallel; memory bounded by the partition's size): ``decide_partition(rows)``
        returns partial results (dedup: confirmed edges carrying what the keeper rule needs of both
        endpoints and their ``shard``; cut-offs: a serialized mergeable sketch per subset).
