@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from schemas.config import ConfigError, load_config
@@ -17,7 +18,7 @@ from schemas.config import ConfigError, load_config
 
 def _cmd_run(args: argparse.Namespace) -> int:
     overrides = {"engine": args.engine} if args.engine else {}
-    config = load_config(args.config, overrides, round=args.round)
+    config = read_config(args.config, overrides, round=args.round)
     try:
         stats = run(config, progress=not args.no_progress, address=args.address)
     except OSError as e:
@@ -30,6 +31,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                                          ("rows_in", "kept", "dropped", "quarantined")},
                       "balanced": stats["balanced"]}))
     return 0 if stats["balanced"] else 3
+
+
+def read_config(path: str, overrides: dict | None = None, round: int | None = None):
+    """load_config, with an unreadable config file reported as a configuration error (exit 2)."""
+    try:
+        return load_config(path, overrides, round=round)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}") from e
 
 
 def run(config, *, progress: bool = True, address: str | None = None) -> dict:
@@ -81,7 +90,7 @@ def _cmd_inputs(args: argparse.Namespace) -> int:
     from pipelines.readers.base import SourceFormatError
 
     try:
-        work = list_work(load_config(args.config, round=args.round))
+        work = list_work(read_config(args.config, round=args.round))
         print(json.dumps({"input_shards": len(work),
                           "by_source": {s: sum(1 for _, sh in work if sh.source == s)
                                         for s in sorted({sh.source for _, sh in work})}}))
@@ -135,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check an output directory against VILA's output contract")
     v.add_argument("out_dir")
     v.set_defaults(func=_cmd_validate)
+    for command in sub.choices.values():  # `vila2-curate run -v ...` works as well as `vila2-curate -v run`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log at INFO and print the traceback of an error")
     return p
 
 
@@ -144,13 +156,58 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # output not writable, disk full, input gone: say what and where, no traceback
-        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"error: {type(e).__name__}: {e.strerror or e}{where}", file=sys.stderr)
-        return 4
+    except Exception as e:  # noqa: BLE001 - every failure ends as one line; the traceback only with -v
+        code, message = describe_error(e)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {message}" + ("" if args.verbose or code != 1 else " (rerun with -v for the traceback)"),
+              file=sys.stderr)
+        return code
+
+
+def describe_error(exc: BaseException) -> tuple[int, str]:
+    """(exit status, one-line message) for an exception that ended a command.
+
+    2: the configuration or a source's format (ConfigError, SourceFormatError), 4: I/O (unwritable output,
+    full disk, an input gone while reading), 1: anything else (a bug). Engines wrap worker exceptions (Ray's
+    RayTaskError, Beam's re-raise), so the cause chain is searched for the first known kind.
+    """
+    for e in _cause_chain(exc):
+        # by name: importing pipelines.readers here could itself fail and hide the original error
+        if isinstance(e, ConfigError) or any(c.__name__ == "SourceFormatError" for c in type(e).__mro__):
+            mark = getattr(e.__cause__, "problem_mark", None)  # yaml.MarkedYAMLError: say where, briefly
+            if mark is not None and ": not valid YAML" in str(e):
+                where = str(e).split(": not valid YAML", 1)[0]
+                return 2, (f"{where}: not valid YAML at line {mark.line + 1}, column {mark.column + 1}: "
+                           f"{getattr(e.__cause__, 'problem', None) or 'parse error'}")
+            return 2, one_line(str(e))
+    for e in _cause_chain(exc):
+        if isinstance(e, OSError):
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            return 4, one_line(f"{type(e).__name__}: {e.strerror or e}{where}")
+    return 1, one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _cause_chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or any(e is s for s in seen):
+            continue
+        seen.append(e)
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]  # `cause`: Ray's RayTaskError
+    return [e for e in seen if isinstance(e, BaseException)]
+
+
+def one_line(message: str, limit: int = 2000) -> str:
+    """A multi-line message (pydantic's list of fields, YAML's position lines) joined into one line."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    if not lines:
+        return message.strip()
+    head = lines[0].rstrip(":")
+    text = head + (": " + "; ".join(lines[1:]) if len(lines) > 1 else "")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 if __name__ == "__main__":

@@ -53,12 +53,6 @@ class CoyoParquetReader:
             )
         self.source = source
 
-    @property
-    def required_columns(self) -> list[str]:
-        s = self.source
-        image = s.image_column if s.image_column is not None else s.image_path_column
-        return [s.key_column, s.text_column, s.url_column, str(image)]
-
     def list_shards(self) -> list[InputShard]:
         shards = make_shards(self.source, expand_paths(self.source, PARQUET_SUFFIXES), self.row_kind)
         if shards:  # fail early on a wrong column mapping; every other shard is checked when read
@@ -68,12 +62,18 @@ class CoyoParquetReader:
         return shards
 
     def _check_columns(self, schema: pa.Schema, where: str) -> None:
-        missing = [c for c in self.required_columns if c not in schema.names]
+        s = self.source
+        roles = {"key_column": s.key_column, "text_column": s.text_column, "url_column": s.url_column,
+                 "image_column": s.image_column, "image_path_column": s.image_path_column}
+        missing: dict[str, list[str]] = {}  # one entry per column, with every setting that names it
+        for setting, column in roles.items():
+            if column is not None and column not in schema.names:
+                missing.setdefault(column, []).append(setting)
         if missing:
+            what = ", ".join(f"{c!r} (source {s.name!r} {' and '.join(settings)})" for c, settings in missing.items())
             raise SourceFormatError(
-                f"source {self.source.name!r}: {where} lacks required column(s) {missing} "
-                f"(has {schema.names}); set key_column / text_column / url_column / image_column / "
-                "image_path_column in the source config"
+                f"{where}: missing required column {what}; the file has {schema.names}. Set the column "
+                "names in the source config"
             )
 
     def read(self, shard: InputShard, batch_size: int) -> Iterator[pa.Table]:

@@ -25,6 +25,7 @@ from pipelines.readers._common import (
 )
 from pipelines.readers.base import InputShard, SourceFormatError
 from pipelines.readers.tarstream import TarTruncated, iter_members
+from pipelines.readers.text import loads_json
 from schemas.config import SourceConfig
 from schemas.rows import PAIR_SCHEMA
 
@@ -49,9 +50,17 @@ class VilaWdsReader:
                 raise SourceFormatError(f"source {self.source.name!r}: {root} has no {WIDS_META}; "
                                         "point vila_wds sources at the root of a vila2-curate output")
             with fs.open(meta_path, "rb") as f:
-                meta = json.load(f)
-            for entry in meta.get("shardlist", []):
+                meta, bad = loads_json(f.read())
+            entries = meta.get("shardlist") if isinstance(meta, dict) else None
+            if bad is not None or not isinstance(entries, list) or not all(
+                    isinstance(e, dict) and isinstance(e.get("url"), str) for e in entries):
+                raise SourceFormatError(f"source {self.source.name!r}: {to_url(fs, meta_path)} is not a "
+                                        "wids-meta.json with a shardlist of {url: ...} entries")
+            for entry in entries:
                 url = entry["url"]
+                if not fs.exists(posixpath.join(base.rstrip("/"), url)):  # a missing shard: say which, early
+                    raise SourceFormatError(f"source {self.source.name!r}: {to_url(fs, meta_path)} lists "
+                                            f"shard {url!r}, which does not exist")
                 folder, name = posixpath.split(url)
                 # outputs keep the layout of the round they came from: <source folder>/<tar stem>
                 source = folder.split("/")[0] if folder else self.source.name
