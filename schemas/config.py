@@ -16,6 +16,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class FetchConfig(_Strict):
+    """How a source with ``fetch_remote: true`` downloads http(s) image URLs (img2dataset's defaults
+    where it has one: 10 s timeout, X-Robots-Tag opt-out directives; retries and a byte cap on top)."""
+
+    threads: int = Field(default=16, ge=1, le=512)  # requests in flight per reader
+    timeout_s: float = Field(default=10.0, gt=0)  # per attempt, whole response (connect + body)
+    retries: int = Field(default=2, ge=0, le=10)  # extra attempts on 429 / 5xx / connect and read errors
+    backoff_s: float = Field(default=0.5, ge=0)  # first retry waits this long, then doubles
+    max_backoff_s: float = Field(default=8.0, ge=0)  # also caps a server's Retry-After
+    max_bytes: int = Field(default=16 * 1024 * 1024, ge=1)  # larger bodies are aborted: image_too_large
+    max_redirects: int = Field(default=5, ge=0)
+    user_agent_token: str = "vila2-curate"  # the X-Robots-Tag user-agent token we answer to
+    user_agent: str = "vila2-curate/0.1 (open data-curation pipeline; image-text dataset research)"
+    disallowed_header_directives: list[str] = Field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
+
+
 class SourceConfig(_Strict):
     """One input dataset. ``paths`` are fsspec URLs or globs (local, memory://, s3://, gs://)."""
 
@@ -32,6 +49,13 @@ class SourceConfig(_Strict):
     url_column: str = "url"
     # mmc4: image folder (default: the jsonl's own folder)
     image_dir: str | None = None
+    # image references in the data resolve only inside image_root / image_dir; a URL reference is fetched
+    # only when the source opts in, only for these schemes, and never from loopback/private/link-local
+    # addresses unless allow_private_networks (pipelines/readers/refs.py, fetch.py)
+    fetch_remote: bool = False
+    fetch_schemes: list[Literal["http", "https"]] = Field(default_factory=lambda: ["http", "https"])
+    allow_private_networks: bool = False
+    fetch: FetchConfig = FetchConfig()
 
     @field_validator("name")
     @classmethod

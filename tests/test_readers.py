@@ -430,7 +430,7 @@ def test_coyo_path_column_local(tmp_path: Path) -> None:
     _, rows = read_all(CoyoParquetReader(src))
     assert len(rows) == 5
     assert rows[0]["image"] == JPG and rows[0]["drop_reason"] is None
-    assert rows[1]["image"] == PNG and rows[1]["image_format"] == "png"
+    assert rows[1]["image"] is None and rows[1]["drop_reason"] == "image_path_unsafe"  # absolute, outside root
     assert rows[2]["drop_reason"].startswith("image_unreadable: FileNotFoundError")
     assert rows[2]["key"] == safe_key("id.with.dots") and rows[2]["source_key"] == "id.with.dots"
     assert rows[3]["drop_reason"] == "image_path_missing"
@@ -568,7 +568,8 @@ def test_mmc4_images_in_download_script_folder_and_image_dir(tmp_path: Path) -> 
     _, rows = read_all(Mmc4Reader(SourceConfig(name="m", kind="mmc4", paths=[str(tmp_path)])))
     assert len(rows) == 1
     assert rows[0]["image_info"][0]["image"] == JPG
-    assert rows[0]["image_info"][1]["drop_reason"] == "image_name_unsafe"
+    assert rows[0]["image_info"][1]["drop_reason"] == "image_path_unsafe"
+    assert rows[0]["quarantined"] and rows[0]["drop_reason"] == "image_path_unsafe"
 
     other = tmp_path / "elsewhere"
     other.mkdir()

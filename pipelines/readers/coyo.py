@@ -11,14 +11,16 @@ the URL, not necessarily the stored bytes, so they stay in meta; normalize measu
 from __future__ import annotations
 
 import posixpath
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.spec import AbstractFileSystem
 
 from pipelines.readers._common import (
+    READ_STAGE,
     KeyRegistry,
     as_str,
     base_row,
@@ -32,6 +34,8 @@ from pipelines.readers._common import (
     url_to_fs,
 )
 from pipelines.readers.base import InputShard, SourceFormatError
+from pipelines.readers.fetch import REFUSED, SUCCESS, Fetcher, FetchResult
+from pipelines.readers.refs import UNSAFE_REASON, ImageRoot, UnsafeRef
 from pipelines.readers.text import arrow_records, invalid_utf8_reason
 from schemas.config import SourceConfig
 from schemas.rows import PAIR_SCHEMA
@@ -87,19 +91,33 @@ class CoyoParquetReader:
                 ) from e
             self._check_columns(pf.schema_arrow, shard.path)  # before any row work
             keys = KeyRegistry()
-            if self.source.image_root is not None:
-                root = url_to_fs(self.source.image_root, self.source.storage_options)
-            else:
-                root = (fs, posixpath.dirname(path))  # default: beside the parquet file
+            root = ImageRoot.from_config(self.source.image_root or "", self.source,
+                                         fallback=(fs, posixpath.dirname(path)))  # default: beside the parquet
+            s = self.source
+            fetcher = (Fetcher(s.fetch, s.fetch_schemes, s.allow_private_networks)
+                       if s.fetch_remote and s.image_path_column is not None else None)
 
             def rows() -> Iterator[dict[str, Any]]:
+                # one batch of lookahead when fetching: the next batch downloads while this one is
+                # processed downstream; rows still come out in file order
+                pending: deque[list[_Pending]] = deque()
                 index = 0
                 for batch in pf.iter_batches(batch_size=batch_size):
+                    current = []
                     for rec, bad_text in arrow_records(batch):  # invalid UTF-8 -> that row, not the run
-                        yield self._row(shard, keys, index, rec, root, bad_text)
+                        current.append(self._row(shard, keys, index, rec, root, fetcher, bad_text))
                         index += 1
+                    pending.append(current)
+                    if fetcher is None or len(pending) > 1:
+                        yield from (_finish(p) for p in pending.popleft())
+                while pending:
+                    yield from (_finish(p) for p in pending.popleft())
 
-            yield from batched_tables(rows(), PAIR_SCHEMA, batch_size)
+            try:
+                yield from batched_tables(rows(), PAIR_SCHEMA, batch_size)
+            finally:
+                if fetcher is not None:
+                    fetcher.close()
 
     # ------------------------------------------------------------------------------------------ rows
 
@@ -109,9 +127,10 @@ class CoyoParquetReader:
         keys: KeyRegistry,
         index: int,
         rec: dict[str, Any],
-        root: tuple[AbstractFileSystem, str],
+        root: ImageRoot,
+        fetcher: Fetcher | None,
         bad_text: list[str] | None = None,
-    ) -> dict[str, Any]:
+    ) -> _Pending:
         s = self.source
         for col in bad_text or ():
             if col in (s.image_path_column, s.url_column):
@@ -125,53 +144,86 @@ class CoyoParquetReader:
         row["text"] = "" if text is None else as_str(text)
         mapped = {s.key_column, s.text_column, s.url_column, s.image_column, s.image_path_column}
         meta = {k: v for k, v in rec.items() if k not in mapped}
-        problem: str | None = None
+        pending = _Pending(row, meta)
+        if bad_text:
+            pending.problem = invalid_utf8_reason(bad_text)
+        if raw is None:
+            pending.problem = "key_missing"
+        if duplicate:
+            pending.problem = "duplicate_key"
         if s.image_column is not None:
             data = rec.get(s.image_column)
             if data is None:
-                problem = "image_missing"
+                pending.image_problem = "image_missing"
             else:
                 row["image"] = bytes(data)
                 row["image_format"] = sniff_image_format(row["image"])
+            return pending
+        ref = rec.get(s.image_path_column or "")
+        if ref is None or ref == "":
+            pending.image_problem = "image_path_missing"
+            return pending
+        meta["image_path"] = str(ref)
+        try:
+            target = root.resolve(str(ref))  # data may only reach inside image_root (or an allowed URL)
+        except UnsafeRef as e:
+            meta["unsafe_ref"] = e.why
+            pending.image_problem = UNSAFE_REASON
+            return pending
+        if target.url is not None:
+            if pending.problem is None and fetcher is not None:  # a row quarantined anyway is not fetched
+                pending.url = target.url
+                pending.future = fetcher.submit(target.url)
+            elif fetcher is None:
+                meta["unsafe_ref"] = "URL reference but the source does not set fetch_remote: true"
+                pending.image_problem = UNSAFE_REASON
+            return pending
+        try:
+            row["image"] = root.read(str(target.path))
+            row["image_format"] = sniff_image_format(row["image"], str(ref))
+        except Exception as e:  # noqa: BLE001 - any fsspec/backend error is bad input for this row
+            pending.image_problem = f"image_unreadable: {short_error(e)}"
+        return pending
+
+
+class _Pending:
+    """A row whose image may still be downloading; ``_finish`` settles its reason once it has arrived."""
+
+    __slots__ = ("row", "meta", "problem", "image_problem", "url", "future")
+
+    def __init__(self, row: dict[str, Any], meta: dict[str, Any]) -> None:
+        self.row = row
+        self.meta = meta
+        self.problem: str | None = None  # key problems: quarantine, take precedence over image problems
+        self.image_problem: str | None = None
+        self.url: str | None = None
+        self.future: Future[FetchResult] | None = None
+
+
+def _finish(p: _Pending) -> dict[str, Any]:
+    """The final row: fetch outcome in meta["fetch"] (img2dataset's status / error_message), then reasons.
+
+    A refused address is hostile input (quarantined); a failed download, an opt-out or an oversized body
+    is a property of the remote site, so the row is dropped at read with that status as its reason.
+    """
+    row, dropped = p.row, None
+    if p.future is not None:
+        result = p.future.result()
+        p.meta["fetch"] = result.meta()
+        if result.status == SUCCESS:
+            row["image"] = result.data
+            row["image_format"] = sniff_image_format(result.data, posixpath.basename(str(p.url).split("?")[0]))
+        elif result.status == REFUSED:
+            p.image_problem = "url_refused_private_network"
         else:
-            ref = rec.get(s.image_path_column or "")
-            if ref is None or ref == "":
-                problem = "image_path_missing"
-            else:
-                meta["image_path"] = str(ref)
-                try:
-                    row["image"] = self._open_image(str(ref), root)
-                    row["image_format"] = sniff_image_format(row["image"], str(ref))
-                except _UnsafePath:
-                    problem = "image_path_unsafe"
-                except Exception as e:  # noqa: BLE001 - any fsspec/backend error is bad input for this row
-                    problem = f"image_unreadable: {short_error(e)}"
-        if problem is None and not row.get("image"):
-            problem = "image_empty"
-        if bad_text:
-            problem = invalid_utf8_reason(bad_text)
-        if raw is None:
-            problem = "key_missing"
-        if duplicate:
-            problem = "duplicate_key"
-        row["meta"] = to_meta_json(meta)
-        return quarantine(row, problem) if problem else row
-
-    def _open_image(self, ref: str, root: tuple[AbstractFileSystem, str]) -> bytes:
-        """Read an image by absolute URL/path, or relative to image_root (default: the parquet's folder).
-
-        A relative path may not climb out of its root with "..": the parquet is data, not configuration.
-        """
-        if "://" in ref or ref.startswith("/"):
-            fs, path = url_to_fs(ref, self.source.storage_options)
-        else:
-            if ".." in ref.replace("\\", "/").split("/"):
-                raise _UnsafePath(ref)
-            fs, base = root
-            path = posixpath.join(base, ref) if base else ref
-        with fs.open(path, "rb") as f:
-            return f.read()
-
-
-class _UnsafePath(ValueError):
-    pass
+            dropped = result.status  # failed_to_download | opt_out | image_too_large
+    problem = p.problem or p.image_problem
+    if problem is None and dropped is None and not row.get("image"):
+        problem = "image_empty"
+    row["meta"] = to_meta_json(p.meta)
+    if problem:
+        return quarantine(row, problem)
+    if dropped:
+        row["drop_reason"] = dropped
+        row["drop_stage"] = READ_STAGE
+    return row

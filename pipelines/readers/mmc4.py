@@ -35,6 +35,8 @@ from pipelines.readers._common import (
     url_to_fs,
 )
 from pipelines.readers.base import InputShard
+from pipelines.readers.fetch import SUCCESS, Fetcher
+from pipelines.readers.refs import UNSAFE_REASON, ImageRoot, UnsafeRef
 from pipelines.readers.text import INVALID_UTF8, invalid_utf8_reason, loads_json
 from schemas.rows import DOCUMENT_SCHEMA
 
@@ -49,15 +51,17 @@ class Mmc4Reader(StreamingReader):
     row_kind = "document"
     suffixes = JSONL_SUFFIXES
     schema = DOCUMENT_SCHEMA
+    _fetcher: Fetcher | None = None  # only for an http(s) image_dir; opened lazily, closed per shard
 
     # ------------------------------------------------------------------------------------------ rows
 
-    def _image_dirs(self, fs: AbstractFileSystem, path: str) -> list[tuple[AbstractFileSystem, str]]:
+    def _image_dirs(self, fs: AbstractFileSystem, path: str) -> list[ImageRoot]:
+        """The folders an image_name may resolve in (names never reach outside them: refs.py)."""
         if self.source.image_dir is not None:
-            return [url_to_fs(self.source.image_dir, self.source.storage_options)]
+            return [ImageRoot.from_config(self.source.image_dir, self.source, fallback=(fs, ""))]
         folder = posixpath.dirname(path)
         stem = posixpath.basename(path).split(".jsonl", 1)[0]
-        return [(fs, folder), (fs, posixpath.join(folder, f"{stem}_images"))]
+        return [ImageRoot(fs, folder, self.source), ImageRoot(fs, posixpath.join(folder, f"{stem}_images"), self.source)]
 
     def _rows(self, shard: InputShard) -> Iterator[dict[str, Any]]:
         fs, path = url_to_fs(shard.path, self.source.storage_options)
@@ -79,6 +83,10 @@ class Mmc4Reader(StreamingReader):
                 row = base_row(shard, key, source_key)
                 row["meta"] = to_meta_json({"error": short_error(e), "lines_read": line_no})
                 yield quarantine(row, "jsonl_truncated")
+            finally:
+                if self._fetcher is not None:
+                    self._fetcher.close()
+                    self._fetcher = None
 
     def _document(
         self,
@@ -86,7 +94,7 @@ class Mmc4Reader(StreamingReader):
         keys: KeyRegistry,
         line_no: int,
         line: bytes,
-        image_dirs: list[tuple[AbstractFileSystem, str]],
+        image_dirs: list[ImageRoot],
     ) -> dict[str, Any]:
         key, source_key, _ = keys.claim(f"{shard.shard_id}_{line_no:06d}")
         row = base_row(shard, key, source_key)
@@ -112,10 +120,12 @@ class Mmc4Reader(StreamingReader):
         if doc.get("similarity_matrix") is not None and row["similarity_matrix"] is None:
             row["flags"] = ["similarity_matrix_invalid"]
         row["image_info"] = [self._image(info, len(text_list), image_dirs) for info in image_info]
+        if any(i.get("drop_reason") == UNSAFE_REASON for i in row["image_info"]):
+            return quarantine(row, UNSAFE_REASON)  # a document reaching outside its image folder is hostile
         return row
 
     def _image(
-        self, info: dict[str, Any], n_sentences: int, image_dirs: list[tuple[AbstractFileSystem, str]]
+        self, info: dict[str, Any], n_sentences: int, image_dirs: list[ImageRoot]
     ) -> dict[str, Any]:
         """One image_info entry; a problem drops this image (drop_stage "read"), not the document."""
         name = as_str(info.get("image_name"))
@@ -131,16 +141,22 @@ class Mmc4Reader(StreamingReader):
         if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < n_sentences:
             reason = "matched_text_index_out_of_range"
         elif not name or "/" in name or "\\" in name or ".." in name or "\x00" in name:
-            reason = "image_name_unsafe"  # names are data; they must not reach outside the image folder
+            reason = UNSAFE_REASON  # names are data; they must not reach outside the image folder
         else:
             try:
-                img["image"] = _read_first(image_dirs, name)
+                img["image"] = self._read_first(image_dirs, name)
                 if img["image"] is None:
                     reason = "image_missing"
                 elif not img["image"]:
                     reason = "image_empty"
                 else:
                     img["image_format"] = sniff_image_format(img["image"], name)
+            except UnsafeRef as e:
+                reason = UNSAFE_REASON
+                img["meta"] = to_meta_json({**json.loads(img["meta"] or "{}"), "unsafe_ref": e.why})
+            except _FetchFailed as e:
+                reason = e.status
+                img["meta"] = to_meta_json({**json.loads(img["meta"] or "{}"), "fetch": e.meta})
             except Exception as e:  # noqa: BLE001 - any backend error is bad input for this image
                 reason = "image_unreadable"
                 img["meta"] = to_meta_json({**json.loads(img["meta"] or "{}"), "error": short_error(e)})
@@ -150,15 +166,37 @@ class Mmc4Reader(StreamingReader):
         return img
 
 
-def _read_first(dirs: list[tuple[AbstractFileSystem, str]], name: str) -> bytes | None:
-    """Bytes of ``name`` from the first folder that has it, None when none has it."""
-    for fs, folder in dirs:
-        try:
-            with fs.open(posixpath.join(folder, name) if folder else name, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            continue
-    return None
+    def _read_first(self, dirs: list[ImageRoot], name: str) -> bytes | None:
+        """Bytes of ``name`` from the first folder that has it, None when none has it.
+
+        Raises UnsafeRef when the name resolves outside a folder (a symlink out of it, for instance).
+        An http(s) image_dir (``fetch_remote: true``) is fetched through the guarded fetcher, one image at a
+        time: MMC4 documents carry few images each.
+        """
+        for root in dirs:
+            target = root.resolve(name)
+            if target.url is not None:
+                if self._fetcher is None:
+                    s = self.source
+                    self._fetcher = Fetcher(s.fetch, s.fetch_schemes, s.allow_private_networks)
+                result = self._fetcher.fetch(target.url)
+                if result.status == SUCCESS:
+                    return result.data
+                if result.http_status == 404:
+                    continue
+                raise _FetchFailed(result.status, result.meta())
+            try:
+                return root.read(str(target.path))
+            except FileNotFoundError:
+                continue
+        return None
+
+
+class _FetchFailed(Exception):
+    def __init__(self, status: str, meta: dict[str, Any]) -> None:
+        super().__init__(status)
+        self.status = "url_refused_private_network" if status == "refused_private_network" else status
+        self.meta = meta
 
 
 def _matrix(v: Any) -> list[list[float | None]] | None:
