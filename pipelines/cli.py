@@ -26,6 +26,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {type(e).__name__}: {e.strerror or e}{where}; output: {config.output.path}. "
               "Finished shards are kept: rerun the same command to resume.", file=sys.stderr)
         return 4
+    from pipelines.health import warning_lines
+
+    for line in warning_lines(stats, config.sources):  # a source that "succeeded" with most images missing
+        print(line, file=sys.stderr)
     total = stats["total"]
     print(json.dumps({"output": config.output.path, **{k: total[k] for k in
                                                          ("rows_in", "kept", "dropped", "quarantined")},
@@ -85,19 +89,39 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_inputs(args: argparse.Namespace) -> int:
-    """List the input shards a config would read; exit 1 when there are none (Airflow's ingest check)."""
+    """List the input shards a config would read and probe a few image references per source.
+
+    Exit 1 when there are no inputs or when most probed references of a source fail (Airflow's ingest
+    check: better to stop before a long run that would publish nothing for that source).
+    """
     from pipelines.executors.local import list_work
+    from pipelines.health import probe_source, warning_lines
     from pipelines.readers.base import SourceFormatError
 
+    config = read_config(args.config, round=args.round)
     try:
-        work = list_work(read_config(args.config, round=args.round))
-        print(json.dumps({"input_shards": len(work),
-                          "by_source": {s: sum(1 for _, sh in work if sh.source == s)
-                                        for s in sorted({sh.source for _, sh in work})}}))
-        return 0 if work else 1
+        work = list_work(config)
     except SourceFormatError as e:
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         print(json.dumps({"input_shards": 0, "error": str(e)}))
         return 1
+    by_source: dict[str, list] = {}
+    for reader, shard in work:
+        by_source.setdefault(shard.source, [reader, []])[1].append(shard)
+    probes = {}
+    if args.probe > 0:
+        for name, (reader, shards) in sorted(by_source.items()):
+            probes[name] = probe_source(reader, shards, args.probe)
+            p = probes[name]
+            print(f"source {name!r}: {p['found']} of {p['checked']} image references found", file=sys.stderr)
+    unhealthy = {"sources": {n: {"health": {**p, "failed_share": 1 - p["found"] / p["checked"]}}
+                             for n, p in probes.items() if p["status"] == "warning"}}
+    for line in warning_lines(unhealthy, config.sources):
+        print(line, file=sys.stderr)
+    print(json.dumps({"input_shards": len(work),
+                      "by_source": {s: len(shards) for s, (_, shards) in sorted(by_source.items())},
+                      "references": probes}))
+    return 0 if work and not unhealthy["sources"] else 1
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -129,9 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the tiny random demo models (sample/models) the quickstart's model stages use")
     s.set_defaults(func=_cmd_sample)
 
-    ip = sub.add_parser("inputs", help="count the input shards a config would read (exit 1 when none)")
+    ip = sub.add_parser("inputs", help="count the input shards a config would read and probe a few image references per source "
+                                      "(exit 1 when none, or when most references of a source fail)")
     ip.add_argument("config")
     ip.add_argument("--round", type=int)
+    ip.add_argument("--probe", type=int, default=20,
+                    help="image references to resolve per source through its reader (0: only list shards)")
     ip.set_defaults(func=_cmd_inputs)
 
     rp = sub.add_parser("report", help="write report.html (funnel, CLIP histograms, caption lengths per round, "

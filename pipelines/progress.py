@@ -13,6 +13,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.health import add_source_health
 from pipelines.readers.base import InputShard
 from pipelines.writers.atomic import OutputFile, write_json_atomic
 from pipelines.writers.records import write_manifest, write_wids_meta
@@ -128,7 +129,7 @@ def finalize(fs, root: str, name: str, results: list[ShardResult],
                 "sha256": f.sha256, "source": r.shard.source, "input_shards": [r.shard.path],
                 "config_hash": r.config_hash, "stage_versions": json.dumps(r.stage_versions, sort_keys=True),
             })
-    stats = merge_stats([r.stats for r in results])
+    stats = add_source_health(merge_stats([r.stats for r in results]))  # flags sources whose references fail
     if wds_files:
         write_wids_meta(fs, root, name, wds_files)
     by_source: dict[str, list[OutputFile]] = {}

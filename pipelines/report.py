@@ -1079,8 +1079,19 @@ def render_report(out_dirs: list[str], gallery: int = 12, gpus: Mapping[str, flo
         f"<header><h1>vila2-curate report · {esc(name)}</h1><div class='muted'>{esc(roots_txt)}</div>"
         f"<div class='muted'>round 0: {total.get('rows_in', 0):,} rows in → {total.get('kept', 0):,} kept, "
         f"{total.get('dropped', 0):,} dropped, {total.get('quarantined', 0):,} quarantined</div>"
-        f"<nav>{nav}</nav></header><main>{secs}</main><script>{_JS}</script></body></html>"
+        f"{_health_warnings(first)}<nav>{nav}</nav></header><main>{secs}</main><script>{_JS}</script></body></html>"
     )
+
+
+def _health_warnings(root: _Root) -> str:
+    """Sources whose image references mostly failed (stats.json ``health``, pipelines/health.py)."""
+    from pipelines.health import warning_lines
+
+    lines = warning_lines(root.stats)
+    if not lines:
+        return ""
+    items = "".join(f"<li>{esc(line.removeprefix('warning: '))}</li>" for line in lines)
+    return f"<div id='source-health' class='bad'><b>Source warnings</b><ul>{items}</ul></div>"
 
 
 def write_report(
