@@ -78,14 +78,18 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from pipelines.validate import validate_output
+    from pipelines.validate import check_output
 
-    problems = validate_output(args.out_dir)
-    for p in problems:
+    report = check_output(args.out_dir, world_sizes=args.world_size or ())
+    for line in report.info:
+        print(f"INFO: {line}")
+    for w in report.warnings:
+        print(f"WARNING: {w}")
+    for p in report.problems:
         print(f"INVALID: {p}")
-    if not problems:
+    if not report.problems:
         print(f"OK: {args.out_dir} matches the VILA output contract")
-    return 1 if problems else 0
+    return 1 if report.problems else 0
 
 
 def _cmd_inputs(args: argparse.Namespace) -> int:
@@ -170,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check an output directory against VILA's output contract")
     v.add_argument("out_dir")
+    v.add_argument("--world-size", type=int, nargs="+", metavar="N",
+                   help="GPUs of the training job(s): print the MMC4 documents each rank gets, fail if one gets none")
     v.set_defaults(func=_cmd_validate)
     for command in sub.choices.values():  # `vila2-curate run -v ...` works as well as `vila2-curate -v run`
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,

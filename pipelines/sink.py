@@ -29,7 +29,8 @@ class ShardSink:
         part_name = _same_name(shard.shard_id) if shard.kind == "vila_wds" else None
         if shard.row_kind == "document":
             self.writer = Mmc4PklWriter(fs, root, prefix, docs_per_pkl=out.mmc4_docs_per_pkl,
-                                        max_images_per_doc=out.mmc4_max_images_per_doc)
+                                        max_images_per_doc=out.mmc4_max_images_per_doc,
+                                        min_files=out.mmc4_min_files)
         else:
             self.writer = WdsShardWriter(fs, root, prefix, max_samples=out.shard_max_samples,
                                          max_bytes=out.shard_max_bytes, caption_policy=out.caption_policy,

@@ -25,6 +25,7 @@ from PIL import Image
 from pipelines.writers.atomic import is_temp_name
 from pipelines.writers.mmc4 import VILA_MAX_IMAGES_PER_DOC
 from pipelines.writers.records import MANIFEST, WIDS_KIND, WIDS_META, WIDS_VERSION
+from pipelines.writers.wds import SIDECAR_ROOT
 from schemas.records import MANIFEST_SCHEMA
 
 IMAGE_EXTS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}  # member extension -> PIL format
@@ -51,6 +52,7 @@ class TarMember:
 class TarScan:
     members: list[TarMember] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _octal(field_bytes: bytes) -> int | None:
@@ -113,11 +115,24 @@ def scan_tar(f: IO[bytes]) -> TarScan:
             scan.problems.append(f"member name {name!r} is not UTF-8")
         if typeflag in (b"x", b"g"):
             f.seek(offset + 512)
-            keys = _pax_keys(f.read(size)) & {"path", "linkpath", "size"}
-            if keys:
+            keys = _pax_keys(f.read(size))
+            misread = keys & {"path", "linkpath", "size"}
+            kind = "global pax header ('g')" if typeflag == b"g" else "pax header ('x')"
+            if misread:
                 scan.problems.append(
-                    f"pax header sets {sorted(keys)}; VILA's reader ignores pax headers and would misread it"
+                    f"{kind} at byte {offset}: pax header sets {sorted(misread)}; VILA's reader ignores pax "
+                    f"headers and would misread it (tarfile would not: the two readers disagree)"
                 )
+            else:
+                scan.warnings.append(f"{kind} at byte {offset} with {sorted(keys)}: VILA's reader skips it")
+        elif typeflag in (b"L", b"K"):
+            f.seek(offset + 512)
+            long = f.read(size).split(b"\x00", 1)[0].decode("utf-8", "replace")
+            what = "long name" if typeflag == b"L" else "long link name"
+            scan.problems.append(
+                f"GNU {what} header ('{typeflag.decode()}') for {long!r}: VILA's reader skips it and indexes the "
+                f"next member under its truncated 100-byte name (tarfile uses the long one)"
+            )
         elif typeflag not in (b"0", b"\x00"):
             scan.problems.append(f"member {name!r} is not a regular file (type {typeflag!r})")
         else:
@@ -190,17 +205,44 @@ def _check_image(data: bytes, ext: str) -> str | None:
     return None
 
 
-def _check_tar(fs: fsspec.AbstractFileSystem, path: str, rel: str, problems: list[str]) -> int | None:
-    """Check one shard; returns the sample count VILA would index (None if unreadable)."""
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # json.loads accepts NaN/Infinity; JSON (and our writer) does not
+
+
+def strict_json(data: bytes | str) -> Any:
+    """``json.loads`` that refuses NaN, Infinity and -Infinity instead of turning them into floats."""
+    return json.loads(data, parse_constant=_no_constants)
+
+
+@dataclass
+class TarFacts:
+    """What the cross-file checks need from one shard, gathered during its single pass."""
+
+    nsamples: int | None
+    urls: dict[str, str] = field(default_factory=dict)  # key -> .json url, in shard order
+    duplicate_urls: dict[str, list[str]] = field(default_factory=dict)  # url -> keys sharing it
+    images: list[tuple[bytes, str]] = field(default_factory=list)  # (sha256 prefix, key)
+    last_keys: list[str] = field(default_factory=list)  # the last 3 samples (COYO's len // 4 rule)
+
+
+_DIGEST_PREFIX = 8  # bytes of each image's sha256 kept for the cross-dataset duplicate check
+
+
+def _check_tar(
+    fs: fsspec.AbstractFileSystem, path: str, rel: str, problems: list[str], warnings: list[str]
+) -> TarFacts:
+    """Check one shard; returns the sample count VILA would index (None if unreadable) and its urls."""
     local: list[str] = []
+    facts = TarFacts(nsamples=None)
     with fs.open(path, "rb") as f:
         head = f.read(6)
         comp = compression_of(head)
         if comp:
             problems.append(f"{rel}: compressed tar ({comp}); VILA's reader needs an uncompressed tar")
-            return None
+            return facts
         scan = scan_tar(f)
         local.extend(scan.problems)
+        warnings.extend(f"{rel}: {w}" for w in scan.warnings[:_MAX_PROBLEMS_PER_FILE])
         names = [m.name for m in scan.members]
         seen: set[str] = set()
         for n in names:
@@ -223,6 +265,7 @@ def _check_tar(fs: fsspec.AbstractFileSystem, path: str, rel: str, problems: lis
                 local.append(f"sample {k!r} members are not contiguous")
             order.append(k)
         groups = vila_groups(names)
+        by_url: dict[str, list[str]] = {}
         for key, idxs in groups.items():
             exts = [posixpath.splitext(names[i])[1][1:] for i in idxs]
             if "jpeg" in exts:
@@ -234,7 +277,9 @@ def _check_tar(fs: fsspec.AbstractFileSystem, path: str, rel: str, problems: lis
             if len(images) != 1:
                 local.append(f"sample {key!r} has {len(images)} images (.jpg/.png/.webp); needs exactly 1")
             for i in images:
-                err = _check_image(_read(f, scan.members[i]), posixpath.splitext(names[i])[1][1:])
+                data = _read(f, scan.members[i])
+                facts.images.append((hashlib.sha256(data).digest()[:_DIGEST_PREFIX], key))
+                err = _check_image(data, posixpath.splitext(names[i])[1][1:])
                 if err:
                     local.append(f"sample {key!r} image {err}")
             by_ext = {posixpath.splitext(names[i])[1]: scan.members[i] for i in idxs}
@@ -251,16 +296,22 @@ def _check_tar(fs: fsspec.AbstractFileSystem, path: str, rel: str, problems: lis
                 local.append(f"sample {key!r} has no .json")
             else:
                 try:
-                    meta = json.loads(_read(f, by_ext[".json"]))
+                    meta = strict_json(_read(f, by_ext[".json"]))
                     if not isinstance(meta, dict) or not isinstance(meta.get("url"), str) or not meta["url"]:
                         local.append(f"sample {key!r} .json has no \"url\" string")
-                except ValueError:
-                    local.append(f"sample {key!r} .json is not valid JSON")
+                    else:
+                        facts.urls[key] = meta["url"]
+                        by_url.setdefault(meta["url"], []).append(key)
+                except ValueError as e:
+                    local.append(f"sample {key!r} .json is not valid JSON ({e})")
+    facts.duplicate_urls = {u: ks for u, ks in by_url.items() if len(ks) > 1}
+    facts.last_keys = list(groups)[-3:]
     for msg in local[:_MAX_PROBLEMS_PER_FILE]:
         problems.append(f"{rel}: {msg}")
     if len(local) > _MAX_PROBLEMS_PER_FILE:
         problems.append(f"{rel}: ... and {len(local) - _MAX_PROBLEMS_PER_FILE} more problems")
-    return len(groups)
+    facts.nsamples = len(groups)
+    return facts
 
 
 class _NoClasses(pickle.Unpickler):
@@ -327,18 +378,19 @@ def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
 def _check_wids_meta(
     fs: fsspec.AbstractFileSystem, base: str, meta_rel: str, files: dict[str, int], tars: list[str],
     counts: dict[str, int | None], problems: list[str],
-) -> None:
-    """Check one wids-meta.json; its urls are relative to its own folder (wids rebases them there)."""
+) -> list[str]:
+    """Check one wids-meta.json (its urls are relative to its own folder: wids rebases them there); returns
+    the tars it lists, in shardlist order."""
     folder = posixpath.dirname(meta_rel)
     try:
         with fs.open(f"{base}/{meta_rel}", "rb") as fh:
             meta = json.load(fh)
     except ValueError as e:
         problems.append(f"{meta_rel}: not valid JSON ({e})")
-        return
+        return []
     if not isinstance(meta, dict):
         problems.append(f"{meta_rel}: top level must be an object")
-        return
+        return []
     if meta.get("__kind__") != WIDS_KIND:
         problems.append(f"{meta_rel}: __kind__ is {meta.get('__kind__')!r}, expected {WIDS_KIND!r}")
     if meta.get("wids_version") != WIDS_VERSION:
@@ -349,11 +401,11 @@ def _check_wids_meta(
     in_scope = [t for t in tars if not folder or t.startswith(folder + "/")]
     if not isinstance(shardlist, list) or (not shardlist and in_scope):
         problems.append(f"{meta_rel}: shardlist missing or empty (wids asserts at least one shard)")
-        return
+        return []
     urls = [e.get("url") if isinstance(e, dict) else None for e in shardlist]
     if urls != sorted(u for u in urls if isinstance(u, str)) or len(set(urls)) != len(urls):
         problems.append(f"{meta_rel}: shardlist is not sorted by url, has duplicates or entries without url")
-    listed = set()
+    listed: list[str] = []
     for e in shardlist:
         if not isinstance(e, dict) or not isinstance(e.get("url"), str):
             continue
@@ -362,7 +414,7 @@ def _check_wids_meta(
             problems.append(f"{meta_rel}: url {url!r} is not relative to the dataset root")
             continue
         rel = posixpath.join(folder, url) if folder else url
-        listed.add(rel)
+        listed.append(rel)
         if rel not in files:
             problems.append(f"{meta_rel}: {url} does not exist")
             continue
@@ -372,9 +424,11 @@ def _check_wids_meta(
         if actual is not None and e.get("nsamples") != actual:
             problems.append(f"{meta_rel}: {url} nsamples {e.get('nsamples')!r} but the tar holds {actual} samples")
     if not folder:
+        listed_set = set(listed)
         for t in tars:
-            if t not in listed:
+            if t not in listed_set:
                 problems.append(f"{t}: missing from {WIDS_META} (VILA would never read it)")
+    return listed
 
 
 def _check_mmc4_dirs(files: dict[str, int], problems: list[str]) -> list[tuple[str, str]]:
@@ -477,20 +531,194 @@ def _check_stats(fs: fsspec.AbstractFileSystem, base: str, files: dict[str, int]
         problems.append("stats.json: says balanced: false")
 
 
-def validate_output(
-    root: str, storage_options: dict[str, Any] | None = None, *, max_images_per_doc: int = VILA_MAX_IMAGES_PER_DOC
-) -> list[str]:
-    """Return every way the output folder at ``root`` breaks the output contract (empty list = valid)."""
+# ---------------------------------------------------------------- VILA's loading rules
+
+
+COYO_SAMPLES_PER_IDX = 4  # LazyCoyoWebDataset(n_samples_per_idx=4): __len__ = len(dataset) // 4
+_KEYWORDS = ("spatial", "ocr", "bbox_interleaved")  # coyo_qa picks a specialist question by substring
+
+
+def vila_mmc4_ranks(counts: list[int], n_listed: int, world_size: int) -> list[int]:
+    """Documents per rank as ``LazyMMC4Dataset.__init__`` computes them (llava/data/dataset.py).
+
+    ``counts``: the ``.count`` values in sorted file-name order; ``n_listed``: ``len(os.listdir(folder))``.
+    VILA then reads ``min(result) * world_size`` documents in all.
+    """
+    n_shards = n_listed // 2
+    counts = counts[:n_shards]
+    shared_size = n_shards // world_size
+    return [sum(counts[i * shared_size:(i + 1) * shared_size]) for i in range(world_size)]
+
+
+def _check_world_sizes(
+    fs: fsspec.AbstractFileSystem, base: str, entries: set[str], pairs: list[tuple[str, str]],
+    world_sizes: list[int], report: Validation,
+) -> None:
+    """Print what each rank of each MMC4 folder gets; a rank with no document is a problem."""
+    by_dir: dict[str, list[str]] = {}
+    for _, cnt in pairs:
+        by_dir.setdefault(posixpath.dirname(cnt), []).append(cnt)
+    for d, cnts in sorted(by_dir.items()):
+        names = sorted(posixpath.basename(c) for c in cnts)  # VILA: sorted(f for f in listdir if .count)
+        counts = []
+        for name in names:
+            with fs.open(f"{base}/{posixpath.join(d, name)}", "rb") as fh:
+                text = fh.read().decode("utf-8", "replace").strip()
+            if not text.isdigit():
+                return  # already reported; the arithmetic would be meaningless
+            counts.append(int(text))
+        n_listed = sum(1 for e in entries if posixpath.dirname(e) == d)
+        total = sum(counts)
+        label = d or "."
+        for ws in world_sizes:
+            ranks = vila_mmc4_ranks(counts, n_listed, ws)
+            read = min(ranks) * ws
+            files_used = n_listed // 2 // ws * ws
+            report.info.append(
+                f"{label}: world size {ws}: {len(counts)} pkl files, {n_listed // 2 // ws} per rank, documents per "
+                f"rank {ranks}; VILA reads {read} of {total} documents, {total - read} never read "
+                f"({len(counts) - files_used} files past the last rank, the rest cut to the smallest rank)"
+            )
+            if min(ranks) == 0:
+                empty = [r for r, n in enumerate(ranks) if n == 0]
+                why = (f"only {total} documents for {ws} ranks" if total < ws else
+                       f"write output.mmc4_min_files = a multiple of {ws} pkl files per input shard")
+                report.problems.append(
+                    f"{label}: with world size {ws}, rank(s) {empty[:8]} get no MMC4 document, so VILA cuts every "
+                    f"rank to 0 and trains on none of the {total} documents ({why})"
+                )
+
+
+def _check_coyo_len4(metas: dict[str, list[str]], facts: dict[str, TarFacts], report: Validation) -> None:
+    """Warn about the samples ``LazyCoyoWebDataset``'s ``len(dataset) // 4`` never serves, per dataset root."""
+    for folder, tars in sorted(metas.items()):
+        n = sum(facts[t].nsamples or 0 for t in tars if t in facts)
+        lost = n % COYO_SAMPLES_PER_IDX
+        if not lost:
+            continue
+        keys: list[str] = []
+        for t in reversed(tars):  # the last `lost` samples in shardlist order
+            if len(keys) >= lost or t not in facts:
+                break
+            keys = facts[t].last_keys[-(lost - len(keys)):] + keys
+        report.warnings.append(
+            f"{folder or '.'}: VILA's COYO loader serves len // {COYO_SAMPLES_PER_IDX} = {n // COYO_SAMPLES_PER_IDX} "
+            f"groups of {COYO_SAMPLES_PER_IDX}; the last {lost} of {n} samples ({', '.join(keys)}) are never read"
+        )
+
+
+@dataclass
+class _SidecarTally:
+    covered: int = 0
+    samples: int = 0
+    tars_with_file: int = 0
+    tars: int = 0
+
+
+def _check_sidecars_of_tar(
+    fs: fsspec.AbstractFileSystem, base: str, tar: str, facts: TarFacts, folders: list[str],
+    sidecar_files: set[str], tallies: dict[str, _SidecarTally], problems: list[str],
+) -> None:
+    """VILA reads ``<caption_choice>/<tar relpath>.json`` = ``{url: {"output": str}}``, looked up by url."""
+    urls = set(facts.urls.values())
+    has_any = False
+    for folder in folders:
+        rel = f"{SIDECAR_ROOT}/{folder}/{tar}.json"
+        tally = tallies.setdefault(folder, _SidecarTally())
+        tally.tars += 1
+        tally.samples += len(facts.urls)
+        if rel not in sidecar_files:
+            continue
+        has_any = True
+        tally.tars_with_file += 1
+        try:
+            with fs.open(f"{base}/{rel}", "rb") as fh:
+                data = strict_json(fh.read())
+        except ValueError as e:
+            problems.append(f"{rel}: not valid JSON ({e})")
+            continue
+        if not isinstance(data, dict):
+            problems.append(f"{rel}: top level must be an object {{url: {{\"output\": str}}}}")
+            continue
+        foreign = [k for k in data if k not in urls]
+        if foreign:
+            problems.append(f"{rel}: {len(foreign)} key(s) are not a url of {tar} (VILA looks captions up by the "
+                            f"sample's url, so they are never read), e.g. {foreign[0]!r}")
+        bad = [k for k, v in data.items() if not isinstance(v, dict) or not isinstance(v.get("output"), str)
+               or not v["output"].strip()]
+        if bad:
+            problems.append(f"{rel}: {len(bad)} entr(y/ies) lack a non-empty {{\"output\": str}}, e.g. {bad[0]!r}")
+        tally.covered += len(urls & set(data))
+    if has_any and facts.duplicate_urls:
+        url, keys = next(iter(facts.duplicate_urls.items()))
+        problems.append(f"{tar}: {len(facts.duplicate_urls)} url(s) shared by several samples, e.g. {url!r} by "
+                        f"{keys}: sidecars are keyed by url, so those samples get one another's captions")
+
+
+def _report_duplicate_images(
+    fs: fsspec.AbstractFileSystem, base: str, tars: list[str], digests: list[tuple[bytes, int, str]],
+    report: Validation,
+) -> None:
+    """Byte-identical images across the dataset (first 64 bits of sha256: a collision is ~1e-8 at 25M)."""
+    digests.sort()
+    groups: list[list[tuple[bytes, int, str]]] = []
+    for i in range(1, len(digests)):
+        if digests[i][0] == digests[i - 1][0]:
+            if groups and groups[-1][-1] is digests[i - 1]:
+                groups[-1].append(digests[i])
+            else:
+                groups.append([digests[i - 1], digests[i]])
+    if not groups:
+        return
+    copies = sum(len(g) - 1 for g in groups)
+    example = ", ".join(f"{tars[t]}:{k}" for _, t, k in groups[0])
+    report.warnings.append(f"{len(groups)} image(s) appear byte-identical in more than one sample ({copies} extra "
+                           f"copies; sha256), e.g. {example}: was exact dedup run?")
+
+
+@dataclass
+class Validation:
+    """Everything ``vila2-curate validate`` found: problems fail it, warnings and info are printed."""
+
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    info: list[str] = field(default_factory=list)
+
+
+def _walk(fs: fsspec.AbstractFileSystem, base: str, report: Validation) -> tuple[dict[str, int], set[str]]:
+    """Regular files (relpath -> size) and every entry name; symlinks and other non-regular files are
+    problems (VILA's sidecar lookup uses realpath, and a fifo would hang any reader)."""
+    files: dict[str, int] = {}
+    entries: set[str] = set()
+    for path, info in sorted(fs.find(base, withdirs=True, detail=True).items()):
+        rel = posixpath.relpath(fs._strip_protocol(path), base)
+        if rel == ".":
+            continue
+        entries.add(rel)
+        if info.get("islink"):
+            report.problems.append(f"{rel}: symlink in the output tree (VILA resolves realpath for sidecars and "
+                                   f"copies would not follow it); publish regular files only")
+        elif info.get("type") == "file":
+            files[rel] = int(info.get("size") or 0)
+        elif info.get("type") != "directory":
+            report.problems.append(f"{rel}: not a regular file ({info.get('type')})")
+    return files, entries
+
+
+def check_output(
+    root: str, storage_options: dict[str, Any] | None = None, *, max_images_per_doc: int = VILA_MAX_IMAGES_PER_DOC,
+    world_sizes: list[int] | tuple[int, ...] = (),
+) -> Validation:
+    """Check the output folder at ``root`` against the output contract and VILA's loading rules."""
+    report = Validation()
+    problems = report.problems
     fs, base = fsspec.core.url_to_fs(root, **(storage_options or {}))
     base = base.rstrip("/")
-    problems: list[str] = []
     if not fs.isdir(base):
-        return [f"{root}: not a folder"]
-    files: dict[str, int] = {}
-    for path, info in sorted(fs.find(base, detail=True).items()):
-        rel = posixpath.relpath(fs._strip_protocol(path), base)
-        files[rel] = int(info.get("size") or 0)
-    for rel in files:
+        problems.append(f"{root}: not a folder")
+        return report
+    files, entries = _walk(fs, base, report)
+    for rel in sorted(entries):
         if is_temp_name(rel):
             problems.append(f"{rel}: leftover temporary file (an interrupted write)")
     records = [r for r in files if not r.startswith(_RECORD_DIRS) and not is_temp_name(r)]
@@ -498,13 +726,50 @@ def validate_output(
         if rel.endswith(_COMPRESSED_SUFFIXES):
             problems.append(f"{rel}: compressed tar; VILA's reader needs an uncompressed .tar")
     tars = [r for r in records if r.endswith(".tar")]
+    sidecar_files = {r for r in records if r.startswith(SIDECAR_ROOT + "/")}
+    folders = sorted({r.split("/")[1] for r in sidecar_files if r.count("/") >= 2})
+    for folder in folders:
+        hits = [k for k in _KEYWORDS if k in folder]
+        if len(hits) > 1:
+            problems.append(f"{SIDECAR_ROOT}/{folder}: name contains {hits}; VILA's specialist loader takes the "
+                            f"first of spatial/ocr/bbox_interleaved it finds")
+    for rel in sorted(sidecar_files):
+        tar = rel.split("/", 2)[2][: -len(".json")] if rel.count("/") >= 2 and rel.endswith(".json") else None
+        if tar not in tars:
+            problems.append(f"{rel}: not <caption folder>/<tar relpath>.json of a tar in this output; VILA never "
+                            f"reads it")
     counts: dict[str, int | None] = {}
-    for rel in tars:
-        counts[rel] = _check_tar(fs, f"{base}/{rel}", rel, problems)
+    facts: dict[str, TarFacts] = {}
+    tallies: dict[str, _SidecarTally] = {}
+    digests: list[tuple[bytes, int, str]] = []  # (sha256 prefix, tar index, key): ~100 bytes per image
+    for t_index, rel in enumerate(tars):
+        tf = _check_tar(fs, f"{base}/{rel}", rel, problems, report.warnings)
+        counts[rel] = tf.nsamples
+        _check_sidecars_of_tar(fs, base, rel, tf, folders, sidecar_files, tallies, problems)
+        if tf.duplicate_urls and not any(f"{SIDECAR_ROOT}/{f}/{rel}.json" in sidecar_files for f in folders):
+            url, keys = next(iter(tf.duplicate_urls.items()))
+            report.warnings.append(f"{rel}: {len(tf.duplicate_urls)} url(s) shared by several samples, e.g. {url!r} "
+                                   f"by {keys}: a recaption round's sidecars (keyed by url) would mix them up")
+        digests.extend((d, t_index, k) for d, k in tf.images)
+        # keep only what the cross-file checks need, so memory stays per shard (plus the digests)
+        facts[rel] = TarFacts(nsamples=tf.nsamples, last_keys=tf.last_keys)
+    _report_duplicate_images(fs, base, tars, digests, report)
     if tars and WIDS_META not in files:
         problems.append(f"{WIDS_META} is missing but the output has {len(tars)} tar shards")
+    metas: dict[str, list[str]] = {}
     for meta_rel in [r for r in records if posixpath.basename(r) == WIDS_META]:
-        _check_wids_meta(fs, base, meta_rel, files, tars, counts, problems)
+        listed = _check_wids_meta(fs, base, meta_rel, files, tars, counts, problems)
+        metas[posixpath.dirname(meta_rel)] = listed
+    _check_coyo_len4(metas, facts, report)
+    for folder, tally in sorted(tallies.items()):
+        share = tally.covered / tally.samples if tally.samples else 0.0
+        roots = ", ".join(f"data_path {d or '.'} -> caption_choice "
+                          f"{posixpath.join(SIDECAR_ROOT, folder, d).rstrip('/')}" for d in sorted(metas))
+        report.info.append(
+            f"{SIDECAR_ROOT}/{folder}: covers {tally.covered} of {tally.samples} samples ({share:.1%}) in "
+            f"{tally.tars_with_file} of {tally.tars} tars; samples without an entry fall back to their .txt "
+            f"({roots})"
+        )
     pairs = _check_mmc4_dirs({r: s for r, s in files.items() if r in records}, problems)
     for pkl, cnt in pairs:
         n = _check_pkl(fs, f"{base}/{pkl}", pkl, max_images_per_doc, problems)
@@ -515,7 +780,18 @@ def validate_output(
             problems.append(f"{cnt}: holds {text!r}, not a document count")
         elif n is not None and int(text) != n:
             problems.append(f"{cnt}: says {text} documents but {pkl} holds {n}")
+    if world_sizes:
+        _check_world_sizes(fs, base, entries, pairs, list(world_sizes), report)
     shards = {r: "wds" for r in tars} | {p: "mmc4" for p, _ in pairs}
     _check_manifest(fs, base, files, shards, counts, problems)
     _check_stats(fs, base, files, problems)
-    return problems
+    return report
+
+
+def validate_output(
+    root: str, storage_options: dict[str, Any] | None = None, *, max_images_per_doc: int = VILA_MAX_IMAGES_PER_DOC,
+    world_sizes: list[int] | tuple[int, ...] = (),
+) -> list[str]:
+    """Return every way the output folder at ``root`` breaks the output contract (empty list = valid)."""
+    return check_output(root, storage_options, max_images_per_doc=max_images_per_doc,
+                        world_sizes=world_sizes).problems

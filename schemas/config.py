@@ -235,7 +235,10 @@ class OutputConfig(_Strict):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     shard_max_samples: int | None = 10_000
     shard_max_bytes: int | None = None  # either or both; a shard closes at whichever comes first
-    mmc4_docs_per_pkl: int = 1_000
+    mmc4_docs_per_pkl: int = Field(1_000, ge=1)  # most documents in one pkl
+    # MMC4 is written as a multiple of this many pkl/count pairs per input shard (documents dealt round-robin):
+    # VILA gives each rank n_files // world_size files, so use a multiple of the GPUs per training job
+    mmc4_min_files: int = Field(8, ge=1)
     mmc4_max_images_per_doc: int = 6  # VILA's interleaved loader
     caption_policy: CaptionPolicy = CaptionPolicy()
     keep_quarantine_payloads: bool = True  # write quarantined rows' bytes to quarantine/ for inspection

@@ -277,15 +277,15 @@ def test_non_regular_and_pax_long_name_members(good: Path) -> None:
 
 def test_mmc4_problems(good: Path) -> None:
     docs = [doc_row(0, 2)]
-    w = Mmc4PklWriter(FS, str(good), "mmc4/docs/00001", docs_per_pkl=5)
+    w = Mmc4PklWriter(FS, str(good), "mmc4/docs/00001", docs_per_pkl=5, min_files=1)
     w.write(make_table(docs, DOCUMENT_SCHEMA))
     w.close()
-    (good / "mmc4/docs/00001_0000.count").write_text("7\n")
+    (good / "mmc4/docs/p00-00001-0000.count").write_text("7\n")
     (good / "mmc4/docs/00002_0000.pkl").write_bytes(pickle.dumps([]))
     (good / "mmc4/docs/README.md").write_text("x")
     refresh_records(good)
     problems = validate_output(str(good))
-    assert_reports(problems, "00001_0000.count: says 7 documents but mmc4/docs/00001_0000.pkl holds 1",
+    assert_reports(problems, "p00-00001-0000.count: says 7 documents but mmc4/docs/p00-00001-0000.pkl holds 1",
                    "mmc4/docs/00002_0000.count: missing", "README.md: not a .pkl/.count file")
     assert validate_output(str(good), max_images_per_doc=1) != problems  # the image cap is checked too
     assert_reports(validate_output(str(good), max_images_per_doc=1), "over the limit of 1")
@@ -294,5 +294,5 @@ def test_mmc4_problems(good: Path) -> None:
 def test_pickles_with_classes_are_not_loaded(good: Path) -> None:
     import collections
 
-    (good / "mmc4/docs/00000_0000.pkl").write_bytes(pickle.dumps([collections.OrderedDict()]))
+    (good / "mmc4/docs/p00-00000-0000.pkl").write_bytes(pickle.dumps([collections.OrderedDict()]))
     assert_reports(validate_output(str(good)), "refusing to load collections.OrderedDict")

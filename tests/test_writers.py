@@ -323,6 +323,7 @@ def doc_row(i: int, n_images: int, drops: set[int] | frozenset[int] = frozenset(
 
 def write_docs(root: Path, rows: list[dict[str, Any]], docs_per_pkl: int, batch: int = 2, **kw: Any):
     fs = fsspec.filesystem("file")
+    kw.setdefault("min_files", 1)  # one part: these tests are about documents; tests/test_mmc4_layout.py about parts
     w = Mmc4PklWriter(fs, str(root), "mmc4/docs/00000", docs_per_pkl=docs_per_pkl, **kw)
     table = make_table(rows, DOCUMENT_SCHEMA)
     refused = []
@@ -348,9 +349,9 @@ def test_pkl_count_round_trip_with_image_limit(tmp_path: Path) -> None:
     rows = [doc_row(0, 9, drops={1, 4}), doc_row(1, 2), doc_row(2, 3, drops={0}), doc_row(3, 1), doc_row(4, 6)]
     w, files = write_docs(tmp_path, rows, docs_per_pkl=2)
     assert [(f.relpath, f.nsamples) for f in files] == [
-        ("mmc4/docs/00000_0000.pkl", 2), ("mmc4/docs/00000_0001.pkl", 2), ("mmc4/docs/00000_0002.pkl", 1)]
+        ("mmc4/docs/p00-00000-0000.pkl", 2), ("mmc4/docs/p00-00000-0001.pkl", 2), ("mmc4/docs/p00-00000-0002.pkl", 1)]
     assert all_files(tmp_path / "mmc4/docs") == sorted(
-        [f"00000_000{i}.{e}" for i in range(3) for e in ("pkl", "count")])
+        [f"p00-00000-000{i}.{e}" for i in range(3) for e in ("pkl", "count")])
     docs = []
     for f in files:
         data = (tmp_path / f.relpath).read_bytes()

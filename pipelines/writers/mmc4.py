@@ -5,8 +5,11 @@ What that loader does, and what it means for the files:
 - ``n_shards = len(os.listdir(data_path)) // 2``; the ``.count`` files, sorted by name, name the shards
   (``x.count`` -> ``x.pkl``) and each holds ``int(text.strip())`` documents. The folder must therefore
   hold *only* pkl/count pairs (any other file shifts the shard count), so give the writer a prefix in a
-  folder of its own. Ranks take ``n_shards // world_size`` pkls each and every rank is cut to the smallest
-  rank's document count, so many equal-sized pkls (``docs_per_pkl``) lose the least data.
+  folder of its own. Rank r takes the r-th run of ``n_shards // world_size`` pkls in that order, the
+  ``n_shards % world_size`` last ones are never read, and every rank is cut to the smallest rank's document
+  count (``min(gpu_samples) * world_size``). So the writer always writes a multiple of ``min_files`` pairs
+  with the documents dealt round-robin (see :class:`Mmc4PklWriter`): two pkls for 8 GPUs would mean that
+  six ranks get no file, the smallest count is 0, and VILA trains on no MMC4 at all, silently.
 - Each pkl is ``pickle.load``-ed whole: a list of dicts with ``text_list``, ``image_info`` (each with
   ``image_base64`` and ``matched_text_index``) and ``similarity_matrix``. Images are paired with rows by
   ``zip(image_info, similarity_matrix)``, so the matrix must keep exactly one row per kept image (a short
@@ -22,19 +25,24 @@ What that loader does, and what it means for the files:
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
 import pickle
 import posixpath
+import zlib
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.writers.atomic import HashingWriter, OutputFile, atomic_open, join, write_bytes_atomic
+from pipelines.writers.atomic import HashingWriter, OutputFile, join, temp_path, write_bytes_atomic
 from schemas.rows import DOCUMENT_SCHEMA, conform
 
-PICKLE_PROTOCOL = 4
+PICKLE_PROTOCOL = 2  # no frames (protocol 4 frames them), so documents can be streamed into one list
+_PICKLE_HEAD = pickle.PROTO + bytes([PICKLE_PROTOCOL]) + pickle.EMPTY_LIST
+MMC4_MIN_FILES = 8  # one 8-GPU node: OutputConfig.mmc4_min_files
 VILA_MAX_IMAGES_PER_DOC = 6  # hard-coded max_num_images in LazyMMC4Dataset.__getitem__
 NO_IMAGES_REASON = "no_images"
 NO_IMAGES_STAGE = "mmc4_write"
@@ -126,11 +134,74 @@ def mmc4_document(doc: dict[str, Any], max_images_per_doc: int) -> tuple[dict[st
     return out, truncated
 
 
-class Mmc4PklWriter:
-    """Write kept document rows as ``{prefix}_{i:04d}.pkl`` (+ ``.count``) with ``docs_per_pkl`` each.
+def part_name(folder: str, stem: str, part: int, chunk: int, n_parts: int) -> str:
+    """``<folder>/p{part}-<stem>-{chunk}.pkl``: the zero-padded part number first, so that VILA's
+    ``sorted()`` listing of the ``.count`` files puts part 0 of every shard first, then part 1, ..."""
+    width = max(2, len(str(n_parts - 1)))
+    name = f"p{part:0{width}d}-{stem}-{chunk:04d}.pkl"
+    return f"{folder}/{name}" if folder else name
 
-    Same API as :class:`~pipelines.writers.wds.WdsShardWriter`. The pkl is renamed into place before its
-    ``.count`` appears, because VILA discovers shards through the ``.count`` files.
+
+def first_part(stem: str, n_parts: int) -> int:
+    """Where this shard's round-robin starts: a stable hash of its name, so the parts that get one document
+    more than the others differ from shard to shard without any shard knowing about another."""
+    return zlib.crc32(stem.encode("utf-8")) % n_parts
+
+
+class _PklPart:
+    """One pkl being streamed to its temporary name: a pickled list, built one document at a time.
+
+    ``pickle`` has no append API and ``pickle.dump(list)`` needs the whole list in memory; the list opcodes
+    are therefore written by hand around each document's memo-free pickle (``Pickler.fast``), which keeps
+    one document in memory instead of a whole input shard. Protocol 2 has no frames, so a document's
+    opcodes can be spliced as they are; ``pickle.load`` gives exactly the list ``pickle.dumps`` would.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, relpath: str) -> None:
+        self.fs, self.path, self.relpath = fs, path, relpath
+        self.tmp = temp_path(path)
+        self._fh = fs.open(self.tmp, "wb")
+        self._hw = HashingWriter(self._fh)
+        self._hw.write(_PICKLE_HEAD)
+        self.ndocs = 0
+
+    def add(self, doc: dict[str, Any]) -> None:
+        buf = io.BytesIO()
+        pickler = pickle.Pickler(buf, protocol=PICKLE_PROTOCOL)
+        pickler.fast = True  # no memo: every document's opcodes stand alone (our documents hold no cycles)
+        pickler.dump(doc)
+        body = buf.getbuffer()
+        # strip this document's PROTO (2 bytes) and STOP (1 byte); APPEND adds it to the list on the stack
+        self._hw.write(bytes(body[2:-1]) + pickle.APPEND)
+        self.ndocs += 1
+
+    def finish(self) -> OutputFile:
+        self._hw.write(pickle.STOP)
+        self._hw.close()
+        self._fh.close()
+        self.fs.mv(self.tmp, self.path)  # the pkl is in place before its .count makes VILA see it
+        write_bytes_atomic(self.fs, self.path[: -len(".pkl")] + ".count", f"{self.ndocs}\n".encode())
+        return OutputFile(self.relpath, self.ndocs, self._hw.nbytes, self._hw.hexdigest())
+
+    def discard(self) -> None:
+        with contextlib.suppress(Exception):
+            self._fh.close()
+        with contextlib.suppress(OSError):
+            if self.fs.exists(self.tmp):
+                self.fs.rm(self.tmp)
+
+
+class Mmc4PklWriter:
+    """Write one input shard's kept documents as ``min_files`` pkl/count pairs (or a multiple of it).
+
+    VILA's ``LazyMMC4Dataset`` gives rank r the r-th run of ``n_files // world_size`` files in sorted name
+    order, drops the remainder and cuts every rank to the smallest rank's document count. So each shard
+    deals its documents round-robin into ``min_files`` parts named ``p{j}-<shard>-{chunk}.pkl``: sorted,
+    part j of every shard comes before part j+1, so with ``world_size`` dividing ``min_files`` every rank
+    gets whole parts of every shard, and the ranks' document counts differ by at most one per input shard
+    (no global step: shards are written independently and in parallel). A part holds at most
+    ``docs_per_pkl`` documents; all parts roll over to the next chunk together, so the file count stays a
+    multiple of ``min_files``. Same API as :class:`~pipelines.writers.wds.WdsShardWriter`.
     """
 
     def __init__(
@@ -141,75 +212,100 @@ class Mmc4PklWriter:
         *,
         docs_per_pkl: int,
         max_images_per_doc: int = VILA_MAX_IMAGES_PER_DOC,
+        min_files: int = MMC4_MIN_FILES,
     ) -> None:
         if prefix.startswith("/") or ".." in prefix.split("/") or not prefix.strip("/"):
             raise ValueError(f"prefix must be a relative path stem, got {prefix!r}")
         if docs_per_pkl < 1:
             raise ValueError("docs_per_pkl must be >= 1")
+        if min_files < 1:
+            raise ValueError("min_files must be >= 1")
         if not 1 <= max_images_per_doc <= VILA_MAX_IMAGES_PER_DOC:
             raise ValueError(f"max_images_per_doc must be in 1..{VILA_MAX_IMAGES_PER_DOC} (VILA's loader cap)")
         self.fs, self.prefix = fs, prefix.strip("/")
+        self.folder, self.stem = posixpath.split(self.prefix)
         self.root = fs._strip_protocol(root)
-        self.docs_per_pkl, self.max_images_per_doc = docs_per_pkl, max_images_per_doc
-        self._buf: list[dict[str, Any]] = []
-        self._index = 0
+        self.docs_per_pkl, self.max_images_per_doc, self.min_files = docs_per_pkl, max_images_per_doc, min_files
+        self._start = first_part(self.stem, min_files)
+        self._parts: list[_PklPart] = []
+        self._chunk = 0
+        self._ndocs = 0  # documents written so far; the next one goes to part (ndocs + start) % min_files
         self._done: list[OutputFile] = []
         self._keys: set[str] = set()
         self._closed = False
         self.counters: dict[str, int] = {"documents_written": 0, "images_written": 0, "images_truncated": 0}
 
-    def _flush(self) -> None:
-        if not self._buf:
-            return
-        docs, self._buf = self._buf, []
-        rel = f"{self.prefix}_{self._index:04d}.pkl"
-        self._index += 1
-        path = join(self.root, rel)
-        with atomic_open(self.fs, path) as f:
-            hw = HashingWriter(f)
-            # Dump straight into the file: only plain dict/list/str/int/float, so the bytes are deterministic.
-            pickle.dump(docs, hw, protocol=PICKLE_PROTOCOL)
-        write_bytes_atomic(self.fs, path[: -len(".pkl")] + ".count", f"{len(docs)}\n".encode())
-        self._done.append(OutputFile(rel, len(docs), hw.nbytes, hw.hexdigest()))
+    def _open_chunk(self) -> None:
+        # every part of a chunk is created, empty ones too: the shard always adds a multiple of min_files
+        self._parts = []
+        for j in range(self.min_files):
+            rel = part_name(self.folder, self.stem, j, self._chunk, self.min_files)
+            self._parts.append(_PklPart(self.fs, join(self.root, rel), rel))
+
+    def _finish_chunk(self) -> None:
+        parts, self._parts = self._parts, []
+        self._done.extend(p.finish() for p in parts)
+        self._chunk += 1
+
+    def _add(self, doc: dict[str, Any]) -> None:
+        if self._ndocs and self._ndocs % (self.min_files * self.docs_per_pkl) == 0:
+            self._finish_chunk()  # every part holds docs_per_pkl documents
+        if not self._parts:
+            parent = posixpath.dirname(join(self.root, self.prefix))
+            if parent:
+                self.fs.makedirs(parent, exist_ok=True)
+            self._open_chunk()
+        self._parts[(self._ndocs + self._start) % self.min_files].add(doc)
+        self._ndocs += 1
 
     def write(self, table: pa.Table) -> list[tuple[int, str]]:
-        """Append kept DOCUMENT_SCHEMA rows; a pkl is written each time ``docs_per_pkl`` accumulate.
+        """Append kept DOCUMENT_SCHEMA rows, each to the next part in round-robin order.
 
         Returns ``(row index, why)`` for documents that cannot be published; they are skipped.
         """
         if self._closed:
             raise RuntimeError("writer is closed")
         refused: list[tuple[int, str]] = []
-        for i, row in enumerate(conform(table, DOCUMENT_SCHEMA).to_pylist()):
-            key = row["key"]
-            if row.get("drop_reason") is not None or row.get("quarantined"):
-                raise RuntimeError(f"document {key!r} is dropped or quarantined; only kept rows are written")
-            try:
-                if key in self._keys:
-                    raise ValueError(f"duplicate key {key!r} in one output")
-                doc, truncated = mmc4_document(row, self.max_images_per_doc)
-            except ValueError as e:
-                refused.append((i, str(e)))
-                continue
-            self._keys.add(key)
-            self.counters["documents_written"] += 1
-            self.counters["images_written"] += len(doc["image_info"])
-            self.counters["images_truncated"] += truncated
-            self._buf.append(doc)
-            if len(self._buf) >= self.docs_per_pkl:
-                self._flush()
+        try:
+            for i, row in enumerate(conform(table, DOCUMENT_SCHEMA).to_pylist()):
+                key = row["key"]
+                if row.get("drop_reason") is not None or row.get("quarantined"):
+                    raise RuntimeError(f"document {key!r} is dropped or quarantined; only kept rows are written")
+                try:
+                    if key in self._keys:
+                        raise ValueError(f"duplicate key {key!r} in one output")
+                    doc, truncated = mmc4_document(row, self.max_images_per_doc)
+                except ValueError as e:
+                    refused.append((i, str(e)))
+                    continue
+                self._keys.add(key)
+                self.counters["documents_written"] += 1
+                self.counters["images_written"] += len(doc["image_info"])
+                self.counters["images_truncated"] += truncated
+                self._add(doc)
+        except BaseException:
+            self.abort()
+            raise
         return refused
 
     def close(self) -> list[OutputFile]:
-        """Write the last, partial pkl; returns every pkl written (relpath, documents, bytes, sha256)."""
+        """Finish the last chunk; returns every pkl written (relpath, documents, bytes, sha256), by name."""
         if not self._closed:
-            self._flush()
+            try:
+                if self._parts:
+                    self._finish_chunk()
+            except BaseException:
+                self.abort()
+                raise
             self._closed = True
-        return list(self._done)
+        return sorted(self._done, key=lambda f: f.relpath)
 
     def abort(self) -> None:
-        self._buf = []
+        """Remove the temporary files of the unfinished chunk (finished pkls stay: they are complete)."""
+        parts, self._parts = self._parts, []
         self._closed = True
+        for p in parts:
+            p.discard()
 
     def __enter__(self) -> Mmc4PklWriter:
         return self
