@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from PIL import Image
 
 from pipelines.readers import make_reader
@@ -126,3 +129,126 @@ def test_mmc4_invalid_utf8_lines_and_surrogates(tmp_path: Path) -> None:
     assert [r["drop_reason"] for r in rows] == [None, "invalid_utf8: line", "invalid_utf8: text_list", None]
     assert rows[2]["text_list"] == ["\\ud800 alone"] and rows[2]["quarantined"]
     assert rows[3]["image_info"][0]["image"] == (tmp_path / "a.jpg").read_bytes()
+
+
+# --------------------------------------------------------------------- point 4: one-line errors
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from pipelines.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _config(tmp_path: Path, sources: list[dict[str, Any]], name: str = "run.yaml", **extra: Any) -> Path:
+    raw = {"name": "hostile", "sources": sources, "stages": [{"type": "normalize", "min_side": 1}],
+           "output": {"path": str(tmp_path / "out")}, **extra}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def _coyo_without_url(tmp_path: Path) -> Path:
+    pq.write_table(pa.table({"id": ["1"], "text": ["t"], "image_path": ["a.jpg"]}), tmp_path / "p.parquet")
+    return _config(tmp_path, [{"name": "coyo", "kind": "coyo_parquet", "paths": [str(tmp_path / "p.parquet")],
+                               "image_path_column": "url"}], name="nourl.yaml")
+
+
+def test_config_and_source_errors_are_one_line_with_exit_2(tmp_path: Path, capsys) -> None:
+    (tmp_path / "bad.yaml").write_text("name: x\nsources: [\n  - broken\n")
+    unknown = _config(tmp_path, [], name="unknown.yaml")
+    unknown.write_text(unknown.read_text().replace("min_side: 1", "min_side: 1\n  min_sidez: 3"))
+    nopath = _config(tmp_path, [{"name": "m", "kind": "mmc4", "paths": [str(tmp_path / "nowhere" / "*.jsonl")]}],
+                     name="nopath.yaml")
+    cases = {
+        str(tmp_path / "bad.yaml"): ["bad.yaml", "not valid YAML at line 3, column 3"],
+        str(unknown): ["unknown.yaml", "stages.0.normalize.min_sidez", "Extra inputs are not permitted"],
+        str(tmp_path / "missing.yaml"): ["missing.yaml", "cannot read the config file"],
+        str(nopath): ["nowhere", "matched no"],
+        str(_coyo_without_url(tmp_path)): ["p.parquet", "missing required column 'url'",
+                                          "url_column and image_path_column"],
+    }
+    for config, words in cases.items():
+        code, out, err = _cli(capsys, "run", config, "--no-progress")
+        assert code == 2, (config, err)
+        assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+        assert all(w in err for w in words), (words, err)
+        if "p.parquet" in err:
+            assert err.count("'url'") == 1  # the column is named once, with both settings that name it
+    code, _, err = _cli(capsys, "run", str(tmp_path / "nourl.yaml"), "--no-progress", "-v")
+    assert code == 2 and "Traceback (most recent call last)" in err and err.rstrip().splitlines()[-1].startswith("error: ")
+
+
+def test_console_script_exit_status_and_wrapped_errors(tmp_path: Path) -> None:
+    from pipelines.cli import describe_error
+    from pipelines.readers.base import SourceFormatError
+
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(_coyo_without_url(tmp_path))],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+
+    class WorkerError(RuntimeError):  # how Ray (RayTaskError.cause) and Beam (raise ... from) wrap it
+        def __init__(self, cause: BaseException) -> None:
+            super().__init__("task failed\nremote traceback ...")
+            self.cause = cause
+
+    assert describe_error(WorkerError(SourceFormatError("f.parquet: missing required column 'x'")))[0] == 2
+    try:
+        try:
+            open(tmp_path / "no" / "such")  # noqa: SIM115
+        except OSError as e:
+            raise RuntimeError("stage failed") from e
+    except RuntimeError as wrapped:
+        code, message = describe_error(wrapped)
+    assert code == 4 and "FileNotFoundError" in message and "such" in message
+    assert describe_error(KeyError("bug")) == (1, "KeyError: 'bug'")
+
+
+# ------------------------------------------------------------------ point 5: failing sources flagged
+
+
+def _mmc4_source(tmp_path: Path, n_docs: int = 10) -> dict[str, Any]:
+    """n_docs documents with one image each; the images exist in images/, only one of them in wrong/."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "wrong").mkdir()
+    lines = []
+    for i in range(n_docs):
+        Image.new("RGB", (32, 32), (i * 20, 40, 90)).save(tmp_path / "images" / f"{i}.jpg")
+        lines.append(json.dumps({"url": f"http://d/{i}", "text_list": [f"document {i} sentence"],
+                                 "image_info": [{"image_name": f"{i}.jpg", "matched_text_index": 0}]}))
+    (tmp_path / "wrong" / "0.jpg").write_bytes((tmp_path / "images" / "0.jpg").read_bytes())
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    return {"name": "mmc4", "kind": "mmc4", "paths": [str(tmp_path / "docs.jsonl")],
+            "image_dir": str(tmp_path / "wrong")}
+
+
+def test_source_with_most_references_failing_is_flagged(tmp_path: Path, capsys) -> None:
+    from pipelines.report import render_report
+
+    source = _mmc4_source(tmp_path)
+    config = _config(tmp_path, [source])
+    code, out, err = _cli(capsys, "run", str(config), "--no-progress")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["balanced"]
+    assert (f"warning: source 'mmc4': image_dir probably wrong: 9 of 10 image references not found under "
+            f"{tmp_path / 'wrong'} (90% of references failed)") in err
+    health = json.loads((tmp_path / "out" / "stats.json").read_text())["sources"]["mmc4"]["health"]
+    assert health == {"status": "warning", "references": 10, "failed": 9, "failed_share": 0.9,
+                      "failures": {"image_missing": 9},
+                      "cause": "image_dir probably wrong: 9 of 10 image references not found"}
+    html = render_report([str(tmp_path / "out")], gallery=0)
+    assert "id='source-health'" in html and "image_dir probably wrong: 9 of 10" in html
+
+    code, out, err = _cli(capsys, "inputs", str(config), "--probe", "5")
+    probe = json.loads(out.strip().splitlines()[-1])
+    assert code == 1 and probe["input_shards"] == 1
+    assert probe["references"]["mmc4"] == {"checked": 5, "found": 1, "failures": {"image_missing": 4},
+                                           "status": "warning",
+                                           "cause": "image_dir probably wrong: 4 of 5 image references not found"}
+    assert "source 'mmc4': 1 of 5 image references found" in err and "warning: source 'mmc4'" in err
+
+    fixed = _config(tmp_path, [{**source, "image_dir": str(tmp_path / "images")}], name="fixed.yaml")
+    code, out, err = _cli(capsys, "inputs", str(fixed))
+    assert code == 0 and "warning" not in err
+    assert json.loads(out.strip().splitlines()[-1])["references"]["mmc4"]["found"] == 10
