@@ -25,6 +25,7 @@ because ``curation.decisions.index_decisions`` keeps only the first row per targ
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -34,9 +35,14 @@ import pyarrow.compute as pc
 from curation.dedup.exact import exact_pairs
 from curation.dedup.keeper import keeper_sort_key, pair_publishable, pixels
 from curation.dedup.minhash import minhash_signatures, near_duplicate_pairs
+from curation.dedup.partitioned import (
+    PartitionedDedup,
+    confirm_candidates,
+    semantic_cluster_pairs,
+    thumb_candidate_pairs,
+)
 from curation.dedup.phash import hamming_pairs
-from curation.dedup.semantic import clip_cosines, semantic_pairs
-from curation.dedup.thumbnails import THUMB_BYTES, confirm_pairs, thumbnail, thumbnail_neighbour_pairs
+from curation.dedup.thumbnails import THUMB_BYTES, thumbnail
 from curation.dedup.unionfind import UnionFind
 from schemas.config import DedupConfig
 from schemas.rows import DECISION_SCHEMA
@@ -198,10 +204,13 @@ class DedupStage:
     def _decide_images(self, sig: pa.Table, ids: list[str], kinds: list[str], dropped_docs: set[str],
                        out: dict[str, list[Any]]) -> None:
         cfg = self.cfg
-        rows = [i for i, k in enumerate(kinds) if k == "pair" or (
-            k == "doc_image" and cfg.mmc4_policy == "drop_image" and ids[i].rsplit("/", 1)[0] not in dropped_docs)]
+        # images of documents dropped as duplicates still link groups (the partitioned decide finds
+        # image edges before it knows document decisions) but are the last choice as keeper
+        rows = [i for i, k in enumerate(kinds) if k == "pair" or (k == "doc_image" and cfg.mmc4_policy == "drop_image")]
         if not rows or not self._images:
             return
+        scale = PartitionedDedup(self)
+        scale.fit([scale.sample(sig)])  # the same centroids the engine fits on its bottom-M sample
         take = pa.array(rows, type=pa.int64())
         sha = sig.column("sha256").take(take).to_pylist()
         ph = sig.column("phash").take(take).to_pylist()
@@ -216,9 +225,10 @@ class DedupStage:
         emb_idx = np.array([i for i, e in enumerate(emb_list) if e], dtype=np.int64)
         emb = _matrix(emb_list, emb_idx)
         if "phash" in cfg.methods:
-            per_method["phash"] = self._phash_pairs(ph, thumbs_list, emb_list)
+            per_method["phash"] = self._phash_pairs(ph, thumbs_list, emb_list, sig.take(take), scale)
         if "semantic" in cfg.methods and emb_idx.size > 1:
-            local = semantic_pairs(emb, cfg.semantic_eps, cfg.semantic_clusters, cfg.seed)
+            labels = scale.labels(sig.take(take).take(pa.array(emb_idx)), "semantic")
+            local = semantic_cluster_pairs(emb, labels, cfg.semantic_eps)
             per_method["semantic"] = emb_idx[local] if local.size else local
         union = UnionFind()
         method_uf: dict[str, UnionFind] = {}
@@ -231,7 +241,8 @@ class DedupStage:
                 uf.union(a, b)
                 union.union(a, b)
         for group in union.groups():
-            keeper = min(group, key=lambda g: keeper_sort_key(publishable[g], sizes[g], scores[g], ids[rows[g]]))
+            keeper = min(group, key=lambda g: (ids[rows[g]].rsplit("/", 1)[0] in dropped_docs,
+                                               keeper_sort_key(publishable[g], sizes[g], scores[g], ids[rows[g]])))
             kid = ids[rows[keeper]]
             gid = f"image:{kid}"
             for g in group:
@@ -244,46 +255,53 @@ class DedupStage:
                 out[ids[rows[g]]] = [reason, None, gid, float(len(group))]
 
     def _phash_pairs(self, ph: list[int | None], thumbs_list: list[bytes | None],
-                     emb_list: list[list[float] | None]) -> np.ndarray:
-        """pHash candidates within k, plus thumbnail nearest neighbours within 2k (crops), each confirmed
-        by a second signal: thumbnail distance (or CLIP cosine when configured and present)."""
+                     emb_list: list[list[float] | None], image_sig: pa.Table, scale: PartitionedDedup) -> np.ndarray:
+        """pHash candidates within k (multi-index join: identical hashes linked through one representative,
+        as a partitioned group sees them), plus thumbnail nearest neighbours within 2k inside each coarse
+        thumbnail cluster (crops), each confirmed by a second signal: thumbnail distance (or CLIP cosine
+        when configured and present)."""
         cfg = self.cfg
         idx = np.array([i for i, h in enumerate(ph) if h is not None], dtype=np.int64)
         if idx.size < 2:
             return np.empty((0, 2), dtype=np.int64)
         hashes = np.array([ph[i] for i in idx], dtype=np.uint64)
-        pairs = idx[hamming_pairs(hashes, cfg.phash_max_distance)]
+        pairs = idx[hamming_pairs(hashes, cfg.phash_max_distance, "mih")]
         if cfg.phash_confirm == "none":
             return pairs
         with_thumb = np.array([i for i in idx.tolist() if thumbs_list[i] is not None], dtype=np.int64)
         if cfg.thumbnail_neighbours and with_thumb.size > 1:
             t = np.frombuffer(b"".join(thumbs_list[i] for i in with_thumb), dtype=np.uint8).reshape(-1, THUMB_BYTES)
-            extra = with_thumb[thumbnail_neighbour_pairs(t, cfg.thumbnail_neighbours)]
-            if extra.size:
-                h = {int(i): ph[int(i)] for i in np.unique(extra)}
-                dist = np.array([bin(h[a] ^ h[b]).count("1") for a, b in extra.tolist()])
-                extra = extra[dist <= 2 * cfg.phash_max_distance]
+            labels = scale.labels(image_sig.take(pa.array(with_thumb)), "thumb")
+            th = np.array([ph[i] for i in with_thumb], dtype=np.uint64)
+            local = thumb_candidate_pairs(t, labels, cfg.thumbnail_neighbours, th, cfg.phash_max_distance)
+            if local.size:
+                extra = with_thumb[local]
                 pairs = np.unique(np.concatenate([pairs, extra]), axis=0) if pairs.size else extra
-        if pairs.size == 0:
-            return pairs
-        ok = np.zeros(len(pairs), dtype=bool)
-        todo = np.ones(len(pairs), dtype=bool)
-        if cfg.phash_confirm == "clip":
-            has = np.array([bool(emb_list[a]) and bool(emb_list[b]) for a, b in pairs.tolist()])
-            if has.any():
-                sub = pairs[has]
-                uniq, inv = np.unique(sub, return_inverse=True)
-                e = _matrix(emb_list, uniq)
-                ok[has] = clip_cosines(e, inv.reshape(-1, 2)) >= cfg.clip_confirm_min_cosine
-                todo &= ~has  # no embedding on one side: fall back to thumbnails
-        has_t = todo & np.array([thumbs_list[a] is not None and thumbs_list[b] is not None
-                                 for a, b in pairs.tolist()])
-        if has_t.any():
-            sub = pairs[has_t]
-            uniq, inv = np.unique(sub, return_inverse=True)
-            t = np.frombuffer(b"".join(thumbs_list[i] for i in uniq), dtype=np.uint8).reshape(-1, THUMB_BYTES)
-            ok[has_t] = confirm_pairs(t, inv.reshape(-1, 2), cfg)
-        return pairs[ok]
+        return confirm_candidates(pairs, thumbs_list, emb_list, cfg)
+
+    # ---- the scale path: schemas.stage.PartitionedDecide, in curation/dedup/partitioned.py -------------
+    def _scale(self) -> PartitionedDedup:
+        if getattr(self, "_partitioned", None) is None:
+            self._partitioned = PartitionedDedup(self)
+        return self._partitioned
+
+    def sample(self, signatures: pa.Table) -> pa.Table:
+        return self._scale().sample(signatures)
+
+    def fit(self, samples: Iterable[pa.Table]) -> None:
+        self._scale().fit(samples)
+
+    def partition(self, signatures: pa.Table) -> pa.Table:
+        return self._scale().partition(signatures)
+
+    def decide_partition(self, rows: pa.Table) -> pa.Table:
+        return self._scale().decide_partition(rows)
+
+    def combine(self, partials: list[pa.Table]) -> pa.Table:
+        return self._scale().combine(partials)
+
+    def shard_decisions(self, combined: pa.Table, signatures: pa.Table) -> pa.Table:
+        return self._scale().shard_decisions(combined, signatures)
 
     def _decide_captions(self, sig: pa.Table, ids: list[str], kinds: list[str],
                          out: dict[str, list[Any]]) -> None:

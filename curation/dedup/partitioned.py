@@ -1,0 +1,598 @@
+"""Dedup's partitioned decide (schemas.stage.PartitionedDecide): the same decisions as ``decide`` over
+all rows, computed in independent groups whose size is a fraction of the dataset.
+
+How each method splits (every candidate pair lands whole in at least one group):
+
+* exact: hash of sha256; the group holds every copy of an image.
+* pHash within k: k+1 bands of the 64 bits; a row goes to (band, band value) for each band. Two hashes
+  within distance k agree exactly on at least one band (pigeonhole), and all rows with one hash share
+  every group, so a group holds whole identical-hash runs and the same representatives as the
+  reference's multi-index join; candidates are confirmed there (thumbnail distance or CLIP cosine).
+* thumbnail neighbours (crops) and SemDeDup: a coarse k-means cluster (trained on a deterministic sample,
+  as SemDeDup does); the reference ``decide`` uses the same clustering, so both search the same clusters.
+* MinHash documents / captions: datasketch's LSH band layout; a group holds whole buckets.
+
+Each group returns confirmed edges carrying what the keeper rule needs of both endpoints; ``combine``
+joins them with union-find per method (the reason names the first method connecting a member to its
+keeper, as ``decide`` does) in one process that holds only edges and group members.
+
+The k-means sample: the M smallest 64-bit hashes of the item id (a bottom-M sample, mergeable across
+shards and independent of order); its M-th hash also estimates the row count (KMV), which sets the
+number of clusters. Cluster assignment is computed on integer vectors in float64, where every dot
+product is exact, so a row lands in the same cluster whatever batch it is assigned in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curation.dedup.exact import exact_pairs
+from curation.dedup.minhash import _PRIME, EMPTY, _bucket_pairs, _fmix64, lsh_params
+from curation.dedup.phash import hamming_pairs
+from curation.dedup.semantic import _block_pairs, clip_cosines, default_clusters
+from curation.dedup.thumbnails import GREY_SIDE, THUMB_BYTES, confirm_pairs
+from curation.dedup.unionfind import UnionFind
+from schemas.config import DedupConfig
+from schemas.rows import DECISION_SCHEMA
+from schemas.stage import PARTITION_COL, SHARD_COL
+
+if TYPE_CHECKING:
+    from curation.dedup.stage import DedupStage
+
+log = logging.getLogger(__name__)
+
+SAMPLE_ROWS = 65536  # M: k-means training sample (64-dim thumbnails: 4 MiB; 512-dim embeddings: 128 MiB)
+THUMB_CLUSTER_ROWS = 2048  # target rows per thumbnail cluster: flat k-NN inside costs rows^2 x 256
+_SEMANTIC_DIRECT_MAX = 4096  # as semantic.py: below this, one cluster
+_KMEANS_ITER = 20
+_EMB_QUANT = 127.0  # embeddings are L2-normalised: x 127 fits int8, 512-dim dot products stay exact
+
+_TASK_SALT = {"exact": 1, "phash": 2, "thumb": 3, "semantic": 4, "document": 5, "caption": 6}
+
+PART_SCHEMA = pa.schema([
+    pa.field(PARTITION_COL, pa.int64()),
+    pa.field("task", pa.string()),
+    pa.field("band", pa.int32()),
+    pa.field("cluster", pa.int64()),
+    pa.field("source", pa.string()),
+    pa.field("key", pa.string()),
+    pa.field("image_index", pa.int32()),
+    pa.field(SHARD_COL, pa.string()),
+    pa.field("sha256", pa.string()),
+    pa.field("phash", pa.uint64()),
+    pa.field("thumb", pa.binary()),
+    pa.field("embedding", pa.list_(pa.float32())),
+    pa.field("minhash", pa.list_(pa.uint32())),
+    pa.field("clip_score", pa.float32()),
+    pa.field("publishable", pa.bool_()),
+    pa.field("pixels", pa.int64()),
+])
+_NODE_COLS = ("id", SHARD_COL, "sha256", "clip_score", "publishable", "pixels")
+EDGE_SCHEMA = pa.schema(
+    [pa.field("method", pa.string())]
+    + [pa.field(f"{end}_{c}", t) for end in ("a", "b") for c, t in (
+        ("id", pa.string()), (SHARD_COL, pa.string()), ("sha256", pa.string()), ("clip_score", pa.float32()),
+        ("publishable", pa.bool_()), ("pixels", pa.int64()))]
+)
+SAMPLE_SCHEMA = pa.schema([pa.field("task", pa.string()), pa.field("rank", pa.uint64()),
+                           pa.field("thumb", pa.binary()), pa.field("embedding", pa.list_(pa.float32()))])
+COMBINED_SCHEMA = DECISION_SCHEMA.append(pa.field(SHARD_COL, pa.string()))
+
+
+# ---- ids and the canonical order ------------------------------------------------------------------------
+def item_ids(tbl: pa.Table) -> list[str]:
+    return [f"{s}/{k}/{i}" for s, k, i in zip(*(tbl.column(c).to_pylist()
+                                                 for c in ("source", "key", "image_index")), strict=True)]
+
+
+def canonical_key(item_id: str) -> tuple[str, str, int]:
+    """(source, key, image_index) of an id: the order ``decide`` sorts rows in (its representatives)."""
+    source, rest = item_id.split("/", 1)
+    key, index = rest.rsplit("/", 1)
+    return source, key, int(index)
+
+
+def _canonical_order(tbl: pa.Table) -> pa.Table:
+    return tbl.take(pc.sort_indices(tbl, sort_keys=[("source", "ascending"), ("key", "ascending"),
+                                                    ("image_index", "ascending")]))
+
+
+def _dedupe_ids(tbl: pa.Table) -> pa.Table:
+    """Canonical order, one row per id (a row reaches a group once per band that maps there)."""
+    tbl = _canonical_order(tbl)
+    if tbl.num_rows < 2:
+        return tbl
+    ids = item_ids(tbl)
+    keep = [0] + [r for r in range(1, len(ids)) if ids[r] != ids[r - 1]]
+    return tbl.take(pa.array(keep, type=pa.int64())) if len(keep) < len(ids) else tbl
+
+
+def id_rank(ids: list[str]) -> np.ndarray:
+    """Stable 64-bit hash of each string (blake2b; ``hash()`` differs per process): the bottom-M sample
+    keeps the smallest ids; also the exact method's partition value of a sha256."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8, person=b"vila2-sample")
+                                       .digest(), "little") for i in ids), dtype=np.uint64, count=len(ids))
+
+
+def _part_key(task: str, values: np.ndarray) -> np.ndarray:
+    """Non-negative int64 partition key of (task, uint64 value)."""
+    mixed = _fmix64(values.astype(np.uint64) * _PRIME + np.uint64(_TASK_SALT[task]))
+    return (mixed >> np.uint64(1)).astype(np.int64)
+
+
+# ---- clustering (thumbnail neighbours, SemDeDup) ---------------------------------------------------------
+def coarse_thumbs(thumbs: np.ndarray) -> np.ndarray:
+    """(n, 64) float64: 2x2 sums of the 16x16 grey thumbnail, integers <= 1020 (exact dot products)."""
+    g = thumbs[:, :GREY_SIDE * GREY_SIDE].reshape(-1, GREY_SIDE // 2, 2, GREY_SIDE // 2, 2).astype(np.float64)
+    return g.sum(axis=(2, 4)).reshape(len(thumbs), -1)
+
+
+def quantized_embeddings(emb: np.ndarray) -> np.ndarray:
+    return np.rint(np.asarray(emb, dtype=np.float64) * _EMB_QUANT)
+
+
+@dataclass
+class Centroids:
+    """Integer-valued centroids; ``assign`` is exact (float64 sums of integer products < 2^53)."""
+
+    centres: np.ndarray  # (k, d) float64 holding integers
+    spherical: bool
+
+    def assign(self, x: np.ndarray) -> np.ndarray:
+        if len(self.centres) == 1 or len(x) == 0:
+            return np.zeros(len(x), dtype=np.int64)
+        out = np.empty(len(x), dtype=np.int64)
+        norms = (self.centres ** 2).sum(axis=1)
+        for s in range(0, len(x), 65536):  # bounded (rows x k) score block
+            dots = x[s:s + 65536] @ self.centres.T
+            out[s:s + 65536] = (np.argmax(dots, axis=1) if self.spherical
+                                else np.argmin(norms[None, :] - 2.0 * dots, axis=1))
+        return out
+
+
+def train_centroids(x: np.ndarray, k: int, spherical: bool, seed: int, scale: float) -> Centroids:
+    """faiss k-means on the sample (rows in rank order), centroids rounded to the integer grid."""
+    import faiss
+
+    k = max(1, min(k, len(x)))
+    if k == 1:
+        return Centroids(np.zeros((1, x.shape[1] if x.ndim == 2 else 1)), spherical)
+    km = faiss.Kmeans(x.shape[1], k, niter=_KMEANS_ITER, seed=seed, spherical=spherical, verbose=False,
+                      max_points_per_centroid=max(256, math.ceil(len(x) / k)))
+    km.train(np.ascontiguousarray(x / scale, dtype=np.float32))
+    return Centroids(np.rint(km.centroids.astype(np.float64) * scale), spherical)
+
+
+def estimate_rows(ranks: np.ndarray, seen: int, m: int) -> int:
+    """Rows behind a bottom-m sample: exact when fewer than m were seen, else the KMV estimate."""
+    if seen <= m or len(ranks) < m:
+        return len(ranks)
+    return int((m - 1) * 2.0**64 / (float(ranks[m - 1]) + 1.0))
+
+
+def thumb_cluster_count(n: int) -> int:
+    return max(1, math.ceil(n / THUMB_CLUSTER_ROWS))
+
+
+def semantic_cluster_count(n: int, configured: int | None) -> int:
+    if configured:
+        return configured
+    return 1 if n <= _SEMANTIC_DIRECT_MAX else default_clusters(n)
+
+
+# ---- pair generators shared with the reference decide ----------------------------------------------------
+def thumb_knn_pairs(thumbs: np.ndarray, k: int) -> np.ndarray:
+    """Pairs i < j with j among i's k nearest grey thumbnails (exact faiss flat search, rows in given order)."""
+    import faiss
+
+    n = len(thumbs)
+    if n < 2 or k <= 0:
+        return np.empty((0, 2), dtype=np.int64)
+    x = np.ascontiguousarray(thumbs[:, :GREY_SIDE * GREY_SIDE], dtype=np.float32)
+    index = faiss.IndexFlatL2(x.shape[1])
+    index.add(x)
+    _, nbrs = index.search(x, min(k + 1, n))
+    rows = np.repeat(np.arange(n, dtype=np.int64), nbrs.shape[1])
+    cols = nbrs.reshape(-1).astype(np.int64)
+    keep = (cols >= 0) & (rows != cols)
+    a, b = rows[keep], cols[keep]
+    pairs = np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1)
+    return np.unique(pairs, axis=0) if len(pairs) else pairs
+
+
+def clustered_pairs(labels: np.ndarray, fn) -> np.ndarray:
+    """fn(members) -> (m, 2) global index pairs, called per cluster with members in ascending order."""
+    order = np.argsort(labels, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1], True]) if len(labels) else []
+    out = [fn(order[s:e]) for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e - s > 1]
+    out = [p for p in out if p.size]
+    return np.concatenate(out) if out else np.empty((0, 2), dtype=np.int64)
+
+
+def thumb_candidate_pairs(thumbs: np.ndarray, labels: np.ndarray, k: int, hashes: np.ndarray,
+                          max_distance: int) -> np.ndarray:
+    """Thumbnail k-NN pairs inside each cluster whose pHashes are within 2k (crops move pHash bits)."""
+    pairs = clustered_pairs(labels, lambda m: m[thumb_knn_pairs(thumbs[m], k)])
+    if pairs.size == 0:
+        return pairs
+    dist = np.bitwise_count(hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]])
+    return pairs[dist <= 2 * max_distance]
+
+
+def semantic_cluster_pairs(emb: np.ndarray, labels: np.ndarray, eps: float) -> np.ndarray:
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    return clustered_pairs(labels, lambda m: _block_pairs(emb, m, 1.0 - eps))
+
+
+def confirm_candidates(pairs: np.ndarray, thumbs: list[bytes | None], emb: list[Any], cfg: DedupConfig) -> np.ndarray:
+    """Keep candidate pairs a second signal confirms: CLIP cosine where both have embeddings (``clip``),
+    else thumbnails (``thumbnails.confirm_pairs``) where both have them; neither signal: not confirmed."""
+    if pairs.size == 0 or cfg.phash_confirm == "none":
+        return pairs
+    ok = np.zeros(len(pairs), dtype=bool)
+    todo = np.ones(len(pairs), dtype=bool)
+    if cfg.phash_confirm == "clip":
+        has = np.array([bool(emb[a]) and bool(emb[b]) for a, b in pairs.tolist()])
+        if has.any():
+            uniq, inv = np.unique(pairs[has], return_inverse=True)
+            e = np.asarray([emb[i] for i in uniq], dtype=np.float32)
+            ok[has] = clip_cosines(e, inv.reshape(-1, 2)) >= cfg.clip_confirm_min_cosine
+            todo &= ~has
+    has_t = todo & np.array([thumbs[a] is not None and thumbs[b] is not None for a, b in pairs.tolist()])
+    if has_t.any():
+        uniq, inv = np.unique(pairs[has_t], return_inverse=True)
+        t = np.frombuffer(b"".join(thumbs[i] for i in uniq), dtype=np.uint8).reshape(-1, THUMB_BYTES)
+        ok[has_t] = confirm_pairs(t, inv.reshape(-1, 2), cfg)
+    return pairs[ok]
+
+
+def band_keys(uniq: np.ndarray, band: int, rows: int) -> np.ndarray:
+    """datasketch-layout LSH band key (as minhash.near_duplicate_pairs computes it)."""
+    block = uniq[:, band * rows:(band + 1) * rows].astype(np.uint64)
+    key = np.zeros(uniq.shape[0], dtype=np.uint64)
+    for c in range(rows):
+        key = _fmix64(key * _PRIME + block[:, c])
+    return key
+
+
+def minhash_band_pairs(sigs: np.ndarray, band: int, rows: int, threshold: float,
+                       identical: bool) -> np.ndarray:
+    """Pairs (row indices) found in one LSH band: identical signatures as a star (when ``identical``) and
+    bucket candidates among distinct signatures verified by estimated Jaccard, as the reference does."""
+    if len(sigs) < 2:
+        return np.empty((0, 2), dtype=np.int64)
+    uniq, first, inverse = np.unique(sigs, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    out = []
+    if identical:
+        star = np.stack([first[inverse], np.arange(len(sigs))], axis=1)
+        out.append(star[star[:, 0] != star[:, 1]])
+    pairs = _bucket_pairs(band_keys(uniq, band, rows))
+    if pairs.size:
+        est = (uniq[pairs[:, 0]] == uniq[pairs[:, 1]]).mean(axis=1)
+        pairs = pairs[est >= threshold]
+        out.append(np.stack([first[pairs[:, 0]], first[pairs[:, 1]]], axis=1))
+    out = [p for p in out if p.size]
+    return np.concatenate(out) if out else np.empty((0, 2), dtype=np.int64)
+
+
+# ---- the stage's hooks -----------------------------------------------------------------------------------
+class PartitionedDedup:
+    """The partitioned hooks of one DedupStage (its config, and centroids after ``fit``)."""
+
+    def __init__(self, stage: DedupStage) -> None:
+        self.stage = stage
+        self.cfg = stage.cfg
+        self.centroids: dict[str, Centroids] = {}
+        self.fitted = False
+        self._warned = False
+
+    # -- which rows take part in which method (mirrors DedupStage.decide) --
+    def _tasks(self) -> set[str]:
+        cfg, m = self.cfg, set(self.cfg.methods)
+        out = set()
+        if self.stage._images:
+            out |= {"exact"} & m
+            if "phash" in m:
+                out.add("phash")
+                if cfg.phash_confirm != "none" and cfg.thumbnail_neighbours:
+                    out.add("thumb")
+            if "semantic" in m:
+                out.add("semantic")
+        if "minhash_documents" in m:
+            out.add("document")
+        if "minhash_captions" in m:
+            out.add("caption")
+        return out
+
+    def _image_rows(self, sig: pa.Table) -> np.ndarray:
+        kinds = np.asarray(sig.column("kind").to_pylist(), dtype=object)
+        ok = kinds == "pair"
+        if self.cfg.mmc4_policy == "drop_image":
+            ok |= kinds == "doc_image"
+        return np.flatnonzero(ok)
+
+    def eligible(self, sig: pa.Table, task: str) -> np.ndarray:
+        """Row indices of ``sig`` that take part in ``task``."""
+        if task in ("document", "caption"):
+            kinds = np.asarray(sig.column("kind").to_pylist(), dtype=object)
+            rows = np.flatnonzero(kinds == ("document" if task == "document" else "pair"))
+            mh = sig.column("minhash").to_pylist()
+            return np.array([r for r in rows.tolist() if mh[r] and mh[r][0] != EMPTY], dtype=np.int64)
+        rows = self._image_rows(sig)
+        if task == "exact":
+            sha = sig.column("sha256").to_pylist()
+            return np.array([r for r in rows.tolist() if sha[r]], dtype=np.int64)
+        if task in ("phash", "thumb"):
+            ph = sig.column("phash").to_pylist()
+            rows = np.array([r for r in rows.tolist() if ph[r] is not None], dtype=np.int64)
+            if task == "thumb":
+                th = sig.column("thumb").to_pylist()
+                rows = np.array([r for r in rows.tolist() if th[r] is not None], dtype=np.int64)
+            return rows
+        emb = sig.column("embedding").to_pylist()
+        return np.array([r for r in rows.tolist() if emb[r]], dtype=np.int64)
+
+    # -- step 0: sample and fit --
+    def sample(self, sig: pa.Table) -> pa.Table:
+        parts = []
+        for task, col in (("thumb", "thumb"), ("semantic", "embedding")):
+            if task not in self._tasks():
+                continue
+            rows = self.eligible(sig, task)
+            if rows.size == 0:
+                continue
+            sub = sig.take(pa.array(rows, type=pa.int64()))
+            rank = id_rank(item_ids(sub))
+            order = np.argsort(rank, kind="stable")[:SAMPLE_ROWS]
+            sub = sub.take(pa.array(order, type=pa.int64()))
+            n = sub.num_rows
+            parts.append(pa.table({
+                "task": pa.array([task] * n), "rank": pa.array(rank[order], type=pa.uint64()),
+                "thumb": sub.column("thumb") if col == "thumb" else pa.nulls(n, pa.binary()),
+                "embedding": sub.column("embedding") if col == "embedding" else pa.nulls(n, pa.list_(pa.float32())),
+            }, schema=SAMPLE_SCHEMA))
+        return pa.concat_tables(parts) if parts else SAMPLE_SCHEMA.empty_table()
+
+    def fit(self, samples: Iterable[pa.Table]) -> None:
+        kept: dict[str, pa.Table] = {}
+        seen: dict[str, int] = {}
+        for s in samples:
+            for task in ("thumb", "semantic"):
+                part = s.filter(pc.equal(s.column("task"), task))
+                if part.num_rows == 0:
+                    continue
+                seen[task] = seen.get(task, 0) + part.num_rows
+                both = pa.concat_tables([kept[task], part]) if task in kept else part
+                order = pc.sort_indices(both, sort_keys=[("rank", "ascending")])[:SAMPLE_ROWS]
+                kept[task] = both.take(order)
+        self.centroids = {}
+        for task, tbl in kept.items():
+            ranks = tbl.column("rank").to_numpy()
+            n = estimate_rows(ranks, seen[task], SAMPLE_ROWS)
+            if task == "thumb":
+                x = coarse_thumbs(np.frombuffer(b"".join(tbl.column("thumb").to_pylist()),
+                                                dtype=np.uint8).reshape(-1, THUMB_BYTES))
+                self.centroids[task] = train_centroids(x, thumb_cluster_count(n), False, self.cfg.seed, 1020.0)
+            else:
+                x = np.asarray(tbl.column("embedding").to_pylist(), dtype=np.float32)
+                k = semantic_cluster_count(n, self.cfg.semantic_clusters)
+                c = train_centroids(x.astype(np.float64) * _EMB_QUANT, k, True, self.cfg.seed, _EMB_QUANT)
+                self.centroids[task] = c
+        self.fitted = True
+
+    def labels(self, sig: pa.Table, task: str) -> np.ndarray:
+        """Cluster of every row of ``sig`` (all eligible for ``task``)."""
+        c = self.centroids.get(task)
+        if c is None or sig.num_rows == 0:
+            return np.zeros(sig.num_rows, dtype=np.int64)
+        if task == "thumb":
+            t = np.frombuffer(b"".join(sig.column("thumb").to_pylist()), dtype=np.uint8).reshape(-1, THUMB_BYTES)
+            return c.assign(coarse_thumbs(t))
+        return c.assign(quantized_embeddings(np.asarray(sig.column("embedding").to_pylist(), dtype=np.float32)))
+
+    # -- step 1: partition (map side, per input shard) --
+    def partition(self, sig: pa.Table) -> pa.Table:
+        # An engine that skips step 0 still gets correct groups: one cluster per method, which equals the
+        # reference up to 2048 thumbnails / 4096 embeddings, but above that neither bounds the group nor
+        # matches the reference's clusters.
+        if not self.fitted and not self._warned and self._tasks() & {"thumb", "semantic"}:
+            log.warning("dedup partition() before fit(): one cluster for thumbnail neighbours / SemDeDup; "
+                        "run pipelines.aggregate.fit_sample(stage, shard signatures) first "
+                        "(schemas.stage.PartitionedDecide step 0)")
+            self._warned = True
+        sig = sig.combine_chunks()
+        cfg = self.cfg
+        parts: list[pa.Table] = []
+        for task in sorted(self._tasks()):
+            rows = self.eligible(sig, task)
+            if rows.size == 0:
+                continue
+            sub = sig.take(pa.array(rows, type=pa.int64()))
+            n = sub.num_rows
+            band = np.full(n, -1, dtype=np.int32)
+            cluster = np.full(n, -1, dtype=np.int64)
+            if task == "exact":
+                value = id_rank(sub.column("sha256").to_pylist())
+                parts.append(self._rows(sub, task, _part_key(task, value), band, cluster))
+            elif task == "phash":
+                bands = cfg.phash_max_distance + 1
+                width = 64 // bands
+                ph = sub.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
+                for b in range(bands):
+                    w = width if b < bands - 1 else 64 - width * (bands - 1)
+                    value = (ph >> np.uint64(b * width)) & np.uint64((1 << w) - 1)
+                    key = _part_key(task, value * np.uint64(bands) + np.uint64(b))
+                    parts.append(self._rows(sub, task, key, np.full(n, b, np.int32), cluster))
+            elif task in ("thumb", "semantic"):
+                cluster = self.labels(sub, task)
+                parts.append(self._rows(sub, task, _part_key(task, cluster.astype(np.uint64)), band, cluster))
+            else:
+                b_count, r = lsh_params(cfg.minhash_threshold, cfg.minhash_num_perm)
+                sigs = np.asarray(sub.column("minhash").to_pylist(), dtype=np.uint32)
+                for b in range(b_count):
+                    key = band_keys(sigs, b, r)
+                    parts.append(self._rows(sub, task, _part_key(task, key ^ np.uint64(b)),
+                                            np.full(n, b, np.int32), cluster))
+        return pa.concat_tables(parts) if parts else PART_SCHEMA.empty_table()
+
+    def _rows(self, sub: pa.Table, task: str, key: np.ndarray, band: np.ndarray, cluster: np.ndarray) -> pa.Table:
+        """The projection a task's group needs (other columns null: they would only cost shuffle bytes)."""
+        n = sub.num_rows
+        need = {"source", "key", "image_index", SHARD_COL, "sha256", "clip_score", "publishable", "pixels"}
+        if task in ("phash", "thumb"):
+            need |= {"phash", "thumb"} | ({"embedding"} if self.cfg.phash_confirm == "clip" else set())
+        elif task == "semantic":
+            need |= {"embedding"}
+        elif task in ("document", "caption"):
+            need |= {"minhash"}
+        cols: dict[str, Any] = {PARTITION_COL: pa.array(key, type=pa.int64()), "task": pa.array([task] * n),
+                                "band": pa.array(band, type=pa.int32()), "cluster": pa.array(cluster, type=pa.int64())}
+        for f in PART_SCHEMA:
+            if f.name in cols:
+                continue
+            if f.name in need and f.name in sub.column_names:
+                cols[f.name] = sub.column(f.name).cast(f.type)
+            else:
+                cols[f.name] = pa.nulls(n, f.type)
+        return pa.table(cols, schema=PART_SCHEMA)
+
+    # -- step 2: one group --
+    def decide_partition(self, rows: pa.Table) -> pa.Table:
+        cfg = self.cfg
+        edges: list[pa.Table] = []
+        tasks = rows.column("task")
+        for task in sorted(set(tasks.unique().to_pylist())):
+            t = rows.filter(pc.equal(tasks, task))
+            if task == "exact":
+                t = _dedupe_ids(t)
+                edges.append(_edges("exact", t, exact_pairs(t.column("sha256").to_pylist())))
+            elif task == "phash":
+                t = _dedupe_ids(t)
+                hashes = t.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
+                pairs = hamming_pairs(hashes, cfg.phash_max_distance, "mih")
+                edges.append(_edges("phash", t, self._confirm(t, pairs)))
+            elif task == "thumb":
+                t = _dedupe_ids(t)
+                th = np.frombuffer(b"".join(t.column("thumb").to_pylist()), dtype=np.uint8).reshape(-1, THUMB_BYTES)
+                hashes = t.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
+                labels = t.column("cluster").to_numpy()
+                pairs = thumb_candidate_pairs(th, labels, cfg.thumbnail_neighbours, hashes, cfg.phash_max_distance)
+                edges.append(_edges("phash", t, self._confirm(t, pairs)))
+            elif task == "semantic":
+                t = _dedupe_ids(t)
+                emb = np.asarray(t.column("embedding").to_pylist(), dtype=np.float32)
+                pairs = semantic_cluster_pairs(emb, t.column("cluster").to_numpy(), cfg.semantic_eps)
+                edges.append(_edges("semantic", t, pairs))
+            else:
+                _, r = lsh_params(cfg.minhash_threshold, cfg.minhash_num_perm)
+                bands = t.column("band")
+                for b in sorted(set(bands.unique().to_pylist())):
+                    tb = _canonical_order(t.filter(pc.equal(bands, b)))
+                    sigs = np.asarray(tb.column("minhash").to_pylist(), dtype=np.uint32)
+                    pairs = minhash_band_pairs(sigs, b, r, cfg.minhash_threshold, identical=b == 0)
+                    edges.append(_edges(task, tb, pairs))
+        edges = [e for e in edges if e.num_rows]
+        return pa.concat_tables(edges) if edges else EDGE_SCHEMA.empty_table()
+
+    def _confirm(self, t: pa.Table, pairs: np.ndarray) -> np.ndarray:
+        cfg = self.cfg
+        emb = t.column("embedding").to_pylist() if cfg.phash_confirm == "clip" else [None] * t.num_rows
+        return confirm_candidates(pairs, t.column("thumb").to_pylist(), emb, cfg)
+
+    # -- step 3: combine (one process: edges and group members only) --
+    def combine(self, partials: list[pa.Table]) -> pa.Table:
+        from curation.dedup.keeper import keeper_sort_key
+        from curation.dedup.stage import BOILERPLATE_FLAG, IMAGE_METHODS
+
+        partials = [p for p in partials if p.num_rows]
+        edges = pa.concat_tables(partials) if partials else EDGE_SCHEMA.empty_table()
+        node: dict[str, tuple] = {}  # id -> (shard, sha256, clip_score, publishable, pixels)
+        by_method: dict[str, list[tuple[str, str]]] = {}
+        cols = {f.name: edges.column(f.name).to_pylist() for f in EDGE_SCHEMA}
+        for i, method in enumerate(cols["method"]):
+            a, b = cols["a_id"][i], cols["b_id"][i]
+            for end, iid in (("a", a), ("b", b)):
+                if iid not in node:
+                    node[iid] = tuple(cols[f"{end}_{c}"][i] for c in _NODE_COLS[1:])
+            by_method.setdefault(method, []).append((a, b))
+        out: dict[str, list[Any]] = {}  # id -> [drop_reason, flag, group, value]
+        dropped_docs: set[str] = set()
+        uf = UnionFind()
+        uf.union_pairs(by_method.get("document", []))
+        for members in uf.groups():
+            keeper = min(members)
+            for m in members:
+                reason = None if m == keeper else f"duplicate_document: of {keeper}"
+                out[m] = [reason, None, f"document:{keeper}", float(len(members))]
+                if reason:
+                    dropped_docs.add(m.rsplit("/", 1)[0])
+        union = UnionFind()
+        method_uf: dict[str, UnionFind] = {}
+        for method in IMAGE_METHODS:
+            if by_method.get(method):
+                muf = method_uf[method] = UnionFind()
+                muf.union_pairs(by_method[method])
+                union.union_pairs(by_method[method])
+
+        def rank(iid: str) -> tuple:
+            _shard, _sha, score, publishable, pixels = node[iid]
+            return (iid.rsplit("/", 1)[0] in dropped_docs, keeper_sort_key(publishable, pixels, score, iid))
+
+        for group in union.groups():
+            keeper = min(group, key=rank)
+            for g in group:
+                reason = None
+                if g != keeper:
+                    method = next((m for m in IMAGE_METHODS if m in method_uf and g in method_uf[m]
+                                   and keeper in method_uf[m] and method_uf[m].connected(g, keeper)), None)
+                    method = method or next(m for m in IMAGE_METHODS if m in method_uf and g in method_uf[m])
+                    reason = f"duplicate_{method}: of {keeper}"
+                out[g] = [reason, None, f"image:{keeper}", float(len(group))]
+        cap = UnionFind()
+        cap.union_pairs(by_method.get("caption", []))
+        for members in cap.groups():
+            images = {node[m][1] or m for m in members}
+            if len(images) < self.cfg.boilerplate_min_images:
+                continue
+            gid = f"caption:{min(members, key=canonical_key)}"
+            for m in members:
+                entry = out.setdefault(m, [None, None, gid, float(len(images))])
+                entry[1] = BOILERPLATE_FLAG
+        rows = []
+        for iid in sorted(out):
+            source, key, index = canonical_key(iid)
+            reason, flag, group, value = out[iid]
+            rows.append({"source": source, "key": key, "image_index": index, "drop_reason": reason, "flag": flag,
+                         "group": group, "value": value, SHARD_COL: node[iid][0]})
+        return pa.Table.from_pylist(rows, schema=COMBINED_SCHEMA)
+
+    # -- step 4: per input shard --
+    @staticmethod
+    def shard_decisions(combined: pa.Table, signatures: pa.Table) -> pa.Table:
+        return combined.select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA)
+
+
+def _edges(method: str, t: pa.Table, pairs: np.ndarray) -> pa.Table:
+    """Edge rows for local index pairs of ``t``, each endpoint with its keeper attributes and shard."""
+    if pairs.size == 0:
+        return EDGE_SCHEMA.empty_table()
+    ids = pa.array(item_ids(t))
+    nodes = {"id": ids, SHARD_COL: t.column(SHARD_COL), "sha256": t.column("sha256"),
+             "clip_score": t.column("clip_score"), "publishable": t.column("publishable"),
+             "pixels": t.column("pixels")}
+    cols: dict[str, Any] = {"method": pa.array([method] * len(pairs))}
+    for end, idx in (("a", pairs[:, 0]), ("b", pairs[:, 1])):
+        take = pa.array(idx, type=pa.int64())
+        for c in _NODE_COLS:
+            cols[f"{end}_{c}"] = nodes[c].take(take)
+    return pa.table(cols, schema=EDGE_SCHEMA)

@@ -1,0 +1,140 @@
+"""The partitioned decide (issue 8) gives the single-process decide's decisions, for any partition count,
+shard split and row order: synthetic signatures with planted exact, pHash-near, crop-like (thumbnail
+neighbour), semantic, caption-MinHash and document-MinHash duplicates; and the session sample."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from curation.dedup.minhash import minhash_signatures
+from curation.dedup.stage import SIGNATURE_SCHEMA, DedupStage
+from curation.dedup.thumbnails import THUMB_BYTES
+from pipelines.aggregate import decide_partitioned
+from schemas.config import DedupConfig
+from schemas.rows import DECISION_SCHEMA
+
+
+def synthetic_signatures(n: int, seed: int = 0, dim: int = 32) -> pa.Table:
+    """Pairs with planted copies: exact (same sha/phash/thumb), near (3 pHash bits, thumbnail noise),
+    crops (8 pHash bits, thumbnail noise: found only by thumbnail neighbours), semantic (embedding noise),
+    boilerplate captions; plus MMC4 documents with near-duplicate texts and document images."""
+    rng = np.random.default_rng(seed)
+    orig = np.arange(n)
+    kind = rng.choice(5, size=n, p=[0.8, 0.05, 0.05, 0.05, 0.05])  # 0 unique, 1 exact, 2 near, 3 crop, 4 semantic
+    orig[kind > 0] = rng.integers(0, n, size=int((kind > 0).sum()))
+    sha = np.array([f"{i:064x}" for i in range(n)])[np.where(kind == 1, orig, np.arange(n))]
+    phash = rng.integers(0, 2**63, size=n, dtype=np.uint64)
+    phash = np.where(np.isin(kind, (1, 2, 3)), phash[orig], phash)
+    for j in range(8):
+        bit = np.uint64(1) << rng.integers(0, 64, size=n).astype(np.uint64)
+        phash = np.where((kind == 2) & (j < 3) | (kind == 3), phash ^ bit, phash)
+    base = rng.integers(0, 256, size=(n, THUMB_BYTES), dtype=np.uint8)
+    thumbs = np.where(np.isin(kind, (1, 2, 3))[:, None], base[orig], base)
+    noise = rng.integers(-4, 5, size=thumbs.shape)
+    thumbs = np.where(np.isin(kind, (2, 3))[:, None], np.clip(thumbs + noise, 0, 255), thumbs).astype(np.uint8)
+    emb = rng.normal(size=(n, dim)).astype(np.float32)
+    emb = np.where((kind == 4)[:, None], emb[orig] + 0.05 * rng.normal(size=(n, dim)), emb)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    vocab = np.array([f"w{i}" for i in range(400)])
+    words = rng.integers(0, len(vocab), size=(n, 10))
+    boiler = rng.random(n) < 0.02
+    words[boiler] = words[0]
+    texts = [" ".join(w) for w in vocab[words]]
+    texts[1] = ""  # an empty caption: no MinHash
+    pixels = rng.integers(1, 4, size=n) * 10000
+    rows = {
+        "source": [["coyo", "laion"][i % 2] for i in range(n)], "key": [f"k{i:06d}" for i in range(n)],
+        "image_index": [-1] * n, "kind": ["pair"] * n, "sha256": list(sha), "phash": list(phash),
+        "thumb": [bytes(t) for t in thumbs], "embedding": [list(e) for e in emb],
+        "clip_score": [None if i % 7 == 0 else float(s) for i, s in enumerate(rng.random(n))],
+        "text": texts, "minhash": list(minhash_signatures(texts, 64, 3)),
+        "publishable": list(rng.random(n) > 0.1), "pixels": list(pixels),
+    }
+    table = pa.Table.from_pydict(rows, schema=SIGNATURE_SCHEMA)
+    return pa.concat_tables([table, _documents(rng, base, sha, phash)])
+
+
+def _documents(rng: np.random.Generator, thumbs: np.ndarray, sha: np.ndarray, phash: np.ndarray) -> pa.Table:
+    story = " ".join(f"s{i}" for i in range(60))
+    rows = []
+    for d in range(40):
+        text = story + f" end{d % 3}" if d < 12 else " ".join(f"d{d}x{i}" for i in range(40))
+        rows.append({"source": "mmc4", "key": f"doc{d:03d}", "image_index": -1, "kind": "document",
+                     "text": text[:200], "minhash": minhash_signatures([text], 64, 3)[0]})
+        for j in range(2):  # images: some copy a pair image (exact), the rest unique
+            src = int(rng.integers(0, len(sha))) if (d + j) % 3 == 0 else None
+            th = thumbs[src] if src is not None else rng.integers(0, 256, THUMB_BYTES, dtype=np.uint8)
+            rows.append({"source": "mmc4", "key": f"doc{d:03d}", "image_index": j, "kind": "doc_image",
+                         "sha256": sha[src] if src is not None else f"doc{d}img{j}",
+                         "phash": int(phash[src]) if src is not None else int(rng.integers(0, 2**63)),
+                         "thumb": bytes(th), "publishable": True, "pixels": 20000})
+    return pa.Table.from_pylist(rows, schema=SIGNATURE_SCHEMA)
+
+
+def _sorted(decisions: pa.Table) -> list[dict]:
+    d = decisions.select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA)
+    return d.take(pc.sort_indices(d, sort_keys=[("source", "ascending"), ("key", "ascending"),
+                                                ("image_index", "ascending")])).to_pylist()
+
+
+def _shards(sig: pa.Table, count: int, seed: int) -> list[tuple[str, pa.Table]]:
+    """Shuffle the rows and cut them into ``count`` shards (documents and their images stay together)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(sig.num_rows)
+    owner = {}
+    for s, k in zip(sig.column("source").to_pylist(), sig.column("key").to_pylist(), strict=True):
+        owner.setdefault((s, k), int(rng.integers(0, count)))
+    shuffled = sig.take(pa.array(order))
+    which = np.array([owner[(s, k)] for s, k in zip(shuffled.column("source").to_pylist(),
+                                                     shuffled.column("key").to_pylist(), strict=True)])
+    return [(f"src/{i:05d}", shuffled.filter(pa.array(which == i))) for i in range(count)]
+
+
+CONFIGS = {
+    "images": DedupConfig(methods=["exact", "phash", "semantic"], semantic_eps=0.02),
+    "clip_confirm": DedupConfig(methods=["exact", "phash"], phash_confirm="clip", clip_confirm_min_cosine=0.95),
+    "text": DedupConfig(methods=["exact", "phash", "minhash_documents", "minhash_captions"], minhash_num_perm=64,
+                        boilerplate_min_images=3),
+}
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> pa.Table:
+    return synthetic_signatures(5000)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_partitioned_equals_single_process(synthetic: pa.Table, name: str) -> None:
+    cfg = CONFIGS[name]
+    reference = _sorted(DedupStage(cfg).decide(synthetic))
+    reasons = {r["drop_reason"].split(":")[0] for r in reference if r["drop_reason"]}
+    assert {"duplicate_exact", "duplicate_phash"} <= reasons  # the planted kinds were found
+    if name == "images":
+        assert "duplicate_semantic" in reasons
+    if name == "text":
+        assert "duplicate_document" in reasons and any(r["flag"] for r in reference)
+    for partitions, shards, seed in ((1, 1, 0), (3, 4, 1), (16, 7, 2)):
+        per_shard = decide_partitioned(DedupStage(cfg), _shards(synthetic, shards, seed), partitions)
+        assert _sorted(pa.concat_tables(per_shard.values())) == reference, (partitions, shards)
+
+
+def test_crops_found_only_by_thumbnail_neighbours_in_clusters(synthetic: pa.Table) -> None:
+    """More thumbnails than one cluster holds: the k-means clusters are in use, and crops are still found."""
+    stage = DedupStage(CONFIGS["images"])
+    stage.fit([stage.sample(synthetic)])
+    assert len(stage._scale().centroids["thumb"].centres) > 1
+    no_knn = DedupStage(DedupConfig(methods=["exact", "phash"], thumbnail_neighbours=0)).decide(synthetic)
+    with_knn = stage.decide(synthetic)
+    assert with_knn.num_rows > no_knn.num_rows
+
+
+def test_each_shard_gets_only_its_own_decisions(synthetic: pa.Table) -> None:
+    shards = _shards(synthetic, 5, 3)
+    per_shard = decide_partitioned(DedupStage(CONFIGS["text"]), shards, 4)
+    for name, sig in shards:
+        mine = set(zip(sig.column("source").to_pylist(), sig.column("key").to_pylist(), strict=True))
+        got = per_shard[name]
+        assert set(zip(got.column("source").to_pylist(), got.column("key").to_pylist(), strict=True)) <= mine
