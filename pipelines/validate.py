@@ -581,8 +581,11 @@ def _check_world_sizes(
             )
             if min(ranks) == 0:
                 empty = [r for r, n in enumerate(ranks) if n == 0]
-                why = (f"only {total} documents for {ws} ranks" if total < ws else
-                       f"write output.mmc4_min_files = a multiple of {ws} pkl files per input shard")
+                n_files = n_listed // 2
+                why = (f"{n_files} pkl files for {ws} ranks: each gets {n_files} // {ws} = {n_files // ws} files; set "
+                       f"output.mmc4_min_files to a multiple of {ws}" if n_files < ws else
+                       f"only {total} documents for {ws} ranks" if total < ws else
+                       f"set output.mmc4_min_files to a multiple of {ws}")
                 report.problems.append(
                     f"{label}: with world size {ws}, rank(s) {empty[:8]} get no MMC4 document, so VILA cuts every "
                     f"rank to 0 and trains on none of the {total} documents ({why})"

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -13,7 +14,8 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from pipelines.validate import read_vila_samples, scan_tar, validate_output, vila_groups
+from pipelines.cli import main as cli_main
+from pipelines.validate import check_output, read_vila_samples, scan_tar, validate_output, vila_groups
 from pipelines.writers.atomic import OutputFile, write_json_atomic
 from pipelines.writers.mmc4 import Mmc4PklWriter
 from pipelines.writers.records import manifest_row, write_manifest, write_rejects, write_wids_meta
@@ -31,6 +33,8 @@ def _output_file(root: Path, rel: str) -> OutputFile:
     if rel.endswith(".tar"):
         with open(root / rel, "rb") as f:
             n = len(vila_groups([m.name for m in scan_tar(f).members]))
+    elif rel.endswith(".json"):  # a sidecar: one entry per url
+        n = len(json.loads(data))
     else:
         n = len(pickle.loads(data))
     return OutputFile(rel, n, len(data), hashlib.sha256(data).hexdigest())
@@ -296,3 +300,253 @@ def test_pickles_with_classes_are_not_loaded(good: Path) -> None:
 
     (good / "mmc4/docs/p00-00000-0000.pkl").write_bytes(pickle.dumps([collections.OrderedDict()]))
     assert_reports(validate_output(str(good)), "refusing to load collections.OrderedDict")
+
+
+# ---------------------------------------------------------------- the quickstart flow's output, corrupted copies
+
+
+@pytest.fixture(scope="module")
+def quickstart(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Round 0 of the quickstart flow over the whole sample (COYO, img2dataset, MMC4) and a round 1 over
+    its coyo_bytes source that writes caption and specialist sidecars: a valid output to corrupt."""
+    import yaml
+    from conftest import write_config
+
+    from pipelines.executors.local import run_local
+    from schemas.config import load_config
+
+    tmp = tmp_path_factory.mktemp("qs")
+    cfg = write_config(sample_dir, tmp / "r0", tmp / "r0.yaml",
+                       stages=[{"type": "normalize"}, {"type": "dedup", "methods": ["exact", "phash"]}])
+    run_local(load_config(cfg), progress=False)
+    models = sample_dir / "models"
+    raw = {"name": "qs-r1", "batch_size": 16,
+           "sources": [{"name": "coyo_bytes", "kind": "vila_wds", "paths": [str(tmp / "r0" / "coyo_bytes")]}],
+           "stages": [{"type": "recaption", "prompts": "self_augment",
+                       "captioner": {"model": str(models / "vlm"), "model_tag": "demo-vlm",
+                                     "generation": {"max_new_tokens": 8, "seed": 0},
+                                     "runtime": {"batch_size": 8}}},
+                      {"type": "grounding", "model": str(models / "owlv2"), "box_threshold": 0.0},
+                      {"type": "spatial"}],
+           "output": {"path": str(tmp / "r1"), "shard_max_samples": 64}}
+    (tmp / "r1.yaml").write_text(yaml.safe_dump(raw))
+    run_local(load_config(tmp / "r1.yaml"), progress=False)
+    return tmp
+
+
+@pytest.fixture()
+def r0(quickstart: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(quickstart / "r0", tmp_path / "r0", ignore=shutil.ignore_patterns("_work")))
+
+
+@pytest.fixture()
+def r1(quickstart: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(quickstart / "r1", tmp_path / "r1", ignore=shutil.ignore_patterns("_work")))
+
+
+def resync(root: Path) -> None:
+    """After editing files by hand: wids-meta entries and manifest rows describe the files as they are now
+    (rows of deleted files removed), so only the corruption under test remains."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for meta_path in root.rglob("wids-meta.json"):
+        meta = json.loads(meta_path.read_text())
+        for e in meta["shardlist"]:
+            f = _output_file(meta_path.parent, e["url"])
+            e["filesize"], e["nsamples"] = f.bytes, f.nsamples
+        meta_path.write_text(json.dumps(meta))
+    table = pq.read_table(root / "manifest.parquet")
+    rows = []
+    for r in table.to_pylist():
+        if not (root / r["shard"]).exists():
+            continue
+        f = _output_file(root, r["shard"])
+        r.update(bytes=f.bytes, sha256=f.sha256, nsamples=f.nsamples)
+        rows.append(r)
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), root / "manifest.parquet")
+
+
+def rewrite_tar(path: Path, edit, fmt: int = tarfile.USTAR_FORMAT) -> None:
+    """Rewrite a tar member by member through ``edit(name, data) -> [(name, data), ...]``."""
+    with tarfile.open(path) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    out = []
+    for name, data in members:
+        out.extend(edit(name, data))
+    path.write_bytes(tar_bytes(out, fmt))
+
+
+def first_tar(root: Path, source: str = "coyo_bytes") -> Path:
+    return sorted((root / source).glob("*.tar"))[0]
+
+
+def sample_urls(tar_path: Path) -> dict[str, str]:
+    with tarfile.open(tar_path) as tar:
+        return {m.name.split(".")[0]: json.loads(tar.extractfile(m).read())["url"]
+                for m in tar.getmembers() if m.name.endswith(".json")}
+
+
+def test_quickstart_outputs_are_valid(quickstart: Path) -> None:
+    for rnd in ("r0", "r1"):
+        report = check_output(str(quickstart / rnd), world_sizes=[1, 2, 4, 8])
+        assert report.problems == [], (rnd, report.problems)
+    assert list((quickstart / "r1" / "captions").iterdir())  # the round wrote sidecars
+
+
+def test_world_size_prints_documents_per_rank_and_fails_on_an_empty_rank(r0: Path) -> None:
+    report = check_output(str(r0), world_sizes=[8])
+    assert report.problems == []
+    (line,) = [x for x in report.info if "world size 8" in x]
+    assert line.startswith("mmc4: world size 8: 16 pkl files, 2 per rank, documents per rank [")
+    # the old layout: one pkl per input shard -> 2 files for 8 GPUs, no rank gets a file
+    total = sum(int(p.read_text()) for p in (r0 / "mmc4").glob("*.count"))
+    shards: dict[str, list] = {}
+    for p in sorted((r0 / "mmc4").glob("*.pkl")):
+        shards.setdefault(p.name.split("-", 1)[1], []).extend(pickle.loads(p.read_bytes()))
+        p.unlink()
+        p.with_suffix(".count").unlink()
+    for name, docs in shards.items():
+        (r0 / "mmc4" / f"p00-{name}").write_bytes(pickle.dumps(docs))
+        (r0 / "mmc4" / f"p00-{name}").with_suffix(".count").write_text(f"{len(docs)}\n")
+    resync(r0)
+    report = check_output(str(r0), world_sizes=[2, 8])
+    assert [p for p in report.problems if "world size" in p] == [
+        "mmc4: with world size 8, rank(s) [0, 1, 2, 3, 4, 5, 6, 7] get no MMC4 document, so VILA cuts every rank "
+        f"to 0 and trains on none of the {total} documents (2 pkl files for 8 ranks: each gets 2 // 8 = 0 files; "
+        "set output.mmc4_min_files to a multiple of 8)"]
+    assert any(x.startswith("mmc4: world size 2: 2 pkl files, 1 per rank") for x in report.info)
+    assert cli_main(["validate", str(r0), "--world-size", "8"]) == 1
+    assert cli_main(["validate", str(r0), "--world-size", "2"]) == 0
+
+
+def test_coyo_len4_unreachable_samples_are_a_warning(r0: Path) -> None:
+    meta = json.loads((r0 / "coyo_bytes" / "wids-meta.json").read_text())
+    n = sum(e["nsamples"] for e in meta["shardlist"])
+    report = check_output(str(r0))
+    assert report.problems == []
+    lines = [w for w in report.warnings if w.startswith("coyo_bytes: VILA's COYO loader")]
+    if n % 4:
+        last = list(sample_urls(first_tar(r0)))[-(n % 4):]
+        assert lines == [f"coyo_bytes: VILA's COYO loader serves len // 4 = {n // 4} groups of 4; the last {n % 4} "
+                         f"of {n} samples ({', '.join(last)}) are never read"]
+    else:
+        assert lines == []
+
+
+def test_sidecar_form_keys_location_and_coverage(r1: Path) -> None:
+    tar = first_tar(r1)
+    rel = tar.relative_to(r1)
+    folder = r1 / "captions" / "r1-demo-vlm"
+    side = folder / f"{rel}.json"
+    entries = json.loads(side.read_text())
+    n_urls = len(sample_urls(tar))
+    info = [x for x in check_output(str(r1)).info if x.startswith("captions/r1-demo-vlm:")]
+    assert info and info[0].startswith(f"captions/r1-demo-vlm: covers {len(entries)} of {n_urls} samples")
+    assert "data_path coyo_bytes -> caption_choice captions/r1-demo-vlm/coyo_bytes" in info[0]
+    # form {url: {"output": str}}, keys that are urls of this tar
+    url = next(iter(entries))
+    bad = dict(entries)
+    bad[url] = "a bare string"
+    bad["https://elsewhere.example/not-in-this-shard.jpg"] = {"output": "x"}
+    side.write_text(json.dumps(bad))
+    assert_reports(validate_output(str(r1)), "lack a non-empty {\"output\": str}", "not a url of coyo_bytes/",
+                   "https://elsewhere.example/not-in-this-shard.jpg")
+    # a sidecar where VILA does not look for it (beside the tar name instead of <folder>/<tar relpath>.json)
+    side.write_text(json.dumps(entries))
+    side.rename(folder / f"{tar.name}.json")
+    resync(r1)
+    problems = validate_output(str(r1))
+    assert problems == [f"captions/r1-demo-vlm/{tar.name}.json: not <caption folder>/<tar relpath>.json of a tar "
+                        "in this output; VILA never reads it"]
+    info = [x for x in check_output(str(r1)).info if x.startswith("captions/r1-demo-vlm:")]
+    assert info[0].startswith(f"captions/r1-demo-vlm: covers 0 of {n_urls} samples (0.0%) in 0 of 1 tars")
+
+
+def test_nan_in_sidecar_and_in_json_member(r1: Path) -> None:
+    side = next((r1 / "captions").rglob("*.tar.json"))
+    side.write_text(side.read_text().replace("{", '{"nan": NaN, ', 1))
+    tar = first_tar(r1)
+    key = next(iter(sample_urls(tar)))
+
+    def nan(name: str, data: bytes):
+        if name == f"{key}.json":
+            data = data.replace(b"{", b'{"clip_score_nan": NaN, ', 1)
+        return [(name, data)]
+
+    rewrite_tar(tar, nan)
+    resync(r1)
+    assert_reports(validate_output(str(r1)), f"{side.relative_to(r1)}: not valid JSON (NaN is not JSON)",
+                   f"sample '{key}' .json is not valid JSON (NaN is not JSON)")
+    assert json.loads(b'{"a": NaN}')  # what VILA's json.load would have accepted
+
+
+def test_duplicate_urls_within_a_shard(r0: Path, r1: Path) -> None:
+    for root in (r0, r1):
+        tar = first_tar(root)
+        keys = list(sample_urls(tar))
+        first_url = sample_urls(tar)[keys[0]]
+
+        def same_url(name: str, data: bytes, victim: str = keys[1], url: str = first_url):
+            if name == f"{victim}.json":
+                meta = json.loads(data)
+                meta["url"] = url
+                data = json.dumps(meta).encode()
+            return [(name, data)]
+
+        rewrite_tar(tar, same_url)
+        resync(root)
+    # round 0 has no sidecars yet: a warning; round 1 has them, so two images share one caption: a problem
+    r0_report = check_output(str(r0))
+    assert r0_report.problems == []
+    assert_reports(r0_report.warnings, "1 url(s) shared by several samples")
+    assert_reports(validate_output(str(r1)), "1 url(s) shared by several samples",
+                   "so those samples get one another's captions")
+
+
+def test_byte_identical_images_across_the_dataset(r0: Path) -> None:
+    a, b = first_tar(r0, "coyo_bytes"), first_tar(r0, "img2dataset")
+    with tarfile.open(a) as tar:
+        m = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        image = tar.extractfile(m).read()
+    b_key = next(iter(sample_urls(b)))
+
+    def swap(name: str, data: bytes):
+        if name.startswith(f"{b_key}.") and name.split(".")[1] in ("jpg", "png", "webp"):
+            return [(f"{b_key}.jpg", image)]
+        return [(name, data)]
+
+    rewrite_tar(b, swap)
+    resync(r0)
+    report = check_output(str(r0))
+    assert report.problems == []
+    assert_reports(report.warnings, "1 image(s) appear byte-identical in more than one sample (1 extra copies",
+                   f"{a.relative_to(r0)}:{m.name[:-4]}", f"{b.relative_to(r0)}:{b_key}")
+
+
+def test_gnu_long_name_header(r0: Path) -> None:
+    tar = first_tar(r0)
+    key = next(iter(sample_urls(tar)))
+    long_key = "k" * 120
+
+    def rename(name: str, data: bytes):
+        return [(name.replace(key, long_key, 1) if name.startswith(key + ".") else name, data)]
+
+    rewrite_tar(tar, rename, fmt=tarfile.GNU_FORMAT)
+    resync(r0)
+    assert_reports(validate_output(str(r0)), f"GNU long name header ('L') for '{long_key}.",
+                   "indexes the next member under its truncated 100-byte name")
+
+
+def test_symlinks_and_other_non_regular_files_in_the_tree(r0: Path) -> None:
+    tar = first_tar(r0)
+    (r0 / "coyo_bytes" / "alias.tar").symlink_to(tar)
+    (r0 / "mmc4-link").symlink_to(r0 / "mmc4", target_is_directory=True)
+    os.mkfifo(r0 / "img2dataset" / "pipe")
+    problems = validate_output(str(r0))
+    assert_reports(problems, "coyo_bytes/alias.tar: symlink in the output tree", "mmc4-link: symlink",
+                   "img2dataset/pipe: not a regular file")
