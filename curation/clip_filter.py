@@ -17,10 +17,12 @@ own clip_score, per source.
 Generic rule: ``clip_score >= min_score`` survives the floor; then the best ``ceil(n * top_percent / 100)``
 of the group's n rows are kept (n counts rows below the floor too, so "top 20%" means 20% of the source).
 
-``method: sketch`` would rank against a mergeable quantile sketch (Apache DataSketches KLL, normalised
-rank error ~1.65% at k=200, i.e. a row within that rank distance of the cut may land on either side)
-so an engine could decide with a Combine instead of a full group. The ``datasketches`` package is not
-installed in this environment, so only ``exact`` is implemented; ``sketch`` fails at construction.
+Partitioned decide (schemas.stage.PartitionedDecide, curation/cutoffs.py): ``method: exact`` groups each
+ranking group whole on one worker and runs ``decide`` there (identical decisions); ``method: sketch``
+sends one Apache DataSketches KLL sketch per group and shard, merges them, and each shard drops its rows
+below the merged cut (normalised rank error ~1.3% at k=200, stated in the reason and the summary; ties
+at the cut are kept). Floors are per-row and exact under both methods. The single-process ``decide``
+always ranks exactly.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from curation import cutoffs
+from curation.cutoffs import require_datasketches
 from schemas.config import ClipFilterConfig
 from schemas.rows import DECISION_SCHEMA
 from schemas.stage import Resources
@@ -62,10 +66,7 @@ class ClipFilterStage:
     def __init__(self, cfg: ClipFilterConfig | None = None) -> None:
         self.cfg = cfg or ClipFilterConfig()
         if self.cfg.method == "sketch":
-            raise ImportError(
-                "clip_filter method 'sketch' needs Apache DataSketches (pip install datasketches), which "
-                "is not installed; use method: exact (exact ranking of each group's signatures)"
-            )
+            require_datasketches()
         p = self.cfg.top_percent
         if p is not None and not 0 < p <= 100:
             raise ValueError(f"clip_filter top_percent must be in (0, 100], got {p}")
@@ -131,7 +132,7 @@ class ClipFilterStage:
         return pa.Table.from_pylist(out, schema=DECISION_SCHEMA)
 
     def _decide_group(self, group: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        cfg, n = self.cfg, len(rows)
+        n = len(rows)
         vila = rows[0]["rule"] == "vila_coyo"
         drops: list[dict[str, Any]] = []
 
@@ -150,39 +151,15 @@ class ClipFilterStage:
 
         ranked: list[tuple[float, dict[str, Any]]] = []
         for r in rows:
-            if vila:
-                score = r["clip_similarity_vitb32"] + r["clip_similarity_vitl14"]
-                if not score > cfg.vila_min_similarity_sum:
-                    drop(
-                        r,
-                        f"clip_below_floor: clip_similarity_vitb32+vitl14 {score:.4f} <= "
-                        f"{cfg.vila_min_similarity_sum:.4f} (vila_coyo)",
-                        cfg.vila_min_similarity_sum,
-                    )
-                    continue
-                if (
-                    cfg.min_score is not None
-                    and r["clip_score"] is not None
-                    and r["clip_score"] < cfg.min_score
-                ):
-                    drop(r, f"clip_below_floor: {r['clip_score']:.4f} < {cfg.min_score:.4f}", cfg.min_score)
-                    continue
+            score, floor = self._screen(r, vila)
+            if floor is not None:
+                drop(r, *floor)
             else:
-                score = r["clip_score"]
-                if score is None or math.isnan(score):
-                    drop(r, "clip_unscored: no CLIP score (empty caption or not run through clipscore)", None)
-                    continue
-                if cfg.min_score is not None and score < cfg.min_score:
-                    drop(r, f"clip_below_floor: {score:.4f} < {cfg.min_score:.4f}", cfg.min_score)
-                    continue
-            ranked.append((score, r))
+                ranked.append((score, r))
 
-        percent = (
-            cfg.top_percent if cfg.top_percent is not None else (_VILA_DEFAULT_TOP_PERCENT if vila else None)
-        )
+        percent, k = self._keep_count(n, vila)
         if percent is None:
             return drops
-        k = int(n * percent / 100) if vila else math.ceil(n * percent / 100 - 1e-9)
         ranked.sort(key=lambda sr: (-sr[0], sr[1]["key"], sr[1]["image_index"], sr[1]["source"]))
         cut = ranked[k - 1][0] if 0 < k <= len(ranked) else None
         what = "clip_similarity_vitb32+vitl14 " if vila else ""
@@ -194,6 +171,80 @@ class ClipFilterStage:
                 cut,
             )
         return drops
+
+    def _screen(self, r: dict[str, Any], vila: bool) -> tuple[float | None, tuple[str, float | None] | None]:
+        """(ranking score, (floor reason, value) or None): the per-row part of the rule."""
+        cfg = self.cfg
+        if vila:
+            score = r["clip_similarity_vitb32"] + r["clip_similarity_vitl14"]
+            if not score > cfg.vila_min_similarity_sum:
+                return score, (f"clip_below_floor: clip_similarity_vitb32+vitl14 {score:.4f} <= "
+                               f"{cfg.vila_min_similarity_sum:.4f} (vila_coyo)", cfg.vila_min_similarity_sum)
+            if cfg.min_score is not None and r["clip_score"] is not None and r["clip_score"] < cfg.min_score:
+                return score, (f"clip_below_floor: {r['clip_score']:.4f} < {cfg.min_score:.4f}", cfg.min_score)
+            return score, None
+        score = r["clip_score"]
+        if score is None or math.isnan(score):
+            return None, ("clip_unscored: no CLIP score (empty caption or not run through clipscore)", None)
+        if cfg.min_score is not None and score < cfg.min_score:
+            return score, (f"clip_below_floor: {score:.4f} < {cfg.min_score:.4f}", cfg.min_score)
+        return score, None
+
+    def _keep_count(self, n: int, vila: bool) -> tuple[float | None, int]:
+        """(top percent, rows kept by it) for a group of n rows; percent None: no top-percent rule."""
+        cfg = self.cfg
+        percent = cfg.top_percent if cfg.top_percent is not None else (_VILA_DEFAULT_TOP_PERCENT if vila else None)
+        if percent is None:
+            return None, n
+        return percent, int(n * percent / 100) if vila else math.ceil(n * percent / 100 - 1e-9)
+
+    # -- partitioned decide (issue 8; curation/cutoffs.py) -------------------------------------------------
+    def partition(self, signatures: pa.Table) -> pa.Table:
+        if self.cfg.method == "exact":
+            return cutoffs.exact_partition(signatures, "group")
+        rows = signatures.to_pylist()
+        values = []
+        for r in rows:
+            score, floor = self._screen(r, r["rule"] == "vila_coyo")
+            values.append(score if floor is None else None)
+        return cutoffs.sketch_partition([r["group"] for r in rows], values, [True] * len(rows))
+
+    def decide_partition(self, rows: pa.Table) -> pa.Table:
+        if self.cfg.method == "exact":
+            return cutoffs.exact_decide_partition(rows, self.decide, "group")
+        return cutoffs.merge_sketches([rows])
+
+    def combine(self, partials: list[pa.Table]) -> pa.Table:
+        if self.cfg.method == "exact":
+            return cutoffs.concat_partials(partials, cutoffs.COMBINED_EXACT_SCHEMA)
+        return cutoffs.merge_sketches([p for p in partials if p.num_rows])
+
+    def shard_decisions(self, combined: pa.Table, signatures: pa.Table) -> pa.Table:
+        if self.cfg.method == "exact":
+            return combined.select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA)
+        groups = {g: (n, blob) for g, n, blob in zip(*(combined.column(c).to_pylist()
+                                                       for c in ("group", "rows", "sketch")), strict=True)}
+        cuts: dict[str, tuple[float | None, int, float | None]] = {}
+        err = cutoffs.rank_error()
+        out = []
+        for r in signatures.to_pylist():
+            vila, group = r["rule"] == "vila_coyo", r["group"]
+            score, floor = self._screen(r, vila)
+            if floor is not None:
+                out.append(_decision(r, group, *floor))
+                continue
+            if group not in cuts:
+                n, blob = groups[group]
+                percent, k = self._keep_count(n, vila)
+                cuts[group] = (percent, n, None if percent is None else cutoffs.top_k_cut(blob, k))
+            percent, n, cut = cuts[group]
+            if cut is not None and score < cut:
+                what = "clip_similarity_vitb32+vitl14 " if vila else ""
+                out.append(_decision(r, group, f"clip_below_top_percent: {what}{score:.4f} < cut {_fmt(cut)} "
+                                     f"(top {percent:g}% of {n} in {group!r}, KLL sketch, rank error "
+                                     f"+-{err:.2%})", cut))
+        out.sort(key=lambda d: (d["source"], d["key"], d["image_index"]))
+        return pa.Table.from_pylist(out, schema=DECISION_SCHEMA)
 
     def summarize(self, decisions: pa.Table, signatures: pa.Table) -> dict[str, Any]:
         """Per group: rows seen, dropped, and the top-percent cut; goes to the segment summary."""
@@ -208,7 +259,12 @@ class ClipFilterStage:
             dropped[g] = dropped.get(g, 0) + 1
             if reason and reason.startswith("clip_below_top_percent"):
                 cuts[g] = value
+        method = {"method": self.cfg.method}
+        if self.cfg.method == "sketch":
+            method.update({"sketch": "datasketches KLL", "sketch_k": cutoffs.SKETCH_K,
+                           "normalized_rank_error": round(cutoffs.rank_error(), 5)})
         return {
+            **method,
             "groups": {
                 g: {
                     "rows": n,
@@ -227,6 +283,11 @@ def _num(v: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return None if math.isnan(f) else f
+
+
+def _decision(r: dict[str, Any], group: str, reason: str, value: float | None) -> dict[str, Any]:
+    return {"source": r["source"], "key": r["key"], "image_index": r["image_index"], "drop_reason": reason,
+            "flag": None, "group": group, "value": value}
 
 
 def _fmt(v: float | None) -> str:

@@ -10,6 +10,10 @@ for both. Two stages:
   Texts are truncated to ``max_length`` tokens, batched with left padding, attention masks and explicit
   position ids, so a row's score does not depend on what it was batched with.
 - ``DeltaLossTopKStage`` (global): keeps ``ceil(keep_fraction * n)`` rows per subset, ties by key.
+  Partitioned decide (curation/cutoffs.py): ``method: exact`` ranks each subset whole on one worker with
+  ``decide`` (identical decisions); ``method: sketch`` merges one KLL sketch per subset and shard and each
+  shard drops its rows below the merged cut (rank error ~1.3%, ties at the cut kept, unscored rows
+  dropped whenever the subset is cut at all).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from curation import cutoffs
 from curation.clipscore import latest_caption
 from curation.models import load_causal_lm, resolve_device, resolve_dtype
 from schemas.config import DeltaLossConfig
@@ -205,6 +210,8 @@ class DeltaLossTopKStage:
         if not 0 < cfg.keep_fraction <= 1:
             raise ValueError(f"deltaloss keep_fraction must be in (0, 1], got {cfg.keep_fraction}")
         self.cfg = cfg
+        if cfg.method == "sketch":
+            cutoffs.require_datasketches()
 
     def setup(self) -> None:
         """No model: the scores come from DeltaLossScoreStage."""
@@ -274,6 +281,54 @@ class DeltaLossTopKStage:
         out.sort(key=lambda d: (d["source"], d["key"]))
         return pa.Table.from_pylist(out, schema=DECISION_SCHEMA)
 
+    # -- partitioned decide (issue 8; curation/cutoffs.py) -------------------------------------------------
+    def _keep_count(self, n: int) -> int:
+        return math.ceil(self.cfg.keep_fraction * n - 1e-9)
+
+    def partition(self, signatures: pa.Table) -> pa.Table:
+        if self.cfg.method == "exact":
+            return cutoffs.exact_partition(signatures, "subset")
+        groups = signatures.column("subset").to_pylist()
+        return cutoffs.sketch_partition(groups, signatures.column("delta_loss").to_pylist(), [True] * len(groups))
+
+    def decide_partition(self, rows: pa.Table) -> pa.Table:
+        if self.cfg.method == "exact":
+            return cutoffs.exact_decide_partition(rows, self.decide, "subset")
+        return cutoffs.merge_sketches([rows])
+
+    def combine(self, partials: list[pa.Table]) -> pa.Table:
+        if self.cfg.method == "exact":
+            return cutoffs.concat_partials(partials, cutoffs.COMBINED_EXACT_SCHEMA)
+        return cutoffs.merge_sketches([p for p in partials if p.num_rows])
+
+    def shard_decisions(self, combined: pa.Table, signatures: pa.Table) -> pa.Table:
+        if self.cfg.method == "exact":
+            return combined.select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA)
+        groups = {g: (n, blob) for g, n, blob in zip(*(combined.column(c).to_pylist()
+                                                       for c in ("group", "rows", "sketch")),
+                                                     strict=True)}
+        cuts: dict[str, tuple[int, int, float | None]] = {}
+        err = cutoffs.rank_error()
+        out = []
+        for subset, source, key, d in zip(*(signatures.column(c).to_pylist()
+                                            for c in ("subset", "source", "key", "delta_loss")), strict=True):
+            if subset not in cuts:
+                n, blob = groups[subset]
+                k = self._keep_count(n)
+                cuts[subset] = (n, k, cutoffs.top_k_cut(blob, k) if k < n else None)
+            n, k, cut = cuts[subset]
+            if k >= n:
+                continue
+            if d is None or (cut is not None and d < cut):
+                what = "unscored (no text)" if d is None else f"{d:.4f}"
+                out.append({"source": source, "key": key, "image_index": -1, "flag": None, "group": subset,
+                            "value": cut,
+                            "drop_reason": f"deltaloss_below_top_k: {what} < cut "
+                            f"{'none' if cut is None else f'{cut:.4f}'} (k={k} of {n} in subset {subset!r}, "
+                            f"KLL sketch, rank error +-{err:.2%})"})
+        out.sort(key=lambda r: (r["source"], r["key"]))
+        return pa.Table.from_pylist(out, schema=DECISION_SCHEMA)
+
     def summarize(self, decisions: pa.Table, signatures: pa.Table) -> dict[str, Any]:
         seen: dict[str, int] = {}
         for s in signatures.column("subset").to_pylist():
@@ -285,7 +340,12 @@ class DeltaLossTopKStage:
         ):
             dropped[g] = dropped.get(g, 0) + 1
             cuts[g] = v
+        method: dict[str, Any] = {"method": self.cfg.method}
+        if self.cfg.method == "sketch":
+            method.update({"sketch": "datasketches KLL", "sketch_k": cutoffs.SKETCH_K,
+                           "normalized_rank_error": round(cutoffs.rank_error(), 5)})
         return {
+            **method,
             "subsets": {
                 s: {
                     "rows": n,

@@ -143,6 +143,7 @@ class DeltaLossConfig(_Strict):
     scorer: Literal["lm", "vlm"] = "lm"  # vlm: log-likelihood of the caption given the image
     keep_fraction: float = 0.5
     subset_by: str = "source"  # a row column, or "meta.<field>"
+    method: Literal["exact", "sketch"] = "exact"  # partitioned decide: exact per-subset sort, or a KLL sketch
     max_length: int = 256
     trust_remote_code: bool = False
     runtime: ModelRuntime = ModelRuntime()

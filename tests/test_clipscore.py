@@ -361,11 +361,6 @@ def test_document_images_filtered_individually() -> None:
     assert out[0]["drop_reason"] is None and out[1]["drop_reason"] == "no_usable_images"
 
 
-def test_sketch_method_needs_datasketches() -> None:
-    with pytest.raises(ImportError, match="datasketches"):
-        ClipFilterStage(ClipFilterConfig(top_percent=10, method="sketch"))
-
-
 def test_set_up_stage_pickles_without_its_model(stage: ClipScoreStage) -> None:
     import pickle
 
