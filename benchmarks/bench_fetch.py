@@ -25,6 +25,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -50,6 +51,12 @@ def _serve(n: int, port_q: mp.Queue, stop: mp.Event) -> None:  # type: ignore[ty
         def log_message(self, *args: object) -> None:
             pass
 
+        def setup(self) -> None:
+            super().setup()
+            # like production servers: no Nagle delay between the header and body writes, else every
+            # keep-alive response waits for the client's delayed ACK (~40 ms) and keep-alive is punished
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
         def do_GET(self) -> None:  # noqa: N802
             try:
                 i = int(self.path.strip("/").split(".")[0])
@@ -70,7 +77,11 @@ def _serve(n: int, port_q: mp.Queue, stop: mp.Event) -> None:  # type: ignore[ty
             self.end_headers()
             self.wfile.write(body)
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    class Server(ThreadingHTTPServer):
+        def handle_error(self, request: object, client_address: object) -> None:
+            pass  # a client closing its idle keep-alive connections at the end is not an error
+
+    httpd = Server(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     httpd.request_queue_size = 256
     port_q.put(httpd.server_address[1])

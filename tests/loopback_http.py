@@ -64,7 +64,11 @@ class LoopbackServer:
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client abort (byte cap)
                     self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # clients closing keep-alive connections (byte cap, opt-out, shutdown) are expected
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
