@@ -24,6 +24,7 @@ from PIL import Image
 
 from curation.models import autocast, identity_tag, load_open_clip, resolve_device, resolve_dtype
 from schemas.config import ClipScoreConfig
+from schemas.run_metrics import add_metrics, round_texts
 from schemas.stage import Resources
 from schemas.table_ops import replace_columns
 
@@ -127,9 +128,15 @@ class ClipScoreStage:
             c = cos[j]
             cosine[i], score[i] = (None, None) if np.isnan(c) else (float(c), clip_score(float(c)))
         embedding = _embedding_column(emb_rows, old_emb)
+        metrics = batch.column("run_metrics").to_pylist()
+        originals = batch.column("text").take(todo).to_pylist()
+        for j, rc in enumerate(self.round_cosines(emb, errors, captions, originals, texts, cos)):
+            if rc:
+                metrics[todo[j]] = add_metrics(metrics[todo[j]], round_clip=rc)
         return replace_columns(
             batch,
             {
+                "run_metrics": metrics,
                 "clip_cosine": cosine,
                 "clip_score": score,
                 "clip_model": model,
@@ -214,17 +221,42 @@ class ClipScoreStage:
         if img_emb is None:  # every image failed: no row reads an embedding
             img_emb = np.zeros((n, 0), dtype=np.float32)
         # texts: each distinct non-empty text once (MMC4 images often share a sentence)
-        uniq = sorted({t for j, t in enumerate(texts) if t and errors[j] is None})
-        txt_emb: dict[str, np.ndarray] = {}
-        for start in range(0, len(uniq), bs):
-            chunk = uniq[start : start + bs]
-            feats = self._encode(bundle.model.encode_text, bundle.tokenizer(chunk))
-            txt_emb.update(zip(chunk, feats, strict=True))
+        txt_emb = self.text_embeddings({t for j, t in enumerate(texts) if t and errors[j] is None})
         cos = np.full(n, np.nan, dtype=np.float32)
         for j, t in enumerate(texts):
             if errors[j] is None and t:
                 cos[j] = float(np.dot(img_emb[j], txt_emb[t]))
         return img_emb, cos, errors
+
+    def text_embeddings(self, texts: set[str]) -> dict[str, np.ndarray]:
+        """L2-normalised embedding of each distinct text, encoded in batches of ``runtime.batch_size``."""
+        self.setup()
+        uniq, bs = sorted(texts), self.cfg.runtime.batch_size
+        out: dict[str, np.ndarray] = {}
+        for start in range(0, len(uniq), bs):
+            chunk = uniq[start : start + bs]
+            feats = self._encode(self._bundle.model.encode_text, self._bundle.tokenizer(chunk))
+            out.update(zip(chunk, feats, strict=True))
+        return out
+
+    def round_cosines(self, emb: np.ndarray, errors: list[str | None], captions: list[Any],
+                      originals: list[str | None], texts: list[str | None],
+                      cos: np.ndarray) -> list[dict[int, float]]:
+        """Per scored row, the cosine of its image with each round's caption (round 0 = alt-text): the
+        round-saturation report's CLIP agreement per round. The scored (latest) text reuses its cosine."""
+        per_row = [round_texts(c, t) if errors[j] is None else {}
+                   for j, (c, t) in enumerate(zip(captions, originals, strict=True))]
+        missing = {t for j, rt in enumerate(per_row) for t in rt.values() if t != texts[j]}
+        txt_emb = self.text_embeddings(missing) if missing else {}
+        out: list[dict[int, float]] = []
+        for j, rt in enumerate(per_row):
+            row: dict[int, float] = {}
+            for k, t in rt.items():
+                c = float(cos[j]) if t == texts[j] else float(np.dot(emb[j], txt_emb[t]))
+                if not np.isnan(c):
+                    row[k] = c
+            out.append(row)
+        return out
 
     def _encode(self, fn: Any, x: torch.Tensor) -> np.ndarray:
         if self.device.type == "cuda":

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 
 from schemas.config import (
+    CaptionHygieneConfig,
     ClipFilterConfig,
     ClipScoreConfig,
     DedupConfig,
@@ -66,6 +67,10 @@ def expand_stage(cfg: object) -> list[Stage | GlobalStage]:
         from curation.normalize import NormalizeStage
 
         return [NormalizeStage(cfg)]
+    if isinstance(cfg, CaptionHygieneConfig):
+        from curation.text_hygiene import CaptionHygieneStage
+
+        return [CaptionHygieneStage(cfg)]
     if isinstance(cfg, DedupConfig):
         from curation.dedup.stage import DedupStage
 
@@ -120,6 +125,9 @@ def build_plan(config: RunConfig) -> Plan:
             seen[s.name] = n + 1
             if n:
                 s.name = f"{s.name}_{n + 1}"
+    for i, s in enumerate(stages):  # caption hygiene may keep empty captions only for a later recaption
+        if hasattr(s, "recaption_follows"):
+            s.recaption_follows = any(isinstance(getattr(t, "cfg", None), RecaptionConfig) for t in stages[i + 1:])
     segments = [Segment(0)]
     for s in stages:
         if is_global(s):

@@ -17,6 +17,7 @@ from pipelines.health import add_source_health
 from pipelines.readers.base import InputShard
 from pipelines.writers.atomic import OutputFile, write_json_atomic
 from pipelines.writers.records import write_manifest, write_wids_meta
+from recaption.saturation import summarize_rounds
 from schemas.records import ShardStats, merge_stats
 
 PROGRESS_DIR = "_progress"
@@ -142,7 +143,9 @@ def finalize(fs, root: str, name: str, results: list[ShardResult],
     write_json_atomic(fs, posixpath.join(root, "stats.json"), stats)
     write_json_atomic(fs, posixpath.join(root, "timings.json"),
                       {**_merge_timings(results), **(run_info or {})})
-    write_json_atomic(fs, posixpath.join(root, "summaries.json"), summaries or {})
+    rounds = summarize_rounds([r.stats.round_sums for r in results])  # round saturation (issue 10)
+    summaries = {**(summaries or {}), **({"rounds": rounds} if rounds else {})}
+    write_json_atomic(fs, posixpath.join(root, "summaries.json"), summaries)
     write_manifest(fs, root, manifest_rows)  # last: the manifest is the commit point of a run
     return stats
 

@@ -71,6 +71,31 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 SOURCES = ("img2dataset", "coyo_bytes", "coyo_paths", "mmc4")
 BOILERPLATE_CAPTION = "Stock photo - image may contain: outdoor"
+# Hostile captions as crawls deliver them (issue 10); each kind's text cleans back to ``caption_intended``
+# (recorded in the ground truth) under caption hygiene. Applied to a few plain items, after their caption
+# is settled, so no other caption or image of the sample changes.
+HOSTILE_KINDS = ("control_chars", "invisible_chars", "special_tokens", "mojibake", "replacement_char",
+                 "long_caption")
+_LONG_FILLER = "Detail {i}: the listing repeats its product description for search engines."
+
+
+def hostile_caption(kind: str, caption: str) -> tuple[str, str]:
+    """(the caption as stored in the sample, what a clean caption of it is)."""
+    if kind == "control_chars":  # NUL, BEL and ESC between words, DEL at the end, a tab
+        return caption.replace(" ", " \x00\x07\x1b ", 1).replace(" ", "\t", 1) + "\x7f", caption
+    if kind == "invisible_chars":  # BOM, a right-to-left override, a zero-width space inside a word
+        return "\ufeff\u202e" + caption[:3] + "\u200b" + caption[3:] + "\u2069", caption
+    if kind == "special_tokens":  # VILA's image token and a chat token
+        return f"<image> {caption} <|endoftext|>", caption
+    if kind == "mojibake":  # UTF-8 bytes decoded as Windows-1252 somewhere upstream
+        intended = f"{caption} \u2014 café crème"
+        return intended.encode("utf-8").decode("cp1252"), intended
+    if kind == "replacement_char":  # bytes lost before we got them: flagged, the U+FFFD removed
+        return f"{caption} \ufffd\ufffd", caption
+    if kind == "long_caption":  # SEO alt-text over 5,000 characters
+        filler = " ".join(_LONG_FILLER.format(i=i) for i in range(80))
+        return f"{caption}. {filler}", f"{caption}. {filler}"
+    raise ValueError(f"unknown hostile caption kind {kind!r}")
 DOC_NEAR_GROUPS = 2  # planted re-crawled MMC4 page pairs (the only near-duplicate documents)
 BOMB_SIDE = 30_000  # 900 Mpx declared: > 2x PIL's MAX_IMAGE_PIXELS, so Image.open raises
 TEXT_FONT_SIZE = 52  # upper-case glyphs ~38 px tall: comfortably OCR-readable
@@ -447,6 +472,8 @@ class _Item:
         self.phash = _phash_hex(phash_img) if phash_img is not None else None
         self.caption_bytes: bytes | None = None  # set when the stored caption is not UTF-8
         self.caption_final = False  # set once _Sample.settle_caption has made it distinct
+        self.hostile: str | None = None  # a HOSTILE_KINDS entry: the stored caption is made hostile
+        self.caption_intended: str | None = None
 
     def copy(self) -> _Item:
         new = _Item.__new__(_Item)
@@ -606,6 +633,8 @@ class _Sample:
             self._caption_shingles.append(_shingles(it.caption))
         if group is not None:
             self._group_captions[group] = it.caption
+        if it.hostile:
+            it.caption, it.caption_intended = hostile_caption(it.hostile, it.caption)
         it.caption_final = True
 
     # -- recording ---------------------------------------------------------------------------------
@@ -620,6 +649,8 @@ class _Sample:
         }
         if it.caption_bytes is not None:
             rec["caption_bytes_hex"] = it.caption_bytes.hex()
+        if it.hostile:
+            rec["hostile_caption"], rec["caption_intended"] = it.hostile, it.caption_intended
         rec.update(extra)
         self.records.append(rec)
 
@@ -870,6 +901,8 @@ class _Sample:
             self.plain_items(22 * s) + bp(3) + [ex1[0], ex3[0], ex3[1], near[0][0], sim_flat[0],
                                                  self.too_small_item(), self.truncated_item()])]
         i2d0 += [failed("failed_to_download", _DOWNLOAD_ERRORS[i % 4]) for i in range(2 * s)]
+        for (plain, _), kind in zip(i2d0, HOSTILE_KINDS, strict=False):  # the first entries are plain items
+            plain.hostile = kind
         i2d1: list[tuple[_Item, str | None]] = [(x, None) for x in (
             self.plain_items(22 * s) + bp(2) + [ex1[1], near[0][1], sim_flat[1], sim_shape[0],
                                                  self.aspect_item(), not_utf8, dotted])]

@@ -15,8 +15,10 @@ from pipelines.writers.atomic import OutputFile
 from pipelines.writers.mmc4 import Mmc4PklWriter, mark_imageless
 from pipelines.writers.records import write_quarantine, write_rejects
 from pipelines.writers.wds import WdsShardWriter
+from recaption.saturation import RoundAccumulator
 from schemas.config import OutputConfig
 from schemas.records import ShardStats
+from schemas.run_metrics import read_metrics
 from schemas.table_ops import reason_class, replace_columns
 
 
@@ -40,6 +42,8 @@ class ShardSink:
         self._image_reasons: Counter = Counter()
         self._rejected: list[pa.Table] = []
         self._quarantined: list[pa.Table] = []
+        self._run_counters: Counter = Counter()  # stages' per-row counts (run_metrics), e.g. caption hygiene
+        self._rounds = RoundAccumulator()
 
     def write(self, batch: pa.Table) -> None:
         """Route one batch of final rows: kept rows to the writer, the rest to rejects / quarantine."""
@@ -50,7 +54,21 @@ class ShardSink:
             refused = self.writer.write(batch.filter(kept_mask))
             if refused:
                 batch = self._reject_refused(batch, kept_mask, refused)
+        self._measure(batch)
         self._account(batch)
+
+    def _measure(self, batch: pa.Table) -> None:
+        """Add the stages' per-row counts (every row) and the round figures of the published pairs."""
+        metrics = batch.column("run_metrics").to_pylist()
+        for m in metrics:
+            if m:
+                self._run_counters.update(read_metrics(m).get("counters") or {})
+        if "captions" not in batch.column_names:
+            return
+        published = batch.filter(pc.is_null(batch.column("drop_reason")))
+        for text, caps, m in zip(published.column("text").to_pylist(), published.column("captions").to_pylist(),
+                                 published.column("run_metrics").to_pylist(), strict=True):
+            self._rounds.add(text, caps, m)
 
     def _reject_refused(self, batch: pa.Table, kept_mask, refused: list[tuple[int, str]]) -> pa.Table:
         """Rows the writer could not publish (no url, no caption, ...) become quarantined with its reason."""
@@ -116,6 +134,9 @@ class ShardSink:
         collisions = getattr(self.writer, "counters", {}).get("sidecar_url_collisions", 0)
         if collisions:
             st.counters["sidecar_url_collisions"] = collisions
+        st.counters.update(self._run_counters)
+        st.counters = dict(sorted(st.counters.items()))
+        st.round_sums = self._rounds.to_json()
         st.output_shards = [f.relpath for f in files]
         if not st.balanced():  # an engine bug, never bad input: fail loudly rather than publish
             raise RuntimeError(f"accounting broken for {src}/{sid}: {st.model_dump()}")

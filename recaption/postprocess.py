@@ -11,6 +11,9 @@ Flags:
 - ``refusal``: the model declined or said it cannot see the image.
 - ``empty``: nothing left (or only punctuation) after cleaning.
 - ``repetition_removed``: informational; loops or repeated sentences were cut.
+- ``caption_hygiene:<kind>``: the shared caption cleaner (``schemas.text_hygiene``, the one the alt-text
+  goes through) removed control/zero-width/bidi characters or special tokens, repaired mojibake, cut an
+  over-long answer, ... (whitespace-only changes are not flagged).
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from schemas import text_hygiene
+
 TRUNCATED, REFUSAL, EMPTY, REPETITION_REMOVED = "truncated", "refusal", "empty", "repetition_removed"
+HYGIENE_FLAG = "caption_hygiene:"  # + a schemas.text_hygiene kind
 
 _MAX_NGRAM = 24  # longest loop unit, in words
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+")
@@ -118,7 +124,12 @@ def clean_caption(text: str | None, hit_max_tokens: bool = False) -> Cleaned:
     removed and what remains ends with a complete sentence (the loop, not the content, was cut).
     """
     flags: set[str] = set()
-    raw = (text or "").replace("\r\n", "\n").strip()
+    # the same cleaner as the alt-text (control/zero-width/bidi characters, special tokens, mojibake, long
+    # text); line breaks kept for line-structured answers. Kinds other than plain whitespace become flags
+    # ``caption_hygiene:<kind>`` on the caption record.
+    hyg = text_hygiene.clean_caption(text, keep_newlines=True)
+    flags.update(f"{HYGIENE_FLAG}{k}" for k in hyg.changes if k != text_hygiene.WHITESPACE)
+    raw = hyg.text.replace("\r\n", "\n").strip()
     cleaned = "\n".join(" ".join(line.split()) for line in raw.split("\n")).strip()
     tail_loop = False  # the first loop started right after a complete sentence (or at the very start)
     if "\n" in cleaned:  # line-structured output (grounding lists): per line, then repeated lines

@@ -26,10 +26,11 @@ from typing import Any
 import pyarrow as pa
 
 from recaption.backends import make_captioner
-from recaption.postprocess import clean_caption
+from recaption.postprocess import HYGIENE_FLAG, clean_caption
 from recaption.prompts import PromptSet, load_prompt_set
 from recaption.runtime import UndecodableImage, iso_utc, load_image, params_hash
 from schemas.config import RecaptionConfig
+from schemas.run_metrics import add_metrics
 from schemas.stage import Resources
 from schemas.table_ops import replace_columns
 
@@ -120,6 +121,7 @@ class RecaptionStage:
             batch.column("quarantined").to_pylist(),
         )
         images_col = batch.column("image").take(todo).to_pylist()
+        metrics = batch.column("run_metrics").to_pylist()  # hygiene counts -> stats.json (schemas.run_metrics)
         max_side = self.cfg.captioner.image_max_side
         ready: list[int] = []
         images, prompts, prompt_ids = [], [], []
@@ -145,6 +147,8 @@ class RecaptionStage:
             flags = set(cleaned.flags) | ({DEMO_FLAG} if self.demo else set())
             for f in cleaned.flags:
                 self._count(f"flag_{f}")
+            metrics[i] = add_metrics(metrics[i], {f"recaption_hygiene.{f[len(HYGIENE_FLAG):]}": 1
+                                                  for f in cleaned.flags if f.startswith(HYGIENE_FLAG)})
             captions[i] = [
                 *(captions[i] or []),
                 {
@@ -160,5 +164,6 @@ class RecaptionStage:
             self._count("captioned")
         return replace_columns(
             batch,
-            {"captions": captions, "drop_reason": drop, "drop_stage": stage_col, "quarantined": quarantined},
+            {"captions": captions, "drop_reason": drop, "drop_stage": stage_col, "quarantined": quarantined,
+             "run_metrics": metrics},
         )

@@ -77,6 +77,23 @@ class NormalizeConfig(_Strict):
     reencode_quality: int = 95
 
 
+class CaptionHygieneConfig(_Strict):
+    """Caption hygiene before dedup (schemas/text_hygiene.py): mojibake repaired (ftfy), control, zero-width,
+    bidi and BOM characters removed, special tokens removed, whitespace normalised, long captions cut at a
+    sentence end. The same rules clean recaption and specialist text."""
+
+    type: Literal["caption_hygiene"] = "caption_hygiene"
+    max_chars: int | None = Field(default=2000, ge=16)  # None: no cut
+    fix_mojibake: bool = True  # ftfy repair of mis-decoded text and HTML entities
+    # removed besides <image>, <video> and every <|...|>: tokenizer specials a caption must not carry
+    special_tokens: list[str] = Field(default_factory=lambda: [
+        "<s>", "</s>", "<unk>", "<pad>", "<im_start>", "<im_end>", "<im_patch>", "<vila/sentinel>",
+        "<vila/video>", "[INST]", "[/INST]"])
+    # a pair whose caption is empty (after cleaning) is dropped (empty_caption / empty_caption_after_hygiene)
+    # unless this is true AND a recaption stage follows in the same run (it writes the caption the writer uses)
+    keep_empty_if_recaptioned: bool = True
+
+
 class DedupConfig(_Strict):
     """Duplicate removal across all sources; groups from every method are joined with union-find.
 
@@ -217,7 +234,7 @@ class SpatialConfig(_Strict):
 
 
 StageConfig = Annotated[
-    NormalizeConfig | DedupConfig | ClipScoreConfig | ClipFilterConfig | DeltaLossConfig | RecaptionConfig
+    NormalizeConfig | CaptionHygieneConfig | DedupConfig | ClipScoreConfig | ClipFilterConfig | DeltaLossConfig | RecaptionConfig
     | OcrConfig | GroundingConfig | SpatialConfig,
     Field(discriminator="type"),
 ]

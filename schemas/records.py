@@ -57,6 +57,9 @@ class ShardStats(BaseModel):
     image_reasons: dict[str, int] = Field(default_factory=dict)
     counters: dict[str, int] = Field(default_factory=dict)  # stage-specific counters
     output_shards: list[str] = Field(default_factory=list)
+    # per recaption round, sums over the published pairs (recaption.saturation); merged into
+    # summaries.json["rounds"], left out of stats.json
+    round_sums: dict[str, dict[str, float]] = Field(default_factory=dict)
 
     def balanced(self) -> bool:
         return self.rows_in == self.kept + self.dropped + self.quarantined
@@ -91,5 +94,5 @@ def merge_stats(parts: list[ShardStats]) -> dict[str, Any]:
                   "reasons": dict(sorted(total_reasons.items()))},
         "sources": dict(sorted(by_source.items())),
         "balanced": all(p.balanced() for p in parts),
-        "shards": [p.model_dump() for p in parts],
+        "shards": [p.model_dump(exclude={"round_sums"}) for p in parts],
     }

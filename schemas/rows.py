@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 VERSION_KEY = b"vila2.schema_version"
 KIND_KEY = b"vila2.kind"
 
@@ -73,6 +73,9 @@ _COMMON_TAIL = [
     pa.field("drop_stage", pa.string()),
     pa.field("quarantined", pa.bool_()),  # true: bad input (not a curation decision)
     pa.field("meta", pa.string()),  # JSON object of source columns passed through
+    # JSON object of this run's per-row measurements for stats.json / summaries.json (schemas/run_metrics.py):
+    # carried between segments, read by the sink, never written to shards nor read back by a later round
+    pa.field("run_metrics", pa.string()),
 ]
 
 # Per-image columns produced by normalize / dedup / clipscore; shared by pair rows and MMC4 images.

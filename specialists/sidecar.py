@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from schemas import text_hygiene
 from specialists._common import current_caption, split_vlm_text
 from specialists.grounding import format_box
 
@@ -80,11 +81,17 @@ def specialist_texts(row: dict[str, Any]) -> dict[str, str]:
     ``row`` is a pair row as a dict (``specialists``, ``captions``, ``text``); kinds without a result are
     left out, so the writer writes no entry for them.
     """
-    spec = row.get("specialists") or {}
+    spec = dict(row.get("specialists") or {})
+    for name in ("ocr_text", "spatial_text"):  # per line first, so a removed token leaves no gap in a quote
+        if spec.get(name):
+            spec[name] = text_hygiene.clean_caption(spec[name], keep_newlines=True).text
     caption = current_caption(row.get("captions"), row.get("text"))
     out = {
         "spatial": spatial_answer(spec),
         "ocr": ocr_answer(spec),
         "bbox_interleaved": bbox_interleaved_answer(caption, spec.get("grounding")),
     }
+    # the trainer reads these answers verbatim: the caption cleaner runs on them too (OCR can read a
+    # "<image>" off a sign; a VLM answer can carry control characters)
+    out = {k: text_hygiene.clean_caption(v).text for k, v in out.items() if v}
     return {k: v for k, v in out.items() if v}
