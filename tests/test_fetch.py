@@ -120,6 +120,15 @@ def test_private_addresses_refused_before_any_connection(host: str) -> None:
         assert server.requests == []  # no connection was made, not even a refused-after-connect
 
 
+@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+                                 "https://localhost:9/x.jpg", "http://[::ffff:127.0.0.1]:9/x.jpg",
+                                 "http://0.0.0.0:9/x.jpg", "http://10.0.0.1/x.jpg"])
+def test_metadata_and_private_urls_are_refused(url: str) -> None:
+    with Fetcher(FAST, ["http", "https"], allow_private_networks=False) as fetcher:
+        result = fetcher.fetch(url)
+    assert result.status == REFUSED and "non-public" in str(result.error)
+
+
 def write_url_parquet(path: Path, urls: list[str | None]) -> None:
     table = pa.table({"id": list(range(len(urls))), "url": urls,
                       "text": [f"caption {i}" for i in range(len(urls))],
