@@ -20,7 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipelines.readers import make_reader
+from pipelines.readers import SourceFormatError, make_reader
 from schemas.config import SourceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -252,3 +252,81 @@ def test_source_with_most_references_failing_is_flagged(tmp_path: Path, capsys) 
     code, out, err = _cli(capsys, "inputs", str(fixed))
     assert code == 0 and "warning" not in err
     assert json.loads(out.strip().splitlines()[-1])["references"]["mmc4"]["found"] == 10
+
+
+# ------------------------------------------------------- point 6: what the fuzz test found (regressions)
+
+
+def _tar_header(name: bytes, size_field: bytes, typeflag: bytes = b"0") -> bytes:
+    h = bytearray(512)
+    h[0:len(name)] = name
+    h[100:108] = b"0000644\x00"
+    h[124:136] = size_field
+    h[156:157] = typeflag
+    h[257:263] = b"ustar\x00"
+    h[148:156] = f"{sum(h[:148]) + 256 + sum(h[156:]):06o}\x00 ".encode()
+    return bytes(h)
+
+
+def test_tar_with_hostile_headers_is_quarantined_not_a_crash(tmp_path: Path) -> None:
+    """Fuzz findings: a pax header whose payload is not pax records and a size field that is not a number
+    raised ValueError out of the reader (the run ended); a size of 8 GiB asked for one 8 GiB read."""
+    img = jpeg()
+
+    def member(name: bytes, data: bytes, typeflag: bytes = b"0") -> bytes:
+        return _tar_header(name, f"{len(data):011o}\x00".encode(), typeflag) + data.ljust(-(-len(data) // 512) * 512, b"\0")
+
+    prefix = member(b"000.jpg", img) + member(b"000.txt", b"fine")
+    cases = {
+        "pax.tar": prefix + member(b"PaxHeader", b"not pax records at all", b"x") + member(b"001.jpg", img)
+        + bytes(1024),
+        "size.tar": prefix + _tar_header(b"001.jpg", b"zzzzzzzzzzz\x00") + bytes(1024),
+        "huge.tar": prefix + _tar_header(b"001.jpg", b"77777777777\x00") + img + bytes(1024),
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        rows = read_rows(SourceConfig(name="i2d", kind="img2dataset", paths=[str(tmp_path / name)]))
+        by_key = {r["source_key"] or r["key"]: r for r in rows}
+        assert by_key["000"]["image"] == img, name  # what came before the bad header is read
+        if name == "pax.tar":  # malformed pax records are ignored; the member after them is read
+            assert by_key["000"]["drop_reason"] is None
+            assert by_key["001"]["drop_reason"] is None and by_key["001"]["image"] == img
+        else:  # the stream breaks at the bad header: the sample before it is quarantined as possibly cut
+            assert [r["drop_reason"] for r in rows] == ["tar_truncated"] * 2, name  # + the lost rest
+
+
+def _corrupt_second_row_group(path: Path) -> None:
+    meta = pq.ParquetFile(path).metadata
+    offset = meta.row_group(1).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 24] = b"\xff" * 24
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_parquet_pages_quarantine_the_rest_of_the_shard(tmp_path: Path) -> None:
+    """Fuzz findings: a corrupt data page in a parquet ended the run with OSError (exit 4, as if the disk
+    failed); a coyo parquet without a footer as the first shard gave a traceback (exit 1). Now the broken
+    row group is one quarantined row and the other row groups are read."""
+    coyo = tmp_path / "coyo"
+    coyo.mkdir()
+    pq.write_table(pa.table({"id": [str(i) for i in range(4)], "text": ["t"] * 4, "url": ["u"] * 4,
+                             "image": [jpeg()] * 4}), coyo / "a.parquet", row_group_size=2, compression="none")
+    _corrupt_second_row_group(coyo / "a.parquet")
+    rows = read_rows(SourceConfig(name="coyo", kind="coyo_parquet", paths=[str(coyo / "a.parquet")],
+                                  image_column="image"))
+    assert [r["drop_reason"] for r in rows] == [None, None, "parquet_corrupt"]  # row group 0 stands
+    assert json.loads(rows[2]["meta"])["rows_lost"] == 2
+
+    i2d = tmp_path / "i2d"
+    i2d.mkdir()
+    write_tar(i2d / "00000.tar", [("000.jpg", jpeg()), ("000.txt", b"fine")])
+    pq.write_table(pa.table({"key": ["000", "001", "002", "003"], "status": ["success"] + ["failed_to_download"] * 3,
+                             "url": ["u"] * 4}), i2d / "00000.parquet", row_group_size=2, compression="none")
+    _corrupt_second_row_group(i2d / "00000.parquet")
+    rows = read_rows(SourceConfig(name="i2d", kind="img2dataset", paths=[str(i2d / "00000.tar")]))
+    assert [r["drop_reason"] for r in rows] == [None, "img2dataset_failed_to_download", "parquet_corrupt"]
+
+    (coyo / "a.parquet").write_bytes(b"PAR1 no footer")
+    with pytest.raises(SourceFormatError, match="a.parquet is not a readable parquet file"):
+        make_reader(SourceConfig(name="coyo", kind="coyo_parquet", paths=[str(coyo / "a.parquet")],
+                                 image_column="image")).list_shards()

@@ -34,6 +34,7 @@ from pipelines.readers._common import (
     url_to_fs,
 )
 from pipelines.readers.base import InputShard, SourceFormatError
+from pipelines.readers.corrupt import LostRows, lost_rows_row, parquet_batches
 from pipelines.readers.fetch import REFUSED, SUCCESS, Fetcher, FetchResult
 from pipelines.readers.refs import UNSAFE_REASON, ImageRoot, UnsafeRef
 from pipelines.readers.text import arrow_records, invalid_utf8_reason
@@ -62,7 +63,7 @@ class CoyoParquetReader:
         if shards:  # fail early on a wrong column mapping; every other shard is checked when read
             fs, path = url_to_fs(shards[0].path, self.source.storage_options)
             with fs.open(path, "rb") as f:
-                self._check_columns(pq.ParquetFile(f).schema_arrow, shards[0].path)
+                self._check_columns(self._open_parquet(f, shards[0].path).schema_arrow, shards[0].path)
         return shards
 
     def _check_columns(self, schema: pa.Schema, where: str) -> None:
@@ -80,15 +81,18 @@ class CoyoParquetReader:
                 "names in the source config"
             )
 
+    def _open_parquet(self, f: Any, where: str) -> pq.ParquetFile:
+        """The file's parquet reader; no footer (not parquet, cut short) is a source error naming the file."""
+        try:
+            return pq.ParquetFile(f, buffer_size=_STREAM_BUFFER, pre_buffer=False)
+        except (pa.ArrowException, OSError) as e:
+            raise SourceFormatError(f"source {self.source.name!r}: {where} is not a readable parquet file: "
+                                    f"{short_error(e)}") from e
+
     def read(self, shard: InputShard, batch_size: int) -> Iterator[pa.Table]:
         fs, path = url_to_fs(shard.path, self.source.storage_options)
         with fs.open(path, "rb") as f:
-            try:
-                pf = pq.ParquetFile(f, buffer_size=_STREAM_BUFFER, pre_buffer=False)
-            except (pa.ArrowInvalid, OSError) as e:
-                raise SourceFormatError(
-                    f"source {self.source.name!r}: {shard.path} is not a readable parquet file: {e}"
-                ) from e
+            pf = self._open_parquet(f, shard.path)
             self._check_columns(pf.schema_arrow, shard.path)  # before any row work
             keys = KeyRegistry()
             root = ImageRoot.from_config(self.source.image_root or "", self.source,
@@ -102,7 +106,12 @@ class CoyoParquetReader:
                 # processed downstream; rows still come out in file order
                 pending: deque[list[_Pending]] = deque()
                 index = 0
-                for batch in pf.iter_batches(batch_size=batch_size):
+                for batch in parquet_batches(pf, batch_size):
+                    if isinstance(batch, LostRows):  # a corrupt row group: earlier rows first, in file order
+                        while pending:
+                            yield from (_finish(p) for p in pending.popleft())
+                        yield lost_rows_row(shard, keys, batch)
+                        continue
                     current = []
                     for rec, bad_text in arrow_records(batch):  # invalid UTF-8 -> that row, not the run
                         current.append(self._row(shard, keys, index, rec, root, fetcher, bad_text))

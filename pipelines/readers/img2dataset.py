@@ -49,12 +49,17 @@ from pipelines.readers._common import (
     url_to_fs,
 )
 from pipelines.readers.base import InputShard
-from pipelines.readers.tarstream import TarMember, TarTruncated, iter_members
-from pipelines.readers.text import INVALID_UTF8, arrow_records, invalid_utf8_reason, loads_json
+from pipelines.readers.corrupt import LostRows, lost_rows_row, parquet_batches
+from pipelines.readers.tarstream import MAX_MEMBER_BYTES, TarMember, TarTruncated, iter_members
+from pipelines.readers.text import (
+    INVALID_UTF8,
+    arrow_records,
+    invalid_utf8_reason,
+    loads_json,
+)
 from schemas.rows import PAIR_SCHEMA
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-MAX_MEMBER_BYTES = 256 * 1024 * 1024  # one member larger than this is not an image we can curate
 _TEXT_EXTS = {"txt", "text", "caption"}
 _JSON_EXTS = {"json"}
 _KNOWN_EXTS = set(IMAGE_EXTENSIONS) | _TEXT_EXTS | _JSON_EXTS
@@ -102,7 +107,7 @@ def unsafe_member_reason(info: TarMember | tarfile.TarInfo) -> str | None:
     name = info.name
     if not name or ".." in name or name.startswith(("/", "\\")) or "/" in name or "\\" in name or "\x00" in name:
         return "tar_member_unsafe_path"
-    if info.size > MAX_MEMBER_BYTES:
+    if info.size > MAX_MEMBER_BYTES:  # not an image we can curate; tarstream never read its data
         return "tar_member_too_large"
     return None
 
@@ -291,7 +296,10 @@ class Img2DatasetReader(StreamingReader):
             has_key = "key" in pf.schema_arrow.names
             matched: set[str] = set()
             index = 0
-            for batch in pf.iter_batches(batch_size=_PARQUET_READ_BATCH):
+            for batch in parquet_batches(pf, _PARQUET_READ_BATCH):
+                if isinstance(batch, LostRows):  # a corrupt row group: one quarantined row, the rest goes on
+                    yield lost_rows_row(shard, keys, batch)
+                    continue
                 for rec, bad_text in arrow_records(batch):  # invalid UTF-8 -> that row, not the shard
                     raw = rec.get("key") if has_key else None
                     raw = str(raw) if raw is not None else f"{shard.shard_id}_parquet_row{index:06d}"

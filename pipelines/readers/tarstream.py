@@ -19,6 +19,8 @@ from typing import IO
 
 BLOCK = 512
 _REGULAR = (b"0", b"\x00", b"7")
+MAX_MEMBER_BYTES = 256 * 1024 * 1024  # a larger member's data is skipped, never read into memory
+_SKIP_CHUNK = 1 << 20
 
 
 class TarTruncated(Exception):
@@ -73,14 +75,18 @@ def _checksum_ok(header: bytes) -> bool:
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
+    """``"<len> key=value\\n"`` records; parsing stops at the first malformed one (hostile input)."""
     records: dict[str, str] = {}
     pos = 0
     while pos < len(data):
         space = data.find(b" ", pos)
         if space < 0:
             break
-        length = int(data[pos:space])
-        if length <= 0:
+        digits = data[pos:space]
+        if not digits.isdigit():
+            break
+        length = int(digits)
+        if length <= space - pos or pos + length > len(data):
             break
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
@@ -96,6 +102,15 @@ def open_stream(f: IO[bytes]) -> IO[bytes]:
     return buffered
 
 
+def _skip(f: IO[bytes], n: int, what: str) -> None:
+    """Read past ``n`` bytes in bounded chunks (a hostile size field must not become one huge read)."""
+    while n > 0:
+        got = len(f.read(min(n, _SKIP_CHUNK)))
+        if got == 0:
+            raise TarTruncated(f"stream ended inside {what}")
+        n -= got
+
+
 def _read_exact(f: IO[bytes], n: int, what: str) -> bytes:
     data = f.read(n)
     if len(data) != n:
@@ -103,8 +118,10 @@ def _read_exact(f: IO[bytes], n: int, what: str) -> bytes:
     return data
 
 
-def iter_members(f: IO[bytes], want: Callable[[str], bool] = lambda name: True) -> Iterator[TarMember]:
-    """Yield members in order; regular members whose name ``want`` accepts carry their data.
+def iter_members(f: IO[bytes], want: Callable[[str], bool] = lambda name: True,
+                 max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[TarMember]:
+    """Yield members in order; regular members whose name ``want`` accepts carry their data (members over
+    ``max_member_bytes`` are yielded without data: the caller sees their size and refuses them).
 
     Raises TarTruncated when the archive is cut or a header is garbage (after yielding what was read);
     an archive that ends with its zero blocks, or an empty file, ends the iteration normally.
@@ -127,9 +144,16 @@ def iter_members(f: IO[bytes], want: Callable[[str], bool] = lambda name: True) 
         if not _checksum_ok(header):
             raise TarTruncated("bad header checksum")
         typeflag = header[156:157]
-        size = int(pax.get("size", _number(header[124:136])))
+        try:
+            size = int(pax["size"]) if "size" in pax else _number(header[124:136])
+        except ValueError:
+            raise TarTruncated("bad size field in a header") from None
+        if size < 0:
+            raise TarTruncated(f"negative size {size} in a header")
         padded = size + (-size % BLOCK)
         if typeflag in (b"x", b"g", b"L", b"K"):
+            if size > max_member_bytes:
+                raise TarTruncated(f"extended header of {size} bytes")
             payload = _read_exact(stream, padded, "an extended header")[:size]
             if typeflag == b"x":
                 pax = _pax_records(payload)
@@ -151,9 +175,9 @@ def iter_members(f: IO[bytes], want: Callable[[str], bool] = lambda name: True) 
         if typeflag == b"5":
             name = name.rstrip("/")
         member = TarMember(name=name, size=size, type=typeflag, linkname=linkname)
-        if member.isreg() and want(name):
+        if member.isreg() and want(name) and size <= max_member_bytes:
             member.data = _read_exact(stream, size, f"member {name!r}")
             _read_exact(stream, padded - size, f"padding of {name!r}")
         elif typeflag in _REGULAR or typeflag not in (b"1", b"2", b"3", b"4", b"5", b"6"):
-            _read_exact(stream, padded, f"member {name!r}")  # skipped data (links, dirs have none)
+            _skip(stream, padded, f"member {name!r}")  # skipped data (links, dirs have none)
         yield member
