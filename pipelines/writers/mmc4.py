@@ -243,8 +243,9 @@ class Mmc4PklWriter:
             self._parts.append(_PklPart(self.fs, join(self.root, rel), rel))
 
     def _finish_chunk(self) -> None:
-        parts, self._parts = self._parts, []
-        self._done.extend(p.finish() for p in parts)
+        while self._parts:  # a part leaves the list only once finished, so abort() still sees the others
+            self._done.append(self._parts[0].finish())
+            self._parts.pop(0)
         self._chunk += 1
 
     def _add(self, doc: dict[str, Any]) -> None:
