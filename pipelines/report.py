@@ -718,7 +718,39 @@ def _words(roots: list[_Root], plots: _Plots) -> str:
         plots.svg(fig),
         "Mean ± std words per caption, per source and round "
         "(original = round-0 alt-text; flagged = truncated/refusal/empty captions).",
-    )
+    ) + _saturation(roots)
+
+
+def _saturation(roots: list[_Root]) -> str:
+    """Round saturation from the latest root's summaries.json["rounds"] (recaption.saturation): does round
+    k still change the captions, and does CLIP agree more with them? VILA² stopped gaining at round 4."""
+    rounds = next((r.summaries.get("rounds") for r in reversed(roots) if r.summaries.get("rounds")), None)
+    if not rounds:
+        return ""
+    has_clip = any("clip_n" in v for v in rounds.values())
+    head = ["round", "captions", "words (mean ± std)", "changed from k−1", "Jaccard k−1→k", "difflib k−1→k"]
+    head += ["CLIP cosine (mean ± std)", "CLIP-S"] if has_clip else []
+    rows = []
+    for k in sorted(rounds, key=int):
+        v = rounds[k]
+        row = ["original (alt-text)" if k == "0" else f"round {esc(k)}", f"{v.get('captions', 0):,}",
+               f"{_fmt(v.get('words_mean'), 1)} ± {_fmt(v.get('words_std'), 1)}"]
+        if k == "0":
+            row += ["–", "–", "–"]
+        else:
+            share = v.get("changed_share")
+            row += [("–" if share is None else f"{100 * share:.1f}%")
+                    + f" <span class='muted'>of {v.get('compared_with_previous', 0):,}</span>",
+                    _fmt(v.get("jaccard_mean"), 3), _fmt(v.get("difflib_ratio_mean"), 3)]
+        if has_clip:
+            row += ([f"{_fmt(v.get('clip_cosine_mean'), 3)} ± {_fmt(v.get('clip_cosine_std'), 3)}",
+                     _fmt(v.get("clip_score_mean"), 3)] if "clip_n" in v else ["–", "–"])
+        rows.append(row)
+    note = ("CLIP: each round's caption scored against its image by the clipscore stage of the latest run."
+            if has_clip else "No clipscore stage ran after the recaption: CLIP agreement per round omitted.")
+    return ("<h3>Round saturation</h3>" + _table(head, rows, "num")
+            + f"<p class='muted'>summaries.json rounds, over the published pairs. A round that changes few "
+              f"captions and leaves similarity near 1 adds little (VILA² stopped gaining at round 4). {note}</p>")
 
 
 def _dedup(root: _Root, plots: _Plots, thumbs: Mapping[str, str]) -> str:
