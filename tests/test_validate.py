@@ -550,3 +550,25 @@ def test_symlinks_and_other_non_regular_files_in_the_tree(r0: Path) -> None:
     problems = validate_output(str(r0))
     assert_reports(problems, "coyo_bytes/alias.tar: symlink in the output tree", "mmc4-link: symlink",
                    "img2dataset/pipe: not a regular file")
+
+
+def test_pax_long_name_and_global_headers(r0: Path) -> None:
+    tar = first_tar(r0)
+    key = next(iter(sample_urls(tar)))
+    long_key = "p" * 120
+
+    def rename(name: str, data: bytes):
+        return [(name.replace(key, long_key, 1) if name.startswith(key + ".") else name, data)]
+
+    rewrite_tar(tar, rename, fmt=tarfile.PAX_FORMAT)
+    # a global pax header ('g') in front, as `tar --format=pax` or a pax_headers= argument writes
+    buf = io.BytesIO()
+    with (tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "x"}) as t,
+          tarfile.open(tar) as src):
+        for m in src.getmembers():
+            t.addfile(m, src.extractfile(m))
+    tar.write_bytes(buf.getvalue())
+    resync(r0)
+    report = check_output(str(r0))
+    assert_reports(report.problems, "pax header ('x') at byte", "pax header sets ['path']; VILA's reader ignores")
+    assert_reports(report.warnings, "global pax header ('g') at byte 0 with ['comment']: VILA's reader skips it")
