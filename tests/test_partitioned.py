@@ -94,7 +94,7 @@ def _shards(sig: pa.Table, count: int, seed: int) -> list[tuple[str, pa.Table]]:
 
 
 CONFIGS = {
-    "images": DedupConfig(methods=["exact", "phash", "semantic"], semantic_eps=0.02),
+    "images": DedupConfig(methods=["exact", "phash", "semantic"], semantic_eps=0.02, semantic_clusters=6),
     "clip_confirm": DedupConfig(methods=["exact", "phash"], phash_confirm="clip", clip_confirm_min_cosine=0.95),
     "text": DedupConfig(methods=["exact", "phash", "minhash_documents", "minhash_captions"], minhash_num_perm=64,
                         boilerplate_min_images=3),
@@ -103,7 +103,7 @@ CONFIGS = {
 
 @pytest.fixture(scope="module")
 def synthetic() -> pa.Table:
-    return synthetic_signatures(5000)
+    return synthetic_signatures(2600)  # > 2048 thumbnails: two thumbnail clusters
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

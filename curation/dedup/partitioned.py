@@ -101,19 +101,27 @@ def canonical_key(item_id: str) -> tuple[str, str, int]:
     return source, key, int(index)
 
 
-def _canonical_order(tbl: pa.Table) -> pa.Table:
-    return tbl.take(pc.sort_indices(tbl, sort_keys=[("source", "ascending"), ("key", "ascending"),
-                                                    ("image_index", "ascending")]))
+def fixed_binary(col: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
+    """(n, width) uint8 view of a binary column whose values all have ``width`` bytes (nulls: zeros)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if len(arr) == 0:
+        return np.zeros((0, width), dtype=np.uint8)
+    if arr.null_count:
+        arr = pc.fill_null(arr, pa.scalar(bytes(width), arr.type))
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset:arr.offset + len(arr) + 1]
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
+    if not np.all(np.diff(offsets) == width):
+        raise ValueError(f"binary column values are not all {width} bytes")
+    return data[offsets[0]:offsets[-1]].reshape(-1, width)
 
 
-def _dedupe_ids(tbl: pa.Table) -> pa.Table:
-    """Canonical order, one row per id (a row reaches a group once per band that maps there)."""
-    tbl = _canonical_order(tbl)
-    if tbl.num_rows < 2:
-        return tbl
-    ids = item_ids(tbl)
-    keep = [0] + [r for r in range(1, len(ids)) if ids[r] != ids[r - 1]]
-    return tbl.take(pa.array(keep, type=pa.int64())) if len(keep) < len(ids) else tbl
+def list_matrix(col: pa.ChunkedArray | pa.Array, dtype: type) -> np.ndarray:
+    """(n, d) matrix of a list column whose values all have one length (the rows a task selected)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if len(arr) == 0:
+        return np.zeros((0, 0), dtype=dtype)
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat.reshape(len(arr), -1), dtype=dtype)
 
 
 def id_rank(ids: list[str]) -> np.ndarray:
@@ -233,26 +241,50 @@ def semantic_cluster_pairs(emb: np.ndarray, labels: np.ndarray, eps: float) -> n
     return clustered_pairs(labels, lambda m: _block_pairs(emb, m, 1.0 - eps))
 
 
-def confirm_candidates(pairs: np.ndarray, thumbs: list[bytes | None], emb: list[Any], cfg: DedupConfig) -> np.ndarray:
+def confirm_candidates(pairs: np.ndarray, thumbs: np.ndarray, has_thumb: np.ndarray, emb: np.ndarray | None,
+                       has_emb: np.ndarray | None, cfg: DedupConfig) -> np.ndarray:
     """Keep candidate pairs a second signal confirms: CLIP cosine where both have embeddings (``clip``),
-    else thumbnails (``thumbnails.confirm_pairs``) where both have them; neither signal: not confirmed."""
+    else thumbnails (``thumbnails.confirm_pairs``) where both have them; neither signal: not confirmed.
+    ``thumbs`` (n, THUMB_BYTES) and ``emb`` (n, d) are row-aligned with their ``has_*`` masks."""
     if pairs.size == 0 or cfg.phash_confirm == "none":
         return pairs
     ok = np.zeros(len(pairs), dtype=bool)
     todo = np.ones(len(pairs), dtype=bool)
-    if cfg.phash_confirm == "clip":
-        has = np.array([bool(emb[a]) and bool(emb[b]) for a, b in pairs.tolist()])
+    if cfg.phash_confirm == "clip" and emb is not None and has_emb is not None:
+        has = has_emb[pairs[:, 0]] & has_emb[pairs[:, 1]]
         if has.any():
             uniq, inv = np.unique(pairs[has], return_inverse=True)
-            e = np.asarray([emb[i] for i in uniq], dtype=np.float32)
-            ok[has] = clip_cosines(e, inv.reshape(-1, 2)) >= cfg.clip_confirm_min_cosine
+            ok[has] = clip_cosines(np.ascontiguousarray(emb[uniq], dtype=np.float32),
+                                   inv.reshape(-1, 2)) >= cfg.clip_confirm_min_cosine
             todo &= ~has
-    has_t = todo & np.array([thumbs[a] is not None and thumbs[b] is not None for a, b in pairs.tolist()])
+    has_t = todo & has_thumb[pairs[:, 0]] & has_thumb[pairs[:, 1]]
     if has_t.any():
         uniq, inv = np.unique(pairs[has_t], return_inverse=True)
-        t = np.frombuffer(b"".join(thumbs[i] for i in uniq), dtype=np.uint8).reshape(-1, THUMB_BYTES)
-        ok[has_t] = confirm_pairs(t, inv.reshape(-1, 2), cfg)
+        ok[has_t] = confirm_pairs(thumbs[uniq], inv.reshape(-1, 2), cfg)
     return pairs[ok]
+
+
+def confirm_lists(pairs: np.ndarray, thumbs: list[bytes | None], emb: list[Any], cfg: DedupConfig) -> np.ndarray:
+    """:func:`confirm_candidates` on per-row Python values (the single-process decide's layout)."""
+    if pairs.size == 0 or cfg.phash_confirm == "none":
+        return pairs
+    involved = np.unique(pairs)
+    local = np.searchsorted(involved, pairs)
+    t = np.zeros((len(involved), THUMB_BYTES), dtype=np.uint8)
+    has_t = np.zeros(len(involved), dtype=bool)
+    for j, i in enumerate(involved.tolist()):
+        if thumbs[i] is not None:
+            t[j] = np.frombuffer(thumbs[i], dtype=np.uint8)
+            has_t[j] = True
+    e = has_e = None
+    if cfg.phash_confirm == "clip":
+        has_e = np.array([bool(emb[i]) for i in involved.tolist()])
+        dim = max((len(emb[i]) for i in involved.tolist() if emb[i]), default=0)
+        e = np.zeros((len(involved), dim), dtype=np.float32)
+        for j, i in enumerate(involved.tolist()):
+            if has_e[j]:
+                e[j] = emb[i]
+    return involved[confirm_candidates(local, t, has_t, e, has_e, cfg)]
 
 
 def band_keys(uniq: np.ndarray, band: int, rows: int) -> np.ndarray:
@@ -314,33 +346,30 @@ class PartitionedDedup:
             out.add("caption")
         return out
 
-    def _image_rows(self, sig: pa.Table) -> np.ndarray:
-        kinds = np.asarray(sig.column("kind").to_pylist(), dtype=object)
-        ok = kinds == "pair"
-        if self.cfg.mmc4_policy == "drop_image":
-            ok |= kinds == "doc_image"
-        return np.flatnonzero(ok)
-
     def eligible(self, sig: pa.Table, task: str) -> np.ndarray:
-        """Row indices of ``sig`` that take part in ``task``."""
+        """Row indices of ``sig`` that take part in ``task`` (vectorised: no per-row Python values)."""
+        kind = sig.column("kind")
         if task in ("document", "caption"):
-            kinds = np.asarray(sig.column("kind").to_pylist(), dtype=object)
-            rows = np.flatnonzero(kinds == ("document" if task == "document" else "pair"))
-            mh = sig.column("minhash").to_pylist()
-            return np.array([r for r in rows.tolist() if mh[r] and mh[r][0] != EMPTY], dtype=np.int64)
-        rows = self._image_rows(sig)
+            ok = _mask(pc.equal(kind, "document" if task == "document" else "pair"))
+            mh = sig.column("minhash")
+            ok &= _mask(pc.greater(pc.list_value_length(mh), 0))
+            rows = np.flatnonzero(ok)
+            if rows.size == 0:
+                return rows
+            first = pc.list_element(mh.take(pa.array(rows)), 0)
+            return rows[_mask(pc.not_equal(first, pa.scalar(int(EMPTY), pa.uint32())))]
+        ok = _mask(pc.equal(kind, "pair"))
+        if self.cfg.mmc4_policy == "drop_image":
+            ok |= _mask(pc.equal(kind, "doc_image"))
         if task == "exact":
-            sha = sig.column("sha256").to_pylist()
-            return np.array([r for r in rows.tolist() if sha[r]], dtype=np.int64)
-        if task in ("phash", "thumb"):
-            ph = sig.column("phash").to_pylist()
-            rows = np.array([r for r in rows.tolist() if ph[r] is not None], dtype=np.int64)
+            ok &= _mask(pc.greater(pc.utf8_length(sig.column("sha256")), 0))
+        elif task in ("phash", "thumb"):
+            ok &= _mask(pc.is_valid(sig.column("phash")))
             if task == "thumb":
-                th = sig.column("thumb").to_pylist()
-                rows = np.array([r for r in rows.tolist() if th[r] is not None], dtype=np.int64)
-            return rows
-        emb = sig.column("embedding").to_pylist()
-        return np.array([r for r in rows.tolist() if emb[r]], dtype=np.int64)
+                ok &= _mask(pc.is_valid(sig.column("thumb")))
+        else:
+            ok &= _mask(pc.greater(pc.list_value_length(sig.column("embedding")), 0))
+        return np.flatnonzero(ok)
 
     # -- step 0: sample and fit --
     def sample(self, sig: pa.Table) -> pa.Table:
@@ -380,11 +409,10 @@ class PartitionedDedup:
             ranks = tbl.column("rank").to_numpy()
             n = estimate_rows(ranks, seen[task], SAMPLE_ROWS)
             if task == "thumb":
-                x = coarse_thumbs(np.frombuffer(b"".join(tbl.column("thumb").to_pylist()),
-                                                dtype=np.uint8).reshape(-1, THUMB_BYTES))
+                x = coarse_thumbs(fixed_binary(tbl.column("thumb"), THUMB_BYTES))
                 self.centroids[task] = train_centroids(x, thumb_cluster_count(n), False, self.cfg.seed, 1020.0)
             else:
-                x = np.asarray(tbl.column("embedding").to_pylist(), dtype=np.float32)
+                x = list_matrix(tbl.column("embedding"), np.float32)
                 k = semantic_cluster_count(n, self.cfg.semantic_clusters)
                 c = train_centroids(x.astype(np.float64) * _EMB_QUANT, k, True, self.cfg.seed, _EMB_QUANT)
                 self.centroids[task] = c
@@ -396,9 +424,8 @@ class PartitionedDedup:
         if c is None or sig.num_rows == 0:
             return np.zeros(sig.num_rows, dtype=np.int64)
         if task == "thumb":
-            t = np.frombuffer(b"".join(sig.column("thumb").to_pylist()), dtype=np.uint8).reshape(-1, THUMB_BYTES)
-            return c.assign(coarse_thumbs(t))
-        return c.assign(quantized_embeddings(np.asarray(sig.column("embedding").to_pylist(), dtype=np.float32)))
+            return c.assign(coarse_thumbs(fixed_binary(sig.column("thumb"), THUMB_BYTES)))
+        return c.assign(quantized_embeddings(list_matrix(sig.column("embedding"), np.float32)))
 
     # -- step 1: partition (map side, per input shard) --
     def partition(self, sig: pa.Table) -> pa.Table:
@@ -438,7 +465,7 @@ class PartitionedDedup:
                 parts.append(self._rows(sub, task, _part_key(task, cluster.astype(np.uint64)), band, cluster))
             else:
                 b_count, r = lsh_params(cfg.minhash_threshold, cfg.minhash_num_perm)
-                sigs = np.asarray(sub.column("minhash").to_pylist(), dtype=np.uint32)
+                sigs = list_matrix(sub.column("minhash"), np.uint32)
                 for b in range(b_count):
                     key = band_keys(sigs, b, r)
                     parts.append(self._rows(sub, task, _part_key(task, key ^ np.uint64(b)),
@@ -468,46 +495,56 @@ class PartitionedDedup:
 
     # -- step 2: one group --
     def decide_partition(self, rows: pa.Table) -> pa.Table:
+        """Confirmed edges of one group. Each (task, band) slice is taken from ``rows`` once, in canonical
+        order, so the group's memory is its input plus one slice."""
         cfg = self.cfg
         edges: list[pa.Table] = []
-        tasks = rows.column("task")
-        for task in sorted(set(tasks.unique().to_pylist())):
-            t = rows.filter(pc.equal(tasks, task))
+        task_col = rows.column("task")
+        for task in sorted(set(task_col.unique().to_pylist())):
+            in_task = _mask(pc.equal(task_col, task))
+            if task in ("document", "caption"):
+                _, r = lsh_params(cfg.minhash_threshold, cfg.minhash_num_perm)
+                band_col = rows.column("band").to_numpy(zero_copy_only=False)
+                for b in sorted(set(band_col[in_task].tolist())):
+                    tb = _slice(rows, in_task & (band_col == b), dedupe=False)
+                    pairs = minhash_band_pairs(list_matrix(tb.column("minhash"), np.uint32), b, r,
+                                               cfg.minhash_threshold, identical=b == 0)
+                    edges.append(_edges(task, tb, pairs))
+                continue
+            t = _slice(rows, in_task, dedupe=True)
             if task == "exact":
-                t = _dedupe_ids(t)
-                edges.append(_edges("exact", t, exact_pairs(t.column("sha256").to_pylist())))
-            elif task == "phash":
-                t = _dedupe_ids(t)
-                hashes = t.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
-                pairs = hamming_pairs(hashes, cfg.phash_max_distance, "mih")
-                edges.append(_edges("phash", t, self._confirm(t, pairs)))
-            elif task == "thumb":
-                t = _dedupe_ids(t)
-                th = np.frombuffer(b"".join(t.column("thumb").to_pylist()), dtype=np.uint8).reshape(-1, THUMB_BYTES)
-                hashes = t.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
-                labels = t.column("cluster").to_numpy()
-                pairs = thumb_candidate_pairs(th, labels, cfg.thumbnail_neighbours, hashes, cfg.phash_max_distance)
-                edges.append(_edges("phash", t, self._confirm(t, pairs)))
+                pairs = exact_pairs(t.column("sha256").to_pylist())
+                edges.append(_edges("exact", t, pairs))
             elif task == "semantic":
-                t = _dedupe_ids(t)
-                emb = np.asarray(t.column("embedding").to_pylist(), dtype=np.float32)
+                emb = list_matrix(t.column("embedding"), np.float32)
                 pairs = semantic_cluster_pairs(emb, t.column("cluster").to_numpy(), cfg.semantic_eps)
                 edges.append(_edges("semantic", t, pairs))
             else:
-                _, r = lsh_params(cfg.minhash_threshold, cfg.minhash_num_perm)
-                bands = t.column("band")
-                for b in sorted(set(bands.unique().to_pylist())):
-                    tb = _canonical_order(t.filter(pc.equal(bands, b)))
-                    sigs = np.asarray(tb.column("minhash").to_pylist(), dtype=np.uint32)
-                    pairs = minhash_band_pairs(sigs, b, r, cfg.minhash_threshold, identical=b == 0)
-                    edges.append(_edges(task, tb, pairs))
+                hashes = t.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
+                if task == "phash":
+                    pairs = hamming_pairs(hashes, cfg.phash_max_distance, "mih")
+                else:
+                    th = fixed_binary(t.column("thumb"), THUMB_BYTES)
+                    pairs = thumb_candidate_pairs(th, t.column("cluster").to_numpy(), cfg.thumbnail_neighbours,
+                                                  hashes, cfg.phash_max_distance)
+                edges.append(_edges("phash", t, self._confirm(t, pairs)))
         edges = [e for e in edges if e.num_rows]
         return pa.concat_tables(edges) if edges else EDGE_SCHEMA.empty_table()
 
     def _confirm(self, t: pa.Table, pairs: np.ndarray) -> np.ndarray:
-        cfg = self.cfg
-        emb = t.column("embedding").to_pylist() if cfg.phash_confirm == "clip" else [None] * t.num_rows
-        return confirm_candidates(pairs, t.column("thumb").to_pylist(), emb, cfg)
+        if pairs.size == 0 or self.cfg.phash_confirm == "none":
+            return pairs
+        has_t = _mask(pc.is_valid(t.column("thumb")))
+        thumbs = fixed_binary(t.column("thumb"), THUMB_BYTES)
+        emb = has_e = None
+        if self.cfg.phash_confirm == "clip":
+            col = t.column("embedding")
+            has_e = _mask(pc.greater(pc.fill_null(pc.list_value_length(col), 0), 0))
+            dim = max(int(pc.max(pc.list_value_length(col)).as_py() or 0), 1)
+            emb = np.zeros((t.num_rows, dim), dtype=np.float32)
+            if has_e.any():
+                emb[has_e] = list_matrix(col.take(pa.array(np.flatnonzero(has_e))), np.float32)
+        return confirm_candidates(pairs, thumbs, has_t, emb, has_e, self.cfg)
 
     # -- step 3: combine (one process: edges and group members only) --
     def combine(self, partials: list[pa.Table]) -> pa.Table:
@@ -582,16 +619,36 @@ class PartitionedDedup:
         return combined.select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA)
 
 
+def _slice(rows: pa.Table, mask: np.ndarray, dedupe: bool) -> pa.Table:
+    """The masked rows in canonical order (one take), one row per id when ``dedupe`` (a row reaches a
+    group once per band that maps there)."""
+    idx = np.flatnonzero(mask)
+    keys = rows.select(["source", "key", "image_index"]).take(pa.array(idx))
+    order = pc.sort_indices(keys, sort_keys=[("source", "ascending"), ("key", "ascending"),
+                                             ("image_index", "ascending")]).to_numpy()
+    idx = idx[order]
+    if dedupe and idx.size > 1:
+        ids = item_ids(keys.take(pa.array(order)))
+        keep = np.r_[True, np.array([ids[i] != ids[i - 1] for i in range(1, len(ids))], dtype=bool)]
+        idx = idx[keep]
+    return rows.take(pa.array(idx))
+
+
+def _mask(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Boolean numpy mask of an Arrow boolean result; null counts as False."""
+    return np.asarray(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool)
+
+
 def _edges(method: str, t: pa.Table, pairs: np.ndarray) -> pa.Table:
     """Edge rows for local index pairs of ``t``, each endpoint with its keeper attributes and shard."""
     if pairs.size == 0:
         return EDGE_SCHEMA.empty_table()
-    ids = pa.array(item_ids(t))
-    nodes = {"id": ids, SHARD_COL: t.column(SHARD_COL), "sha256": t.column("sha256"),
-             "clip_score": t.column("clip_score"), "publishable": t.column("publishable"),
-             "pixels": t.column("pixels")}
+    involved = np.unique(pairs)
+    sub = t.select(["source", "key", "image_index", *_NODE_COLS[1:]]).take(pa.array(involved))
+    nodes = {"id": pa.array(item_ids(sub)), **{c: sub.column(c) for c in _NODE_COLS[1:]}}
+    local = np.searchsorted(involved, pairs)
     cols: dict[str, Any] = {"method": pa.array([method] * len(pairs))}
-    for end, idx in (("a", pairs[:, 0]), ("b", pairs[:, 1])):
+    for end, idx in (("a", local[:, 0]), ("b", local[:, 1])):
         take = pa.array(idx, type=pa.int64())
         for c in _NODE_COLS:
             cols[f"{end}_{c}"] = nodes[c].take(take)

@@ -37,7 +37,7 @@ from curation.dedup.keeper import keeper_sort_key, pair_publishable, pixels
 from curation.dedup.minhash import minhash_signatures, near_duplicate_pairs
 from curation.dedup.partitioned import (
     PartitionedDedup,
-    confirm_candidates,
+    confirm_lists,
     semantic_cluster_pairs,
     thumb_candidate_pairs,
 )
@@ -277,7 +277,7 @@ class DedupStage:
             if local.size:
                 extra = with_thumb[local]
                 pairs = np.unique(np.concatenate([pairs, extra]), axis=0) if pairs.size else extra
-        return confirm_candidates(pairs, thumbs_list, emb_list, cfg)
+        return confirm_lists(pairs, thumbs_list, emb_list, cfg)
 
     # ---- the scale path: schemas.stage.PartitionedDecide, in curation/dedup/partitioned.py -------------
     def _scale(self) -> PartitionedDedup:
