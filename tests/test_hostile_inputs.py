@@ -330,3 +330,24 @@ def test_corrupt_parquet_pages_quarantine_the_rest_of_the_shard(tmp_path: Path) 
     with pytest.raises(SourceFormatError, match="a.parquet is not a readable parquet file"):
         make_reader(SourceConfig(name="coyo", kind="coyo_parquet", paths=[str(coyo / "a.parquet")],
                                  image_column="image")).list_shards()
+
+
+def test_edited_round_input_quarantines_rows_with_wrong_types(tmp_path: Path) -> None:
+    """A round reads our own output back; an edited sample json (wrong types, a list, a bad pHash) must
+    cost that sample only. Values Arrow refuses are caught where every reader builds its tables."""
+    img = jpeg()
+    (tmp_path / "src").mkdir()
+    infos = {"good": {"text": "fine", "clip_score": 0.5}, "score": {"clip_score": "high"},
+             "captions": {"captions": [1, 2]}, "phash": {"phash": "zz"}, "list": [1, 2],
+             "width": {"width": "wide"}, "flags": {"flags": "not a list"}, "text": {"text": ["a list"]}}
+    members = []
+    for key, info in infos.items():
+        members += [(f"{key}.jpg", img), (f"{key}.json", json.dumps(info).encode())]
+    write_tar(tmp_path / "src" / "00000.tar", members)
+    (tmp_path / "wids-meta.json").write_text(json.dumps({"shardlist": [{"url": "src/00000.tar"}]}))
+    rows = read_rows(SourceConfig(name="prev", kind="vila_wds", paths=[str(tmp_path)]))
+    got = {r["key"]: r["drop_reason"] for r in rows}
+    assert got == {"good": None, "score": "invalid_value", "captions": "json_invalid: captions",
+                   "phash": "json_invalid: phash", "list": "json_invalid: not an object",
+                   "width": None, "flags": "json_invalid: flags", "text": "invalid_value"}
+    assert next(r for r in rows if r["key"] == "width")["width"] is None  # not an int: unknown, as elsewhere

@@ -246,10 +246,29 @@ def batched_tables(rows: Iterable[dict[str, Any]], schema: pa.Schema, batch_size
     for row in rows:
         buf.append(scrub_row(row))  # lone surrogates would fail the whole batch in Arrow
         if len(buf) >= batch_size:
-            yield make_table(buf, schema)
+            yield _table_row_by_row_on_error(buf, schema)
             buf = []
     if buf:
-        yield make_table(buf, schema)
+        yield _table_row_by_row_on_error(buf, schema)
+
+
+def _table_row_by_row_on_error(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """make_table; a value Arrow refuses (a wrongly typed field from hostile input) quarantines its row
+    with ``invalid_value`` instead of failing the batch, the shard and the run."""
+    try:
+        return make_table(rows, schema)
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        pass
+    fixed = []
+    for row in rows:
+        try:
+            make_table([row], schema)
+            fixed.append(row)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError) as e:
+            bare = {k: as_str(row.get(k)) for k in ("key", "source", "shard", "source_key")}
+            bare["meta"] = to_meta_json({"error": short_error(e)})
+            fixed.append(quarantine(bare, "invalid_value"))
+    return make_table(fixed, schema)
 
 
 class StreamingReader:

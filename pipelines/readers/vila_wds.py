@@ -102,6 +102,16 @@ class VilaWdsReader:
             info = json.loads(files.get("json", b"{}"))
         except ValueError as e:
             return quarantine(row, f"json_invalid: {short_error(e)}")
+        # our own output, but a round's input may have been edited: check the shapes the row needs
+        if not isinstance(info, dict):
+            return quarantine(row, "json_invalid: not an object")
+        if not isinstance(info.get("captions") or [], list) or not all(
+                isinstance(c, dict) for c in info.get("captions") or []):
+            return quarantine(row, "json_invalid: captions")
+        if not isinstance(info.get("specialists") or {}, dict) or not isinstance(info.get("meta") or {}, dict):
+            return quarantine(row, "json_invalid: specialists/meta")
+        if not isinstance(info.get("flags") or [], list):
+            return quarantine(row, "json_invalid: flags")
         image_ext = next((e for e in files if IMAGE_EXTENSIONS.get(e) in ("jpg", "png", "webp")), None)
         if image_ext is None:
             return quarantine(row, "missing_image")
@@ -117,7 +127,10 @@ class VilaWdsReader:
             meta=to_meta_json(info.get("meta") or {}),
         )
         if info.get("phash"):
-            row["phash"] = int(info["phash"], 16)
+            try:
+                row["phash"] = int(str(info["phash"]), 16)
+            except ValueError:
+                return quarantine(row, "json_invalid: phash")
         if duplicate:
             return quarantine(row, "duplicate_key")
         return row
