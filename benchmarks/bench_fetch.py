@@ -5,7 +5,9 @@ small JPEGs; every 10th carries ``X-Robots-Tag: noai``, every 20th answers 404 a
 Both clients get the same URL-only parquet, the same thread count, no retries (img2dataset's default),
 and one process. Printed: images/s (URLs processed per second, img2dataset's own measure) of each, and
 ratio = ours / img2dataset (target >= 1.0), against img2dataset's end-to-end wall time (process start
-included) and against its own in-process shard ``duration`` (the stricter comparison).
+included) and against its own in-process shard ``duration`` (the stricter comparison). Our client keeps
+connections alive and img2dataset (urllib) opens one per image; ``--no-keepalive`` makes the server close
+every connection, so both pay a connect per image, as with a real URL list spread over many hosts.
 
 img2dataset pins (opencv, albumentations, old pyarrow ranges) clash with Beam's, so it lives in a venv
 of its own and runs as a subprocess; it is never imported here. Create it once with:
@@ -39,7 +41,7 @@ from pipelines.readers import make_reader
 from schemas.config import FetchConfig, SourceConfig
 
 
-def _serve(n: int, port_q: mp.Queue, stop: mp.Event) -> None:  # type: ignore[type-arg]
+def _serve(n: int, port_q: mp.Queue, stop: mp.Event, keepalive: bool = True) -> None:  # type: ignore[type-arg]
     """Child process: serve /<i>.jpg for i < n with the planted failures and opt-outs."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -74,6 +76,9 @@ def _serve(n: int, port_q: mp.Queue, stop: mp.Event) -> None:  # type: ignore[ty
             self.send_header("Content-Length", str(len(body)))
             for k, v in extra.items():
                 self.send_header(k, v)
+            if not keepalive:  # a new connection per image, as when every URL is on another host
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
             self.wfile.write(body)
 
@@ -130,12 +135,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1500)
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--no-keepalive", action="store_true",
+                    help="the server closes every connection (no reuse: the many-hosts case of real URL lists)")
     ap.add_argument("--img2dataset", default=os.environ.get("I2D_BIN", "/tmp/i2d-venv/bin/img2dataset"))
     args = ap.parse_args()
 
     ctx = mp.get_context("spawn")
     port_q, stop = ctx.Queue(), ctx.Event()
-    server = ctx.Process(target=_serve, args=(args.n, port_q, stop), daemon=True)
+    server = ctx.Process(target=_serve, args=(args.n, port_q, stop, not args.no_keepalive), daemon=True)
     server.start()
     try:
         port = port_q.get(timeout=60)
@@ -148,7 +155,8 @@ def main() -> None:
         ours = [run_ours(parquet, args.threads) for _ in range(args.repeats)]
         ours_s, counts = min(ours, key=lambda x: x[0])
         ours_rate = args.n / ours_s
-        fields: dict[str, object] = {"urls": args.n, "threads": args.threads, "ours_s": round(ours_s, 3),
+        fields: dict[str, object] = {"urls": args.n, "threads": args.threads, "keepalive": not args.no_keepalive,
+                                     "ours_s": round(ours_s, 3),
                                      "ours_images_per_s": round(ours_rate, 1), "ours_statuses": counts}
         if not Path(args.img2dataset).exists():
             report("fetch", **fields, img2dataset="skipped: no img2dataset at "

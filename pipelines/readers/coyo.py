@@ -101,26 +101,27 @@ class CoyoParquetReader:
             fetcher = (Fetcher(s.fetch, s.fetch_schemes, s.allow_private_networks)
                        if s.fetch_remote and s.image_path_column is not None else None)
 
+            # when fetching, a sliding window of up to fetch.prefetch_rows rows is in flight: rows leave in
+            # file order as soon as the head's download is done, and the reader blocks on the head only
+            # when the window is full, so one slow host never idles the other threads (no batch barrier)
+            window_size = s.fetch.prefetch_rows if fetcher is not None else 0
+
             def rows() -> Iterator[dict[str, Any]]:
-                # one batch of lookahead when fetching: the next batch downloads while this one is
-                # processed downstream; rows still come out in file order
-                pending: deque[list[_Pending]] = deque()
+                window: deque[_Pending] = deque()
                 index = 0
                 for batch in parquet_batches(pf, batch_size):
                     if isinstance(batch, LostRows):  # a corrupt row group: earlier rows first, in file order
-                        while pending:
-                            yield from (_finish(p) for p in pending.popleft())
+                        while window:
+                            yield _finish(window.popleft())
                         yield lost_rows_row(shard, keys, batch)
                         continue
-                    current = []
                     for rec, bad_text in arrow_records(batch):  # invalid UTF-8 -> that row, not the run
-                        current.append(self._row(shard, keys, index, rec, root, fetcher, bad_text))
+                        window.append(self._row(shard, keys, index, rec, root, fetcher, bad_text))
                         index += 1
-                    pending.append(current)
-                    if fetcher is None or len(pending) > 1:
-                        yield from (_finish(p) for p in pending.popleft())
-                while pending:
-                    yield from (_finish(p) for p in pending.popleft())
+                        while window and (len(window) > window_size or window[0].ready()):
+                            yield _finish(window.popleft())
+                while window:
+                    yield _finish(window.popleft())
 
             try:
                 yield from batched_tables(rows(), PAIR_SCHEMA, batch_size)
@@ -207,6 +208,9 @@ class _Pending:
         self.image_problem: str | None = None
         self.url: str | None = None
         self.future: Future[FetchResult] | None = None
+
+    def ready(self) -> bool:
+        return self.future is None or self.future.done()
 
 
 def _finish(p: _Pending) -> dict[str, Any]:
