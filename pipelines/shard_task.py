@@ -1,8 +1,8 @@
 """Process one input shard through one plan segment. Engine-independent: local runs it in-process, Beam
 runs it in a DoFn, and Ray's final per-shard step runs the same output half (``SegmentOutput``).
 
-Input: the source reader (segment 0) or the previous segment's intermediate rows, with the previous
-segment's decisions applied first. Output: intermediate rows + signatures (segments that end in a global
+Input: the source reader (segment 0) or the re-read input joined with the previous segment's saved
+per-row columns, with that shard's decisions of the previous segment applied first. Output: intermediate rows + signatures (segments that end in a global
 stage) or the VILA shards, rejects and stats (the last segment).
 """
 
@@ -15,13 +15,23 @@ from typing import Any
 
 import pyarrow as pa
 
-from curation.decisions import DecisionIndex, apply_decisions
+from curation.decisions import apply_decisions, index_decisions
 from pipelines.guard import apply_guarded
 from pipelines.plan import Plan, Segment
-from pipelines.progress import ShardResult
+from pipelines.progress import ShardResult, write_marker
 from pipelines.readers.base import InputShard, Reader
 from pipelines.sink import ShardSink
-from pipelines.workdir import IntermediateWriter, read_rows, rows_path, write_done, write_signatures
+from pipelines.workdir import (
+    IntermediateWriter,
+    is_slim,
+    read_done,
+    read_rows,
+    read_shard_decisions,
+    rejoin_input,
+    rows_path,
+    write_done,
+    write_signatures,
+)
 from schemas.config import OutputConfig
 from schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA
 
@@ -35,19 +45,31 @@ def _add(timings: Timings, name: str, rows: int, seconds: float, gpus: float = 0
     acc["gpu_seconds"] = acc.get("gpu_seconds", 0.0) + seconds * gpus
 
 
-def input_batches(fs, root: str, reader: Reader, shard: InputShard, seg: int, batch_size: int,
-                  prev_decisions: DecisionIndex | None, prev_stage: str | None,
+def input_batches(fs, root: str, plan: Plan, reader: Reader, shard: InputShard, seg: int, batch_size: int,
                   timings: Timings) -> Iterator[pa.Table]:
-    """The rows segment ``seg`` starts from, with the previous segment's decisions applied."""
-    source = reader.read(shard, batch_size) if seg == 0 else read_rows(fs, rows_path(root, seg - 1, shard),
-                                                                      batch_size)
-    read_name = "read" if seg == 0 else "read_intermediate"
+    """The rows segment ``seg`` starts from, with the previous segment's decisions applied.
+
+    Segment 0 reads the input shard. A later segment re-reads it (inputs are immutable) and joins the
+    per-row columns the previous segment saved (``workdir.rejoin_input``); its time counts as
+    ``read_intermediate``. Only this shard's decisions are loaded.
+    """
+    if seg == 0:
+        source, read_name, decisions, prev_stage = reader.read(shard, batch_size), "read", None, None
+    else:
+        schema = DOCUMENT_SCHEMA if shard.row_kind == "document" else PAIR_SCHEMA
+        path = rows_path(root, seg - 1, shard)
+        source = read_rows(fs, path, batch_size)
+        if is_slim(fs, path):
+            source = rejoin_input(source, reader.read(shard, batch_size), schema)
+        read_name = "read_intermediate"
+        prev_stage = plan.segments[seg - 1].decide.name
+        decisions = index_decisions(read_shard_decisions(fs, root, seg - 1, shard, plan.segment_hash(seg - 1)))
     t0 = time.perf_counter()
     for batch in source:
         _add(timings, read_name, batch.num_rows, time.perf_counter() - t0)
-        if prev_decisions is not None:
+        if decisions is not None:
             t = time.perf_counter()
-            batch = apply_decisions(batch, prev_decisions, prev_stage or "decision")
+            batch = apply_decisions(batch, decisions, prev_stage)
             _add(timings, f"{prev_stage}_apply", batch.num_rows, time.perf_counter() - t)
         yield batch
         t0 = time.perf_counter()
@@ -65,7 +87,7 @@ class SegmentOutput:
     """Where a shard's mapped rows go at the end of a segment."""
 
     def __init__(self, fs, root: str, plan: Plan, segment: Segment, shard: InputShard,
-                 out: OutputConfig) -> None:
+                 out: OutputConfig, rereadable: bool = True) -> None:
         self.fs, self.root, self.plan, self.segment, self.shard = fs, root, plan, segment, shard
         self.last = segment.decide is None
         self.timings: Timings = {}
@@ -74,7 +96,7 @@ class SegmentOutput:
             self.sink = ShardSink(fs, root, out, shard, sidecars=plan.sidecars)
         else:
             schema = DOCUMENT_SCHEMA if shard.row_kind == "document" else PAIR_SCHEMA
-            self.inter = IntermediateWriter(fs, rows_path(root, segment.index, shard), schema)
+            self.inter = IntermediateWriter(fs, rows_path(root, segment.index, shard), schema, rereadable)
             self.sigs: list[pa.Table] = []
 
     def write(self, batch: pa.Table) -> None:
@@ -99,8 +121,14 @@ class SegmentOutput:
             _add(timings, k, int(v["rows"]), v["seconds"])
         if self.last:
             stats, files = self.sink.close()
-            return ShardResult(shard=self.shard, stats=stats, files=files, config_hash=self.plan.config_hash,
-                               stage_versions=self.plan.stage_versions, timings=timings)
+            # the shard's timings over the whole plan: earlier segments' from their done markers
+            earlier = [(read_done(self.fs, self.root, s.index, self.shard) or {}).get("timings")
+                       for s in self.plan.segments[:-1]]
+            result = ShardResult(shard=self.shard, stats=stats, files=files, config_hash=self.plan.config_hash,
+                                 stage_versions=self.plan.stage_versions,
+                                 timings=merge_timings([*earlier, timings]), plan_hash=self.plan.plan_hash)
+            write_marker(self.fs, self.root, result)  # last: the shard is finished
+            return result
         write_signatures(self.fs, self.root, self.segment.index, self.shard, self.sigs)
         self.inter.commit()
         write_done(self.fs, self.root, self.segment.index, self.shard,
@@ -114,15 +142,13 @@ class SegmentOutput:
 
 
 def run_shard_segment(fs, root: str, plan: Plan, segment: Segment, reader: Reader, shard: InputShard,
-                      out: OutputConfig, batch_size: int, prev_decisions: DecisionIndex | None,
+                      out: OutputConfig, batch_size: int,
                       on_batch: Callable[[int, int], None] | None = None) -> ShardResult | None:
-    """Stream one shard through one segment; returns the ShardResult on the last segment."""
+    """Stream one shard through one segment; returns the ShardResult (marker written) on the last segment."""
     timings: Timings = {}
-    prev_stage = plan.segments[segment.index - 1].decide.name if segment.index else None
-    output = SegmentOutput(fs, root, plan, segment, shard, out)
+    output = SegmentOutput(fs, root, plan, segment, shard, out, is_rereadable(reader))
     try:
-        for batch in input_batches(fs, root, reader, shard, segment.index, batch_size, prev_decisions,
-                                   prev_stage, timings):
+        for batch in input_batches(fs, root, plan, reader, shard, segment.index, batch_size, timings):
             batch = map_batch(segment, batch, timings)
             kept_before = output.kept
             output.write(batch)
@@ -132,6 +158,16 @@ def run_shard_segment(fs, root: str, plan: Plan, segment: Segment, reader: Reade
     except BaseException:
         output.abort()
         raise
+
+
+def is_rereadable(reader: Reader) -> bool:
+    """Whether reading the shard again gives the same rows; a reader that fetches URLs sets
+    ``rereadable = False`` and its intermediate rows then keep their image bytes."""
+    declared = getattr(reader, "rereadable", None)
+    if declared is not None:
+        return bool(declared)
+    # a source that downloads its image URLs would download them again, maybe differently
+    return not getattr(getattr(reader, "source", None), "fetch_remote", False)
 
 
 def gpu_share(stage: Any) -> float:

@@ -280,13 +280,17 @@ class RunConfig(_Strict):
     batch_size: int = 256
     beam: BeamOptions = BeamOptions()
     ray: RayOptions = RayOptions()
+    # how global stages decide: "partitioned" (groups in parallel, bounded memory; stages that implement
+    # schemas.stage.PartitionedDecide) or "single" (one decide over all signatures: the reference)
+    decide: Literal["partitioned", "single"] = "partitioned"
     sources: list[SourceConfig]
     stages: list[StageConfig] = Field(default_factory=lambda: [NormalizeConfig()])
     output: OutputConfig
 
     def config_hash(self) -> str:
-        """Hash of everything that changes the output (not the engine, not the batch size)."""
-        payload = self.model_dump(mode="json", exclude={"engine", "batch_size", "beam", "ray"})
+        """Hash of everything that changes the output (not the engine, the batch size or the decide path,
+        which must all give the same output)."""
+        payload = self.model_dump(mode="json", exclude={"engine", "batch_size", "beam", "ray", "decide"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

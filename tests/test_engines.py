@@ -79,7 +79,9 @@ def _assert_same_result(out: Path, ref: Path) -> None:
     assert _reasons(out) == _reasons(ref)
     a, b = (json.loads((p / "stats.json").read_text()) for p in (out, ref))
     assert a == b
-    for d in sorted((ref / "_work").glob("seg*/decisions.parquet")):
+    decisions = sorted((ref / "_work").glob("seg*/*.decisions.parquet"))
+    assert decisions
+    for d in decisions:
         mine = pq.read_table(out / d.relative_to(ref))
         theirs = pq.read_table(d)
         assert mine.select(["source", "key", "image_index", "flag"]).equals(
@@ -138,4 +140,4 @@ def test_beam_engine_matches_local(local_out: Path, sample_dir: Path, tmp_path: 
     assert stats["balanced"]
     _assert_same_result(tmp_path / "out", local_out)
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["total"]["rows_in"] == 151
-    assert len(list((tmp_path / "out" / "_work").glob("seg*/decisions.parquet"))) == 4
+    assert len(list((tmp_path / "out" / "_work").glob("seg*/decided.json"))) == 4

@@ -69,9 +69,9 @@ def _on_disk(out: Path) -> str:
         return "nothing"
     tars = sum(1 for p in out.rglob("*.tar") if ".tmp-" not in p.name)
     markers = sum(1 for _ in (out / "_progress").glob("*/*.json"))
-    work_done = sum(1 for _ in (out / "_work").glob("seg*/done/*/*.json"))
+    work_done = sum(1 for _ in (out / "_work").glob("seg*/*.done.json"))
     parts = [f"{tars} tar", f"{markers} marker", f"{work_done} seg-done", f"{len(_temp_files(out))} tmp"]
-    if (out / "_work" / "seg0" / "decisions.parquet").exists():
+    if (out / "_work" / "seg0" / "decided.json").exists():
         parts.append("decisions")
     if (out / "stats.json").exists():
         parts.append("stats")
@@ -125,7 +125,7 @@ def _event_reached(out: Path, event: str) -> bool:
     if event == "first_tmp":
         return out.exists() and bool(_temp_files(out))
     if event == "first_decisions":
-        return (out / "_work" / "seg0" / "decisions.parquet").exists()
+        return (out / "_work" / "seg0" / "decided.json").exists()
     if event == "first_tar":
         return out.exists() and any(".tmp-" not in p.name for p in out.rglob("*.tar"))
     if event == "first_marker":

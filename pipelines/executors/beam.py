@@ -1,44 +1,41 @@
 """Beam engine: the CPU curation stages as Beam pipelines (FnApiRunner by default; Dataflow, Flink or
-Spark through ``beam.runner`` / ``beam.pipeline_args``). Not run on Ray.
+Spark through ``beam.runner`` / ``beam.pipeline_args``). Not run on Ray. The segment loop is the
+runner's; this file supplies:
 
-Per plan segment one pipeline: Create(pending shards) -> read (DoFn whose ``setup`` indexes the previous
-decisions) -> each map stage (model stages through RunInference with a ModelHandler wrapping the stage,
-so Beam manages model loading and sharing; others as a ParDo) -> part files -> GroupByKey(shard) ->
-assembly into the same outputs the local engine writes. Global decisions: a second pipeline reads the
-signatures, GroupByKey on the stage's ``group_by`` and calls ``decide`` per group.
+- map shards: Create(pending shards) -> read (each shard with its own decisions) -> each map stage
+  (model stages through RunInference with a ModelHandler wrapping the stage, so Beam manages model
+  loading and sharing; others as a ParDo) -> part files -> GroupByKey(shard) -> assembly into the same
+  outputs the local engine writes;
+- group and apply: Create(shards) -> load + split by key -> GroupByKey -> ``fn`` per group; the outputs
+  come back to the driver through parquet files under ``_work`` (works on any runner);
+- per shard: in the driver, one shard at a time (each call holds one shard's rows).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+import posixpath
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from curation.decisions import index_decisions
-from pipelines.aggregate import normalize_decisions
-from pipelines.executors.local import plan_summaries, prepare_run, run_info, write_segment_summary
 from pipelines.executors.parts import (
-    WorkItem,
     assemble_shard,
     clear_parts,
+    clear_segment_parts,
     tagged_batches,
     uses_model,
     write_parts,
 )
+from pipelines.executors.runner import DEFAULT_PARTITIONS, RunContext, WorkItem, run_engine, split_by_key
 from pipelines.guard import apply_guarded
-from pipelines.plan import Plan
-from pipelines.progress import (
-    finalize,
-    is_done,
-    load_marker,
-    remove_stale_outputs,
-    write_marker,
-)
-from pipelines.shard_task import merge_timings
-from pipelines.workdir import read_decisions, read_done, read_signatures, write_decisions
+from pipelines.plan import Segment
+from pipelines.progress import is_done
+from pipelines.workdir import read_done, seg_dir
+from pipelines.writers.atomic import write_parquet_atomic
 from schemas.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -85,131 +82,107 @@ def _model_handler_class():
     return StageModelHandler
 
 
+class BeamEngine:
+    def __init__(self) -> None:
+        self.beam = _beam()
+
+    def map_shards(self, ctx: RunContext, segment: Segment, pending: list[WorkItem]) -> None:
+        from apache_beam.ml.inference.base import RunInference
+
+        beam, seg, fs, root, plan = self.beam, segment.index, ctx.fs, ctx.root, ctx.plan
+        shards = [it.shard for it in ctx.items]
+        items, config = ctx.items, ctx.config
+        handler_cls = _model_handler_class()
+        for it in pending:
+            clear_parts(fs, root, seg, it.shard)
+
+        class ReadShard(beam.DoFn):
+            def process(self, index: int):
+                yield from tagged_batches(fs, root, plan, items[index], seg, config.batch_size)
+
+        class RunStage(beam.DoFn):
+            def __init__(self, stage: Any) -> None:
+                self.stage = stage
+
+            def setup(self) -> None:
+                self.stage.setup()
+
+            def process(self, batch: pa.Table):
+                yield apply_guarded(self.stage, batch)
+
+        class WriteParts(beam.DoFn):
+            def process(self, batch: pa.Table):
+                for part in write_parts(fs, root, seg, batch, shards):
+                    yield part["shard_index"], part
+
+        class Assemble(beam.DoFn):
+            def process(self, element):
+                index, parts = element
+                assemble_shard(fs, root, plan, seg, items[index], list(parts), config.output, config.batch_size)
+                yield index
+
+        with beam.Pipeline(options=_options(config)) as p:
+            for kind in sorted({it.shard.row_kind for it in pending}):  # one row schema per PCollection
+                subset = [it.index for it in pending if it.shard.row_kind == kind]
+                batches = p | f"shards_{kind}" >> beam.Create(subset) | f"read_{kind}" >> beam.ParDo(ReadShard())
+                for stage in segment.maps:
+                    label = f"{stage.name}_{kind}"
+                    if uses_model(stage):
+                        batches = batches | label >> RunInference(handler_cls(stage))
+                    else:
+                        batches = batches | label >> beam.ParDo(RunStage(stage))
+                (batches
+                 | f"parts_{kind}" >> beam.ParDo(WriteParts())
+                 | f"group_{kind}" >> beam.GroupByKey()
+                 | f"assemble_{kind}" >> beam.ParDo(Assemble()))
+        # a shard with no rows at all has no parts, so GroupByKey never saw it: give it its (empty) outputs
+        for it in pending:
+            finished = (is_done(fs, root, it.shard, plan.plan_hash) if segment.decide is None else
+                        (read_done(fs, root, seg, it.shard) or {}).get("segment_hash") == plan.segment_hash(seg))
+            if not finished:
+                assemble_shard(fs, root, plan, seg, it, [], config.output, config.batch_size)
+        clear_segment_parts(fs, root, seg)
+
+    def group_apply(self, ctx: RunContext, items: list[WorkItem], load: Callable[[WorkItem], pa.Table | None],
+                    key: str | None, fn: Callable[[pa.Table], pa.Table]) -> list[pa.Table]:
+        beam, fs = self.beam, ctx.fs
+        out_dir = posixpath.join(seg_dir(ctx.root, 0), "..", f"grouped-{uuid.uuid4().hex[:8]}")
+        out_dir = posixpath.normpath(out_dir)
+        by_index = {it.index: it for it in items}
+
+        def load_and_split(index: int):
+            rows = load(by_index[index])
+            if rows is not None and rows.num_rows:
+                yield from split_by_key(rows, key)
+
+        def apply(element) -> None:
+            value, tables = element
+            result = fn(pa.concat_tables(list(tables), promote_options="default"))
+            if result is not None and result.num_rows:
+                name = uuid.uuid4().hex  # a retried bundle may write twice; results are collected by group
+                write_parquet_atomic(fs, posixpath.join(out_dir, f"{name}.parquet"),
+                                     result.replace_schema_metadata({b"vila2.group": repr(value).encode()}))
+
+        with beam.Pipeline(options=_options(ctx.config)) as p:
+            (p | "shards" >> beam.Create(sorted(by_index))
+             | "load" >> beam.FlatMap(load_and_split)
+             | "group" >> beam.GroupByKey()
+             | "apply" >> beam.Map(apply))
+        results: dict[bytes, pa.Table] = {}
+        if fs.exists(out_dir):
+            for path in sorted(fs.find(out_dir)):
+                with fs.open(path, "rb") as f:
+                    t = pq.read_table(f)
+                results.setdefault(t.schema.metadata[b"vila2.group"], t.replace_schema_metadata(None))
+            fs.rm(out_dir, recursive=True)
+        return [results[k] for k in sorted(results)]
+
+    def partitions(self, ctx: RunContext) -> int:
+        return DEFAULT_PARTITIONS
+
+    def per_shard(self, ctx: RunContext, items: list[WorkItem], fn: Callable[[WorkItem], Any]) -> list[Any]:
+        return [fn(it) for it in items]
+
+
 def run_beam(config: RunConfig, *, progress: bool = True) -> dict[str, Any]:
-    beam = _beam()
-    fs, root, plan, work = prepare_run(config)
-    items = [WorkItem(i, reader, shard) for i, (reader, shard) in enumerate(work)]
-    for segment in plan.segments:
-        last = segment.decide is None
-        seg_hash = plan.segment_hash(segment.index)
-        if not last and read_decisions(fs, root, segment.index, seg_hash) is not None:
-            continue
-        prev = None
-        if segment.index:
-            prev = read_decisions(fs, root, segment.index - 1, plan.segment_hash(segment.index - 1))
-            if prev is None:
-                raise RuntimeError(f"decisions of segment {segment.index - 1} are missing")
-        if last:
-            pending = [it for it in items if not is_done(fs, root, it.shard, plan.plan_hash)]
-            for it in pending:
-                remove_stale_outputs(fs, root, it.shard)
-        else:
-            pending = [it for it in items
-                       if (read_done(fs, root, segment.index, it.shard) or {}).get("segment_hash") != seg_hash]
-        if pending:
-            _map_pipeline(beam, config, fs, root, plan, segment.index, items, pending, prev)
-        if not last:
-            _decide_pipeline(beam, config, fs, root, plan, segment, items)
-    results = [load_marker(fs, root, it.shard) for it in items]
-    return finalize(fs, root, config.name, results, plan_summaries(fs, root, plan), run_info(plan, config))
-
-
-def _map_pipeline(beam, config: RunConfig, fs, root: str, plan: Plan, seg: int, items: list[WorkItem],
-                  pending: list[WorkItem], prev: pa.Table | None) -> None:
-    from apache_beam.ml.inference.base import RunInference
-
-    segment = plan.segments[seg]
-    prev_stage = plan.segments[seg - 1].decide.name if seg else None
-    shards = [it.shard for it in items]
-    handler_cls = _model_handler_class()
-    for it in pending:
-        clear_parts(fs, root, seg, it.shard)
-
-    class ReadShard(beam.DoFn):
-        def setup(self) -> None:
-            self.prev = index_decisions(prev) if prev is not None else None
-
-        def process(self, index: int):
-            yield from tagged_batches(fs, root, items[index], seg, config.batch_size, self.prev, prev_stage)
-
-    class RunStage(beam.DoFn):
-        def __init__(self, stage: Any) -> None:
-            self.stage = stage
-
-        def setup(self) -> None:
-            self.stage.setup()
-
-        def process(self, batch: pa.Table):
-            yield apply_guarded(self.stage, batch)
-
-    class WriteParts(beam.DoFn):
-        def process(self, batch: pa.Table):
-            for part in write_parts(fs, root, seg, batch, shards):
-                yield part["shard_index"], part
-
-    class Assemble(beam.DoFn):
-        def process(self, element):
-            index, parts = element
-            item = items[index]
-            result = assemble_shard(fs, root, plan, seg, item, list(parts), config.output, config.batch_size)
-            if result is not None:
-                earlier = [(read_done(fs, root, s.index, item.shard) or {}).get("timings")
-                           for s in plan.segments[:-1]]
-                result.timings = merge_timings([*earlier, result.timings])
-                result.plan_hash = plan.plan_hash
-                write_marker(fs, root, result)
-            yield index
-
-    with beam.Pipeline(options=_options(config)) as p:
-        for kind in sorted({it.shard.row_kind for it in pending}):  # one row schema per PCollection
-            subset = [it.index for it in pending if it.shard.row_kind == kind]
-            batches = p | f"shards_{kind}" >> beam.Create(subset) | f"read_{kind}" >> beam.ParDo(ReadShard())
-            for stage in segment.maps:
-                label = f"{stage.name}_{kind}"
-                if uses_model(stage):
-                    batches = batches | label >> RunInference(handler_cls(stage))
-                else:
-                    batches = batches | label >> beam.ParDo(RunStage(stage))
-            (batches
-             | f"parts_{kind}" >> beam.ParDo(WriteParts())
-             | f"group_{kind}" >> beam.GroupByKey()
-             | f"assemble_{kind}" >> beam.ParDo(Assemble()))
-    # a shard with no rows at all has no parts, so GroupByKey never saw it: give it its (empty) outputs
-    for it in pending:
-        finished = (is_done(fs, root, it.shard, plan.plan_hash) if segment.decide is None else
-                    (read_done(fs, root, seg, it.shard) or {}).get("segment_hash") == plan.segment_hash(seg))
-        if not finished:
-            Assemble().process((it.index, [])).__next__()
-
-
-def _decide_pipeline(beam, config: RunConfig, fs, root: str, plan: Plan, segment, items: list[WorkItem]) -> None:
-    stage = segment.decide
-    seg_hash = plan.segment_hash(segment.index)
-    signatures = read_signatures(fs, root, segment.index, [it.shard for it in items])
-
-    def split_groups(table: pa.Table):
-        if stage.group_by is None:
-            yield None, table
-            return
-        keys = table.column(stage.group_by)
-        for value in pc.unique(keys).to_pylist():
-            mask = pc.is_null(keys) if value is None else pc.equal(keys, pa.scalar(value, keys.type))
-            yield value, table.filter(mask)
-
-    def decide(element):
-        _, tables = element
-        return normalize_decisions(stage.decide(pa.concat_tables(list(tables))))
-
-    def write(tables: list[pa.Table]) -> None:
-        decisions = pa.concat_tables(tables) if tables else normalize_decisions(None)
-        write_segment_summary(fs, root, segment, normalize_decisions(decisions), signatures)
-        write_decisions(fs, root, segment.index, decisions, seg_hash)
-
-    chunks = [signatures.slice(i, 4096) for i in range(0, signatures.num_rows, 4096)]
-    with beam.Pipeline(options=_options(config)) as p:
-        (p | "signatures" >> beam.Create(chunks)
-         | "by_group" >> beam.FlatMap(split_groups)
-         | "group" >> beam.GroupByKey()
-         | "decide" >> beam.Map(decide)
-         | "collect" >> beam.combiners.ToList()
-         | "write" >> beam.Map(write))
+    return run_engine(BeamEngine(), config)

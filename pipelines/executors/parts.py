@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import posixpath
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curation.decisions import DecisionIndex
+from pipelines.executors.runner import WorkItem
 from pipelines.plan import Plan
 from pipelines.progress import ShardResult
-from pipelines.readers.base import InputShard, Reader
-from pipelines.shard_task import SegmentOutput, Timings, input_batches
+from pipelines.readers.base import InputShard
+from pipelines.shard_task import SegmentOutput, Timings, input_batches, is_rereadable
 from pipelines.workdir import seg_dir
 from pipelines.writers.atomic import write_parquet_atomic
 from schemas.config import OutputConfig
@@ -31,29 +30,27 @@ ROW_COL = "_row"
 SHARD_BITS = 32
 
 
-@dataclass(frozen=True)
-class WorkItem:
-    index: int  # position in the run's shard list (stable for a given input listing)
-    reader: Reader
-    shard: InputShard
-
-
 def uses_model(stage) -> bool:
     """Model stages run where a model is loaded once per worker (Ray actor pool, Beam RunInference)."""
     return stage.resources.gpus > 0 or bool(getattr(stage, "loads_model", False))
 
 
 def parts_dir(root: str, seg: int, shard: InputShard) -> str:
-    return posixpath.join(seg_dir(root, seg), "parts", shard.source, shard.shard_id)
+    return posixpath.join(seg_dir(root, seg), "parts", f"{shard.source}.{shard.shard_id}")
 
 
-def tagged_batches(fs, root: str, item: WorkItem, seg: int, batch_size: int,
-                   prev_decisions: DecisionIndex | None, prev_stage: str | None) -> Iterator[pa.Table]:
-    """The segment's input rows for one shard, each tagged with its global ``_row``."""
+def clear_segment_parts(fs, root: str, seg: int) -> None:
+    """After every pending shard is assembled: the (empty) parts folder goes too."""
+    d = posixpath.join(seg_dir(root, seg), "parts")
+    if fs.exists(d):
+        fs.rm(d, recursive=True)
+
+
+def tagged_batches(fs, root: str, plan: Plan, item: WorkItem, seg: int, batch_size: int) -> Iterator[pa.Table]:
+    """The segment's input rows for one shard (its own decisions applied), each tagged with its ``_row``."""
     offset = item.index << SHARD_BITS
     timings: Timings = {}
-    for batch in input_batches(fs, root, item.reader, item.shard, seg, batch_size, prev_decisions,
-                               prev_stage, timings):
+    for batch in input_batches(fs, root, plan, item.reader, item.shard, seg, batch_size, timings):
         rows = pa.array(range(offset, offset + batch.num_rows), type=pa.int64())
         offset += batch.num_rows
         yield batch.append_column(ROW_COL, rows)
@@ -103,9 +100,10 @@ def assembled_batches(fs, parts: list[dict], batch_size: int) -> Iterator[pa.Tab
 
 def assemble_shard(fs, root: str, plan: Plan, seg: int, item: WorkItem, parts: list[dict],
                    out: OutputConfig, batch_size: int, timings: Timings | None = None) -> ShardResult | None:
-    """Feed a shard's mapped rows, in reading order, to the same output the local engine uses."""
+    """Feed a shard's mapped rows, in reading order, to the same output the local engine uses (which
+    writes the shard's done marker, or on the last segment its shards and marker)."""
     segment = plan.segments[seg]
-    output = SegmentOutput(fs, root, plan, segment, item.shard, out)
+    output = SegmentOutput(fs, root, plan, segment, item.shard, out, is_rereadable(item.reader))
     try:
         for batch in assembled_batches(fs, parts, batch_size):
             output.write(batch)
