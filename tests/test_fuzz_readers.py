@@ -234,7 +234,8 @@ def mutate_parquet(rng: random.Random, table: pa.Table, world: dict[str, Any], i
         roll = rng.random()
         r = rng.randrange(n)
         if roll < 0.25:
-            text_cols = [c for c, v in cols.items() if all(isinstance(x, str | type(None)) for x in v)]
+            text_cols = [c for c, v in cols.items()
+                         if isinstance(v, list) and all(isinstance(x, str | type(None)) for x in v)]
             if text_cols:
                 broken.setdefault(rng.choice(text_cols), {})[r] = rng.choice(
                     [b"caf\xe9", b"\xff\xfe", b"\xed\xa0\x80", b"ok\xc3"])
@@ -252,11 +253,16 @@ def mutate_parquet(rng: random.Random, table: pa.Table, world: dict[str, Any], i
                 [["a", "\ud800"][: rng.randint(0, 2)] for _ in range(n)],
                 [{"x": 1, "y": "s"} for _ in range(n)],
                 [float("nan")] * n,
+                ("__dictionary__", [rng.choice([b"en", b"e\xff", b""]) for _ in range(n)]),
             ])
         else:
             return mutate_bytes(rng, _parquet_bytes(table))
     arrays = {}
     for name, values in cols.items():
+        if isinstance(values, tuple):  # a categorical text column, read back as dictionary<string>
+            arrays[name] = pa.DictionaryArray.from_arrays(
+                pa.array(range(n), pa.int32()), broken_string_array(values[1]))
+            continue
         if name in broken and all(isinstance(x, str | type(None)) for x in values):
             raw = [None if v is None else v.encode("utf-8", "surrogatepass") for v in values]
             arrays[name] = broken_string_array([broken[name].get(i, v) for i, v in enumerate(raw)])

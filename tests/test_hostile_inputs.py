@@ -67,7 +67,10 @@ def test_coyo_parquet_invalid_utf8_in_string_columns_quarantines_only_those_rows
     urls = [b"http://x/0", b"http://x/1", b"http://x/\xff2", b"http://x/3", b"http://x/4"]
     table = pa.table({"id": [str(i) for i in range(5)], "text": broken_string_array(texts),
                       "url": broken_string_array(urls), "image": [jpeg()] * 5,
-                      "tags": pa.array([["a"], ["b"], ["c"], ["d"], ["e"]])})
+                      "tags": pa.array([["a"], ["b"], ["c"], ["d"], ["e"]]),
+                      # a categorical column (read back as dictionary<string>) with one invalid value
+                      "lang": pa.DictionaryArray.from_arrays(pa.array([0, 0, 0, 0, 1], pa.int32()),
+                                                             broken_string_array([b"en", b"e\xff"]))})
     with pytest.raises(pa.ArrowInvalid):  # the file really holds invalid UTF-8 in `string` columns
         table.column("text").validate(full=True)
     pq.write_table(table, tmp_path / "part-0.parquet", row_group_size=5)
@@ -78,7 +81,8 @@ def test_coyo_parquet_invalid_utf8_in_string_columns_quarantines_only_those_rows
     got = {r["key"]: r for r in rows}
     assert len(rows) == 5  # every row accounted for; the good ones are untouched
     assert got["0"]["drop_reason"] is None and got["0"]["text"] == "a fine caption"
-    assert got["4"]["drop_reason"] is None and got["4"]["text"] == ""
+    assert got["4"]["drop_reason"] == "invalid_utf8: lang" and got["4"]["text"] == ""
+    assert json.loads(got["4"]["meta"])["lang"] == "e\ufffd" and json.loads(got["0"]["meta"])["lang"] == "en"
     assert got["1"]["drop_reason"] == "invalid_utf8: text" and got["1"]["quarantined"]
     assert got["1"]["text"] == "caf\ufffd cp1252"  # kept for inspection, with U+FFFD for the bad bytes
     assert got["1"]["image"] == jpeg()

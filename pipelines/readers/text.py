@@ -100,7 +100,18 @@ def _binary_type(t: pa.DataType) -> pa.DataType:
         return pa.struct([pa.field(f.name, _binary_type(f.type), f.nullable) for f in t])
     if pa.types.is_map(t):
         return pa.map_(_binary_type(t.key_type), _binary_type(t.item_type))
+    if pa.types.is_dictionary(t):  # a parquet written from a categorical column reads back as this
+        return pa.dictionary(t.index_type, _binary_type(t.value_type), t.ordered)
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(_binary_type(t.value_type), t.list_size)
     return t
+
+
+def _as_binary(cell: pa.Array) -> pa.Array:
+    """The cell with its text as bytes; a dictionary is decoded first (a cast keeps its indices)."""
+    if pa.types.is_dictionary(cell.type):
+        cell = cell.dictionary_decode()
+    return cell.cast(_binary_type(cell.type))
 
 
 def _has_text(t: pa.DataType) -> bool:
@@ -134,7 +145,7 @@ def arrow_records(batch: pa.RecordBatch | pa.Table) -> Iterator[tuple[dict[str, 
             except UnicodeDecodeError:
                 if name not in text_cols:
                     raise
-                rec[name] = lossy_text(cell.cast(_binary_type(cell.type)).to_pylist()[0])
+                rec[name] = lossy_text(_as_binary(cell).to_pylist()[0])
                 bad.append(name)
         yield rec, bad
 
