@@ -7,6 +7,11 @@ semantic dedup clusters, so no stage has to run CLIP twice. CLIP-S = 2.5 * max(c
 Pairs score the image against the latest caption (the last ``captions`` entry, else the original
 ``text``); MMC4 documents score every alive image against its matched sentence
 ``text_list[matched_text_index]``, as MMC4 itself assigns images to sentences by CLIP similarity.
+
+Pairs also get the cosine of their image with *each* round's caption (round 0 = the alt-text) in
+``run_metrics.round_clip``: with a clipscore stage after a recaption, summaries.json's round saturation
+reports CLIP agreement per round (``recaption.saturation``). Only texts other than the scored one are
+encoded again (text encoding is a small fraction of the image pass).
 """
 
 from __future__ import annotations

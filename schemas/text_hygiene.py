@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from typing import NamedTuple
 
 import ftfy
@@ -69,6 +70,9 @@ _FTFY_KIND = {"unescape_html": HTML_ENTITIES, "remove_terminal_escapes": TERMINA
 _ZERO_WIDTH = "\u200b\u200c\u200d\u2060"
 _BIDI = "".join(chr(c) for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)])
 _SEPARATOR_CONTROLS = "\x0b\x0c\x1c\x1d\x1e\x1f\x85"  # vertical tab, form feed, info separators, NEL
+# every character the loop below may remove or replace (Cc = C0, DEL, C1)
+_SUSPECT = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff\u202a-\u202e\u2066-\u2069\ufffd"
+                      "\U000e0000-\U000e007f]")
 _MEDIA_TOKENS = ("<image>", "<video>")
 _CHAT_TOKEN = r"<\|[^<>|\s]{1,64}\|>"  # <|im_start|>, <|endoftext|>, <|image_pad|>, ...
 _SENTENCE_END = re.compile(r"[.!?\u3002\uff01\uff1f][\"'\u201d\u2019)\]]*(?=\s|$)")
@@ -111,31 +115,8 @@ def cut_at_sentence(text: str, max_chars: int) -> str:
     return (text[:space] if space > 0 else text[:max_chars]).rstrip()
 
 
-def clean_caption(text: str | None, cfg: CaptionHygieneConfig | None = None, *,
-                  keep_newlines: bool = False) -> Hygiene:
-    """Clean one caption; returns the text and the changes made, by kind.
-
-    ``keep_newlines``: keep line breaks (one per line, each line's spaces collapsed) for line-structured
-    text such as a VLM's object list; recaption post-processing splits on them.
-    """
-    cfg = cfg or CaptionHygieneConfig()
-    changes: dict[str, int] = {}
-
-    def add(kind: str, n: int = 1) -> None:
-        if n:
-            changes[kind] = changes.get(kind, 0) + n
-
-    raw = text or ""
-    t = raw
-    if cfg.fix_mojibake and t:
-        fixed, steps = ftfy.fix_and_explain(t, _FTFY)
-        steps = steps if fixed != t else ()  # ftfy may report steps that changed nothing
-        # one count per kind: an encode/decode pair is one mojibake repair
-        for kind in {UNICODE_NORMALIZED if action == "normalize" else _FTFY_KIND.get(param, MOJIBAKE)
-                     for action, param in steps or ()}:
-            add(kind)
-        t = fixed
-    ws_before = t
+def _strip_characters(t: str, keep_newlines: bool, add: Callable[[str], None]) -> str:
+    """Remove (or turn into a space) control, zero-width, BOM, bidi, tag and U+FFFD characters."""
     out: list[str] = []
     for ch in t:
         if ch in _ZERO_WIDTH:
@@ -159,7 +140,38 @@ def clean_caption(text: str | None, cfg: CaptionHygieneConfig | None = None, *,
             add(CONTROL_CHARS)
         else:
             out.append(ch)
-    t = "".join(out)
+    return "".join(out)
+
+
+def clean_caption(text: str | None, cfg: CaptionHygieneConfig | None = None, *,
+                  keep_newlines: bool = False) -> Hygiene:
+    """Clean one caption; returns the text and the changes made, by kind.
+
+    ``keep_newlines``: keep line breaks (one per line, each line's spaces collapsed) for line-structured
+    text such as a VLM's object list; recaption post-processing splits on them.
+    """
+    cfg = cfg or CaptionHygieneConfig()
+    changes: dict[str, int] = {}
+
+    def add(kind: str, n: int = 1) -> None:
+        if n:
+            changes[kind] = changes.get(kind, 0) + n
+
+    raw = text or ""
+    t = raw
+    # fast path (exact): ASCII without '&' or ESC gives ftfy nothing to repair (mojibake, C1 controls and
+    # surrogates are non-ASCII; HTML entities need '&', terminal escapes ESC; NFC leaves ASCII alone)
+    if cfg.fix_mojibake and t and not (t.isascii() and "&" not in t and "\x1b" not in t):
+        fixed, steps = ftfy.fix_and_explain(t, _FTFY)
+        steps = steps if fixed != t else ()  # ftfy may report steps that changed nothing
+        # one count per kind: an encode/decode pair is one mojibake repair
+        for kind in {UNICODE_NORMALIZED if action == "normalize" else _FTFY_KIND.get(param, MOJIBAKE)
+                     for action, param in steps or ()}:
+            add(kind)
+        t = fixed
+    ws_before = t
+    if _SUSPECT.search(t):  # most captions hold none of these characters: no per-character pass
+        t = _strip_characters(t, keep_newlines, add)
     pattern = _tokens(cfg)
     while True:  # until nothing matches: removing one token must not assemble another
         t, n = pattern.subn(" ", t)
@@ -178,7 +190,7 @@ def clean_caption(text: str | None, cfg: CaptionHygieneConfig | None = None, *,
     if cfg.max_chars and len(t) > cfg.max_chars:
         t = cut_at_sentence(t, cfg.max_chars)
         add(CUT_LONG)
-    if t and cfg.fix_mojibake and ftfy.badness.is_bad(t):
+    if t and cfg.fix_mojibake and not t.isascii() and ftfy.badness.is_bad(t):  # ASCII cannot look bad
         add(MOJIBAKE_SUSPECT)
     if raw.strip() and not t.strip():
         add(EMPTY)
