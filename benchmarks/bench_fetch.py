@@ -17,7 +17,7 @@ of its own and runs as a subprocess; it is never imported here. Create it once w
 (or point ``--img2dataset`` / ``I2D_BIN`` at another ``img2dataset`` executable). Without it, only our
 side is measured and a line says why.
 
-    .venv/bin/python benchmarks/bench_fetch.py [--n 1500] [--threads 16]
+    .venv/bin/python benchmarks/bench_fetch.py [--n 5000] [--threads 16] [--no-keepalive]
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def run_img2dataset(binary: str, parquet: Path, out: Path, threads: int) -> tupl
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=1500)
+    ap.add_argument("--n", type=int, default=5000)  # more than fetch.prefetch_rows (4096)
     ap.add_argument("--threads", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-keepalive", action="store_true",

@@ -21,7 +21,8 @@ class FetchConfig(_Strict):
     where it has one: 10 s timeout, X-Robots-Tag opt-out directives; retries and a byte cap on top)."""
 
     threads: int = Field(default=16, ge=1, le=512)  # requests in flight per reader
-    prefetch_rows: int = Field(default=1024, ge=1)  # rows downloaded ahead of the one being emitted (memory)
+    prefetch_rows: int = Field(default=4096, ge=1)  # rows in flight ahead of the one being emitted
+    prefetch_bytes: int = Field(default=256 * 1024 * 1024, ge=1)  # downloaded bytes waiting behind a slow row
     timeout_s: float = Field(default=10.0, gt=0)  # per attempt, whole response (connect + body)
     retries: int = Field(default=2, ge=0, le=10)  # extra attempts on 429 / 5xx / connect and read errors
     backoff_s: float = Field(default=0.5, ge=0)  # first retry waits this long, then doubles

@@ -136,7 +136,9 @@ def write_url_parquet(path: Path, urls: list[str | None]) -> None:
     pq.write_table(table, path, row_group_size=4)
 
 
-def test_url_only_parquet_reader_order_status_and_accounting(tmp_path: Path) -> None:
+@pytest.mark.parametrize("window", [{}, {"prefetch_rows": 2}, {"prefetch_bytes": 1}])
+def test_url_only_parquet_reader_order_status_and_accounting(tmp_path: Path, window: dict) -> None:
+    """Also with a window of 2 rows, and with a 1-byte budget (the reader waits on every head row)."""
     routes = {f"/{i}.jpg": [ok(jpeg(i))] for i in range(12)}
     routes["/3.jpg"] = [ok(jpeg(3), **{"X-Robots-Tag": "noimageindex"})]
     routes["/5.jpg"] = [(503, {}, b"")]
@@ -149,7 +151,7 @@ def test_url_only_parquet_reader_order_status_and_accounting(tmp_path: Path) -> 
         write_url_parquet(tmp_path / "part-0.parquet", urls)
         src = SourceConfig(name="coyo", kind="coyo_parquet", paths=[str(tmp_path / "part-0.parquet")],
                            image_path_column="url", fetch_remote=True, allow_private_networks=True,
-                           fetch=FAST)
+                           fetch=FAST.model_copy(update=window))
         reader = make_reader(src)
         rows = [r for shard in reader.list_shards() for t in reader.read(shard, batch_size=3) for r in t.to_pylist()]
     assert [r["key"] for r in rows] == [str(i) for i in range(12)]  # file order, whatever finished first

@@ -11,6 +11,7 @@ the URL, not necessarily the stored bytes, so they stay in meta; normalize measu
 from __future__ import annotations
 
 import posixpath
+import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -101,10 +102,12 @@ class CoyoParquetReader:
             fetcher = (Fetcher(s.fetch, s.fetch_schemes, s.allow_private_networks)
                        if s.fetch_remote and s.image_path_column is not None else None)
 
-            # when fetching, a sliding window of up to fetch.prefetch_rows rows is in flight: rows leave in
-            # file order as soon as the head's download is done, and the reader blocks on the head only
-            # when the window is full, so one slow host never idles the other threads (no batch barrier)
+            # when fetching, a sliding window of rows is in flight: rows leave in file order as soon as the
+            # head's download is done, and the reader blocks on the head only when the window is full
+            # (fetch.prefetch_rows rows, or fetch.prefetch_bytes of downloaded images waiting behind a slow
+            # head), so one slow host never idles the other threads and memory stays bounded
             window_size = s.fetch.prefetch_rows if fetcher is not None else 0
+            held = _HeldBytes(s.fetch.prefetch_bytes)
 
             def rows() -> Iterator[dict[str, Any]]:
                 window: deque[_Pending] = deque()
@@ -116,12 +119,15 @@ class CoyoParquetReader:
                         yield lost_rows_row(shard, keys, batch)
                         continue
                     for rec, bad_text in arrow_records(batch):  # invalid UTF-8 -> that row, not the run
-                        window.append(self._row(shard, keys, index, rec, root, fetcher, bad_text))
+                        pending = self._row(shard, keys, index, rec, root, fetcher, bad_text)
+                        if pending.future is not None:
+                            pending.future.add_done_callback(held.arrived)
+                        window.append(pending)
                         index += 1
-                        while window and (len(window) > window_size or window[0].ready()):
-                            yield _finish(window.popleft())
+                        while window and (len(window) > window_size or held.full() or window[0].ready()):
+                            yield _finish(window.popleft(), held)
                 while window:
-                    yield _finish(window.popleft())
+                    yield _finish(window.popleft(), held)
 
             try:
                 yield from batched_tables(rows(), PAIR_SCHEMA, batch_size)
@@ -213,7 +219,29 @@ class _Pending:
         return self.future is None or self.future.done()
 
 
-def _finish(p: _Pending) -> dict[str, Any]:
+class _HeldBytes:
+    """Bytes of downloaded images still waiting in the reader's window (the fetch's memory bound)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def arrived(self, future: Future[FetchResult]) -> None:
+        if not future.cancelled() and (data := future.result().data):
+            with self._lock:
+                self.held += len(data)
+
+    def emitted(self, result: FetchResult) -> None:
+        if result.data:
+            with self._lock:
+                self.held -= len(result.data)
+
+    def full(self) -> bool:
+        return self.held > self.limit
+
+
+def _finish(p: _Pending, held: _HeldBytes | None = None) -> dict[str, Any]:
     """The final row: fetch outcome in meta["fetch"] (img2dataset's status / error_message), then reasons.
 
     A refused address is hostile input (quarantined); a failed download, an opt-out or an oversized body
@@ -222,6 +250,8 @@ def _finish(p: _Pending) -> dict[str, Any]:
     row, dropped = p.row, None
     if p.future is not None:
         result = p.future.result()
+        if held is not None:
+            held.emitted(result)
         p.meta["fetch"] = result.meta()
         if result.status == SUCCESS:
             row["image"] = result.data
