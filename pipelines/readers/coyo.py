@@ -4,7 +4,9 @@ The published COYO-700M parquet has no image column (id, url, text, width, heigh
 text_length, word_count, num_tokens_bert, num_tokens_gpt, num_faces, clip_similarity_vitb32,
 clip_similarity_vitl14, nsfw_score_opennsfw2, nsfw_score_gantman, watermark_score,
 aesthetic_score_laion_v2); the user adds one, either the bytes (``image_column``) or a path/URL
-(``image_path_column``, relative to ``image_root``). ``width`` / ``height`` there describe the image at
+(``image_path_column``). A path resolves only inside ``image_root`` (refs.py); an http(s) URL, such as
+COYO's own ``url`` column, is downloaded only with ``fetch_remote: true`` (fetch.py), concurrently in a
+window of rows that still leave in file order. ``width`` / ``height`` there describe the image at
 the URL, not necessarily the stored bytes, so they stay in meta; normalize measures the real ones.
 """
 
@@ -86,7 +88,7 @@ class CoyoParquetReader:
         """The file's parquet reader; no footer (not parquet, cut short) is a source error naming the file."""
         try:
             return pq.ParquetFile(f, buffer_size=_STREAM_BUFFER, pre_buffer=False)
-        except (pa.ArrowException, OSError) as e:
+        except (pa.ArrowException, OSError, ValueError) as e:  # ValueError: undecodable names in the footer
             raise SourceFormatError(f"source {self.source.name!r}: {where} is not a readable parquet file: "
                                     f"{short_error(e)}") from e
 
