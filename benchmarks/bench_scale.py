@@ -1,27 +1,41 @@
-"""Scale benchmark: the CPU decision stages over N synthetic rows (default 1M), no images.
+"""Scale benchmark: single-process vs partitioned decide of the global stages over N synthetic rows.
 
-The global decisions are the only part of a run whose memory grows with the whole dataset (map stages
-stream batch by batch), so this is what decides whether one driver can aggregate COYO-700M. Signature
-tables are generated directly in each stage's SIGNATURE_SCHEMA with planted duplicates, then decided with
-``pipelines.aggregate.decide_local`` exactly as the local engine does. Each stage runs in its own child
-process so its peak RSS (VmHWM) is its own. Prints one JSON line per stage: rows/s of decide(), peak and
-decide-only memory, and Arrow bytes per row of the signature table.
+The global decisions are the only part of a run whose memory can grow with the whole dataset (map stages
+stream batch by batch). For each stage this runs, on the same synthetic signatures:
 
-    python benchmarks/bench_scale.py --n 100000            # ~1 min on 2 cores
-    python benchmarks/bench_scale.py                       # 1M rows: ~8 min, 5.8 GiB peak (dedup)
-    python benchmarks/bench_scale.py --stages dedup_minhash_captions   # + caption MinHash: ~11 GiB at 1M
+* single: one process generates every shard's signatures and calls ``decide_local`` (the reference);
+* partitioned: the steps of ``schemas.stage.PartitionedDecide`` as an engine runs them, each task in its
+  own fresh process (a pool of ``--workers``, one task per process): per shard sample (dedup), one fit,
+  per shard partition (written per partition), per partition ``decide_partition``, one ``combine``, per
+  shard ``shard_decisions``.
 
-Measured here (2 shared cores): dedup exact+pHash decide 171 us/row at 20k, 315 at 100k, 427 at 1M
-(superlinear) with ~5.2 KB/row of decide memory; clip_filter and deltaloss ~5-7 us/row, <250 B/row.
+Memory is each process's own peak RSS (VmHWM); ``largest_process_peak_mib`` is the largest over every
+process of the mode (driver included); ``process_baseline_mib`` is a task process that only imports and
+builds the stage (deltaloss imports torch: ~0.5 GiB before any row). ``us_per_row`` is the decide work per row: the summed seconds of
+every decide step (signature generation excluded, done again in each task that needs a shard), over N.
+``identical_decisions`` compares the two modes' decisions row by row (sketch stages: approximate by
+design, so the line reports the kept-count difference and the stated rank error instead).
+
+Signatures are generated per shard from counter-based hashes of the global row index, so any shard can be
+made alone and duplicates cross shards: ~3% exact copies, ~3% near copies (3 pHash bits flipped,
+thumbnail noise), ~1% crops (8 bits flipped: found by thumbnail neighbours), ~3% semantic copies
+(embedding noise; 64-dim embeddings), 1% stock captions for MinHash.
+
+    python benchmarks/bench_scale.py --n 200000 --partitions 16
+    python benchmarks/bench_scale.py --n 2000000 --partitions 16 --single-max-n 200000   # 2M: partitioned only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
+import pickle
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,17 +46,20 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 
+STAGES = ["dedup", "dedup_captions", "clip_filter", "deltaloss", "clip_filter_sketch", "deltaloss_sketch"]
 SOURCES = ["coyo_a", "coyo_b", "img2dataset", "laion"]
-STAGES = ["dedup_exact_phash", "dedup_minhash_captions", "clip_filter", "deltaloss"]
-DEFAULT_STAGES = ["dedup_exact_phash", "clip_filter", "deltaloss"]  # fits ~10 min at 1M on 2 cores
+EMB_DIM = 64
+_M1, _M2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)
 
 
-def _mem_kib(field: str) -> int:
-    """VmRSS / VmHWM of this process in KiB (Linux); ru_maxrss elsewhere."""
+def _peak_kib() -> int:
+    """VmHWM of this process in KiB (Linux); ru_maxrss elsewhere."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -51,161 +68,379 @@ def _mem_kib(field: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _keys(n: int) -> tuple[pa.Array, pa.Array]:
-    src = pa.array(np.array(SOURCES)[np.arange(n) % len(SOURCES)])
-    key = pa.array([f"{i:012d}" for i in range(n)])
-    return src, key
+def _mix(x: np.ndarray, salt: int) -> np.ndarray:
+    """murmur3 finaliser of (x + salt): a counter-based hash, so any row can be generated alone."""
+    x = x.astype(np.uint64) + np.uint64(salt * 0x9E3779B97F4A7C15 % 2**64)
+    x ^= x >> np.uint64(33)
+    x *= _M1
+    x ^= x >> np.uint64(33)
+    x *= _M2
+    return x ^ (x >> np.uint64(33))
+
+
+def _palette(seed: int, what: str) -> np.ndarray:
+    from curation.dedup.thumbnails import THUMB_BYTES
+
+    rng = np.random.default_rng([seed, len(what)])
+    if what == "thumb":
+        return rng.integers(0, 256, size=(2, 4096, THUMB_BYTES), dtype=np.int16)
+    if what == "noise":
+        return rng.integers(-2, 3, size=(4096, THUMB_BYTES), dtype=np.int16)
+    return rng.normal(size=(3, 4096, EMB_DIM)).astype(np.float32)
+
+
+def _base(j: np.ndarray, seed: int, pal: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Base attributes of rows j (what a copy of row j copies)."""
+    h = [_mix(j, seed * 100 + s) for s in range(6)]
+    thumb = ((pal["thumb"][0][h[2] % 4096] + pal["thumb"][1][h[3] % 4096]) % 256).astype(np.uint8)
+    emb = pal["emb"][0][h[4] % 4096] + pal["emb"][1][h[5] % 4096]
+    return {"sha_a": h[0], "sha_b": _mix(j, seed * 100 + 7), "phash": h[1], "thumb": thumb, "emb": emb}
+
+
+def shard_range(n: int, shard_rows: int, s: int) -> tuple[int, int]:
+    return s * shard_rows, min(n, (s + 1) * shard_rows)
+
+
+def shard_name(s: int) -> str:
+    return f"{SOURCES[s % len(SOURCES)]}/{s:05d}"
+
+
+def dedup_signatures(n: int, start: int, end: int, seed: int, captions: bool) -> pa.Table:
+    from curation.dedup.stage import SIGNATURE_SCHEMA
+    from curation.dedup.thumbnails import THUMB_BYTES
+
+    pal = {k: _palette(seed, k) for k in ("thumb", "noise", "emb")}
+    i = np.arange(start, end, dtype=np.uint64)
+    m = i.size
+    u = _mix(i, seed * 100 + 50) % np.uint64(10000)
+    exact, near, crop, sem = u < 300, (u >= 300) & (u < 600), (u >= 600) & (u < 700), (u >= 700) & (u < 1000)
+    orig = _mix(i, seed * 100 + 51) % np.uint64(n)
+    own, base = _base(i, seed, pal), _base(orig, seed, pal)
+    copy = exact | near | crop
+    att = {k: np.where(copy.reshape(-1, *([1] * (own[k].ndim - 1))), base[k], own[k]) for k in own}
+    for k in ("sha_a", "sha_b"):
+        att[k] = np.where(exact, base[k], own[k])
+    for b in range(8):  # near: 3 bits, crop: 8 bits
+        bit = np.uint64(1) << (_mix(i, seed * 100 + 60 + b) % np.uint64(64))
+        att["phash"] = np.where((near & (b < 3)) | crop, att["phash"] ^ bit, att["phash"])
+    noise = pal["noise"][_mix(i, seed * 100 + 70) % 4096]
+    noisy = np.clip(att["thumb"].astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    att["thumb"] = np.where((near | crop)[:, None], noisy, att["thumb"])
+    emb = np.where((near | sem)[:, None], base["emb"] + 0.08 * pal["emb"][2][_mix(i, seed * 100 + 71) % 4096],
+                   att["emb"])
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    sha = pa.array([f"{a:016x}{b:016x}" for a, b in zip(att["sha_a"].tolist(), att["sha_b"].tolist(), strict=True)])
+    hs = _mix(i, seed * 100 + 80)
+    cols: dict[str, Any] = {
+        "source": pa.array(np.array(SOURCES)[(i % np.uint64(len(SOURCES))).astype(np.int64)]),
+        "key": pa.array([f"{x:012d}" for x in i.tolist()]), "image_index": pa.array(np.full(m, -1, np.int32)),
+        "kind": pa.array(["pair"] * m), "sha256": sha, "phash": pa.array(att["phash"]),
+        "thumb": _binary(att["thumb"], THUMB_BYTES),
+        "embedding": pa.ListArray.from_arrays(pa.array(np.arange(m + 1, dtype=np.int32) * EMB_DIM),
+                                              pa.array(emb.ravel())),
+        "clip_score": pa.array((0.5 + (hs % np.uint64(5000)).astype(np.float32) / 10000).astype(np.float32)),
+        "publishable": pa.array((hs >> np.uint64(20)) % np.uint64(20) != 0),
+        "pixels": pa.array(((hs >> np.uint64(30)) % np.uint64(4) + 1).astype(np.int64) * 50000),
+        "text": pa.nulls(m, pa.string()), "minhash": pa.nulls(m, pa.list_(pa.uint32())),
+    }
+    if captions:
+        from curation.dedup.minhash import minhash_signatures
+
+        vocab = np.array([f"w{v}" for v in range(5000)])
+        words = np.stack([_mix(i, seed * 100 + 90 + w) % np.uint64(5000) for w in range(12)], axis=1)
+        stock = (_mix(i, seed * 100 + 89) % np.uint64(100)) == 0  # 1%: one of 20 stock captions
+        words[stock] = np.stack([_mix(_mix(i[stock], 1) % np.uint64(20), 200 + w) % np.uint64(5000)
+                                 for w in range(12)], axis=1)
+        texts = [" ".join(r) for r in vocab[words.astype(np.int64)]]
+        mh = minhash_signatures(texts, 128, 3)
+        cols["text"] = pa.array(texts)
+        cols["minhash"] = pa.ListArray.from_arrays(pa.array(np.arange(m + 1, dtype=np.int32) * 128),
+                                                   pa.array(mh.ravel()))
+    return pa.table({f.name: cols[f.name] for f in SIGNATURE_SCHEMA}, schema=SIGNATURE_SCHEMA)
 
 
 def _binary(flat: np.ndarray, width: int) -> pa.Array:
     n = flat.size // width
     offsets = pa.py_buffer((np.arange(n + 1, dtype=np.int32) * width).tobytes())
-    return pa.Array.from_buffers(pa.binary(), n, [None, offsets, pa.py_buffer(flat.tobytes())])
+    return pa.Array.from_buffers(pa.binary(), n, [None, offsets, pa.py_buffer(np.ascontiguousarray(flat).tobytes())])
 
 
-def dedup_signatures(n: int, seed: int, captions: bool) -> pa.Table:
-    """Pair signatures with ~2% exact copies and ~3% near copies (pHash within 3 bits, thumbnail noise)."""
-    from curation.dedup.stage import SIGNATURE_SCHEMA
-    from curation.dedup.thumbnails import THUMB_BYTES
+def score_signatures(stage: str, start: int, end: int, seed: int) -> pa.Table:
+    i = np.arange(start, end, dtype=np.uint64)
+    m = i.size
+    src = pa.array(np.array(SOURCES)[(i % np.uint64(len(SOURCES))).astype(np.int64)])
+    key = pa.array([f"{x:012d}" for x in i.tolist()])
+    h = _mix(i, seed * 100 + 95)
+    score = (h % np.uint64(1_000_000)).astype(np.float64) / 1e6
+    if stage.startswith("clip_filter"):
+        from curation.clip_filter import SIGNATURE_SCHEMA
 
-    rng = np.random.default_rng(seed)
-    src, key = _keys(n)
-    orig = np.arange(n)
-    exact = rng.random(n) < 0.02
-    near = (rng.random(n) < 0.03) & ~exact
-    orig[exact | near] = rng.integers(0, n, size=int((exact | near).sum()))
-    digests = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
-    sha = digests[orig]
-    sha_hex = pa.array([bytes(r).hex() for r in sha])
-    phash = rng.integers(0, 2**63, size=n, dtype=np.uint64)[orig]
-    flips = rng.integers(0, 64, size=(n, 3))
-    for j in range(3):
-        phash[near] ^= (np.uint64(1) << flips[near, j].astype(np.uint64))
-    thumbs = rng.integers(0, 256, size=(n, THUMB_BYTES), dtype=np.uint8)[orig]
-    noise = rng.integers(-3, 4, size=(int(near.sum()), THUMB_BYTES))
-    thumbs[near] = np.clip(thumbs[near].astype(np.int16) + noise, 0, 255).astype(np.uint8)
-    cols: dict[str, Any] = {
-        "source": src, "key": key, "image_index": pa.array(np.full(n, -1, np.int32)),
-        "kind": pa.array(["pair"] * n), "sha256": sha_hex, "phash": pa.array(phash),
-        "thumb": _binary(thumbs.ravel(), THUMB_BYTES),
-        "embedding": pa.nulls(n, pa.list_(pa.float32())), "clip_score": pa.nulls(n, pa.float32()),
-    }
-    if captions:
-        from curation.dedup.minhash import minhash_signatures
-
-        vocab = np.array([f"w{i}" for i in range(5000)])
-        words = rng.integers(0, len(vocab), size=(n, 12))
-        boiler = rng.random(n) < 0.01  # stock captions repeated across many images
-        words[boiler] = words[0]
-        texts = [" ".join(r) for r in vocab[words]]
-        t = time.perf_counter()
-        mh = minhash_signatures(texts, 128, 3)
-        cols["_minhash_s"] = time.perf_counter() - t
-        cols["text"] = pa.array(texts)
-        cols["minhash"] = pa.ListArray.from_arrays(
-            pa.array(np.arange(n + 1, dtype=np.int32) * 128), pa.array(mh.ravel()))
-    else:
-        cols["text"] = pa.nulls(n, pa.string())
-        cols["minhash"] = pa.nulls(n, pa.list_(pa.uint32()))
-    extra = {"minhash_signatures_s": round(cols.pop("_minhash_s"), 2)} if "_minhash_s" in cols else {}
-    table = pa.table({f.name: cols[f.name] for f in SIGNATURE_SCHEMA}, schema=SIGNATURE_SCHEMA)
-    return table.replace_schema_metadata({"extra": json.dumps(extra)})
-
-
-def clip_signatures(n: int, seed: int) -> pa.Table:
-    from curation.clip_filter import SIGNATURE_SCHEMA
-
-    rng = np.random.default_rng(seed)
-    src, key = _keys(n)
-    return pa.table({"source": src, "key": key, "image_index": pa.array(np.full(n, -1, np.int32)),
-                     "shard": pa.array(np.array([f"{i:05d}" for i in range(1000)])[np.arange(n) % 1000]),
-                     "group": src, "rule": pa.array(["clip_score"] * n),
-                     "clip_score": pa.array(np.clip(rng.normal(0.75, 0.1, n), 0, 2.5)),
-                     "clip_similarity_vitb32": pa.nulls(n, pa.float64()),
-                     "clip_similarity_vitl14": pa.nulls(n, pa.float64())}, schema=SIGNATURE_SCHEMA)
-
-
-def deltaloss_signatures(n: int, seed: int) -> pa.Table:
+        return pa.table({"source": src, "key": key, "image_index": pa.array(np.full(m, -1, np.int32)),
+                         "shard": pa.array([f"{start:012d}"] * m), "group": src, "rule": pa.array(["clip_score"] * m),
+                         "clip_score": pa.array(0.4 + 0.6 * score), "clip_similarity_vitb32": pa.nulls(m, pa.float64()),
+                         "clip_similarity_vitl14": pa.nulls(m, pa.float64())}, schema=SIGNATURE_SCHEMA)
     from curation.deltaloss import SIGNATURE_SCHEMA
 
-    rng = np.random.default_rng(seed)
-    src, key = _keys(n)
-    return pa.table({"source": src, "key": key, "image_index": pa.array(np.full(n, -1, np.int32)),
-                     "subset": src, "delta_loss": pa.array(rng.normal(0.0, 1.0, n))}, schema=SIGNATURE_SCHEMA)
+    return pa.table({"source": src, "key": key, "image_index": pa.array(np.full(m, -1, np.int32)),
+                     "subset": src, "delta_loss": pa.array(score * 4 - 2)}, schema=SIGNATURE_SCHEMA)
+
+
+def signatures(stage: str, n: int, shard_rows: int, s: int, seed: int) -> pa.Table:
+    start, end = shard_range(n, shard_rows, s)
+    if stage.startswith("dedup"):
+        return dedup_signatures(n, start, end, seed, captions=stage == "dedup_captions")
+    return score_signatures(stage, start, end, seed)
 
 
 def make_stage(name: str):
     from schemas.config import ClipFilterConfig, DedupConfig, DeltaLossConfig
 
-    if name == "dedup_exact_phash":
+    if name == "dedup":
         from curation.dedup.stage import DedupStage
 
-        return DedupStage(DedupConfig(methods=["exact", "phash"]))
-    if name == "dedup_minhash_captions":
+        return DedupStage(DedupConfig(methods=["exact", "phash", "semantic"]))
+    if name == "dedup_captions":
         from curation.dedup.stage import DedupStage
 
-        return DedupStage(DedupConfig(methods=["exact", "phash", "minhash_captions"]))
-    if name == "clip_filter":
+        return DedupStage(DedupConfig(methods=["minhash_captions"]))
+    method = "sketch" if name.endswith("_sketch") else "exact"
+    if name.startswith("clip_filter"):
         from curation.clip_filter import ClipFilterStage
 
-        return ClipFilterStage(ClipFilterConfig(top_percent=95))
+        return ClipFilterStage(ClipFilterConfig(top_percent=95, method=method))
     from curation.deltaloss import DeltaLossTopKStage
 
-    return DeltaLossTopKStage(DeltaLossConfig(small_model="unused", large_model="unused", keep_fraction=0.9))
+    return DeltaLossTopKStage(DeltaLossConfig(small_model="unused", large_model="unused", keep_fraction=0.9,
+                                              method=method))
 
 
-def run_stage(name: str, n: int, seed: int) -> dict[str, Any]:
-    """Generate the stage's signatures, decide them as the local engine does, measure."""
+# ---- tasks (each in a fresh process) ----------------------------------------------------------------------
+def _task(fn_args: tuple) -> dict[str, Any]:
+    fn, args = fn_args
+    t = time.perf_counter()
+    out = fn(*args) or {}
+    return {"seconds": time.perf_counter() - t, "peak_kib": _peak_kib(), **out}
+
+
+def t_sample(stage_name: str, n: int, shard_rows: int, s: int, seed: int, work: str) -> dict[str, Any]:
+    from pipelines.aggregate import with_shard
+
+    sig = with_shard(signatures(stage_name, n, shard_rows, s, seed), shard_name(s))
+    stage = make_stage(stage_name)
+    t = time.perf_counter()
+    pq.write_table(stage.sample(sig), f"{work}/sample/{s:05d}.parquet")
+    return {"decide_s": time.perf_counter() - t}
+
+
+def t_fit(stage_name: str, shards: int, work: str) -> dict[str, Any]:
+    from pipelines.aggregate import fit_sample
+
+    stage = make_stage(stage_name)
+    t = time.perf_counter()
+    fit_sample(stage, (pq.read_table(f"{work}/sample/{s:05d}.parquet") for s in range(shards)))
+    Path(f"{work}/stage.pkl").write_bytes(pickle.dumps(stage))
+    return {"decide_s": time.perf_counter() - t}
+
+
+def _load_stage(stage_name: str, work: str):
+    p = Path(f"{work}/stage.pkl")
+    return pickle.loads(p.read_bytes()) if p.exists() else make_stage(stage_name)
+
+
+def t_partition(stage_name: str, n: int, shard_rows: int, s: int, seed: int, work: str, partitions: int) -> dict:
+    from pipelines.aggregate import split_by_partition, with_shard
+
+    sig = with_shard(signatures(stage_name, n, shard_rows, s, seed), shard_name(s))
+    stage = _load_stage(stage_name, work)
+    t = time.perf_counter()
+    rows = stage.partition(sig)
+    nbytes = rows.nbytes
+    for p, part in split_by_partition(rows, partitions):
+        pq.write_table(part, f"{work}/parts/{p:03d}/{s:05d}.parquet")
+    return {"decide_s": time.perf_counter() - t, "shuffle_bytes": nbytes}
+
+
+def t_decide_partition(stage_name: str, p: int, work: str) -> dict[str, Any]:
+    stage = _load_stage(stage_name, work)
+    t = time.perf_counter()
+    folder = Path(f"{work}/parts/{p:03d}")
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        return {"decide_s": 0.0, "rows": 0}
+    rows = pa.concat_tables([pq.read_table(f) for f in files])
+    partial = stage.decide_partition(rows)
+    pq.write_table(partial, f"{work}/partials/{p:03d}.parquet")
+    return {"decide_s": time.perf_counter() - t, "rows": rows.num_rows}
+
+
+def t_combine(stage_name: str, work: str) -> dict[str, Any]:
+    stage = _load_stage(stage_name, work)
+    t = time.perf_counter()
+    partials = [pq.read_table(f) for f in sorted(Path(f"{work}/partials").glob("*.parquet"))]
+    combined = stage.combine(partials)
+    pq.write_table(combined, f"{work}/combined.parquet")
+    return {"decide_s": time.perf_counter() - t, "edges_or_partials": sum(p.num_rows for p in partials),
+            "combined_rows": combined.num_rows}
+
+
+def t_shard_decisions(stage_name: str, n: int, shard_rows: int, s: int, seed: int, work: str) -> dict:
+    from pipelines.aggregate import normalize_decisions, with_shard
+    from schemas.stage import SHARD_COL
+
+    sig = with_shard(signatures(stage_name, n, shard_rows, s, seed), shard_name(s))
+    stage = _load_stage(stage_name, work)
+    t = time.perf_counter()
+    schema = pq.read_schema(f"{work}/combined.parquet")
+    if SHARD_COL in schema.names:
+        mine = pq.read_table(f"{work}/combined.parquet", filters=[(SHARD_COL, "=", shard_name(s))])
+    else:
+        mine = pq.read_table(f"{work}/combined.parquet")
+    pq.write_table(normalize_decisions(stage.shard_decisions(mine, sig)), f"{work}/decisions/{s:05d}.parquet")
+    return {"decide_s": time.perf_counter() - t}
+
+
+def t_single(stage_name: str, n: int, shard_rows: int, shards: int, seed: int, work: str) -> dict[str, Any]:
     from pipelines.aggregate import decide_local
 
-    t = time.perf_counter()
-    if name.startswith("dedup"):
-        sig = dedup_signatures(n, seed, captions=name == "dedup_minhash_captions")
-    elif name == "clip_filter":
-        sig = clip_signatures(n, seed)
-    else:
-        sig = deltaloss_signatures(n, seed)
-    gen_s = time.perf_counter() - t
-    extra = json.loads((sig.schema.metadata or {}).get(b"extra", b"{}"))
-    stage = make_stage(name)
-    stage.setup()
-    rss_before = _mem_kib("VmRSS")
+    sig = pa.concat_tables([signatures(stage_name, n, shard_rows, s, seed) for s in range(shards)])
+    stage = make_stage(stage_name)
     t = time.perf_counter()
     decisions = decide_local(stage, sig)
     decide_s = time.perf_counter() - t
-    peak = _mem_kib("VmHWM")
-    dropped = decisions.filter(pa.compute.is_valid(decisions.column("drop_reason"))).num_rows
-    return {"bench": "scale", "stage": name, "rows": n, "decide_s": round(decide_s, 2),
-            "rows_per_s": round(n / decide_s), "us_per_row": round(1e6 * decide_s / n, 2),
-            "signature_bytes_per_row": round(sig.nbytes / n, 1),
-            "signature_table_mib": round(sig.nbytes / 2**20, 1),
-            "rss_before_decide_mib": round(rss_before / 1024), "peak_rss_mib": round(peak / 1024),
-            "decide_extra_mib": round((peak - rss_before) / 1024),
-            "decide_extra_bytes_per_row": round((peak - rss_before) * 1024 / n),
-            "decisions": decisions.num_rows, "dropped": dropped, "generate_s": round(gen_s, 2), **extra}
+    pq.write_table(decisions, f"{work}/single.parquet")
+    return {"decide_s": decide_s}
+
+
+def t_baseline(stage_name: str) -> dict[str, Any]:
+    """A task process that only imports and builds the stage: the floor under every task's peak."""
+    from pipelines.aggregate import with_shard  # noqa: F401 - the imports every task makes
+
+    make_stage(stage_name)
+    return {}
+
+
+def _pool_run(pool_size: int, jobs: list[tuple]) -> list[dict[str, Any]]:
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(pool_size, maxtasksperchild=1) as pool:
+        return pool.map(_task, jobs, chunksize=1)
+
+
+def _mib(kib: int) -> float:
+    return round(kib / 1024, 1)
+
+
+def run_partitioned(stage_name: str, n: int, shard_rows: int, shards: int, partitions: int, seed: int,
+                    workers: int, work: str) -> dict[str, Any]:
+    for d in ("sample", "partials", "decisions", *(f"parts/{p:03d}" for p in range(partitions))):
+        os.makedirs(f"{work}/{d}", exist_ok=True)
+    t0 = time.perf_counter()
+    steps: dict[str, list[dict[str, Any]]] = {}
+    stage = make_stage(stage_name)
+    if hasattr(stage, "fit"):
+        steps["sample"] = _pool_run(workers, [(t_sample, (stage_name, n, shard_rows, s, seed, work))
+                                              for s in range(shards)])
+        steps["fit"] = _pool_run(1, [(t_fit, (stage_name, shards, work))])
+    steps["partition"] = _pool_run(workers, [(t_partition, (stage_name, n, shard_rows, s, seed, work, partitions))
+                                             for s in range(shards)])
+    steps["decide_partition"] = _pool_run(workers, [(t_decide_partition, (stage_name, p, work))
+                                                    for p in range(partitions)])
+    steps["combine"] = _pool_run(1, [(t_combine, (stage_name, work))])
+    steps["shard_decisions"] = _pool_run(workers, [(t_shard_decisions, (stage_name, n, shard_rows, s, seed, work))
+                                                   for s in range(shards)])
+    wall = time.perf_counter() - t0
+    baseline = _pool_run(1, [(t_baseline, (stage_name,))])[0]
+    decide_s = sum(r["decide_s"] for rs in steps.values() for r in rs)
+    peaks = {k: _mib(max(r["peak_kib"] for r in rs)) for k, rs in steps.items()}
+    parts = steps["decide_partition"]
+    return {"largest_process_peak_mib": max(max(peaks.values()), _mib(_peak_kib())),
+            "peak_mib_by_step": peaks, "driver_peak_mib": _mib(_peak_kib()),
+            "process_baseline_mib": _mib(baseline["peak_kib"]),
+            "decide_s": round(decide_s, 2), "us_per_row": round(1e6 * decide_s / n, 2), "wall_s": round(wall, 1),
+            "largest_partition_rows": max(r.get("rows", 0) for r in parts),
+            "shuffle_mib": round(sum(r["shuffle_bytes"] for r in steps["partition"]) / 2**20, 1),
+            "combine_input_rows": steps["combine"][0]["edges_or_partials"]}
+
+
+def _sorted_decisions(table: pa.Table) -> pa.Table:
+    return table.take(pc.sort_indices(table, sort_keys=[("source", "ascending"), ("key", "ascending"),
+                                                        ("image_index", "ascending")]))
+
+
+def compare(stage_name: str, work: str) -> dict[str, Any]:
+    single = _sorted_decisions(pq.read_table(f"{work}/single.parquet"))
+    part = _sorted_decisions(pa.concat_tables([pq.read_table(f) for f in
+                                               sorted(Path(f"{work}/decisions").glob("*.parquet"))]))
+    out: dict[str, Any] = {"decisions_single": single.num_rows, "decisions_partitioned": part.num_rows}
+    if stage_name.endswith("_sketch"):
+        from curation.cutoffs import rank_error
+
+        out["identical_decisions"] = single.equals(part)
+        out["dropped_diff_rows"] = part.num_rows - single.num_rows
+        out["stated_rank_error"] = round(rank_error(), 5)
+        return out
+    out["identical_decisions"] = single.equals(part)
+    dropped = pc.sum(pc.is_valid(single.column("drop_reason"))).as_py()
+    out["dropped"] = dropped
+    return out
+
+
+def child(args: argparse.Namespace) -> int:
+    """One stage, one mode: prints one JSON object."""
+    shards = -(-args.n // args.shard_rows)
+    if args.child == "single":
+        r = _pool_run(1, [(t_single, (args.stage, args.n, args.shard_rows, shards, args.seed, args.work))])[0]
+        print(json.dumps({"largest_process_peak_mib": _mib(r["peak_kib"]), "decide_s": round(r["decide_s"], 2),
+                          "us_per_row": round(1e6 * r["decide_s"] / args.n, 2)}))
+    else:
+        print(json.dumps(run_partitioned(args.stage, args.n, args.shard_rows, shards, args.partitions, args.seed,
+                                         args.workers, args.work)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=1_000_000, help="rows (signatures) per stage")
+    ap.add_argument("--n", type=int, default=200_000, help="rows (signatures) per stage")
+    ap.add_argument("--partitions", type=int, default=16)
+    ap.add_argument("--shard-rows", type=int, default=62_500, help="rows per input shard")
+    ap.add_argument("--workers", type=int, default=2, help="processes running tasks at once")
+    ap.add_argument("--single-max-n", type=int, default=1_000_000,
+                    help="skip the single-process reference above this N (it needs ~5 KB/row)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stages", nargs="*", default=DEFAULT_STAGES, choices=STAGES)
-    ap.add_argument("--child", help=argparse.SUPPRESS)  # run one stage in this process
+    ap.add_argument("--stages", nargs="*", default=STAGES, choices=STAGES)
+    ap.add_argument("--child", choices=["single", "partitioned"], help=argparse.SUPPRESS)
+    ap.add_argument("--stage", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(run_stage(args.child, args.n, args.seed)), flush=True)
-        return 0
+        return child(args)
     rc = 0
-    for name in args.stages:  # one process per stage: VmHWM is then that stage's own peak
-        proc = subprocess.run([sys.executable, __file__, "--child", name, "--n", str(args.n),
-                               "--seed", str(args.seed)], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-        line = (proc.stdout.strip().splitlines() or [""])[-1]
-        if proc.returncode != 0 or not line.startswith("{"):
-            print(json.dumps({"bench": "scale", "stage": name, "rows": args.n, "error": proc.stderr[-1500:]}))
+    for name in args.stages:
+        work = tempfile.mkdtemp(prefix=f"bench_scale_{name}_")
+        line: dict[str, Any] = {"bench": "scale", "stage": name, "rows": args.n, "partitions": args.partitions,
+                                "shard_rows": args.shard_rows, "workers": args.workers}
+        try:
+            modes = ["partitioned"] + (["single"] if args.n <= args.single_max_n else [])
+            for mode in modes:
+                proc = subprocess.run([sys.executable, __file__, "--child", mode, "--stage", name, "--work", work,
+                                       "--n", str(args.n), "--partitions", str(args.partitions),
+                                       "--shard-rows", str(args.shard_rows), "--workers", str(args.workers),
+                                       "--seed", str(args.seed)], capture_output=True, text=True,
+                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
+                out = (proc.stdout.strip().splitlines() or [""])[-1]
+                if proc.returncode != 0 or not out.startswith("{"):
+                    raise RuntimeError(proc.stderr[-2000:])
+                line[mode] = json.loads(out)
+            if "single" in line:
+                line.update(compare(name, work))
+            else:
+                line["identical_decisions"] = None
+                line["single_skipped"] = f"N > --single-max-n {args.single_max_n}"
+        except Exception as e:  # noqa: BLE001 - report the failing stage and go on with the others
+            line["error"] = str(e)[-2000:]
             rc = 1
-        else:
-            print(line, flush=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(json.dumps(line), flush=True)
     return rc
 
 
