@@ -128,13 +128,23 @@ class SegmentOutput:
                                  stage_versions=self.plan.stage_versions,
                                  timings=merge_timings([*earlier, timings]), plan_hash=self.plan.plan_hash)
             write_marker(self.fs, self.root, result)  # last: the shard is finished
+            self._drop_previous_rows()
             return result
         write_signatures(self.fs, self.root, self.segment.index, self.shard, self.sigs)
         self.inter.commit()
         write_done(self.fs, self.root, self.segment.index, self.shard,
                    {"segment_hash": self.plan.segment_hash(self.segment.index), "rows": self.rows,
                     "timings": timings})
+        self._drop_previous_rows()
         return None
+
+    def _drop_previous_rows(self) -> None:
+        """The previous segment's rows of this shard are spent once this segment is done for it (the
+        runner's ``pending_work`` rebuilds them if a redo ever needs them)."""
+        if self.segment.index:
+            path = rows_path(self.root, self.segment.index - 1, self.shard)
+            if self.fs.exists(path):
+                self.fs.rm(path)
 
     def abort(self) -> None:
         if not self.last:

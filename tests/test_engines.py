@@ -102,21 +102,61 @@ def local_out(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @pytest.fixture(scope="module")
 def plain_local_out(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("engines_plain")
-    run_local(load_config(write_config(sample_dir, tmp / "out", tmp / "run.yaml")), progress=False)
+    run_local(load_config(write_config(sample_dir, tmp / "out", tmp / "run.yaml",
+                                       stages=[{"type": "normalize"}, CURATION[1]])), progress=False)
     return tmp / "out"
+
+
+def _decide_modes(out: Path) -> dict[str, str]:
+    summaries = json.loads((out / "summaries.json").read_text())
+    return {name: s["decide"] for name, s in summaries.items() if isinstance(s, dict) and "decide" in s}
+
+
+def _assert_same_decisions(out: Path, ref: Path) -> None:
+    """Per input shard: the same decision rows (keys, image, reason, flag)."""
+    files = sorted(p.relative_to(ref) for p in (ref / "_work").glob("seg*/*.decisions.parquet"))
+    assert files and files == sorted(p.relative_to(out) for p in (out / "_work").glob("seg*/*.decisions.parquet"))
+    cols = ["source", "key", "image_index", "drop_reason", "flag"]
+    for f in files:
+        assert pq.read_table(out / f).select(cols).equals(pq.read_table(ref / f).select(cols)), f
+
+
+def test_single_process_decide_matches_partitioned_locally(local_out: Path, sample_dir: Path, tmp_path: Path):
+    """``decide: single`` (one decide over all signatures, the reference) and the partitioned decide the
+    engine runs by default: same shards, kept keys, reasons and per-shard decisions on every stage."""
+    assert _decide_modes(local_out)["dedup"] == "partitioned"
+    cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml", stages=CURATION),
+                      {"decide": "single"})
+    run_local(cfg, progress=False)
+    assert set(_decide_modes(tmp_path / "out").values()) == {"single"}
+    _assert_same_result(tmp_path / "out", local_out)
+    _assert_same_decisions(tmp_path / "out", local_out)
 
 
 def test_ray_writes_byte_identical_shards_without_model_stages(ray_cluster, plain_local_out: Path,
                                                                sample_dir: Path, tmp_path: Path):
+    """Ray with the single-process decide against the local engine's partitioned decide."""
     from pipelines.executors.ray_data import run_ray
 
     cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml",
-                                   stages=[{"type": "normalize"}, CURATION[1]]), {"engine": "ray"})
+                                   stages=[{"type": "normalize"}, CURATION[1]]), {"engine": "ray", "decide": "single"})
     run_ray(cfg, progress=False)
-    ref = load_config(write_config(sample_dir, tmp_path / "ref", tmp_path / "ref.yaml",
-                                   stages=[{"type": "normalize"}, CURATION[1]]))
-    run_local(ref, progress=False)
-    assert output_files(tmp_path / "out") == output_files(tmp_path / "ref")
+    assert _decide_modes(tmp_path / "out") == {"dedup": "single"}
+    assert _decide_modes(plain_local_out) == {"dedup": "partitioned"}
+    assert output_files(tmp_path / "out") == output_files(plain_local_out)
+    _assert_same_decisions(tmp_path / "out", plain_local_out)
+
+
+def test_beam_single_decide_writes_byte_identical_shards(plain_local_out: Path, sample_dir: Path, tmp_path: Path):
+    pytest.importorskip("apache_beam")
+    from pipelines.executors.beam import run_beam
+
+    cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml",
+                                   stages=[{"type": "normalize"}, CURATION[1]]), {"engine": "beam", "decide": "single"})
+    run_beam(cfg, progress=False)
+    assert _decide_modes(tmp_path / "out") == {"dedup": "single"}
+    assert output_files(tmp_path / "out") == output_files(plain_local_out)
+    _assert_same_decisions(tmp_path / "out", plain_local_out)
 
 
 def test_ray_engine_matches_local(ray_cluster, local_out: Path, sample_dir: Path, tmp_path: Path):

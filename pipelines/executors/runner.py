@@ -40,6 +40,7 @@ from pipelines.workdir import (
     read_done,
     read_shard_decisions,
     remove_signatures,
+    rows_path,
     seg_dir,
     signatures_path,
     write_decided,
@@ -131,28 +132,47 @@ def run_engine(engine: Engine, config: RunConfig, plan: Plan | None = None) -> d
     """Run every source through the plan on ``engine``; returns the merged stats."""
     fs, root, plan, work = prepare_run(config, plan)
     ctx = RunContext(fs, root, plan, config, [WorkItem(i, r, s) for i, (r, s) in enumerate(work)])
+    pending = pending_work(ctx)
     for segment in plan.segments:
-        seg_hash = plan.segment_hash(segment.index)
+        todo = pending[segment.index]
         if segment.decide is None:
-            pending = [it for it in ctx.items if not is_done(fs, root, it.shard, plan.plan_hash)]
-            for it in pending:
+            for it in todo:
                 remove_stale_outputs(fs, root, it.shard)
-            if pending:
-                engine.map_shards(ctx, segment, pending)
+            if todo:
+                engine.map_shards(ctx, segment, todo)
             continue
-        if is_decided(fs, root, segment.index, seg_hash):
-            remove_signatures(fs, root, segment.index, [it.shard for it in ctx.items])  # a kill left them
-            continue
-        pending = [it for it in ctx.items
-                   if (read_done(fs, root, segment.index, it.shard) or {}).get("segment_hash") != seg_hash]
-        if pending:
-            engine.map_shards(ctx, segment, pending)
-        decide_segment(engine, ctx, segment)
+        if todo:
+            engine.map_shards(ctx, segment, todo)
+        if not is_decided(fs, root, segment.index, plan.segment_hash(segment.index)):
+            decide_segment(engine, ctx, segment)
+        remove_signatures(fs, root, segment.index, [it.shard for it in ctx.items])  # spent once decided
     results = [load_marker(fs, root, it.shard) for it in ctx.items]
     missing = [it.shard.path for it, r in zip(ctx.items, results, strict=True) if r is None]
     if missing:
         raise RuntimeError(f"the engine finished without a marker for {missing[:3]}")
     return finalize(fs, root, config.name, results, plan_summaries(fs, root, plan), run_info(plan, config))
+
+
+def pending_work(ctx: RunContext) -> dict[int, list[WorkItem]]:
+    """Per segment, the shards to run through it. Segment i runs shard X when its work there is not done
+    yet (and the segment is not decided), or when segment i+1 must run X and X's rows of segment i are
+    gone: a shard's rows of segment i are removed once its segment i+1 is done (``SegmentOutput``), so a
+    redo of a later segment (a stage's version changed) walks back to the last rows still kept, at worst
+    to the input."""
+    fs, root, plan = ctx.fs, ctx.root, ctx.plan
+    last = len(plan.segments) - 1
+    todo = {last: {it.index for it in ctx.items if not is_done(fs, root, it.shard, plan.plan_hash)}}
+    for i in range(last - 1, -1, -1):
+        seg_hash, decided = plan.segment_hash(i), is_decided(fs, root, i, plan.segment_hash(i))
+        need = set()
+        for it in ctx.items:
+            done = (read_done(fs, root, i, it.shard) or {}).get("segment_hash") == seg_hash
+            undecided_work = not done and not decided
+            rows_missing = it.index in todo[i + 1] and not (done and fs.exists(rows_path(root, i, it.shard)))
+            if undecided_work or rows_missing:
+                need.add(it.index)
+        todo[i] = need
+    return {i: [it for it in ctx.items if it.index in need] for i, need in todo.items()}
 
 
 # ------------------------------------------------------------------------------------------ decisions
