@@ -17,7 +17,7 @@ from loopback_http import LoopbackServer
 from PIL import Image
 
 from pipelines.executors.local import run_local
-from pipelines.readers import make_reader
+from pipelines.readers import SourceFormatError, make_reader
 from pipelines.readers.fetch import (
     FAILED,
     OPT_OUT,
@@ -219,3 +219,30 @@ def test_url_only_run_with_fetch_accounts_every_row(tmp_path: Path) -> None:
     assert total["reasons"] == {"read:opt_out": 1, "read:failed_to_download": 2}
     assert again["total"] == total
     assert n_requests == 7 + 1  # one retry of the 500; the rerun fetched nothing
+
+
+def test_http_image_root_and_mmc4_http_image_dir(tmp_path: Path) -> None:
+    """A configured http(s) root: relative references become URLs under it, fetched through the guard."""
+    routes = {"/imgs/a.jpg": [ok(jpeg(1))], "/imgs/sub/b.jpg": [ok(jpeg(2), **{"X-Robots-Tag": "noai"})]}
+    with LoopbackServer(routes) as server:
+        write_url_parquet(tmp_path / "p.parquet", ["a.jpg", "sub/b.jpg", "../etc/passwd", "missing.jpg"])
+        common = {"fetch_remote": True, "allow_private_networks": True, "fetch": FAST}
+        reader = make_reader(SourceConfig(name="c", kind="coyo_parquet", paths=[str(tmp_path / "p.parquet")],
+                                          url_column="id", image_path_column="url",
+                                          image_root=server.url("/imgs"), **common))
+        rows = [r for t in reader.read(reader.list_shards()[0], 8) for r in t.to_pylist()]
+        assert rows[0]["image"] == jpeg(1)
+        assert [r["drop_reason"] for r in rows] == [None, "opt_out", "image_path_unsafe", "failed_to_download"]
+
+        doc = {"url": "https://d/0", "text_list": ["s"], "image_info": [
+            {"image_name": "a.jpg", "matched_text_index": 0}, {"image_name": "gone.jpg", "matched_text_index": 0}]}
+        (tmp_path / "docs.jsonl").write_text(json.dumps(doc) + "\n")
+        mm = make_reader(SourceConfig(name="m", kind="mmc4", paths=[str(tmp_path / "docs.jsonl")],
+                                      image_dir=server.url("/imgs"), **common))
+        docs = [r for t in mm.read(mm.list_shards()[0], 8) for r in t.to_pylist()]
+        assert docs[0]["image_info"][0]["image"] == jpeg(1)
+        assert docs[0]["image_info"][1]["drop_reason"] == "image_missing"  # a 404 under the root: not there
+    off = make_reader(SourceConfig(name="c", kind="coyo_parquet", paths=[str(tmp_path / "p.parquet")],
+                                   image_path_column="url", image_root="https://img.example/x"))
+    with pytest.raises(SourceFormatError, match="fetch_remote"):
+        next(off.read(off.list_shards()[0], 8))
