@@ -197,7 +197,7 @@ def mutate_jsonl(rng: random.Random, lines: list[bytes], world: dict[str, Any]) 
             continue
         try:
             doc = json.loads(docs[i])
-        except ValueError:
+        except (ValueError, RecursionError):  # an earlier mutation made the line invalid or very deep
             continue
         if not isinstance(doc, dict):
             continue

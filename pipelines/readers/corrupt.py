@@ -41,7 +41,7 @@ def parquet_batches(pf: pq.ParquetFile, batch_size: int) -> Iterator[pa.RecordBa
                 batch = next(batches)
             except StopIteration:
                 break
-            except (OSError, pa.ArrowException) as e:
+            except (OSError, pa.ArrowException, ValueError) as e:  # ValueError: undecodable metadata
                 msg = f"{type(e).__name__}: {' '.join(str(e).split())}"[:200]
                 yield LostRows(rg, read, max(expected - read, 0), msg)
                 break
