@@ -122,7 +122,8 @@ def test_private_addresses_refused_before_any_connection(host: str) -> None:
 
 @pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/iam/security-credentials/",
                                  "https://localhost:9/x.jpg", "http://[::ffff:127.0.0.1]:9/x.jpg",
-                                 "http://0.0.0.0:9/x.jpg", "http://10.0.0.1/x.jpg"])
+                                 "http://0.0.0.0:9/x.jpg", "http://10.0.0.1/x.jpg", "http://2130706433/x.jpg",
+                                 "http://0x7f.0.0.1/x.jpg", "http://127.1/x.jpg", "http://user:pw@127.0.0.1/x.jpg"])
 def test_metadata_and_private_urls_are_refused(url: str) -> None:
     with Fetcher(FAST, ["http", "https"], allow_private_networks=False) as fetcher:
         result = fetcher.fetch(url)

@@ -134,6 +134,11 @@ def test_image_root_resolve_unit(tmp_path: Path) -> None:
     assert root.resolve("https://img.example/a.jpg").url == "https://img.example/a.jpg"
     with pytest.raises(UnsafeRef, match="fetch_schemes"):
         root.resolve("http://img.example/a.jpg")
+    http_root = ImageRoot.from_config("https://img.example/imgs", fetching, fallback=(None, ""))  # type: ignore[arg-type]
+    assert http_root.resolve("%2e%2e/admin?x#y").url == "https://img.example/imgs/%252e%252e/admin%3Fx%23y"
+    for ref in ("../admin", "/admin", "https://other.example/a.jpg".replace("https", "ftp")):
+        with pytest.raises(UnsafeRef):
+            http_root.resolve(ref)
 
 
 def test_mmc4_image_name_symlink_out_of_folder_quarantines_the_document(hostile_tree: Path) -> None:

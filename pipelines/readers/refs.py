@@ -121,7 +121,9 @@ class ImageRoot:
         if ref.startswith("~"):
             raise UnsafeRef(ref, "home-directory reference")
         if self.http_root is not None:
-            return Resolved(url=f"{self.http_root}/{quote(ref, safe='/%:@!$&()*+,;=-._~')}")
+            # the reference is a path, not a URL: '%' is quoted too, so '%2e%2e/' cannot become '../' on
+            # the server, and '?' / '#' stay part of the name
+            return Resolved(url=f"{self.http_root}/{quote(ref, safe='/:@!$&()*+,;=-._~')}")
         joined = posixpath.normpath(posixpath.join(self.path, ref)) if self.path else posixpath.normpath(ref)
         if not _inside(joined, self.path):
             raise UnsafeRef(ref, "resolves outside the image root")
