@@ -35,6 +35,10 @@ class FetchConfig(_Strict):
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
 
 
+# how fast, not what: a rerun with more threads still resumes the same output
+_FETCH_SPEED_KNOBS = {"threads", "prefetch_rows", "prefetch_bytes"}
+
+
 class SourceConfig(_Strict):
     """One input dataset. ``paths`` are fsspec URLs or globs (local, memory://, s3://, gs://)."""
 
@@ -291,7 +295,9 @@ class RunConfig(_Strict):
     def config_hash(self) -> str:
         """Hash of everything that changes the output (not the engine, the batch size or the decide path,
         which must all give the same output)."""
-        payload = self.model_dump(mode="json", exclude={"engine", "batch_size", "beam", "ray", "decide"})
+        exclude: dict[str, Any] = dict.fromkeys(("engine", "batch_size", "beam", "ray", "decide"), True)
+        exclude["sources"] = {"__all__": {"fetch": _FETCH_SPEED_KNOBS}}
+        payload = self.model_dump(mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
