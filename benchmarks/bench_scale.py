@@ -233,11 +233,9 @@ def t_sample(stage_name: str, n: int, shard_rows: int, s: int, seed: int, work: 
 
 
 def t_fit(stage_name: str, shards: int, work: str) -> dict[str, Any]:
-    from pipelines.aggregate import fit_sample
-
     stage = make_stage(stage_name)
     t = time.perf_counter()
-    fit_sample(stage, (pq.read_table(f"{work}/sample/{s:05d}.parquet") for s in range(shards)))
+    stage.fit(pq.read_table(f"{work}/sample/{s:05d}.parquet") for s in range(shards))
     Path(f"{work}/stage.pkl").write_bytes(pickle.dumps(stage))
     return {"decide_s": time.perf_counter() - t}
 
