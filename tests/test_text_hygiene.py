@@ -181,3 +181,17 @@ def test_ascii_fast_path_skips_only_what_ftfy_would_not_change(truth: dict):
     skipped = [t for t in texts if t.isascii() and "&" not in t and "\x1b" not in t]
     assert len(skipped) > 50
     assert all(ftfy.fix_text(t, cfg) == t for t in skipped)
+
+
+def test_interrupted_run_resumes_to_the_same_counts_and_rounds(run: Path, sample_dir: Path, tmp_path: Path):
+    """Hygiene counts and round sums live in the shard markers: a resumed run writes the same stats.json and
+    summaries.json as the uninterrupted one."""
+    cfg = write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml", stages=STAGES)
+    config = load_config(cfg)
+    config = config.model_copy(update={"sources": [s for s in config.sources if s.name == "img2dataset"]})
+    with pytest.raises(InterruptedError):
+        run_local(config, progress=False, max_shards=3)  # segment 0 done, one shard of the last segment
+    run_local(config, progress=False)
+    for name in ("stats.json", "summaries.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (run / name).read_bytes(), name
+    assert "rounds" in json.loads((run / "summaries.json").read_text())
