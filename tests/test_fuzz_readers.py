@@ -1,7 +1,7 @@
 """Seeded fuzzing of the readers and of whole runs over hostile copies of the sample's real files.
 
 Seeds are small slices of what ``vila2-curate sample`` writes (an img2dataset tar + parquet, COYO parquet
-with image bytes and with image paths, MMC4 jsonl and .jsonl.gz). Each case applies seeded mutations: byte
+with image bytes and with image paths, MMC4 jsonl, .jsonl.gz and .jsonl.zip). Each case applies seeded mutations: byte
 level (bit flips, overwrites, truncation, deleted / duplicated spans, hostile tokens) and structure aware
 (tar headers with hostile names, link types, sizes and a valid checksum; jsonl documents and parquet cells
 with hostile values: invalid UTF-8, lone surrogates, references to a secret file outside the source, wrong
@@ -25,6 +25,7 @@ import json
 import os
 import random
 import tarfile
+import zipfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ SEED = int(os.environ.get("FUZZ_SEED", "20261201"))
 CASES = int(os.environ.get("FUZZ_CASES", "300"))  # split across the kinds below
 # share of the cases per kind
 KINDS = {"i2d_tar": 0.27, "i2d_parquet": 0.1, "coyo_bytes": 0.17, "coyo_paths": 0.13, "mmc4": 0.23,
-         "mmc4_gz": 0.1}
+         "mmc4_gz": 0.06, "mmc4_zip": 0.04}
 SECRET_TOKEN = b"SECRET-TOKEN-5f3a9c1e"  # in a file beside the sources; must never reach an output
 
 
@@ -315,6 +316,12 @@ def make_cases(world: dict[str, Any], root: Path) -> list[dict[str, Any]]:
                     gz = gzip.compress(data, mtime=0)
                     data = mutate_bytes(case_rng, gz, 1) if case_rng.random() < 0.5 else gz
                     path = folder / "docs.jsonl.gz"
+                elif kind == "mmc4_zip":  # allenai/mmc4 ships docs_*.jsonl.zip
+                    buf = io.BytesIO()
+                    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+                        z.writestr(zipfile.ZipInfo("docs.jsonl", (2020, 1, 1, 0, 0, 0)), data)
+                    data = mutate_bytes(case_rng, buf.getvalue(), 1) if case_rng.random() < 0.5 else buf.getvalue()
+                    path = folder / "docs.jsonl.zip"
                 else:
                     path = folder / "docs.jsonl"
                 path.write_bytes(data)

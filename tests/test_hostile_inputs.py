@@ -361,3 +361,21 @@ def test_edited_round_input_quarantines_rows_with_wrong_types(tmp_path: Path) ->
                    "phash": "json_invalid: phash", "list": "json_invalid: not an object",
                    "width": None, "flags": "json_invalid: flags", "text": "invalid_value"}
     assert next(r for r in rows if r["key"] == "width")["width"] is None  # not an int: unknown, as elsewhere
+
+
+def test_corrupt_compressed_jsonl_is_one_quarantined_row(tmp_path: Path) -> None:
+    """allenai/mmc4 ships .jsonl.zip; a cut or corrupt zip raised BadZipFile (not an OSError) out of the
+    reader and ended the run. Now, like a cut .gz, it is one jsonl_truncated row with the error."""
+    import zipfile
+
+    doc = json.dumps({"url": "u", "text_list": ["a"], "image_info": []})
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("d.jsonl", "\n".join([doc] * 20))
+    data = buf.getvalue()
+    for name, broken in {"cut.jsonl.zip": data[: len(data) // 2],
+                         "crc.jsonl.zip": data[:40] + b"\xff" * 20 + data[60:]}.items():
+        (tmp_path / name).write_bytes(broken)
+        rows = read_rows(SourceConfig(name="m", kind="mmc4", paths=[str(tmp_path / name)]))
+        assert [r["drop_reason"] for r in rows] == ["jsonl_truncated"], name
+        assert "BadZipFile" in json.loads(rows[0]["meta"])["error"]

@@ -12,7 +12,9 @@ beside it.
 from __future__ import annotations
 
 import json
+import lzma
 import posixpath
+import zipfile
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -41,6 +43,8 @@ from pipelines.readers.text import INVALID_UTF8, invalid_utf8_reason, loads_json
 from schemas.rows import DOCUMENT_SCHEMA
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zip", ".jsonl.bz2", ".jsonl.xz", ".jsonl.zst")
+# what a cut or corrupt compressed stream raises (BadZipFile: a bad CRC or no central directory)
+_STREAM_ERRORS = (EOFError, OSError, zlib.error, zipfile.BadZipFile, lzma.LZMAError)
 _DOC_FIELDS = ("url", "text_list", "image_info", "similarity_matrix", "could_have_url_duplicate")
 _IMAGE_FIELDS = ("image_name", "raw_url", "matched_text_index", "matched_sim")
 
@@ -70,23 +74,25 @@ class Mmc4Reader(StreamingReader):
         line_no = 0
         # compression="infer" picks gzip/zip/bz2/xz/zstd from the suffix; the stream is decompressed as read
         of = fsspec.open(shard.path, "rb", compression="infer", **self.source.storage_options)
-        with of as f:
-            try:
+        try:
+            with of as f:  # opening a .zip reads its directory: a broken one fails here already
                 for line in f:
                     line_no += 1
                     if not line.strip():
                         continue  # blank lines (a trailing newline) are not documents
                     yield self._document(shard, keys, line_no, line, image_dirs)
-            except (EOFError, OSError, zlib.error) as e:
-                # a truncated .gz: what was read stands, the unreadable tail is one quarantined row
-                key, source_key, _ = keys.claim(f"{shard.shard_id}_truncated")
-                row = base_row(shard, key, source_key)
-                row["meta"] = to_meta_json({"error": short_error(e), "lines_read": line_no})
-                yield quarantine(row, "jsonl_truncated")
-            finally:
-                if self._fetcher is not None:
-                    self._fetcher.close()
-                    self._fetcher = None
+        except _STREAM_ERRORS as e:
+            if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError):
+                raise  # the input itself is gone or unreadable: an I/O error of the run (exit 4), not data
+            # a truncated or corrupt .gz/.zip/.bz2/.xz: what was read stands, the rest is one quarantined row
+            key, source_key, _ = keys.claim(f"{shard.shard_id}_truncated")
+            row = base_row(shard, key, source_key)
+            row["meta"] = to_meta_json({"error": short_error(e), "lines_read": line_no})
+            yield quarantine(row, "jsonl_truncated")
+        finally:
+            if self._fetcher is not None:
+                self._fetcher.close()
+                self._fetcher = None
 
     def _document(
         self,
