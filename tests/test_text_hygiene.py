@@ -195,3 +195,29 @@ def test_interrupted_run_resumes_to_the_same_counts_and_rounds(run: Path, sample
     for name in ("stats.json", "summaries.json"):
         assert (tmp_path / "out" / name).read_bytes() == (run / name).read_bytes(), name
     assert "rounds" in json.loads((run / "summaries.json").read_text())
+
+
+def test_recaption_stage_cleans_what_the_model_emits(sample_dir: Path):
+    """A VLM (here an OpenAI-compatible loopback server) answering with NUL, an image token and U+FFFD: the
+    caption record holds the clean text, flags say what was removed, stats get recaption_hygiene counts."""
+    from test_recaption import _ok, _Server
+
+    from recaption.stage import RecaptionStage
+    from schemas.config import RecaptionConfig
+
+    srv = _Server(lambda body, n: (200, _ok("A dog\x00 on <image> grass \ufffd."), 0))
+    try:
+        cfg = RecaptionConfig.model_validate({"type": "recaption", "round": 1, "captioner": {
+            "backend": "openai", "model": "served-vlm", "base_url": srv.url, "max_retries": 0}})
+        stage = RecaptionStage(cfg)
+        out = stage(_pair_rows(sample_dir, 3)).to_pylist()
+    finally:
+        srv.close()
+    for row in out:
+        (cap,) = row["captions"]
+        assert cap["text"] == "A dog on grass ."
+        assert {"caption_hygiene:control_chars", "caption_hygiene:special_tokens",
+                "caption_hygiene:replacement_char"} <= set(cap["flags"])
+        counters = json.loads(row["run_metrics"])["counters"]
+        assert counters == {"recaption_hygiene.control_chars": 1, "recaption_hygiene.special_tokens": 1,
+                            "recaption_hygiene.replacement_char": 1}
