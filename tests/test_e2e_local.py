@@ -121,6 +121,39 @@ def test_batch_size_and_shard_size_are_independent(clean_run: Path, sample_dir: 
     assert validate_output(str(tmp_path / "o2")) == []
 
 
+DEDUP = [*NORMALIZE, {"type": "dedup", "methods": ["exact", "phash", "minhash_captions", "minhash_documents"]}]
+
+
+def test_intermediates_hold_no_images_and_a_redo_rebuilds_spent_rows(sample_dir: Path, tmp_path: Path):
+    """Between segments a shard's rows carry no image bytes; once its next segment is done they are
+    removed. A redo that needs them (here: one shard's final marker gone) rebuilds them from the input
+    (the decisions are reused) and gives the same bytes."""
+    cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml", stages=DEDUP))
+    with pytest.raises(InterruptedError):  # every shard through segment 0, none written yet
+        run_local(cfg, progress=False, max_shards=6)
+    work = tmp_path / "out" / "_work"
+    rows = sorted(work.glob("seg0/*.rows.parquet"))
+    assert len(rows) == 6
+    for p in rows:
+        t = pq.read_table(p)
+        assert "url" not in t.column_names
+        if "image" in t.column_names:  # bytes only where normalize changed the image
+            meta = t.column("meta").to_pylist()
+            assert all(m and '"reencoded"' in m for m, b in zip(meta, t.column("image").to_pylist(), strict=True)
+                       if b is not None)
+    run_local(cfg, progress=False)
+    clean = output_files(tmp_path / "out")
+    assert not list(work.glob("seg*/*.rows.parquet")) and not list(work.glob("seg*/*.sig.parquet"))
+    input_bytes = sum(p.stat().st_size for p in sample_dir.rglob("*") if p.is_file() and "models" not in p.parts)
+    work_bytes = sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
+    assert work_bytes <= 0.05 * input_bytes, (work_bytes, input_bytes)
+
+    marker = sorted((tmp_path / "out" / "_progress" / "img2dataset").glob("*.json"))[0]
+    marker.unlink()
+    run_local(cfg, progress=False)
+    assert output_files(tmp_path / "out") == clean
+
+
 @pytest.mark.parametrize("kill_when", ["first_tar", "first_marker", "after_1s"])
 def test_kill_9_and_rerun_gives_identical_output(clean_run: Path, sample_dir: Path, tmp_path: Path,
                                                  kill_when: str):
