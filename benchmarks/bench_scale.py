@@ -12,7 +12,9 @@ stream batch by batch). For each stage this runs, on the same synthetic signatur
 Memory is each process's own peak RSS (VmHWM); ``largest_process_peak_mib`` is the largest over every
 process of the mode (driver included); ``process_baseline_mib`` is a task process that only imports and
 builds the stage (deltaloss imports torch: ~0.5 GiB before any row). ``us_per_row`` is the decide work per row: the summed seconds of
-every decide step (signature generation excluded, done again in each task that needs a shard), over N.
+every decide step (CPU seconds of the task process, so that other load on a shared machine does not
+count; signature generation excluded, done again in each task that needs a shard), over N. ``wall_s``
+is the mode's elapsed time with ``--workers`` processes.
 ``identical_decisions`` compares the two modes' decisions row by row (sketch stages: approximate by
 design, so the line reports the kept-count difference and the stated rank error instead).
 
@@ -227,17 +229,17 @@ def t_sample(stage_name: str, n: int, shard_rows: int, s: int, seed: int, work: 
 
     sig = with_shard(signatures(stage_name, n, shard_rows, s, seed), shard_name(s))
     stage = make_stage(stage_name)
-    t = time.perf_counter()
+    t = time.process_time()
     pq.write_table(stage.sample(sig), f"{work}/sample/{s:05d}.parquet")
-    return {"decide_s": time.perf_counter() - t}
+    return {"decide_s": time.process_time() - t}
 
 
 def t_fit(stage_name: str, shards: int, work: str) -> dict[str, Any]:
     stage = make_stage(stage_name)
-    t = time.perf_counter()
+    t = time.process_time()
     stage.fit(pq.read_table(f"{work}/sample/{s:05d}.parquet") for s in range(shards))
     Path(f"{work}/stage.pkl").write_bytes(pickle.dumps(stage))
-    return {"decide_s": time.perf_counter() - t}
+    return {"decide_s": time.process_time() - t}
 
 
 def _load_stage(stage_name: str, work: str):
@@ -250,17 +252,17 @@ def t_partition(stage_name: str, n: int, shard_rows: int, s: int, seed: int, wor
 
     sig = with_shard(signatures(stage_name, n, shard_rows, s, seed), shard_name(s))
     stage = _load_stage(stage_name, work)
-    t = time.perf_counter()
+    t = time.process_time()
     rows = stage.partition(sig)
     nbytes = rows.nbytes
     for p, part in split_by_partition(rows, partitions):
         pq.write_table(part, f"{work}/parts/{p:03d}/{s:05d}.parquet")
-    return {"decide_s": time.perf_counter() - t, "shuffle_bytes": nbytes}
+    return {"decide_s": time.process_time() - t, "shuffle_bytes": nbytes}
 
 
 def t_decide_partition(stage_name: str, p: int, work: str) -> dict[str, Any]:
     stage = _load_stage(stage_name, work)
-    t = time.perf_counter()
+    t = time.process_time()
     folder = Path(f"{work}/parts/{p:03d}")
     files = sorted(folder.glob("*.parquet"))
     if not files:
@@ -268,16 +270,16 @@ def t_decide_partition(stage_name: str, p: int, work: str) -> dict[str, Any]:
     rows = pa.concat_tables([pq.read_table(f) for f in files])
     partial = stage.decide_partition(rows)
     pq.write_table(partial, f"{work}/partials/{p:03d}.parquet")
-    return {"decide_s": time.perf_counter() - t, "rows": rows.num_rows}
+    return {"decide_s": time.process_time() - t, "rows": rows.num_rows}
 
 
 def t_combine(stage_name: str, work: str) -> dict[str, Any]:
     stage = _load_stage(stage_name, work)
-    t = time.perf_counter()
+    t = time.process_time()
     partials = [pq.read_table(f) for f in sorted(Path(f"{work}/partials").glob("*.parquet"))]
     combined = stage.combine(partials)
     pq.write_table(combined, f"{work}/combined.parquet")
-    return {"decide_s": time.perf_counter() - t, "edges_or_partials": sum(p.num_rows for p in partials),
+    return {"decide_s": time.process_time() - t, "edges_or_partials": sum(p.num_rows for p in partials),
             "combined_rows": combined.num_rows}
 
 
@@ -287,14 +289,14 @@ def t_shard_decisions(stage_name: str, n: int, shard_rows: int, s: int, seed: in
 
     sig = with_shard(signatures(stage_name, n, shard_rows, s, seed), shard_name(s))
     stage = _load_stage(stage_name, work)
-    t = time.perf_counter()
+    t = time.process_time()
     schema = pq.read_schema(f"{work}/combined.parquet")
     if SHARD_COL in schema.names:
         mine = pq.read_table(f"{work}/combined.parquet", filters=[(SHARD_COL, "=", shard_name(s))])
     else:
         mine = pq.read_table(f"{work}/combined.parquet")
     pq.write_table(normalize_decisions(stage.shard_decisions(mine, sig)), f"{work}/decisions/{s:05d}.parquet")
-    return {"decide_s": time.perf_counter() - t}
+    return {"decide_s": time.process_time() - t}
 
 
 def t_single(stage_name: str, n: int, shard_rows: int, shards: int, seed: int, work: str) -> dict[str, Any]:
@@ -302,11 +304,12 @@ def t_single(stage_name: str, n: int, shard_rows: int, shards: int, seed: int, w
 
     sig = pa.concat_tables([signatures(stage_name, n, shard_rows, s, seed) for s in range(shards)])
     stage = make_stage(stage_name)
-    t = time.perf_counter()
+    t, wall = time.process_time(), time.perf_counter()
     decisions = decide_local(stage, sig)
-    decide_s = time.perf_counter() - t
+    decide_s = time.process_time() - t
+    wall = time.perf_counter() - wall
     pq.write_table(decisions, f"{work}/single.parquet")
-    return {"decide_s": decide_s}
+    return {"decide_s": decide_s, "wall_s": wall}
 
 
 def t_baseline(stage_name: str) -> dict[str, Any]:
@@ -349,9 +352,10 @@ def run_partitioned(stage_name: str, n: int, shard_rows: int, shards: int, parti
     baseline = _pool_run(1, [(t_baseline, (stage_name,))])[0]
     decide_s = sum(r["decide_s"] for rs in steps.values() for r in rs)
     peaks = {k: _mib(max(r["peak_kib"] for r in rs)) for k, rs in steps.items()}
+    cpu = {k: round(sum(r["decide_s"] for r in rs), 2) for k, rs in steps.items()}
     parts = steps["decide_partition"]
     return {"largest_process_peak_mib": max(max(peaks.values()), _mib(_peak_kib())),
-            "peak_mib_by_step": peaks, "driver_peak_mib": _mib(_peak_kib()),
+            "peak_mib_by_step": peaks, "cpu_s_by_step": cpu, "driver_peak_mib": _mib(_peak_kib()),
             "process_baseline_mib": _mib(baseline["peak_kib"]),
             "decide_s": round(decide_s, 2), "us_per_row": round(1e6 * decide_s / n, 2), "wall_s": round(wall, 1),
             "largest_partition_rows": max(r.get("rows", 0) for r in parts),
@@ -388,7 +392,7 @@ def child(args: argparse.Namespace) -> int:
     if args.child == "single":
         r = _pool_run(1, [(t_single, (args.stage, args.n, args.shard_rows, shards, args.seed, args.work))])[0]
         print(json.dumps({"largest_process_peak_mib": _mib(r["peak_kib"]), "decide_s": round(r["decide_s"], 2),
-                          "us_per_row": round(1e6 * r["decide_s"] / args.n, 2)}))
+                          "us_per_row": round(1e6 * r["decide_s"] / args.n, 2), "wall_s": round(r["wall_s"], 1)}))
     else:
         print(json.dumps(run_partitioned(args.stage, args.n, args.shard_rows, shards, args.partitions, args.seed,
                                          args.workers, args.work)))
