@@ -203,18 +203,23 @@ def describe_error(exc: BaseException) -> tuple[int, str]:
 
     2: the configuration or a source's format (ConfigError, SourceFormatError), 4: I/O (unwritable output,
     full disk, an input gone while reading), 1: anything else (a bug). Engines wrap worker exceptions (Ray's
-    RayTaskError, Beam's re-raise), so the cause chain is searched for the first known kind.
+    RayTaskError, Beam's re-raise), so the cause chain is searched and its innermost known error reported.
     """
-    for e in _cause_chain(exc):
-        # by name: importing pipelines.readers here could itself fail and hide the original error
-        if isinstance(e, ConfigError) or any(c.__name__ == "SourceFormatError" for c in type(e).__mro__):
-            mark = getattr(e.__cause__, "problem_mark", None)  # yaml.MarkedYAMLError: say where, briefly
-            if mark is not None and ": not valid YAML" in str(e):
-                where = str(e).split(": not valid YAML", 1)[0]
-                return 2, (f"{where}: not valid YAML at line {mark.line + 1}, column {mark.column + 1}: "
-                           f"{getattr(e.__cause__, 'problem', None) or 'parse error'}")
+    chain = _cause_chain(exc)
+    known = [e for e in chain  # by name: importing pipelines.readers here could itself fail and hide the error
+             if isinstance(e, ConfigError) or any(c.__name__ == "SourceFormatError" for c in type(e).__mro__)]
+    if known:
+        e = known[-1]  # the innermost: Ray's wrapper is an instance of its cause too, with a remote traceback
+        mark = getattr(e.__cause__, "problem_mark", None)  # yaml.MarkedYAMLError: say where, briefly
+        if mark is not None and ": not valid YAML" in str(e):
+            where = str(e).split(": not valid YAML", 1)[0]
+            return 2, (f"{where}: not valid YAML at line {mark.line + 1}, column {mark.column + 1}: "
+                       f"{getattr(e.__cause__, 'problem', None) or 'parse error'}")
+        if isinstance(e, ConfigError):
             return 2, one_line(str(e))
-    for e in _cause_chain(exc):
+        # a SourceFormatError is one line by construction; Ray Data appends its retry advice after a newline
+        return 2, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    for e in chain:
         if isinstance(e, OSError):
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
             return 4, one_line(f"{type(e).__name__}: {e.strerror or e}{where}")

@@ -24,21 +24,33 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if p not in (str(_ROOT), _HERE
 
 def main(argv: list[str] | None = None) -> int:
     from pipelines.executors.ray_data import ensure_ray, run_ray
-    from schemas.config import ConfigError, load_config
+    from schemas.config import load_config
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML run config")
     ap.add_argument("--round", type=int, help="recaption round K (fills {round}/{prev_round} in paths)")
     ap.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="print the traceback of an error")
     args = ap.parse_args(argv)
     try:
         config = load_config(args.config, {"engine": "ray"}, round=args.round)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    ensure_ray(args.address or config.ray.address)
-    stats = run_ray(config, progress=not args.no_progress)
+        ensure_ray(args.address or config.ray.address)
+        stats = run_ray(config, progress=not args.no_progress)
+    except Exception as e:  # noqa: BLE001 - the CLI's rule: one `error:` line, exit 2 for config/source errors
+        import traceback
+
+        from pipelines.cli import describe_error
+
+        code, message = describe_error(e)
+        if args.verbose:
+            traceback.print_exc()
+        print(f"error: {message}", file=sys.stderr)
+        return code
+    from pipelines.health import warning_lines
+
+    for line in warning_lines(stats, config.sources):
+        print(line, file=sys.stderr)
     total = stats["total"]
     print(json.dumps({"output": config.output.path, "round": args.round, "balanced": stats["balanced"],
                       **{k: total[k] for k in ("rows_in", "kept", "dropped", "quarantined")}}))

@@ -90,7 +90,7 @@ class CoyoParquetReader:
             return pq.ParquetFile(f, buffer_size=_STREAM_BUFFER, pre_buffer=False)
         except (pa.ArrowException, OSError, ValueError) as e:  # ValueError: undecodable names in the footer
             raise SourceFormatError(f"source {self.source.name!r}: {where} is not a readable parquet file: "
-                                    f"{short_error(e)}") from e
+                                    f"{' '.join(short_error(e).split())}") from e  # one line: see cli
 
     def read(self, shard: InputShard, batch_size: int) -> Iterator[pa.Table]:
         fs, path = url_to_fs(shard.path, self.source.storage_options)
