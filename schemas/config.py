@@ -103,8 +103,9 @@ class CaptionHygieneConfig(_Strict):
 class DedupConfig(_Strict):
     """Duplicate removal across all sources; groups from every method are joined with union-find.
 
-    Put a dedup stage with exact/phash *before* clipscore (cheap, saves GPU time; keeper = smallest id)
-    and one with semantic *after* it (needs embeddings; keeper = highest CLIP score, then smallest id).
+    Put a dedup stage with exact/phash *before* clipscore (cheap, saves GPU time) and one with semantic
+    *after* it (needs embeddings). Keeper of a group (curation/dedup/keeper.py): a member the writer
+    will publish, then the most pixels, then the highest CLIP score, then the smallest id.
     """
 
     type: Literal["dedup"] = "dedup"
@@ -113,7 +114,13 @@ class DedupConfig(_Strict):
     phash_max_distance: int = 4  # Hamming distance k on 64-bit pHash
     phash_confirm: Literal["thumbnail", "clip", "none"] = "thumbnail"  # second signal for pHash candidates
     thumbnail_max_distance: float = 0.08  # mean |a-b| of 16x16 grey thumbnails, in [0, 1]
-    thumbnail_neighbours: int = 5  # also pair each image with its k nearest thumbnails (crops); 0: off
+    # thumbnail confirmation, the colour-aware part (curation/dedup/thumbnails.py; tuned on pipelines/dedup_eval.py)
+    thumbnail_max_local_distance: float = 0.3  # largest grey cell difference (3x3-neighbourhood tolerant), [0, 1]
+    colour_max_local_delta_e: float = 22.0  # largest Lab cell difference (CIE76 delta E, 3x3-tolerant)
+    colour_max_mean_delta_e: float = 6.0  # delta E of the mean colours, and of the backgrounds cropped away
+    thumbnail_max_shift: float = 0.12  # content-box move, as a fraction of the side (a 5% crop moves it ~0.05)
+    thumbnail_max_detail: float = 0.085  # 98th-percentile 32x32 grey cell difference of content-aligned pictures
+    thumbnail_neighbours: int = 10  # also pair each image with its k nearest thumbnails (crops); 0: off
     clip_confirm_min_cosine: float = 0.9
     minhash_num_perm: int = 128
     minhash_threshold: float = 0.8  # Jaccard over word shingles

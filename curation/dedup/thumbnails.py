@@ -1,59 +1,233 @@
-"""Small content thumbnails: the second signal that confirms (or rejects) a pHash candidate pair.
+"""Small content thumbnails: the second signal that confirms (or rejects) a perceptual candidate pair.
 
-pHash keeps only the signs of low DCT frequencies, so flat, low-texture images (plain colours, a word
-on white) collide. A thumbnail keeps absolute grey levels and colour. Before shrinking, the image is
-cropped to its content box when it sits on a uniform background: a word on a white page then fills the
-16x16 grid, so two different words differ by ~0.2 mean |a-b| instead of ~0.005, while a re-encoded,
-resized or slightly cropped copy stays under ~0.07 (measured on synthetic shapes/words/photos).
+pHash keeps only the signs of low DCT frequencies of a grey image, so flat, low-texture pictures
+collide, and it is blind to colour: a green and a grey-green label card, one shape on a cream and on a
+grey background, one product in two colours of the same lightness all hash alike. The thumbnail keeps
+what pHash drops, in 1032 bytes:
+
+* a 16x16 grey grid (absolute grey levels; also the vector for nearest-neighbour candidates),
+* an 8x8 colour grid in CIE Lab (a perceptual space: a Euclidean distance there, CIE76 delta E, is
+  about how different two colours look; ~2.3 is a just-noticeable difference),
+* the content box and the background colour (Lab) when the picture sits on a flat background,
+* a 32x32 grey detail grid, compared cell by cell only when both pictures were cropped to a content box
+  of at least half their size (then they are aligned to well under a cell): other words on the same
+  card differ there.
+
+Before shrinking, the picture is cropped to its content box when most of its border is one colour: a
+word or a shape on a page then fills the grids, so re-encoded, resized or slightly cropped copies line
+up, while the box (where the content sits) and the background colour (what was cropped away) are kept
+and compared on their own: a shape moved across the page, or put on another background, is another
+picture.
+
+:func:`confirm_pairs` accepts a pair only when every signal agrees (all thresholds in DedupConfig):
+mean grey difference, the largest local grey and colour differences (each cell compared with the
+other's 3x3 neighbourhood, so a 1-5% crop or a resize that shifts the grid by under a cell does not
+count), the difference of mean colours, the content-box shift and the background colour. Measured on
+the generated evaluation set (pipelines/dedup_eval.py, benchmarks/bench_dedup_recall.py): JPEG q35-65,
+WebP<->JPEG, resize x0.5-0.8 and 1-5% crops stay inside the thresholds; recoloured, re-backgrounded,
+moved and re-worded look-alikes fall outside.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
+from functools import lru_cache
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageCms
 
 from schemas.config import DedupConfig
 
 GREY_SIDE = 16
-RGB_SIDE = 8
-THUMB_BYTES = GREY_SIDE * GREY_SIDE + RGB_SIDE * RGB_SIDE * 3  # 256 grey + 192 RGB = 448 bytes
+RGB_SIDE = 8  # side of the colour grid (stored as Lab)
+_GREY_N = GREY_SIDE * GREY_SIDE
+_LAB_N = RGB_SIDE * RGB_SIDE * 3
+_BOX_AT = _GREY_N + _LAB_N  # 4 bytes: content box x0, y0, x1, y1 as fractions of the side * 255
+_BG_AT = _BOX_AT + 4  # 3 bytes: background Lab; 1 byte: 1 when the picture was cropped to its content
+DETAIL_SIDE = 32  # grey detail grid, compared cell by cell when both pictures are aligned by their content box
+_DETAIL_AT = _BG_AT + 4
+THUMB_BYTES = _DETAIL_AT + DETAIL_SIDE * DETAIL_SIDE  # 256 grey + 192 Lab + 4 box + 4 background + 576 detail
 _WORK_SIDE = 256  # decode size: keeps small text legible for the content box
-_BG_TOLERANCE = 32  # grey levels: a pixel this far from the border median is content
-_BORDER_MAX_STD = 8.0  # border this uniform counts as a background that may be cropped away
+_BG_MATCH = 12  # max channel difference from the border's median colour that still counts as background
+_BG_SHARE = 0.7  # share of border pixels that must match for the border to be a background
+_SIDE_SHARE = 0.9  # share of one side's pixels that must match for that side alone to be flat
+_SHARP_EDGE = 80  # median max-channel step from the background just inside a content edge
+_CONTENT = 32  # max channel difference from the background that makes a pixel content
+_L_SCALE = 255.0 / 100.0  # Lab L* in [0, 100] stored in a byte
+
+
+@lru_cache(maxsize=1)
+def _srgb_to_lab() -> ImageCms.ImageCmsTransform:
+    """littleCMS sRGB -> CIE Lab (D50) transform, built once per process."""
+    return ImageCms.buildTransformFromOpenProfiles(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"),
+                                                   "RGB", "LAB")
+
+
+def _lab_bytes(img: Image.Image) -> np.ndarray:
+    """uint8 (h, w, 3): L* x 2.55, a* + 128, b* + 128 (PIL's LAB mode stores a*, b* as signed bytes)."""
+    lab = np.asarray(ImageCms.applyTransform(img, _srgb_to_lab()), dtype=np.uint8)
+    out = lab.copy()
+    out[..., 1:] = (lab[..., 1:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    return out
+
+
+def _side_pairs(small: np.ndarray) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """(colour, sides) for every two sides that are each flat and of one colour (a crop cut into the
+    content on the other sides). Sides: 0 top, 1 bottom, 2 left, 3 right."""
+    sides = [small[0], small[-1], small[:, 0], small[:, -1]]
+    medians = [np.median(side, axis=0) for side in sides]
+    flat = [(np.abs(side - m).max(axis=1) <= _BG_MATCH).mean() >= _SIDE_SHARE for side, m in zip(sides, medians, strict=True)]
+    return [((medians[a] + medians[b]) / 2, (a, b)) for a, b in itertools.combinations(range(4), 2)
+            if flat[a] and flat[b] and np.abs(medians[a] - medians[b]).max() <= 2 * _BG_MATCH]
+
+
+def _box(rgb: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
+    """(difference from ``bg``, content box) at full resolution (the box must be exact to a pixel for
+    the detail grid); rows/columns count with at least two content pixels, so stray noise does not."""
+    diff = np.abs(rgb.astype(np.int16) - np.round(bg).astype(np.int16)).max(axis=2)
+    mask = diff > _CONTENT
+    ys, xs = np.flatnonzero(mask.sum(1) >= 2), np.flatnonzero(mask.sum(0) >= 2)
+    if not ys.size or not xs.size:
+        return None
+    return diff, (int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1)
+
+
+def _sharp_edges(diff: np.ndarray, box: tuple[int, int, int, int], sides: tuple[int, int]) -> bool:
+    """Content starts with a sharp step from the background just inside the box on ``sides``."""
+    h, w = diff.shape
+    x0, y0, x1, y1 = box
+    inside = 2  # pixels in from the box edge: past the antialiased edge
+    lines = {0: diff[min(y0 + inside, h - 1), x0:x1], 1: diff[max(y1 - 1 - inside, 0), x0:x1],
+             2: diff[y0:y1, min(x0 + inside, w - 1)], 3: diff[y0:y1, max(x1 - 1 - inside, 0)]}
+    return all(lines[s].size and float(np.median(lines[s])) >= _SHARP_EDGE for s in sides)
+
+
+def _content_box(rgb: np.ndarray) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
+    """(box, background RGB) when the picture sits on a flat background and something else is inside.
+
+    The background is judged on a 2x2-averaged copy, so grain and JPEG noise neither break a flat
+    background nor count as content. It is most of the border, or else two sides that are flat and
+    alike (a crop cut into the content on the others) where the content then starts with a sharp edge
+    (a card's border): the flat side strips of a vignette fade into the picture and are not a
+    background (they would be cropped in some copies and not in others).
+    """
+    h, w = rgb.shape[:2]
+    small = rgb[: h // 2 * 2, : w // 2 * 2].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
+    border = np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]])
+    bg = np.median(border, axis=0)
+    if (np.abs(border - bg).max(axis=1) <= _BG_MATCH).mean() >= _BG_SHARE:
+        found = _box(rgb, bg)
+        return (found[1], np.round(bg).astype(np.uint8)) if found else None
+    for colour, sides in _side_pairs(small):
+        found = _box(rgb, colour)
+        if found and _sharp_edges(found[0], found[1], sides):
+            return found[1], np.round(colour).astype(np.uint8)
+    return None
 
 
 def thumbnail(data: bytes) -> bytes:
-    """16x16 grey + 8x8 RGB thumbnail of encoded image bytes (448 bytes), content-cropped."""
+    """The THUMB_BYTES signature of encoded image bytes (see the module docstring for the layout)."""
     img = Image.open(io.BytesIO(data))
     if img.format in ("JPEG", "MPO"):
         img.draft("RGB", (_WORK_SIDE, _WORK_SIDE))  # DCT-domain downscale: 2-8x faster decode
     img = img.convert("RGB")
     img.thumbnail((_WORK_SIDE, _WORK_SIDE), Image.Resampling.BILINEAR)
-    grey = np.asarray(img.convert("L"), dtype=np.int16)
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    if border.std() <= _BORDER_MAX_STD:
-        mask = np.abs(grey - np.median(border)) > _BG_TOLERANCE
-        if mask.any():
-            ys, xs = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-            h, w = grey.shape
-            img = img.crop((max(xs[0] - 1, 0), max(ys[0] - 1, 0), min(xs[-1] + 2, w), min(ys[-1] + 2, h)))
-    g = img.convert("L").resize((GREY_SIDE, GREY_SIDE), Image.Resampling.BOX)
-    c = img.resize((RGB_SIDE, RGB_SIDE), Image.Resampling.BOX)
-    return np.asarray(g, dtype=np.uint8).tobytes() + np.asarray(c, dtype=np.uint8).tobytes()
+    w, h = img.size
+    found = _content_box(np.asarray(img))
+    box_bytes = np.array([0, 0, 255, 255], dtype=np.uint8)
+    background = np.zeros(4, dtype=np.uint8)
+    if found is not None:
+        box, bg = found
+        img = img.crop(box)
+        box_bytes = np.round(np.array([box[0] / w, box[1] / h, box[2] / w, box[3] / h]) * 255).astype(np.uint8)
+        background[:3] = _lab_bytes(Image.new("RGB", (1, 1), tuple(int(v) for v in bg)))[0, 0]
+        background[3] = 1
+    grey = img.convert("L")
+    g = grey.resize((GREY_SIDE, GREY_SIDE), Image.Resampling.BOX)
+    c = img.resize((RGB_SIDE, RGB_SIDE), Image.Resampling.BOX)  # averaged in sRGB, then to Lab
+    d = grey.resize((DETAIL_SIDE, DETAIL_SIDE), Image.Resampling.BOX)
+    return b"".join([np.asarray(g, dtype=np.uint8).tobytes(), _lab_bytes(c).tobytes(), box_bytes.tobytes(),
+                     background.tobytes(), np.asarray(d, dtype=np.uint8).tobytes()])
+
+
+def _lab(x: np.ndarray) -> np.ndarray:
+    """Stored Lab bytes (..., 3) -> float L*, a*, b*."""
+    out = x.astype(np.float32)
+    out[..., 0] /= _L_SCALE
+    out[..., 1:] -= 128.0
+    return out
+
+
+def _local_max(a: np.ndarray, b: np.ndarray, interpolate: bool = False) -> np.ndarray:
+    """Per pair, the largest over inner cells of the distance from a cell to the other grid's 3x3
+    neighbourhood (both directions): local changes count, shifts under a cell do not, and the outer
+    ring, where a crop cuts, is left out.
+
+    ``interpolate``: the distance to the segments from the other grid's cell to each neighbour (a cell
+    moved by half a cell looks like the mix of two cells), not to the cells alone; for colour grids,
+    whose neighbouring cells of a photo differ a lot. ``a``, ``b``: (m, side, side, channels) float32.
+    Hand-written (9 shifted array views) because no library offers a shift-tolerant cell distance over
+    many small grids at once.
+    """
+    side = a.shape[1]
+
+    def one_way(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        padded = np.pad(y, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+        best = np.full(x.shape[:3], np.inf, dtype=np.float32)
+        for dy in range(3):
+            for dx in range(3):
+                n = padded[:, dy:dy + side, dx:dx + side]
+                if interpolate:  # closest point of the segment y -> n
+                    seg = n - y
+                    t = np.clip(((x - y) * seg).sum(axis=3) / np.maximum((seg * seg).sum(axis=3), 1e-6), 0.0, 1.0)
+                    n = y + t[..., None] * seg
+                d = np.sqrt(((x - n) ** 2).sum(axis=3))
+                np.minimum(best, d, out=best)
+        return best[:, 1:-1, 1:-1].reshape(len(x), -1).max(axis=1)
+
+    return np.maximum(one_way(a, b), one_way(b, a))
+
+
+def _large_box(t: np.ndarray) -> np.ndarray:
+    """Content box at least half the picture in both directions: its edges are then located to well
+    under a detail cell (a box of a small shape is off by about a cell, which the detail grid would count)."""
+    box = t[:, _BOX_AT:_BG_AT].astype(np.int16)
+    return ((box[:, 2] - box[:, 0]) >= 128) & ((box[:, 3] - box[:, 1]) >= 128)
+
+
+def thumbnail_signals(thumbs: np.ndarray, pairs: np.ndarray) -> dict[str, np.ndarray]:
+    """Per pair, every signal :func:`confirm_pairs` thresholds; ``thumbs`` is (n, THUMB_BYTES) uint8."""
+    a, b = thumbs[pairs[:, 0]], thumbs[pairs[:, 1]]
+    ga = a[:, :_GREY_N].astype(np.float32).reshape(-1, GREY_SIDE, GREY_SIDE, 1)
+    gb = b[:, :_GREY_N].astype(np.float32).reshape(-1, GREY_SIDE, GREY_SIDE, 1)
+    la = _lab(a[:, _GREY_N:_BOX_AT].reshape(-1, RGB_SIDE, RGB_SIDE, 3))
+    lb = _lab(b[:, _GREY_N:_BOX_AT].reshape(-1, RGB_SIDE, RGB_SIDE, 3))
+    both_cropped = (a[:, _BG_AT + 3] == 1) & (b[:, _BG_AT + 3] == 1)
+    background = np.sqrt(((_lab(a[:, _BG_AT:_BG_AT + 3]) - _lab(b[:, _BG_AT:_BG_AT + 3])) ** 2).sum(axis=1))
+    # aligned by their (large) content boxes, two copies agree cell by cell; other words or marks do not.
+    # The 98th percentile over inner cells ignores the few cells that resampling of sharp edges moves.
+    da = a[:, _DETAIL_AT:].astype(np.float32).reshape(-1, DETAIL_SIDE, DETAIL_SIDE)[:, 1:-1, 1:-1]
+    db = b[:, _DETAIL_AT:].astype(np.float32).reshape(-1, DETAIL_SIDE, DETAIL_SIDE)[:, 1:-1, 1:-1]
+    detail = np.quantile(np.abs(da - db).reshape(len(a), -1), 0.98, axis=1) / 255.0 if len(a) else np.zeros(0)
+    return {
+        "grey_mean": np.abs(ga - gb).mean(axis=(1, 2, 3)) / 255.0,
+        "grey_local": _local_max(ga, gb) / 255.0,
+        "colour_local": _local_max(la, lb, interpolate=True),
+        "colour_mean": np.sqrt(((la.mean(axis=(1, 2)) - lb.mean(axis=(1, 2))) ** 2).sum(axis=1)),
+        "shift": np.abs(a[:, _BOX_AT:_BG_AT].astype(np.float32) - b[:, _BOX_AT:_BG_AT]).max(axis=1) / 255.0,
+        "background": np.where(both_cropped, background, 0.0).astype(np.float32),
+        "detail": np.where(both_cropped & _large_box(a) & _large_box(b), detail, 0.0).astype(np.float32),
+    }
 
 
 def thumbnail_distances(thumbs: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Per pair: max(grey, rgb) mean |a-b| in [0, 1]; ``thumbs`` is (n, THUMB_BYTES) uint8."""
+    """Per pair: mean |a-b| of the grey grids in [0, 1] (a nearest-neighbour distance, not a decision)."""
     out = np.empty(len(pairs), dtype=np.float32)
-    grey_n = GREY_SIDE * GREY_SIDE
     for s in range(0, len(pairs), 65536):
         p = pairs[s:s + 65536]
-        diff = np.abs(thumbs[p[:, 0]].astype(np.int16) - thumbs[p[:, 1]].astype(np.int16))
-        grey = diff[:, :grey_n].mean(axis=1)
-        rgb = diff[:, grey_n:].mean(axis=1)
-        out[s:s + 65536] = np.maximum(grey, rgb) / 255.0
+        diff = np.abs(thumbs[p[:, 0], :_GREY_N].astype(np.int16) - thumbs[p[:, 1], :_GREY_N].astype(np.int16))
+        out[s:s + 65536] = diff.mean(axis=1) / 255.0
     return out
 
 
@@ -63,9 +237,17 @@ def confirm_pairs(thumbs: np.ndarray, pairs: np.ndarray, cfg: DedupConfig) -> np
     A pure function of the two thumbnails and the config, so a partitioned decide can call it on any
     worker that holds both items' signatures.
     """
-    if len(pairs) == 0:
-        return np.zeros(0, dtype=bool)
-    return thumbnail_distances(thumbs, pairs) <= cfg.thumbnail_max_distance
+    ok = np.zeros(len(pairs), dtype=bool)
+    for s in range(0, len(pairs), 8192):  # bounded memory: 9 shifted float copies per chunk
+        sig = thumbnail_signals(thumbs, pairs[s:s + 8192])
+        ok[s:s + 8192] = ((sig["grey_mean"] <= cfg.thumbnail_max_distance)
+                          & (sig["grey_local"] <= cfg.thumbnail_max_local_distance)
+                          & (sig["colour_local"] <= cfg.colour_max_local_delta_e)
+                          & (sig["colour_mean"] <= cfg.colour_max_mean_delta_e)
+                          & (sig["background"] <= cfg.colour_max_mean_delta_e)
+                          & (sig["shift"] <= cfg.thumbnail_max_shift)
+                          & (sig["detail"] <= cfg.thumbnail_max_detail))
+    return ok
 
 
 def confirm_pair(thumb_a: bytes, thumb_b: bytes, cfg: DedupConfig) -> bool:
