@@ -381,3 +381,23 @@ def test_corrupt_compressed_jsonl_is_one_quarantined_row(tmp_path: Path) -> None
         rows = read_rows(SourceConfig(name="m", kind="mmc4", paths=[str(tmp_path / name)]))
         assert [r["drop_reason"] for r in rows] == ["jsonl_truncated"], name
         assert "BadZipFile" in json.loads(rows[0]["meta"])["error"]
+
+
+def test_source_health_causes() -> None:
+    """The likely cause follows the largest group of failing references; a source that kept nothing is
+    flagged even when its references resolved."""
+    from pipelines.health import source_health, warning_lines
+
+    urls = source_health({"rows_in": 10, "kept": 2, "reasons": {"read:failed_to_download": 7, "read:opt_out": 1}})
+    assert urls["status"] == "warning" and urls["failed"] == 7  # opt-outs are the site's choice, not failures
+    assert urls["cause"].startswith("7 of 10 image references could not be downloaded")
+    unsafe = source_health({"rows_in": 4, "kept": 0, "reasons": {"read:image_path_unsafe": 4}})
+    assert "fetch_remote: true" in unsafe["cause"] and unsafe["failed_share"] == 1.0
+    lost = source_health({"rows_in": 4, "kept": 1, "reasons": {"read:missing_from_tar": 3}})
+    assert lost["cause"].startswith("shards incomplete")
+    nothing = source_health({"rows_in": 5, "kept": 0, "reasons": {"normalize:too_small": 5}})
+    assert nothing == {"status": "warning", "references": 5, "failed": 0, "failed_share": 0.0, "failures": {},
+                       "cause": "no row of 5 kept (see reasons)"}
+    ok = source_health({"rows_in": 10, "kept": 9, "reasons": {"read:image_missing": 1}})
+    assert ok["status"] == "ok" and "cause" not in ok
+    assert warning_lines({"sources": {"a": {"rows_in": 10, "kept": 9, "health": ok}}}) == []
