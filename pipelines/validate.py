@@ -566,9 +566,10 @@ def _check_world_sizes(
         for name in names:
             with fs.open(f"{base}/{posixpath.join(d, name)}", "rb") as fh:
                 text = fh.read().decode("utf-8", "replace").strip()
-            if not text.isdigit():
-                return  # already reported; the arithmetic would be meaningless
-            counts.append(int(text))
+            if text.isdigit():
+                counts.append(int(text))
+        if len(counts) < len(names):
+            continue  # a bad count is already reported; this folder's arithmetic would be meaningless
         n_listed = sum(1 for e in entries if posixpath.dirname(e) == d)
         total = sum(counts)
         label = d or "."
