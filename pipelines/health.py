@@ -109,6 +109,13 @@ def probe_source(reader: Any, shards: list[Any], limit: int = 20) -> dict[str, A
     cannot disagree with a run; reading stops once ``limit`` image references (pair rows, or MMC4 images)
     were seen. Returns ``{"checked", "found", "failures", "status", "cause"?}``.
     """
+    source = getattr(reader, "source", None)
+    if source is not None and getattr(source, "fetch_remote", False):
+        # a URL source reads ahead `prefetch_rows` downloads (4096 by default); a probe wants `limit` of them
+        from pipelines.readers import make_reader
+
+        reader = make_reader(source.model_copy(update={"fetch": source.fetch.model_copy(
+            update={"prefetch_rows": max(limit, 1)})}))
     counts: dict[str, Any] = {"rows_in": 0, "kept": 0, "images_in": 0, "reasons": {}, "image_reasons": {}}
     for shard in shards:
         tables = reader.read(shard, batch_size=limit)

@@ -401,3 +401,31 @@ def test_source_health_causes() -> None:
     ok = source_health({"rows_in": 10, "kept": 9, "reasons": {"read:image_missing": 1}})
     assert ok["status"] == "ok" and "cause" not in ok
     assert warning_lines({"sources": {"a": {"rows_in": 10, "kept": 9, "health": ok}}}) == []
+
+
+def test_url_source_with_dead_links_is_flagged_and_probed_cheaply(tmp_path: Path, capsys) -> None:
+    """A URL-only COYO source (fetch_remote) whose links are mostly dead: `inputs` probes 20 of them through
+    the real fetcher and fails, the run flags the source on screen and in stats.json."""
+    from loopback_http import LoopbackServer
+
+    img = jpeg(size=32)
+    n = 300
+    with LoopbackServer({f"/{i}.jpg": [(200, {"Content-Type": "image/jpeg"}, img)] for i in range(0, n, 10)},
+                        max_requests=2 * n) as server:
+        pq.write_table(pa.table({"id": [str(i) for i in range(n)], "text": [f"t {i}" for i in range(n)],
+                                 "url": [server.url(f"/{i}.jpg") for i in range(n)]}), tmp_path / "urls.parquet")
+        source = {"name": "coyo", "kind": "coyo_parquet", "paths": [str(tmp_path / "urls.parquet")],
+                  "image_path_column": "url", "fetch_remote": True, "allow_private_networks": True,
+                  "fetch": {"retries": 0, "timeout_s": 5}}
+        config = _config(tmp_path, [source])
+        code, out, err = _cli(capsys, "inputs", str(config), "--probe", "20")
+        probe = json.loads(out.strip().splitlines()[-1])["references"]["coyo"]
+        assert code == 1 and probe["checked"] == 20 and probe["found"] == 2, probe
+        assert probe["failures"] == {"failed_to_download": 18}
+        assert len(server.paths_requested()) <= 60  # a probe, not a download of the source
+
+        code, out, err = _cli(capsys, "run", str(config), "--no-progress")
+        assert code == 0
+        assert "warning: source 'coyo': 270 of 300 image references could not be downloaded" in err
+        health = json.loads((tmp_path / "out" / "stats.json").read_text())["sources"]["coyo"]["health"]
+        assert health["failures"] == {"failed_to_download": 270} and health["status"] == "warning"
