@@ -116,7 +116,7 @@ class _Painter:
         return self._fonts[size]
 
     def size(self) -> tuple[int, int]:
-        return self.g.randint(460, 640), self.g.randint(420, 560)
+        return self.g.randint(480, 640), self.g.randint(450, 560)  # a 10% crop then x0.5 stays >= 200 px
 
     def card(self, w: int, h: int, colour: tuple[int, int, int], words: list[str]) -> Image.Image:
         """A label card filling most of the picture: coloured panel, white title, a darker band."""
@@ -234,10 +234,11 @@ def make_dedup_eval(seed: int = 0, families: int = 16, copies: int = 3) -> Dedup
                         ("moved", p.shape(w, h, bg0, s0, label, (x + p.rng.uniform(0.25, 0.35), y))),
                         ("colour", p.shape(w, h, bg0, s1, label, (x, y)))]
         elif kind == "product":  # one product in two colours of the same grey
+            m = f // len(KINDS)  # product type m % 3; products of one type step through the hues
+            hue = ((m // 3) * GOLDEN + (m % 3) / 3) % 1.0 * 0.5 + p.rng.uniform(0.0, 0.02)
             c0 = _hsv(hue, p.rng.uniform(0.55, 0.8), p.rng.uniform(0.55, 0.8))
             c1 = _same_grey(_hsv(hue + 0.5, 0.7, 0.7), c0)
             top = p.rng.uniform(226, 245, size=3)
-            m = f // len(KINDS)  # product type and position classes: families of close hues differ in shape
             layout = {"type": ("bottle", "jar", "box")[m % 3], "cx": (0.3, 0.5, 0.7)[(m // 3) % 3],
                       "body_w": p.rng.uniform(0.25, 0.32),
                       "top": p.rng.uniform(0.1, 0.2),

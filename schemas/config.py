@@ -119,7 +119,7 @@ class DedupConfig(_Strict):
     colour_max_local_delta_e: float = 22.0  # largest Lab cell difference (CIE76 delta E, 3x3-tolerant)
     colour_max_mean_delta_e: float = 6.0  # delta E of the mean colours, and of the backgrounds cropped away
     thumbnail_max_shift: float = 0.12  # content-box move, as a fraction of the side (a 5% crop moves it ~0.05)
-    thumbnail_max_detail: float = 0.085  # 98th-percentile 32x32 grey cell difference of content-aligned pictures
+    thumbnail_max_detail: float = 0.095  # 98th-percentile 32x32 grey cell difference of content-aligned pictures
     thumbnail_neighbours: int = 10  # also pair each image with its k nearest thumbnails (crops); 0: off
     clip_confirm_min_cosine: float = 0.9
     minhash_num_perm: int = 128
