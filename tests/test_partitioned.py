@@ -121,6 +121,19 @@ def test_partitioned_equals_single_process(synthetic: pa.Table, name: str) -> No
         assert _sorted(pa.concat_tables(per_shard.values())) == reference, (partitions, shards)
 
 
+def test_full_sample_gives_the_same_clusters_for_any_split(synthetic: pa.Table, monkeypatch) -> None:
+    """When the bottom-M sample is full, the cluster count comes from the KMV estimate of the sample
+    alone, so the reference and every shard split train the same centroids."""
+    import curation.dedup.partitioned as part
+
+    monkeypatch.setattr(part, "SAMPLE_ROWS", 400)
+    monkeypatch.setattr(part, "THUMB_CLUSTER_ROWS", 300)
+    cfg = CONFIGS["images"]
+    reference = _sorted(DedupStage(cfg).decide(synthetic))
+    per_shard = decide_partitioned(DedupStage(cfg), _shards(synthetic, 6, 5), 5)
+    assert _sorted(pa.concat_tables(per_shard.values())) == reference
+
+
 def test_crops_found_only_by_thumbnail_neighbours_in_clusters(synthetic: pa.Table) -> None:
     """More thumbnails than one cluster holds: the k-means clusters are in use, and crops are still found."""
     stage = DedupStage(CONFIGS["images"])

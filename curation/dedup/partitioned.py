@@ -180,9 +180,10 @@ def train_centroids(x: np.ndarray, k: int, spherical: bool, seed: int, scale: fl
     return Centroids(np.rint(km.centroids.astype(np.float64) * scale), spherical)
 
 
-def estimate_rows(ranks: np.ndarray, seen: int, m: int) -> int:
-    """Rows behind a bottom-m sample: exact when fewer than m were seen, else the KMV estimate."""
-    if seen <= m or len(ranks) < m:
+def estimate_rows(ranks: np.ndarray, m: int) -> int:
+    """Rows behind a bottom-m sample: exact when it is not full, else the KMV estimate. A function of the
+    sample alone (never of how many rows the shards' samples held), so every split of the data agrees."""
+    if len(ranks) < m:
         return len(ranks)
     return int((m - 1) * 2.0**64 / (float(ranks[m - 1]) + 1.0))
 
@@ -394,20 +395,18 @@ class PartitionedDedup:
 
     def fit(self, samples: Iterable[pa.Table]) -> None:
         kept: dict[str, pa.Table] = {}
-        seen: dict[str, int] = {}
         for s in samples:
             for task in ("thumb", "semantic"):
                 part = s.filter(pc.equal(s.column("task"), task))
                 if part.num_rows == 0:
                     continue
-                seen[task] = seen.get(task, 0) + part.num_rows
                 both = pa.concat_tables([kept[task], part]) if task in kept else part
                 order = pc.sort_indices(both, sort_keys=[("rank", "ascending")])[:SAMPLE_ROWS]
                 kept[task] = both.take(order)
         self.centroids = {}
         for task, tbl in kept.items():
             ranks = tbl.column("rank").to_numpy()
-            n = estimate_rows(ranks, seen[task], SAMPLE_ROWS)
+            n = estimate_rows(ranks, SAMPLE_ROWS)
             if task == "thumb":
                 x = coarse_thumbs(fixed_binary(tbl.column("thumb"), THUMB_BYTES))
                 self.centroids[task] = train_centroids(x, thumb_cluster_count(n), False, self.cfg.seed, 1020.0)
