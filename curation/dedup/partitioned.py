@@ -452,11 +452,10 @@ class PartitionedDedup:
                 parts.append(self._rows(sub, task, _part_key(task, value), band, cluster))
             elif task == "phash":
                 bands = cfg.phash_max_distance + 1
-                width = 64 // bands
                 ph = sub.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
                 for b in range(bands):
-                    w = width if b < bands - 1 else 64 - width * (bands - 1)
-                    value = (ph >> np.uint64(b * width)) & np.uint64((1 << w) - 1)
+                    start, w = band_span(b, bands)
+                    value = (ph >> np.uint64(start)) & np.uint64((1 << w) - 1)
                     key = _part_key(task, value * np.uint64(bands) + np.uint64(b))
                     parts.append(self._rows(sub, task, key, np.full(n, b, np.int32), cluster))
             elif task in ("thumb", "semantic"):
@@ -515,7 +514,8 @@ class PartitionedDedup:
                 for b in sorted(set(band_col[in_task].tolist())):
                     t = _slice(rows, in_task & (band_col == b), dedupe=True)
                     hashes = t.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
-                    pairs = hamming_pairs(hashes, cfg.phash_max_distance, "mih")
+                    pairs = _first_band_pairs(hamming_pairs(hashes, cfg.phash_max_distance, "mih"), hashes, b,
+                                              cfg.phash_max_distance + 1)
                     edges.append(_edges("phash", t, self._confirm(t, pairs)))
                 continue
             t = _slice(rows, in_task, dedupe=True)
@@ -621,6 +621,25 @@ class PartitionedDedup:
     @staticmethod
     def shard_decisions(combined: pa.Table, signatures: pa.Table) -> pa.Table:
         return combined.select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA)
+
+
+def band_span(band: int, bands: int) -> tuple[int, int]:
+    """(first bit, width) of pHash band ``band`` of ``bands`` (the last band takes the remainder)."""
+    width = 64 // bands
+    return band * width, (width if band < bands - 1 else 64 - width * (bands - 1))
+
+
+def _first_band_pairs(pairs: np.ndarray, hashes: np.ndarray, band: int, bands: int) -> np.ndarray:
+    """The pairs whose first agreeing band is ``band``: a pair that also agrees on an earlier band is
+    confirmed in that band's group (which holds both rows too), so each pair is confirmed once."""
+    if pairs.size == 0 or band == 0:
+        return pairs
+    x = hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]]
+    keep = np.ones(len(pairs), dtype=bool)
+    for earlier in range(band):
+        start, width = band_span(earlier, bands)
+        keep &= ((x >> np.uint64(start)) & np.uint64((1 << width) - 1)) != 0
+    return pairs[keep]
 
 
 def _slice(rows: pa.Table, mask: np.ndarray, dedupe: bool) -> pa.Table:
