@@ -9,7 +9,7 @@ Per seed it prints one JSON line per method: ``ours`` (DedupStage with default D
 pHash k=4 + thumbnail neighbours, every candidate confirmed by the colour-aware thumbnail) and the
 baseline ``imagehash_phash_k4`` / ``imagehash_phash_k8`` (imagehash.phash of the decoded picture,
 Hamming <= k, joined by union-find, the same scoring). Targets for ours: recall >= 0.97 and 0 merged
-pictures. Run: python benchmarks/bench_dedup_recall.py [families] [seeds]
+pictures. Run: python benchmarks/bench_dedup_recall.py [families] [seeds] [first seed]
 """
 
 from __future__ import annotations
@@ -47,5 +47,6 @@ def _fields(s: dict) -> dict:
 if __name__ == "__main__":
     families = int(sys.argv[1]) if len(sys.argv) > 1 else 40
     seeds = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    for seed in range(seeds):
+    first = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    for seed in range(first, first + seeds):
         bench(families, seed)

@@ -115,9 +115,9 @@ class DedupConfig(_Strict):
     phash_confirm: Literal["thumbnail", "clip", "none"] = "thumbnail"  # second signal for pHash candidates
     thumbnail_max_distance: float = 0.08  # mean |a-b| of 16x16 grey thumbnails, in [0, 1]
     # thumbnail confirmation, the colour-aware part (curation/dedup/thumbnails.py; tuned on pipelines/dedup_eval.py)
-    thumbnail_max_local_distance: float = 0.3  # largest grey cell difference (3x3-neighbourhood tolerant), [0, 1]
+    thumbnail_max_local_distance: float = 0.4  # largest grey cell difference (3x3-neighbourhood tolerant), [0, 1]
     colour_max_local_delta_e: float = 22.0  # largest Lab cell difference (CIE76 delta E, 3x3-tolerant)
-    colour_max_mean_delta_e: float = 6.0  # delta E of the mean colours, and of the backgrounds cropped away
+    colour_max_mean_delta_e: float = 7.0  # delta E of the mean colours, and of the backgrounds cropped away
     thumbnail_max_shift: float = 0.12  # content-box move, as a fraction of the side (a 5% crop moves it ~0.05)
     thumbnail_max_detail: float = 0.095  # 98th-percentile 32x32 grey cell difference of content-aligned pictures
     thumbnail_neighbours: int = 10  # also pair each image with its k nearest thumbnails (crops); 0: off
