@@ -330,13 +330,25 @@ def write_segment_summary(ctx: RunContext, segment: Segment, n_decisions: int, m
     summary: dict[str, Any] = {}
     summarize = getattr(segment.decide, "summarize", None)
     if summarize and n_sigs <= SUMMARY_MAX_SIGNATURES:
-        parts = [s for s in (read_shard_signatures(fs, root, seg, it.shard) for it in ctx.items) if s is not None]
+        parts = [s for s in (_summary_columns(read_shard_signatures(fs, root, seg, it.shard))
+                             for it in ctx.items) if s is not None]
         signatures = pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
         decisions = normalize_decisions(read_all_decisions(fs, root, seg, [it.shard for it in ctx.items]))
         summary = summarize(decisions, signatures)
     summary = {"stage": segment.decide.name, "signatures": n_sigs, "decisions": n_decisions,
                "decide": mode, **summary}
     write_json_atomic(fs, posixpath.join(seg_dir(root, seg), "summary.json"), summary)
+
+
+def _summary_columns(sig: pa.Table | None) -> pa.Table | None:
+    """Signatures without their bulky columns (thumbnails, MinHash, embeddings: lists and binaries),
+    which no summary reads: the summary's driver memory stays ~100 B per signature."""
+    if sig is None:
+        return None
+    bulky = [f.name for f in sig.schema
+             if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) or pa.types.is_fixed_size_binary(f.type)
+             or pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or pa.types.is_fixed_size_list(f.type)]
+    return sig.drop_columns(bulky)
 
 
 def read_decisions(fs, root: str, seg: int, items: list[WorkItem], seg_hash: str) -> pa.Table | None:
