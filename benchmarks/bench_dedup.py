@@ -79,7 +79,8 @@ def bench_state_bytes(n_items: int = 1_000_000, sample: int = 10_000, num_perm: 
            "phash": rng.integers(0, 2**63, size=sample, dtype=np.uint64),
            "thumb": [rng.bytes(THUMB_BYTES) for _ in range(sample)], "embedding": [None] * sample,
            "clip_score": [None] * sample, "text": ["a typical alt text caption of about sixty characters long"] * sample,
-           "minhash": [None] * sample}
+           "minhash": [None] * sample, "publishable": [True] * sample,
+           "pixels": rng.integers(40_000, 2_000_000, size=sample, dtype=np.int64)}
     import pyarrow as pa
     image_only = pa.Table.from_pydict(sig, schema=SIGNATURE_SCHEMA)
     sig["minhash"] = list(rng.integers(0, 2**32, size=(sample, num_perm), dtype=np.uint32))
