@@ -211,8 +211,9 @@ def make_dedup_eval(seed: int = 0, families: int = 16, copies: int = 3) -> Dedup
         fam = f"f{f:03d}"
         w, h = p.size()
         pictures: list[tuple[str, Image.Image]] = []  # (how it differs from the family's first, image)
-        # per kind, each family its own hue in [0, 0.5); colour look-alikes take theirs from [0.5, 1)
-        hue = ((f // len(KINDS)) * GOLDEN) % 1.0 * 0.5 + p.rng.uniform(0.0, 0.02)
+        # per kind, each family its own hue in [0.05, 0.47); colour look-alikes take theirs from [0.55, 0.97):
+        # a look-alike of one family is never the colour of another family (>= 0.08 of the hue circle apart)
+        hue = 0.05 + ((f // len(KINDS)) * GOLDEN) % 1.0 * 0.4 + p.rng.uniform(0.0, 0.02)
         if kind == "card":  # the case: a green and a grey-green card (same hue, less saturated)
             c0 = _hsv(hue, p.rng.uniform(0.6, 0.8), p.rng.uniform(0.55, 0.75))
             c1 = _same_grey(_hsv(hue, p.rng.uniform(0.15, 0.3), 0.7), c0)
@@ -235,7 +236,7 @@ def make_dedup_eval(seed: int = 0, families: int = 16, copies: int = 3) -> Dedup
                         ("colour", p.shape(w, h, bg0, s1, label, (x, y)))]
         elif kind == "product":  # one product in two colours of the same grey
             m = f // len(KINDS)  # product type m % 3; products of one type step through the hues
-            hue = ((m // 3) * GOLDEN + (m % 3) / 3) % 1.0 * 0.5 + p.rng.uniform(0.0, 0.02)
+            hue = 0.05 + ((m // 3) * GOLDEN + (m % 3) / 3) % 1.0 * 0.4 + p.rng.uniform(0.0, 0.02)
             c0 = _hsv(hue, p.rng.uniform(0.55, 0.8), p.rng.uniform(0.55, 0.8))
             c1 = _same_grey(_hsv(hue + 0.5, 0.7, 0.7), c0)
             top = p.rng.uniform(226, 245, size=3)
