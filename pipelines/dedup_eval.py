@@ -242,7 +242,7 @@ def make_dedup_eval(seed: int = 0, families: int = 16, copies: int = 3) -> Dedup
             top = p.rng.uniform(226, 245, size=3)
             layout = {"type": ("bottle", "jar", "box")[m % 3], "cx": (0.3, 0.5, 0.7)[(m // 3) % 3],
                       "body_w": p.rng.uniform(0.25, 0.32),
-                      "top": p.rng.uniform(0.1, 0.2),
+                      "top": (0.08, 0.2, 0.32)[(m // 9) % 3] + p.rng.uniform(0.0, 0.03),  # height class
                       "bg_top": top.tolist(), "bg_bottom": (top - p.rng.uniform(10, 30)).tolist()}
             pictures = [("original", p.product(w, h, c0, layout)), ("colour", p.product(w, h, c1, layout))]
         else:
