@@ -17,7 +17,6 @@ encoded again (text encoding is a small fraction of the image pass).
 from __future__ import annotations
 
 import io
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -305,7 +304,3 @@ def _embedding_column(rows: list[np.ndarray | None], old: pa.ChunkedArray) -> pa
         pa.array(offsets, type=pa.int32()), pa.array(flat, type=pa.float32()), mask=mask
     )
 
-
-def identity_json(stage: ClipScoreStage) -> str:
-    """The full identity (untruncated sha256) as JSON, for manifests and reports."""
-    return json.dumps(stage.identity, sort_keys=True)

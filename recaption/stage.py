@@ -67,7 +67,6 @@ class RecaptionStage:
             image_max_side=cfg.captioner.image_max_side,
         )
         self.backend: Any = None
-        self.counters: dict[str, int] = {}
 
     @property
     def run_started_at(self) -> str:
@@ -82,7 +81,6 @@ class RecaptionStage:
         """Ship the config only: engines pickle stages to workers, which call setup() themselves."""
         state = dict(self.__dict__)
         state["backend"] = None
-        state["counters"] = {}
         return state
 
     def setup(self) -> None:
@@ -92,9 +90,6 @@ class RecaptionStage:
         backend.load()
         self.backend = backend
         self.demo = bool(backend.identity.get("demo"))
-
-    def _count(self, what: str, n: int = 1) -> None:
-        self.counters[what] = self.counters.get(what, 0) + n
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if "image_info" in batch.column_names or "captions" not in batch.column_names:
@@ -110,7 +105,6 @@ class RecaptionStage:
                 c and c.get("round") == self.cfg.round and c.get("model") == self.model_tag
                 for c in captions[i] or ()
             ):
-                self._count("already_captioned")
                 continue
             todo.append(i)
         if not todo:
@@ -130,7 +124,6 @@ class RecaptionStage:
                 img = load_image(data, max_side)
             except UndecodableImage as e:
                 drop[i], stage_col[i], quarantined[i] = str(e), self.name, True
-                self._count("quarantined")
                 continue
             pid, prompt = self.prompt_set.choose(self.cfg.captioner.generation.seed, keys[i])
             ready.append(i)
@@ -141,12 +134,9 @@ class RecaptionStage:
         for i, pid, res in zip(ready, prompt_ids, results, strict=True):
             if res.error is not None:
                 drop[i], stage_col[i], quarantined[i] = f"recaption_failed: {res.error}", self.name, True
-                self._count("quarantined")
                 continue
             cleaned = clean_caption(res.text, res.hit_max_tokens)
             flags = set(cleaned.flags) | ({DEMO_FLAG} if self.demo else set())
-            for f in cleaned.flags:
-                self._count(f"flag_{f}")
             metrics[i] = add_metrics(metrics[i], {f"recaption_hygiene.{f[len(HYGIENE_FLAG):]}": 1
                                                   for f in cleaned.flags if f.startswith(HYGIENE_FLAG)})
             captions[i] = [
@@ -161,7 +151,6 @@ class RecaptionStage:
                     "flags": sorted(flags),
                 },
             ]
-            self._count("captioned")
         return replace_columns(
             batch,
             {"captions": captions, "drop_reason": drop, "drop_stage": stage_col, "quarantined": quarantined,

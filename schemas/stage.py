@@ -45,7 +45,7 @@ class Stage(Protocol):
 
 @runtime_checkable
 class GlobalStage(Protocol):
-    """A decision that needs the whole dataset, done in two passes (DESIGN.md, "The stage contract").
+    """A decision that needs the whole dataset, done in two passes (ARCHITECTURE.md, "The stage contract").
 
     1. map: ``signatures(batch)`` returns a small table (``source``, ``key``, ``image_index`` and what the
        decision needs) for the alive rows of a batch; it may use models loaded in ``setup()``.

@@ -19,10 +19,6 @@ _RUN_WINDOW = 32
 _TABLE_MAX_BITS = 24  # 2^24 int64 counts + starts = 256 MiB at most
 
 
-def popcount64(x: np.ndarray) -> np.ndarray:
-    return np.bitwise_count(x)
-
-
 def hamming_pairs(hashes: np.ndarray, max_distance: int, method: str = "auto") -> np.ndarray:
     """(m, 2) int64 pairs i < j with popcount(h_i ^ h_j) <= max_distance, sorted; ``hashes`` uint64."""
     hashes = np.ascontiguousarray(hashes, dtype=np.uint64)

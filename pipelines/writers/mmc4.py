@@ -317,10 +317,3 @@ class Mmc4PklWriter:
         else:
             self.abort()
 
-
-def count_path(pkl_relpath: str) -> str:
-    """The ``.count`` sibling of a pkl path."""
-    stem, ext = posixpath.splitext(pkl_relpath)
-    if ext != ".pkl":
-        raise ValueError(f"not a .pkl path: {pkl_relpath!r}")
-    return stem + ".count"
