@@ -36,7 +36,7 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from PIL import Image, ImageCms
+from PIL import Image, ImageChops, ImageCms
 
 from schemas.config import DedupConfig
 
@@ -83,10 +83,11 @@ def _side_pairs(small: np.ndarray) -> list[tuple[np.ndarray, tuple[int, int]]]:
             if flat[a] and flat[b] and np.abs(medians[a] - medians[b]).max() <= 2 * _BG_MATCH]
 
 
-def _box(rgb: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
+def _box(img: Image.Image, bg: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
     """(difference from ``bg``, content box) at full resolution (the box must be exact to a pixel for
     the detail grid); rows/columns count with at least two content pixels, so stray noise does not."""
-    diff = np.abs(rgb.astype(np.int16) - np.round(bg).astype(np.int16)).max(axis=2)
+    flat = Image.new("RGB", img.size, tuple(int(v) for v in np.round(bg)))
+    diff = np.asarray(ImageChops.difference(img, flat)).max(axis=2)
     mask = diff > _CONTENT
     ys, xs = np.flatnonzero(mask.sum(1) >= 2), np.flatnonzero(mask.sum(0) >= 2)
     if not ys.size or not xs.size:
@@ -104,7 +105,7 @@ def _sharp_edges(diff: np.ndarray, box: tuple[int, int, int, int], sides: tuple[
     return all(lines[s].size and float(np.median(lines[s])) >= _SHARP_EDGE for s in sides)
 
 
-def _content_box(rgb: np.ndarray) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
+def _content_box(img: Image.Image) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
     """(box, background RGB) when the picture sits on a flat background and something else is inside.
 
     The background is judged on a 2x2-averaged copy, so grain and JPEG noise neither break a flat
@@ -113,15 +114,14 @@ def _content_box(rgb: np.ndarray) -> tuple[tuple[int, int, int, int], np.ndarray
     (a card's border): the flat side strips of a vignette fade into the picture and are not a
     background (they would be cropped in some copies and not in others).
     """
-    h, w = rgb.shape[:2]
-    small = rgb[: h // 2 * 2, : w // 2 * 2].reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
+    small = np.asarray(img.reduce(2), dtype=np.float32)  # 2x2 box average
     border = np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]])
     bg = np.median(border, axis=0)
     if (np.abs(border - bg).max(axis=1) <= _BG_MATCH).mean() >= _BG_SHARE:
-        found = _box(rgb, bg)
+        found = _box(img, bg)
         return (found[1], np.round(bg).astype(np.uint8)) if found else None
     for colour, sides in _side_pairs(small):
-        found = _box(rgb, colour)
+        found = _box(img, colour)
         if found and _sharp_edges(found[0], found[1], sides):
             return found[1], np.round(colour).astype(np.uint8)
     return None
@@ -135,7 +135,7 @@ def thumbnail(data: bytes) -> bytes:
     img = img.convert("RGB")
     img.thumbnail((_WORK_SIDE, _WORK_SIDE), Image.Resampling.BILINEAR)
     w, h = img.size
-    found = _content_box(np.asarray(img))
+    found = _content_box(img)
     box_bytes = np.array([0, 0, 255, 255], dtype=np.uint8)
     background = np.zeros(4, dtype=np.uint8)
     if found is not None:
