@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 import torch
 
 from schemas.config import ModelRuntime
+from schemas.demo_model import is_demo_model
 
-DEMO_MARKER = "DEMO_MODEL"  # written by pipelines/demo_models.py next to random weights
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256; one hash per worker
@@ -77,10 +77,6 @@ def sha256_state_dict(module: torch.nn.Module) -> str:
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def is_demo(folder: str | Path | None) -> bool:
-    return folder is not None and Path(folder, DEMO_MARKER).is_file()
 
 
 def identity_tag(identity: dict[str, Any]) -> str:
@@ -166,7 +162,7 @@ def load_open_clip(
         "model": name,
         "pretrained": pretrained,
         "weights_sha256": sha256_file(checkpoint) if checkpoint else sha256_state_dict(net),
-        "demo": is_demo(checkpoint.parent if checkpoint else folder),
+        "demo": is_demo_model(checkpoint.parent if checkpoint else folder),
     }
     return OpenClipBundle(net, preprocess, tokenizer, identity)
 
@@ -209,7 +205,7 @@ def load_causal_lm(
         "model": path_or_name,
         "pretrained": None,
         "weights_sha256": sha256_files(files) if files else sha256_state_dict(model),
-        "demo": is_demo(folder),
+        "demo": is_demo_model(folder),
     }
     return CausalLMBundle(model, tokenizer, identity)
 

@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-DEMO_MARKER = "DEMO_MODEL"  # mirrored in curation.models
+from schemas.demo_model import DEMO_MARKER, mark_demo_model  # noqa: F401 - DEMO_MARKER re-exported for tests
 
 # A few hundred words of plain English: enough for a 512-token BPE vocabulary that covers captions.
 _CORPUS = """
@@ -89,7 +89,7 @@ def build_demo_clip(out_dir: str | Path, seed: int = 0) -> Path:
     model = open_clip.model.CLIP(**json.loads(json.dumps(_CLIP_CFG)))  # fresh copy: CLIP mutates nothing
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
-    (folder / DEMO_MARKER).write_text("random weights built by pipelines/demo_models.py; not a real model\n")
+    mark_demo_model(folder, "random weights built by pipelines/demo_models.py; not a real model")
     return folder
 
 
@@ -121,7 +121,7 @@ def build_demo_lm(out_dir: str | Path, size: str = "small", seed: int = 0, token
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
-    (folder / DEMO_MARKER).write_text("random weights built by pipelines/demo_models.py; not a real model\n")
+    mark_demo_model(folder, "random weights built by pipelines/demo_models.py; not a real model")
     return folder
 
 

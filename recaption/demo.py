@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-DEMO_MARKER = "DEMO_MODEL"  # the same marker name the other model stages use for random weights
+from schemas.demo_model import mark_demo_model
+
 IMAGE_TOKEN = "<image>"
 
 # LLaVA-1.5 style: "USER: <image>\n{prompt} ASSISTANT:" — the image placeholder comes from the template.
@@ -185,7 +186,7 @@ def build_demo_vlm(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Pa
     )
     model.save_pretrained(str(folder))
     processor.save_pretrained(str(folder))
-    (folder / DEMO_MARKER).write_text("random weights built by recaption/demo.py; not a real model\n")
+    mark_demo_model(folder, "random weights built by recaption/demo.py; not a real model")
     return folder
 
 

@@ -13,12 +13,10 @@ import io
 import json
 import re
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from schemas.config import GenerationParams, ModelRuntime
 
-DEMO_MARKER = "DEMO_MODEL"  # a checkpoint folder holding this file has random (demo) weights
 _ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")
 
 
@@ -38,10 +36,6 @@ def resolve_dtype(runtime: ModelRuntime, device):  # -> torch.dtype
     if device.type != "cuda":
         return torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[runtime.precision]
-
-
-def is_demo(folder: str | Path | None) -> bool:
-    return folder is not None and Path(folder, DEMO_MARKER).is_file()
 
 
 def reason_detail(e: BaseException, limit: int = 160) -> str:

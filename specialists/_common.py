@@ -20,7 +20,6 @@ from PIL import Image, ImageOps
 from recaption.policy import latest_caption as _latest_usable
 from schemas.table_ops import replace_columns
 
-DEMO_MARKER = "DEMO_MODEL"  # same marker the other model stages write next to random weights
 SPECIALIST_FIELDS = ("ocr", "ocr_text", "grounding", "grounding_text", "spatial", "spatial_text", "models")
 VLM_MARKER = "[vlm]"  # separates a VLM prompt's answer from the tool output inside *_text
 _ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")
@@ -134,10 +133,6 @@ def split_vlm_text(text: str | None) -> tuple[str, str]:
 
 
 # -- model identity ------------------------------------------------------------------------------------
-def is_demo(folder: str | Path | None) -> bool:
-    return folder is not None and Path(folder, DEMO_MARKER).is_file()
-
-
 def weights_digest(folder: Path) -> str | None:
     """sha256 over the folder's weight files (names + contents, sorted); None when it holds none.
 

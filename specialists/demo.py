@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from specialists._common import DEMO_MARKER
+from schemas.demo_model import mark_demo_model
 
 IMAGE_SIZE = 64
 PATCH_SIZE = 16
@@ -90,7 +90,7 @@ def build_demo_detector(out_dir: str | Path, seed: int = 0) -> Path:
     model = Owlv2ForObjectDetection(cfg).eval()
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / DEMO_MARKER).write_text("random weights for tests and demos; outputs are meaningless\n")
+    mark_demo_model(out, "random weights for tests and demos; outputs are meaningless")
     return out
 
 

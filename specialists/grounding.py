@@ -18,6 +18,7 @@ import pyarrow as pa
 from PIL import Image
 
 from schemas.config import GroundingConfig
+from schemas.demo_model import is_demo_model
 from schemas.stage import Resources
 from specialists._common import (
     SampleError,
@@ -25,7 +26,6 @@ from specialists._common import (
     current_caption,
     decode_image,
     failure_reason,
-    is_demo,
     model_tag,
     weights_digest,
 )
@@ -100,8 +100,8 @@ class Detector:
         self.kind = "dino" if "grounding" in (self.model.config.model_type or "") else "owl"
         folder = Path(model) if Path(model).is_dir() else _hub_snapshot(model)
         digest = weights_digest(folder) if folder else None
-        self.tag = model_tag(model, digest, is_demo(folder))
-        self.demo = is_demo(folder)
+        self.tag = model_tag(model, digest, is_demo_model(folder))
+        self.demo = is_demo_model(folder)
 
     def detect(self, images: list[Image.Image], phrases: list[list[str]],
                threshold: float) -> list[list[tuple[str, list[float], float]]]:

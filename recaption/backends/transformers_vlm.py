@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from recaption.backends.base import CaptionerUnavailable, CaptionResult, RemoteCodeRequired
-from recaption.runtime import derive_seed, is_demo, reason_detail, resolve_device, resolve_dtype
+from recaption.runtime import derive_seed, reason_detail, resolve_device, resolve_dtype
 from schemas.config import CaptionerConfig
+from schemas.demo_model import is_demo_model
 
 # Auto classes a remote-code checkpoint may register for a VLM, best first. NVILA-*-hf registers AutoModel.
 _REMOTE_AUTO_CLASSES = (
@@ -126,7 +127,7 @@ class TransformersCaptioner:
             "backend": "transformers",
             "model": cfg.model,
             "model_class": type(self.model).__name__,
-            "demo": is_demo(folder),
+            "demo": is_demo_model(folder),
         }
 
     # -- prompts ---------------------------------------------------------------------------------------
