@@ -28,6 +28,7 @@ from PIL import Image
 
 from curation.models import autocast, identity_tag, load_open_clip, resolve_device, resolve_dtype
 from schemas.config import ClipScoreConfig
+from schemas.documents import NO_USABLE_IMAGES, has_kept_image
 from schemas.run_metrics import add_metrics, round_texts
 from schemas.stage import Resources
 from schemas.table_ops import replace_columns
@@ -187,8 +188,8 @@ class ClipScoreStage:
                 im["clip_model"] = self.model_tag
                 im["clip_cosine"], im["clip_score"] = (None, None) if np.isnan(c) else (c, clip_score(c))
         for d, ims in enumerate(infos):
-            if drop[d] is None and ims and all(im.get("drop_reason") is not None for im in ims):
-                drop[d], dstage[d] = "no_usable_images", self.name
+            if drop[d] is None and ims and not has_kept_image(ims):
+                drop[d], dstage[d] = NO_USABLE_IMAGES, self.name
         return replace_columns(batch, {"image_info": infos, "drop_reason": drop, "drop_stage": dstage})
 
     # -- scoring ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import pyarrow as pa
 
+from schemas.documents import NO_USABLE_IMAGES, has_kept_image
 from schemas.table_ops import replace_columns
 
 DecisionIndex = dict[tuple[str, str], dict[int, tuple[str | None, str | None]]]
@@ -44,9 +45,8 @@ def apply_decisions(batch: pa.Table, index: DecisionIndex, stage: str) -> pa.Tab
                 im = infos[i][image_index]
                 if reason and im.get("drop_reason") is None:
                     im["drop_reason"], im["drop_stage"] = reason, stage
-        if infos is not None and drop[i] is None and infos[i] and all(
-                im.get("drop_reason") is not None for im in infos[i]):
-            drop[i], dstage[i] = "no_usable_images", stage
+        if infos is not None and drop[i] is None and infos[i] and not has_kept_image(infos[i]):
+            drop[i], dstage[i] = NO_USABLE_IMAGES, stage
     cols: dict = {"drop_reason": drop, "drop_stage": dstage, "flags": flags}
     if infos is not None:
         cols["image_info"] = infos

@@ -17,6 +17,7 @@ import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas.config import NormalizeConfig
+from schemas.documents import NO_USABLE_IMAGES, has_kept_image
 from schemas.stage import Resources
 from schemas.table_ops import replace_columns
 
@@ -165,8 +166,8 @@ class NormalizeStage:
                           width=p.width, height=p.height)
                 if p.reencoded:
                     im["meta"] = _with_meta(im.get("meta"), reencoded=p.reencoded)
-            if not any(im.get("drop_reason") is None for im in images or []):
-                drop[d], stage[d] = "no_usable_images", self.name
+            if not has_kept_image(images):
+                drop[d], stage[d] = NO_USABLE_IMAGES, self.name
         return replace_columns(batch, {"image_info": infos, "drop_reason": drop, "drop_stage": stage})
 
 

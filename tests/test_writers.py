@@ -397,7 +397,7 @@ def test_missing_similarity_matrix_is_synthesised_per_image(tmp_path: Path) -> N
 def test_imageless_documents_are_marked_not_written(tmp_path: Path) -> None:
     rows = [doc_row(0, 2, drops={0, 1}), doc_row(1, 0), doc_row(2, 1), doc_row(3, 1, drop_reason="x", drop_stage="s")]
     table = mark_imageless(make_table(rows, DOCUMENT_SCHEMA))
-    assert table.column("drop_reason").to_pylist() == ["no_images", "no_images", None, "x"]
+    assert table.column("drop_reason").to_pylist() == ["no_usable_images", "no_usable_images", None, "x"]
     assert table.column("drop_stage").to_pylist() == ["mmc4_write", "mmc4_write", None, "s"]
     with pytest.raises(ValueError, match="mark_imageless"):
         write_docs(tmp_path, rows[:1], docs_per_pkl=5)

@@ -38,13 +38,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.writers.atomic import HashingWriter, OutputFile, join, temp_path, write_bytes_atomic
+from schemas.documents import NO_USABLE_IMAGES, has_kept_image
 from schemas.rows import DOCUMENT_SCHEMA, conform
 
 PICKLE_PROTOCOL = 2  # no frames (protocol 4 frames them), so documents can be streamed into one list
 _PICKLE_HEAD = pickle.PROTO + bytes([PICKLE_PROTOCOL]) + pickle.EMPTY_LIST
 MMC4_MIN_FILES = 8  # one 8-GPU node: OutputConfig.mmc4_min_files
 VILA_MAX_IMAGES_PER_DOC = 6  # hard-coded max_num_images in LazyMMC4Dataset.__getitem__
-NO_IMAGES_REASON = "no_images"
 NO_IMAGES_STAGE = "mmc4_write"
 
 
@@ -53,7 +53,7 @@ def _kept_images(doc: dict[str, Any]) -> list[int]:
 
 
 def mark_imageless(table: pa.Table) -> pa.Table:
-    """Drop (``drop_reason="no_images"``) kept documents whose images were all dropped.
+    """Drop (``drop_reason="no_usable_images"``) kept documents whose images were all dropped.
 
     VILA's loader cannot train on a document without images; marking them here, before the runner splits
     kept from dropped rows, keeps ``rows_in == kept + dropped + quarantined`` true.
@@ -64,13 +64,13 @@ def mark_imageless(table: pa.Table) -> pa.Table:
     reasons = table.column("drop_reason").to_pylist()
     quarantined = table.column("quarantined").to_pylist()
     mask = [
-        r is None and not q and not _kept_images({"image_info": info})
+        r is None and not q and not has_kept_image(info)
         for info, r, q in zip(infos, reasons, quarantined, strict=True)
     ]
     if not any(mask):
         return table
     m = pa.array(mask, pa.bool_())
-    reason = pc.if_else(m, pa.scalar(NO_IMAGES_REASON), table.column("drop_reason"))
+    reason = pc.if_else(m, pa.scalar(NO_USABLE_IMAGES), table.column("drop_reason"))
     stage = pc.if_else(m, pa.scalar(NO_IMAGES_STAGE), table.column("drop_stage"))
     table = table.set_column(table.schema.get_field_index("drop_reason"), table.schema.field("drop_reason"), reason)
     return table.set_column(table.schema.get_field_index("drop_stage"), table.schema.field("drop_stage"), stage)
