@@ -286,16 +286,22 @@ def score(items: list[EvalItem], group_of: dict[str, str]) -> dict[str, Any]:
             "missed": missed, "merged": merged}
 
 
-def write_dedup_eval(out_dir: str, seed: int = 0, families: int = 16, copies: int = 3) -> DedupEvalSet:
+def write_dedup_eval(out_dir: str, seed: int = 0, families: int = 16, copies: int = 3,
+                     blank_first_caption: bool = False) -> DedupEvalSet:
     """Write the set as a COYO source (``coyo/part-00000.parquet``: id, url, text, image) and
-    ``ground_truth.json`` (item -> picture, family, kind, transform; look-alike pairs)."""
+    ``ground_truth.json`` (item -> picture, family, kind, transform; look-alike pairs).
+
+    ``blank_first_caption``: the smallest id of every picture (its original) gets an empty caption, the
+    case where a keeper chosen by id alone would be refused by the writer and the picture would vanish.
+    """
     ev = make_dedup_eval(seed, families, copies)
     root = Path(out_dir)
     (root / "coyo").mkdir(parents=True, exist_ok=True)
     table = pa.table({
         "id": [it.id for it in ev.items],
         "url": [f"https://eval.example/{it.id}.{it.fmt}" for it in ev.items],
-        "text": [f"{it.kind} picture {it.picture}" for it in ev.items],
+        "text": ["" if blank_first_caption and it.transform == "original" else f"{it.kind} picture {it.picture}"
+                 for it in ev.items],
         "image": [it.data for it in ev.items],
     })
     pq.write_table(table, root / "coyo" / "part-00000.parquet")

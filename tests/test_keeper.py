@@ -15,6 +15,7 @@ from curation.decisions import index_decisions
 from curation.dedup import DedupStage
 from curation.dedup.keeper import keeper_sort_key
 from curation.normalize import phash_u64
+from pipelines.dedup_eval import write_dedup_eval
 from pipelines.executors.local import run_local
 from pipelines.validate import read_vila_samples, validate_output
 from schemas.config import DedupConfig, load_config
@@ -100,3 +101,22 @@ def test_run_publishes_the_picture_whose_smallest_id_has_no_caption(tmp_path: Pa
     assert published == {"http://a/2.jpg": "a picture with a caption", "http://a/3.jpg": "another picture"}
     reasons = json.dumps(stats["total"]["reasons"])
     assert "dedup:duplicate_phash" in reasons and "unpublishable" not in reasons
+
+
+def test_run_on_the_evaluation_set_loses_no_picture(tmp_path: Path):
+    """Every picture's original (its smallest id) has an empty caption: each picture is still published,
+    by a captioned copy, and no published sample carries an empty caption."""
+    truth_dir = tmp_path / "eval"
+    ev = write_dedup_eval(str(truth_dir), seed=1, families=4, blank_first_caption=True)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"sources: [{{name: c, kind: coyo_parquet, paths: ['{truth_dir}/coyo/*.parquet'], "
+                   f"image_column: image}}]\noutput: {{path: '{tmp_path}/out'}}\n"
+                   "stages: [{type: normalize}, {type: dedup}]\n")
+    stats = run_local(load_config(cfg), progress=False)
+    assert stats["balanced"] and stats["total"]["quarantined"] == 0, stats["total"]
+    samples = list(read_vila_samples(str(tmp_path / "out")))
+    published = {s[".json"]["url"].rsplit("/", 1)[1].split(".")[0] for s in samples}
+    picture_of = {it.id: it.picture for it in ev.items}
+    assert {picture_of[i] for i in published} == {it.picture for it in ev.items}
+    assert all(s[".txt"].strip() for s in samples)
+    assert not any(it.transform == "original" and it.id in published for it in ev.items)
