@@ -4,8 +4,8 @@ One model pass gives both the score the CLIP filter ranks by and the L2-normalis
 semantic dedup clusters, so no stage has to run CLIP twice. CLIP-S = 2.5 * max(cos, 0) (Hessel et al.
 2021, "CLIPScore"); the raw cosine is kept too, because negative cosines all map to CLIP-S 0.
 
-Pairs score the image against the latest caption (the last ``captions`` entry, else the original
-``text``); MMC4 documents score every alive image against its matched sentence
+Pairs score the image against ``schemas.captions.CLIPSCORE_CAPTION`` (the newest ``captions`` entry as
+written, else the original ``text``; that module says which caption each stage judges and why); MMC4 documents score every alive image against its matched sentence
 ``text_list[matched_text_index]``, as MMC4 itself assigns images to sentences by CLIP similarity.
 
 Pairs also get the cosine of their image with *each* round's caption (round 0 = the alt-text) in
@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from curation.models import autocast, identity_tag, load_open_clip, resolve_device, resolve_dtype
+from schemas.captions import CLIPSCORE_CAPTION
 from schemas.config import ClipScoreConfig
 from schemas.documents import NO_USABLE_IMAGES, has_kept_image
 from schemas.run_metrics import add_metrics, round_texts
@@ -35,15 +36,6 @@ from schemas.table_ops import replace_columns
 
 _ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")
 CLIPS_WEIGHT = 2.5  # Hessel et al. 2021: rescales typical cosines (0..0.4) to roughly 0..1
-
-
-def latest_caption(captions: list[dict] | None, text: str | None) -> str | None:
-    """The caption the next stage should judge: the newest recaption round if any, else the alt-text."""
-    if captions:
-        last = captions[-1].get("text")
-        if last:
-            return last
-    return text
 
 
 def clip_score(cosine: float) -> float:
@@ -112,7 +104,7 @@ class ClipScoreStage:
         images = batch.column("image").take(todo).to_pylist()
         captions = batch.column("captions").take(todo).to_pylist()
         texts = [
-            latest_caption(c, t)
+            CLIPSCORE_CAPTION(c, t)
             for c, t in zip(captions, batch.column("text").take(todo).to_pylist(), strict=True)
         ]
         emb, cos, errors = self.score(images, texts)

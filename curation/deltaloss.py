@@ -5,8 +5,8 @@ that model (its own tokenizer). A large gap means the text is learnable but not 
 finds it much more predictable than the small one, whereas noise is hard for both and boilerplate is easy
 for both. Two stages:
 
-- ``DeltaLossScoreStage`` (map): sets logp_small, logp_large, delta_loss on alive rows. Pairs score the
-  latest caption (last ``captions`` entry, else ``text``); MMC4 documents the sentences joined by spaces.
+- ``DeltaLossScoreStage`` (map): sets logp_small, logp_large, delta_loss on alive rows. Pairs score
+  ``schemas.captions.TEXT_DELTALOSS_CAPTION`` (the newest ``captions`` entry as written, else ``text``); MMC4 documents the sentences joined by spaces.
   Texts are truncated to ``max_length`` tokens, batched with left padding, attention masks and explicit
   position ids, so a row's score does not depend on what it was batched with.
 - ``DeltaLossTopKStage`` (global): keeps ``ceil(keep_fraction * n)`` rows per subset, ties by key.
@@ -26,8 +26,8 @@ import pyarrow as pa
 import torch
 
 from curation import cutoffs
-from curation.clipscore import latest_caption
 from curation.models import load_causal_lm, resolve_device, resolve_dtype
+from schemas.captions import TEXT_DELTALOSS_CAPTION
 from schemas.config import DeltaLossConfig
 from schemas.rows import DECISION_SCHEMA
 from schemas.stage import Resources
@@ -166,7 +166,7 @@ class DeltaLossScoreStage:
             texts = [document_text(t) for t in batch.column("text_list").take(todo).to_pylist()]
         else:
             texts = [
-                latest_caption(c, t)
+                TEXT_DELTALOSS_CAPTION(c, t)
                 for c, t in zip(
                     batch.column("captions").take(todo).to_pylist(),
                     batch.column("text").take(todo).to_pylist(),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from recaption.policy import BAD_FLAGS
+from schemas.captions import BAD_FLAGS
 from specialists.sidecar import SIDECAR_DIRS, specialist_texts
 
 _KEYWORDS = ("spatial", "ocr", "bbox_interleaved")

@@ -8,7 +8,7 @@ the model's answer to :data:`SCORING_PROMPT` about the row's image — closer to
 training data than a text-only LM, since a caption that does not match its image is now unlikely.
 
 - Pairs score the caption the trainer would read under the "latest" policy (highest round without a
-  truncated/refusal/empty flag, ``recaption.policy.latest_caption``), else the original ``text``.
+  truncated/refusal/empty flag, ``schemas.captions.VLM_DELTALOSS_CAPTION``), else the original ``text``.
 - MMC4 documents have many images and no single caption: their sentences (joined by spaces) are scored
   after a text-only prompt through the same VLMs.
 - Captions are truncated to ``max_length`` tokens; batches are left padded with the position ids
@@ -23,8 +23,8 @@ from typing import Any
 import pyarrow as pa
 
 from recaption.backends.transformers_vlm import TransformersCaptioner
-from recaption.policy import latest_caption
 from recaption.runtime import UndecodableImage, load_image
+from schemas.captions import VLM_DELTALOSS_CAPTION
 from schemas.config import CaptionerConfig, DeltaLossConfig
 from schemas.stage import Resources
 from schemas.table_ops import replace_columns
@@ -32,11 +32,6 @@ from schemas.table_ops import replace_columns
 SCORING_PROMPT = "Describe this image in detail."  # the same instruction for both models: a fair delta
 DOCUMENT_PROMPT = "Write a passage of text."
 IMAGE_MAX_SIDE = 1024
-
-
-def pair_text(captions: list[dict[str, Any]] | None, text: str | None) -> str | None:
-    chosen = latest_caption(captions)
-    return chosen["text"] if chosen is not None else (text or None)
 
 
 def document_text(text_list: list[str] | None) -> str | None:
@@ -95,7 +90,7 @@ class VlmDeltaLossScoreStage:
             prompts = [DOCUMENT_PROMPT] * len(todo)
         else:
             texts = [
-                pair_text(c, t)
+                VLM_DELTALOSS_CAPTION(c, t)
                 for c, t in zip(
                     batch.column("captions").take(todo).to_pylist(),
                     batch.column("text").take(todo).to_pylist(),

@@ -1,101 +1,14 @@
-"""Caption policy: which caption becomes the trainer's ``.txt`` for one sample.
+"""The writer's caption policy, kept importable here for pipelines/writers/wds.py; it lives in schemas.captions.
 
-Pure and deterministic per sample (no I/O, no global RNG): the choice for a key depends only on the
-key, its captions and the policy, so it is the same on every engine, every batch size and after a resume.
+schemas/captions.py is the one module for caption selection (what each stage judges, and the ``.txt``).
 """
 
-from __future__ import annotations
-
-import hashlib
-from typing import Any
-
-from schemas.config import CaptionPolicy
-
-# A caption carrying any of these flags is never chosen (VILA trains on the .txt verbatim).
-BAD_FLAGS = frozenset({"truncated", "refusal", "empty"})
-
-
-def _usable(c: dict[str, Any]) -> bool:
-    text = c.get("text")
-    return bool(text and text.strip()) and not (set(c.get("flags") or ()) & BAD_FLAGS)
-
-
-def latest_caption(captions: list[dict[str, Any]] | None) -> dict[str, Any] | None:
-    """The highest-round usable caption; within one round the later list entry wins (stable order)."""
-    best: tuple[int, int] | None = None
-    chosen = None
-    for i, c in enumerate(captions or ()):
-        if c is None or not _usable(c):
-            continue
-        rank = (int(c.get("round") or 0), i)
-        if best is None or rank > best:
-            best, chosen = rank, c
-    return chosen
-
-
-def mix_draw(seed: int, key: str) -> float:
-    """A uniform number in [0, 1) from (seed, key): the per-sample coin of the "mix" policy."""
-    digest = hashlib.sha256(f"{seed}\x1f{key}".encode("utf-8", "surrogateescape")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def choose_caption_source(
-    key: str, original: str | None, captions: list[dict[str, Any]] | None, policy: CaptionPolicy
-) -> tuple[str, dict[str, Any] | None]:
-    """Like :func:`choose_caption` but also returns the chosen caption record (None = the original).
-
-    The writer records the choice in the sample's .json, so the lineage of every .txt is traceable.
-    """
-    original = original or ""
-    latest = latest_caption(captions)
-    if policy.mode == "original":
-        use_latest = False
-    elif policy.mode == "latest":
-        use_latest = True
-    elif policy.mode == "mix":
-        use_latest = mix_draw(policy.seed, key) < policy.mix_ratio
-    else:  # pragma: no cover - pydantic restricts the mode
-        raise ValueError(f"unknown caption policy mode {policy.mode!r}")
-    if use_latest and latest is not None:
-        return latest["text"], latest
-    if not original.strip() and latest is not None:
-        # An empty alt-text is never a better .txt than a good recaption (VILA's loaders index caption[0]).
-        return latest["text"], latest
-    return original, None
-
-
-def choose_caption(
-    key: str, original: str | None, captions: list[dict[str, Any]] | None, policy: CaptionPolicy
-) -> str:
-    """Return the caption for the sample's .txt.
-
-    - "latest": the highest-round caption without a bad flag ("truncated", "refusal", "empty"), else the
-      original.
-    - "original": the original alt-text (a usable recaption only if the original is empty).
-    - "mix": "latest" for a ``mix_ratio`` share of keys, decided by a hash of (seed, key), else "original".
-    """
-    return choose_caption_source(key, original, captions, policy)[0]
-
-
-def has_usable_caption(original: str | None, captions: list[dict[str, Any]] | None) -> bool:
-    """True when every policy mode yields a non-blank ``.txt``: a non-blank original or a usable recaption.
-
-    ``choose_caption_source`` falls back from one to the other in every mode, so the answer does not
-    depend on the policy; dedup uses it to choose keepers the writer will publish.
-    """
-    return bool(original and original.strip()) or latest_caption(captions) is not None
-
-
-def publish_problem(url: str | None, image: bytes | None, original: str | None,
-                    captions: list[dict[str, Any]] | None) -> str | None:
-    """Why the writer would refuse a kept pair row (None: it publishes it); one rule for writer and dedup.
-
-    Per-row content rules only; key syntax and duplicate keys are the writer's own checks.
-    """
-    if not url:
-        return "has no url; VILA looks samples up in caption sidecars by url"
-    if not image:
-        return "has no image bytes"
-    if not has_usable_caption(original, captions):
-        return "has no usable caption; drop it in a stage before the writer"
-    return None
+from schemas.captions import (  # noqa: F401 - re-exports
+    BAD_FLAGS,
+    choose_caption,
+    choose_caption_source,
+    has_usable_caption,
+    latest_usable_caption,
+    mix_draw,
+    publish_problem,
+)

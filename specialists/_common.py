@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image, ImageOps
 
-from recaption.policy import latest_caption as _latest_usable
+from schemas.captions import SPECIALISTS_CAPTION
 from schemas.table_ops import replace_columns
 
 SPECIALIST_FIELDS = ("ocr", "ocr_text", "grounding", "grounding_text", "spatial", "spatial_text", "models")
@@ -49,11 +49,8 @@ def decode_image(data: bytes | None) -> Image.Image:
 
 
 def current_caption(captions: list[dict[str, Any]] | None, text: str | None) -> str:
-    """The caption the specialists describe: the newest usable recaption, else the original alt-text."""
-    best = _latest_usable(captions)
-    if best is not None:
-        return best["text"]
-    return text or ""
+    """The caption the specialists describe (``schemas.captions.SPECIALISTS_CAPTION``), "" when none."""
+    return SPECIALISTS_CAPTION(captions, text) or ""
 
 
 def empty_specialists() -> dict[str, Any]:

@@ -18,9 +18,10 @@ import pytest
 from PIL import Image
 
 from curation.clip_filter import SIGNATURE_SCHEMA, ClipFilterStage
-from curation.clipscore import ClipScoreStage, latest_caption
+from curation.clipscore import ClipScoreStage
 from curation.decisions import apply_decisions, index_decisions
 from pipelines.demo_models import cached_demo_models
+from schemas.captions import CLIPSCORE_CAPTION
 from schemas.config import ClipFilterConfig, ClipScoreConfig, ModelRuntime
 from schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
 
@@ -90,7 +91,7 @@ def test_clip_score_matches_direct_computation(stage: ClipScoreStage, reference)
     out = stage(table)
     assert out.num_rows == 7 and out.schema == PAIR_SCHEMA
     texts = [
-        latest_caption(c, t)
+        CLIPSCORE_CAPTION(c, t)
         for c, t in zip(table.column("captions").to_pylist(), table.column("text").to_pylist(), strict=True)
     ]
     assert texts[3] == "a detailed new caption of a car"

@@ -27,7 +27,7 @@ from pipelines.writers.records import (
     write_wids_meta,
 )
 from pipelines.writers.wds import FIXED_MTIME, WdsShardWriter, tar_file_size
-from recaption.policy import choose_caption, choose_caption_source, mix_draw
+from schemas.captions import choose_caption, choose_caption_source, mix_draw
 from schemas.config import CaptionPolicy
 from schemas.records import MANIFEST_SCHEMA, REJECTS_SCHEMA
 from schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
