@@ -12,7 +12,11 @@ redoes unfinished shards and yields byte-identical output. In ray_job mode a ret
 earlier try submitted (it may outlive a killed Airflow worker), so two jobs never write the same output.
 
 Configuration: a YAML file named by ``VILA2_DAG_CONFIG`` (keys in ``DagConfig``; relative paths resolve
-against the repository root, which is also the tasks' working directory). Airflow loads this module from
+against the repository root, which is also the tasks' working directory). The folder a round publishes is
+not a DAG setting: it is the ``output.path`` of the round's last config (``deltaloss_config``, else
+``specialists_config``, else ``recaption_config``) for that round, read when ``publish`` runs, so the DAG
+always validates the dataset its commands wrote. A failed validation fails ``publish`` at once (no
+retries: the same files give the same verdict) with the validator's findings and the config named. Airflow loads this module from
 a dags folder holding a one-line loader (``from pipelines.airflow_dag import dag``) with the repository
 on PYTHONPATH; loading it with ``pipelines/`` itself as the dags folder also works (the repository root
 is put first on sys.path, so ``pipelines/recaption.py`` cannot shadow the ``recaption`` package).
@@ -38,7 +42,7 @@ import yaml  # noqa: E402
 from airflow.providers.standard.operators.bash import BashOperator  # noqa: E402
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator  # noqa: E402
 from airflow.sdk import DAG, Param, task  # noqa: E402
-from airflow.sdk.exceptions import AirflowSkipException  # noqa: E402
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException  # noqa: E402
 
 DAG_ID = "vila2_curate"
 CONFIG_ENV = "VILA2_DAG_CONFIG"
@@ -59,7 +63,6 @@ class DagConfig:
     mode: str = "cli"  # "cli" | "ray_job"
     ray_address: str = "http://127.0.0.1:8265"  # the Ray dashboard (job submission) address
     working_dir: str = "."  # ray_job: uploaded as the job's working dir; cli: the commands' cwd
-    out_dir: str = "out/quickstart/r{round}"  # the dataset a round publishes ({round} is filled in)
     cli: str = "vila2-curate"  # the CLI executable on the Airflow workers
     ingest_command: str | None = None  # e.g. an img2dataset download; run before the input check
     retries: int = 2
@@ -72,6 +75,10 @@ class DagConfig:
         if not path:
             return cls()
         raw = yaml.safe_load(Path(path).read_text()) or {}
+        if "out_dir" in raw:
+            raise ValueError(f"{path}: out_dir is no longer a DAG setting: publish validates the output.path "
+                             "of the round's last config (deltaloss_config, else specialists_config, else "
+                             "recaption_config); remove out_dir and set the folder there")
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"{path}: unknown DAG config keys {sorted(unknown)}")
@@ -85,6 +92,16 @@ class DagConfig:
     def path(self, p: str) -> str:
         """Relative local paths resolve against the repository root (URLs and absolute paths unchanged)."""
         return p if "://" in p or p.startswith("/") else str((ROOT / p).resolve())
+
+    def published_config(self) -> str:
+        """The config whose output a round publishes: the last command of the round that writes a dataset."""
+        return self.deltaloss_config or self.specialists_config or self.recaption_config
+
+    def round_output(self, round_: int) -> str:
+        """The folder round ``round_`` publishes: the published config's ``output.path`` for that round."""
+        from schemas.config import load_config
+
+        return load_config(self.path(self.published_config()), round=round_).output.path
 
 
 def _ray_id(value: str) -> str:
@@ -116,8 +133,14 @@ def ingest_command(cfg: DagConfig) -> str:
     return f"{cfg.ingest_command} && {check}" if cfg.ingest_command else check
 
 
-def publish(out_dir: str, round_: int, run_id: str, cli: str = "vila2-curate") -> str:
+class PublishValidationError(RuntimeError):
+    """The round's dataset did not validate; the message holds the validator's findings."""
+
+
+def publish(out_dir: str, round_: int, run_id: str, cli: str = "vila2-curate", origin: str | None = None) -> str:
     """Validate the round's dataset with the CLI; only if it passes, write ``_SUCCESS`` atomically.
+
+    ``origin`` names where ``out_dir`` came from (the config and round), for the error message.
 
     A failed validation also removes a stale ``_SUCCESS`` (from an earlier run of the same round), so the
     marker never vouches for output that no longer validates. Returns the marker's path.
@@ -133,8 +156,9 @@ def publish(out_dir: str, round_: int, run_id: str, cli: str = "vila2-curate") -
     if proc.returncode != 0:
         if fs.exists(marker):
             fs.rm(marker)
-        raise RuntimeError(f"validation of {out_dir} failed (exit {proc.returncode}):\n"
-                           f"{proc.stdout[-4000:]}{proc.stderr[-4000:]}")
+        where = f" ({origin})" if origin else ""
+        raise PublishValidationError(f"validation of {out_dir}{where} failed (exit {proc.returncode}):\n"
+                                     f"{proc.stdout[-4000:]}{proc.stderr[-4000:]}")
     write_json_atomic(fs, marker, {"round": round_, "dag_id": DAG_ID, "run_id": run_id,
                                    "validated": proc.stdout.strip().splitlines()[-1:]})
     return marker
@@ -175,7 +199,12 @@ def build_dag(cfg: DagConfig | None = None) -> DAG:
 
         @task(task_id="publish")
         def publish_task(params: dict[str, Any] | None = None, run_id: str | None = None) -> str:
-            return publish(cfg.path(cfg.out_dir), int((params or {})["round"]), run_id or "", cfg.cli)
+            k = int((params or {})["round"])
+            origin = f"output.path of {cfg.published_config()} for round {k}"
+            try:
+                return publish(cfg.round_output(k), k, run_id or "", cfg.cli, origin)
+            except PublishValidationError as e:
+                raise AirflowFailException(str(e)) from None  # a retry would validate the same files
 
         @task(task_id="next_round")
         def next_round(params: dict[str, Any] | None = None) -> dict[str, int]:

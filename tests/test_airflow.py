@@ -23,7 +23,6 @@ recaption_config: configs/recaption.yaml
 deltaloss_config: configs/deltaloss.yaml
 rounds: 3
 mode: cli
-out_dir: out/quickstart/r{round}
 retries: 3
 """
 
@@ -173,3 +172,15 @@ def test_publish_writes_success_only_when_valid(dagbag, tmp_path: Path):
         os.chdir(cwd)
     assert json.loads(Path(marker).read_text())["round"] == 2
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_round_output_comes_from_the_round_config_and_out_dir_is_refused(dagbag, tmp_path: Path):
+    from pipelines.airflow_dag import DagConfig
+
+    # One source of truth: the folder publish validates is the recaption config's output.path for round k.
+    assert DagConfig().round_output(2) == str(ROOT / "out" / "quickstart" / "r2")
+    assert DagConfig(deltaloss_config="configs/x.yaml").published_config() == "configs/x.yaml"
+    stale = tmp_path / "dag.yaml"
+    stale.write_text("out_dir: out/elsewhere/r{round}\n")
+    with pytest.raises(ValueError, match="out_dir is no longer a DAG setting"):
+        DagConfig.load(str(stale))
