@@ -3,7 +3,7 @@
 Dedup drops every other member of a group, so a keeper that the writer later refuses (an empty caption,
 no url) would make the picture vanish from the dataset. The keeper is therefore chosen, in this order:
 
-1. publishable (``recaption.policy.publish_problem`` is None: a url, image bytes and a usable caption
+1. publishable (``schemas.captions.publish_problem`` is None, the writer's own rule: a url, image bytes and a usable caption
    under every caption policy; MMC4 document images are always publishable here, their document's text
    decides for all of its images alike),
 2. the larger image (width x height),
