@@ -16,25 +16,22 @@ encoded again (text encoding is a small fraction of the image pass).
 
 from __future__ import annotations
 
-import io
-import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
 from curation.models import autocast, identity_tag, load_open_clip, resolve_device, resolve_dtype
 from schemas.captions import CLIPSCORE_CAPTION
 from schemas.config import ClipScoreConfig
 from schemas.documents import NO_USABLE_IMAGES, has_kept_image
+from schemas.images import UndecodableImage, decode_rgb, decoding
 from schemas.run_metrics import add_metrics, round_texts
-from schemas.stage import Resources
+from schemas.stage import Resources, StageBase
 from schemas.table_ops import replace_columns
 
-_ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")
 CLIPS_WEIGHT = 2.5  # Hessel et al. 2021: rescales typical cosines (0..0.4) to roughly 0..1
 
 
@@ -42,11 +39,7 @@ def clip_score(cosine: float) -> float:
     return CLIPS_WEIGHT * max(cosine, 0.0)
 
 
-class _Undecodable(Exception):
-    pass
-
-
-class ClipScoreStage:
+class ClipScoreStage(StageBase):
     """Map stage: sets clip_cosine, clip_score, clip_model and embedding on alive rows / document images.
 
     ``setup()`` loads the open_clip model on ``runtime.device`` (auto -> cuda) in ``runtime.precision``
@@ -206,7 +199,7 @@ class ClipScoreStage:
                 try:
                     tensors.append(futures[j].result())
                     rows.append(j)
-                except _Undecodable as e:
+                except UndecodableImage as e:
                     errors[j] = str(e)
             if not tensors:
                 continue
@@ -265,17 +258,9 @@ class ClipScoreStage:
 
     def _load_image(self, data: bytes | None) -> torch.Tensor:
         """Decode (JPEG draft-decoded to about the model input size) and preprocess one image."""
-        if not data:
-            raise _Undecodable("image_undecodable: empty image bytes")
-        try:
-            img = Image.open(io.BytesIO(data))
-            if self.cfg.draft and img.format in ("JPEG", "MPO"):
-                img.draft("RGB", self.input_size)  # DCT scaling: never below the requested size
-            img = img.convert("RGB")
+        with decoding():  # a failure in decoding or preprocessing quarantines this row only
+            img = decode_rgb(data, self.input_size if self.cfg.draft else None)
             return self._bundle.preprocess(img)
-        except Exception as e:  # noqa: BLE001 - any decoder failure quarantines this row only
-            detail = _ADDRESS.sub("", str(e))[:120]  # no object addresses: reasons must be reproducible
-            raise _Undecodable(f"image_undecodable: {type(e).__name__}: {detail}") from None
 
 
 def _embedding_column(rows: list[np.ndarray | None], old: pa.ChunkedArray) -> pa.Array:

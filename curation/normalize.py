@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import warnings
 
 import imagehash
@@ -18,13 +17,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas.config import NormalizeConfig
 from schemas.documents import NO_USABLE_IMAGES, has_kept_image
-from schemas.stage import Resources
+from schemas.images import DRAFTABLE_PIL_FORMATS, FORMAT_OF_PIL, undecodable_reason
+from schemas.stage import Resources, StageBase
 from schemas.table_ops import replace_columns
 
 # Formats VILA's trainer reads as-is, mapped to the shard member extension.
-_KEPT_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+_KEPT_FORMATS = FORMAT_OF_PIL
 _EXIF_ORIENTATION = 0x0112
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _PHASH_DRAFT_SIZE = (128, 128)  # 4x pHash's 32x32 input: draft stays within a few bits of a full decode
 
 
@@ -66,7 +65,7 @@ def probe_image(data: bytes | None, cfg: NormalizeConfig) -> ProbedImage:
             fmt = img.format or "unknown"
             orientation = img.getexif().get(_EXIF_ORIENTATION, 1) if cfg.apply_exif_orientation else 1
             needs_full = orientation not in (1, None) or fmt not in _KEPT_FORMATS
-            if cfg.draft and fmt in ("JPEG", "MPO") and not needs_full:
+            if cfg.draft and fmt in DRAFTABLE_PIL_FORMATS and not needs_full:
                 img.draft("RGB", _PHASH_DRAFT_SIZE)
             img.load()  # full read of the stream: catches truncated and corrupt data
     except ImageRejected:
@@ -74,8 +73,7 @@ def probe_image(data: bytes | None, cfg: NormalizeConfig) -> ProbedImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageRejected(f"decompression_bomb: {e}", True) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        msg = _ADDRESS.sub("", str(e))[:120]  # "<_io.BytesIO object at 0x7f..>" differs run to run
-        raise ImageRejected(f"image_undecodable: {type(e).__name__}: {msg}", True) from None
+        raise ImageRejected(undecodable_reason(e), True) from None
 
     reencoded = None
     out = data
@@ -108,7 +106,7 @@ def _reencode(img: Image.Image, kept_format: str | None, quality: int) -> tuple[
     return buf.getvalue(), "jpg"
 
 
-class NormalizeStage:
+class NormalizeStage(StageBase):
     """Pure batch transform over pair rows or MMC4 document rows (per image inside a document)."""
 
     name = "normalize"

@@ -36,9 +36,10 @@ import fsspec
 import numpy as np
 
 from pipelines.writers.atomic import write_bytes_atomic
+from schemas.images import IMAGE_EXTENSIONS, VILA_IMAGE_FORMATS, decode_rgb
 
 THUMB_SIDE = 160
-IMAGE_EXTS = ("jpg", "png", "webp", "jpeg")
+IMAGE_EXTS = tuple(e for e, fmt in IMAGE_EXTENSIONS.items() if fmt in VILA_IMAGE_FORMATS)  # .jpeg too
 # Stage order for the funnel; stages not listed follow in order of first appearance.
 STAGE_ORDER = (
     "read",
@@ -114,13 +115,8 @@ def _ordered_stages(stages: Iterable[str]) -> list[str]:
 
 def _thumb_data_url(data: bytes) -> str | None:
     """~160 px JPEG data URL; None for bytes PIL cannot decode (the report must never fail on one image)."""
-    from PIL import Image
-
     try:
-        img = Image.open(io.BytesIO(data))
-        if img.format in ("JPEG", "MPO"):
-            img.draft("RGB", (THUMB_SIDE * 2, THUMB_SIDE * 2))
-        img = img.convert("RGB")
+        img = decode_rgb(data, (THUMB_SIDE * 2, THUMB_SIDE * 2))
         img.thumbnail((THUMB_SIDE, THUMB_SIDE))
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=80)

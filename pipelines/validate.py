@@ -28,9 +28,10 @@ from pipelines.writers.atomic import is_temp_name
 from pipelines.writers.mmc4 import VILA_MAX_IMAGES_PER_DOC
 from pipelines.writers.records import MANIFEST, WIDS_KIND, WIDS_META, WIDS_VERSION
 from pipelines.writers.wds import SIDECAR_ROOT
+from schemas.images import PIL_FORMATS
 from schemas.records import MANIFEST_SCHEMA
 
-IMAGE_EXTS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}  # member extension -> PIL format
+IMAGE_EXTS = PIL_FORMATS  # member extension -> PIL format
 SAMPLE_EXTS = {*IMAGE_EXTS, "txt", "json"}
 _COMPRESSED_MAGIC = {
     b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"\x04\x22\x4d\x18": "lz4",

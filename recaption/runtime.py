@@ -9,13 +9,13 @@ caption depends on the same pixels whichever backend wrote it.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from datetime import UTC, datetime
 from typing import Any
 
 from schemas.config import GenerationParams, ModelRuntime
+from schemas.images import decoding, draft_rgb, open_image
 
 _ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")
 
@@ -43,10 +43,6 @@ def reason_detail(e: BaseException, limit: int = 160) -> str:
     return f"{type(e).__name__}: {_ADDRESS.sub('', str(e))[:limit]}".rstrip(": ")
 
 
-class UndecodableImage(ValueError):
-    """The image bytes cannot be decoded; the row is quarantined, never captioned."""
-
-
 def load_image(data: bytes | None, max_side: int):  # -> PIL.Image.Image
     """Decode to RGB and downscale so the longer side is <= ``max_side`` (aspect kept, never upscaled).
 
@@ -54,20 +50,16 @@ def load_image(data: bytes | None, max_side: int):  # -> PIL.Image.Image
     """
     from PIL import Image
 
-    if not data:
-        raise UndecodableImage("image_undecodable: empty image bytes")
-    try:
-        img = Image.open(io.BytesIO(data))
-        if img.format in ("JPEG", "MPO") and max(img.size) > max_side:
-            img.draft("RGB", (max_side, max_side))
+    with decoding():
+        img = open_image(data)
+        if max(img.size) > max_side:
+            draft_rgb(img, (max_side, max_side))
         img = img.convert("RGB")
         if max(img.size) > max_side:
             scale = max_side / max(img.size)
             size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
             img = img.resize(size, Image.Resampling.BICUBIC)
         return img
-    except Exception as e:  # noqa: BLE001 - any decoder failure quarantines this row only
-        raise UndecodableImage(f"image_undecodable: {reason_detail(e, 120)}") from None
 
 
 def params_hash(gen: GenerationParams, **extra: Any) -> str:

@@ -8,7 +8,6 @@ stage's own fields changed, so any stage order keeps what the others wrote.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from pathlib import Path
@@ -18,6 +17,7 @@ import pyarrow as pa
 from PIL import Image, ImageOps
 
 from schemas.captions import SPECIALISTS_CAPTION
+from schemas.images import UndecodableImage, decoding, open_image
 from schemas.table_ops import replace_columns
 
 SPECIALIST_FIELDS = ("ocr", "ocr_text", "grounding", "grounding_text", "spatial", "spatial_text", "models")
@@ -38,14 +38,12 @@ def failure_reason(prefix: str, err: BaseException) -> str:
 
 def decode_image(data: bytes | None) -> Image.Image:
     """Decode to upright RGB; boxes are relative to the image as displayed (EXIF orientation applied)."""
-    if not data:
-        raise SampleError("image_undecodable: empty image bytes")
     try:
-        img = Image.open(io.BytesIO(data))
-        img = ImageOps.exif_transpose(img)
-        return img.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - any decoder failure quarantines this row only
-        raise SampleError(failure_reason("image_undecodable", e)) from None
+        with decoding():
+            img = ImageOps.exif_transpose(open_image(data))
+            return img.convert("RGB")
+    except UndecodableImage as e:
+        raise SampleError(str(e)) from None
 
 
 def current_caption(captions: list[dict[str, Any]] | None, text: str | None) -> str:

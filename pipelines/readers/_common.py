@@ -21,6 +21,7 @@ from fsspec.spec import AbstractFileSystem
 from pipelines.readers.base import InputShard, SourceFormatError
 from pipelines.readers.text import scrub_row
 from schemas.config import SourceConfig
+from schemas.images import IMAGE_EXTENSIONS, sniff_image_format  # noqa: F401 - the readers import them here
 from schemas.keys import safe_key
 from schemas.rows import PAIR_SCHEMA, make_table
 
@@ -100,29 +101,7 @@ def make_shards(
 
 # --------------------------------------------------------------------------------------------- images
 
-IMAGE_EXTENSIONS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp", "gif": "other",
-                    "bmp": "other", "tif": "other", "tiff": "other"}
-
-
-def sniff_image_format(data: bytes | None, name_hint: str | None = None) -> str:
-    """"jpg" / "png" / "webp" from the magic bytes, else from the extension, else "other".
-
-    Magic bytes win over the name: web images are often mislabelled (MMC4's ``*.jpg`` names are
-    assigned before download, whatever the server returns). Nothing is decoded here.
-    """
-    if data:
-        if data[:3] == b"\xff\xd8\xff":
-            return "jpg"
-        if data[:8] == b"\x89PNG\r\n\x1a\n":
-            return "png"
-        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-            return "webp"
-        if data[:4] in (b"GIF8", b"II*\x00", b"MM\x00*") or data[:2] == b"BM":
-            return "other"
-    if name_hint:
-        ext = name_hint.rsplit(".", 1)[-1].lower()
-        return IMAGE_EXTENSIONS.get(ext, "other")
-    return "other"
+# IMAGE_EXTENSIONS and sniff_image_format live in schemas/images.py (imported above for the readers).
 
 
 # --------------------------------------------------------------------------------------------- values

@@ -27,6 +27,7 @@ from pipelines.readers.base import InputShard, SourceFormatError
 from pipelines.readers.tarstream import TarTruncated, iter_members
 from pipelines.readers.text import loads_json
 from schemas.config import SourceConfig
+from schemas.images import VILA_IMAGE_FORMATS
 from schemas.rows import PAIR_SCHEMA
 
 WIDS_META = "wids-meta.json"
@@ -112,7 +113,7 @@ class VilaWdsReader:
             return quarantine(row, "json_invalid: specialists/meta")
         if not isinstance(info.get("flags") or [], list):
             return quarantine(row, "json_invalid: flags")
-        image_ext = next((e for e in files if IMAGE_EXTENSIONS.get(e) in ("jpg", "png", "webp")), None)
+        image_ext = next((e for e in files if IMAGE_EXTENSIONS.get(e) in VILA_IMAGE_FORMATS), None)
         if image_ext is None:
             return quarantine(row, "missing_image")
         row.update(
