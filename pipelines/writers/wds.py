@@ -45,6 +45,7 @@ MAX_NAME_BYTES = 100  # the ustar name field; VILA's MMIndexedTar reads nothing 
 FIXED_MTIME = 946_684_800  # 2000-01-01T00:00:00Z: constant so identical rows give identical bytes
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
+_ZEROS = bytes(_BLOCK)  # padding source: member data is padded to a whole block
 
 
 def member_ext(image_format: str | None) -> str:
@@ -177,26 +178,48 @@ def ustar_header(name: str, size: int) -> bytes:
 
 
 class _Part:
-    """One tar being written to its temporary name: one write per member (header + data + padding)."""
+    """One tar being written to its temporary name, in ~1 MiB writes.
+
+    Members are gathered and joined into one buffer per ~1 MiB (the only copy of their bytes before the
+    kernel's), which goes to the file and to the hashing thread in one piece: one write and one queue
+    hand-off per MiB instead of per member. Per-member writes cost ~9,000 queue hand-offs (GIL and lock
+    traffic with the hashing thread) for 3,000 samples and put the writer at 0.6-0.8x a raw tarfile write.
+    """
+
+    _FLUSH_BYTES = 1 << 20
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str, relpath: str) -> None:
         self.path, self.relpath = path, relpath
         self.tmp = temp_path(path)
         self._fh = fs.open(self.tmp, "wb")
         self._hw = HashingWriter(self._fh)
+        self._pending: list[bytes] = []  # header, data, padding pieces not yet written
         self.nsamples = 0
         self.payload = 0
 
     def add(self, members: list[tuple[str, bytes]]) -> None:
+        pending = self._pending
         for name, data in members:
-            pad = -len(data) % _BLOCK
-            self._hw.write(b"".join((ustar_header(name, len(data)), data, b"\x00" * pad)))
-            self.payload += _member_bytes(len(data))
+            size = len(data)
+            pending.append(ustar_header(name, size))
+            pending.append(data)
+            pad = -size % _BLOCK
+            if pad:
+                pending.append(_ZEROS[:pad])
+            self.payload += _member_bytes(size)
         self.nsamples += 1
+        if self.payload - self._hw.nbytes >= self._FLUSH_BYTES:  # bytes gathered, not yet written
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._hw.write(b"".join(self._pending))
+            self._pending = []
 
     def finish(self) -> tuple[int, str]:
         # end of archive: two zero blocks, then zeros up to a whole record (what tarfile.close() writes)
-        self._hw.write(b"\x00" * (tar_file_size(self.payload) - self.payload))
+        self._pending.append(b"\x00" * (tar_file_size(self.payload) - self.payload))
+        self._flush()
         self._hw.close()
         self._fh.close()
         return self._hw.nbytes, self._hw.hexdigest()
