@@ -37,7 +37,7 @@ from curation import cutoffs
 from curation.cutoffs import require_datasketches
 from schemas.config import ClipFilterConfig
 from schemas.rows import DECISION_SCHEMA
-from schemas.stage import Resources
+from schemas.stage import Resources, StageBase
 
 SIGNATURE_SCHEMA = pa.schema(
     [
@@ -55,7 +55,7 @@ SIGNATURE_SCHEMA = pa.schema(
 _VILA_DEFAULT_TOP_PERCENT = 20.0
 
 
-class ClipFilterStage:
+class ClipFilterStage(StageBase):
     """GlobalStage over CLIP scores; decisions carry ``value`` = the threshold that dropped the row."""
 
     name = "clip_filter"

@@ -29,7 +29,7 @@ from schemas.config import ClipScoreConfig
 from schemas.documents import NO_USABLE_IMAGES, has_kept_image
 from schemas.images import UndecodableImage, decode_rgb, decoding
 from schemas.run_metrics import add_metrics, round_texts
-from schemas.stage import Resources
+from schemas.stage import Resources, StageBase
 from schemas.table_ops import replace_columns
 
 CLIPS_WEIGHT = 2.5  # Hessel et al. 2021: rescales typical cosines (0..0.4) to roughly 0..1
@@ -39,7 +39,7 @@ def clip_score(cosine: float) -> float:
     return CLIPS_WEIGHT * max(cosine, 0.0)
 
 
-class ClipScoreStage:
+class ClipScoreStage(StageBase):
     """Map stage: sets clip_cosine, clip_score, clip_model and embedding on alive rows / document images.
 
     ``setup()`` loads the open_clip model on ``runtime.device`` (auto -> cuda) in ``runtime.precision``

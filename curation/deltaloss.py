@@ -30,7 +30,7 @@ from curation.models import load_causal_lm, resolve_device, resolve_dtype
 from schemas.captions import TEXT_DELTALOSS_CAPTION
 from schemas.config import DeltaLossConfig
 from schemas.rows import DECISION_SCHEMA
-from schemas.stage import Resources
+from schemas.stage import Resources, StageBase
 from schemas.table_ops import replace_columns
 
 _LOGSOFTMAX_BUDGET = 64 << 20  # float32 elements of [rows, seq, vocab] log-softmax materialised at once
@@ -112,7 +112,7 @@ class CausalLMScorer:
         return (sums / counts).tolist()
 
 
-class DeltaLossScoreStage:
+class DeltaLossScoreStage(StageBase):
     """Map stage: logp_small, logp_large and delta_loss on alive rows.
 
     ``setup()`` loads both causal LMs (and tokenizers) on one device in ``runtime.precision`` (fp16/bf16
@@ -194,7 +194,7 @@ SIGNATURE_SCHEMA = pa.schema(
 MISSING_SUBSET = "<none>"
 
 
-class DeltaLossTopKStage:
+class DeltaLossTopKStage(StageBase):
     """GlobalStage: per subset keep the top ``ceil(keep_fraction * n)`` rows by delta_loss.
 
     Ties are broken by (key, source), rows without a delta_loss (no text to score) rank last, so the

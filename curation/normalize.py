@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from schemas.config import NormalizeConfig
 from schemas.documents import NO_USABLE_IMAGES, has_kept_image
 from schemas.images import DRAFTABLE_PIL_FORMATS, FORMAT_OF_PIL, undecodable_reason
-from schemas.stage import Resources
+from schemas.stage import Resources, StageBase
 from schemas.table_ops import replace_columns
 
 # Formats VILA's trainer reads as-is, mapped to the shard member extension.
@@ -106,7 +106,7 @@ def _reencode(img: Image.Image, kept_format: str | None, quality: int) -> tuple[
     return buf.getvalue(), "jpg"
 
 
-class NormalizeStage:
+class NormalizeStage(StageBase):
     """Pure batch transform over pair rows or MMC4 document rows (per image inside a document)."""
 
     name = "normalize"

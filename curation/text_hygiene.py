@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from schemas.config import CaptionHygieneConfig
 from schemas.run_metrics import add_metrics
-from schemas.stage import Resources
+from schemas.stage import Resources, StageBase
 from schemas.table_ops import replace_columns
 from schemas.text_hygiene import EMPTY, clean_caption
 
@@ -33,7 +33,7 @@ EMPTY_AFTER = "empty_caption_after_hygiene"
 EMPTY_INPUT = "empty_caption"
 
 
-class CaptionHygieneStage:
+class CaptionHygieneStage(StageBase):
     """Map stage: clean captions in place, flag and count the changes, drop pairs left without a caption."""
 
     name = "caption_hygiene"

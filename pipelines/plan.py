@@ -12,19 +12,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from schemas.config import (
-    CaptionHygieneConfig,
-    ClipFilterConfig,
-    ClipScoreConfig,
-    DedupConfig,
-    DeltaLossConfig,
-    GroundingConfig,
-    NormalizeConfig,
-    OcrConfig,
-    RecaptionConfig,
-    RunConfig,
-    SpatialConfig,
-)
+from schemas.config import RunConfig
+from schemas.registry import expand_stage
 from schemas.stage import GlobalStage, Stage
 
 
@@ -61,55 +50,6 @@ class Plan:
         return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
-def expand_stage(cfg: object) -> list[Stage | GlobalStage]:
-    """One config entry -> its stage objects (a scoring map stage may come with its global decision)."""
-    if isinstance(cfg, NormalizeConfig):
-        from curation.normalize import NormalizeStage
-
-        return [NormalizeStage(cfg)]
-    if isinstance(cfg, CaptionHygieneConfig):
-        from curation.text_hygiene import CaptionHygieneStage
-
-        return [CaptionHygieneStage(cfg)]
-    if isinstance(cfg, DedupConfig):
-        from curation.dedup.stage import DedupStage
-
-        return [DedupStage(cfg)]
-    if isinstance(cfg, ClipScoreConfig):
-        from curation.clipscore import ClipScoreStage
-
-        return [ClipScoreStage(cfg)]
-    if isinstance(cfg, ClipFilterConfig):
-        from curation.clip_filter import ClipFilterStage
-
-        return [ClipFilterStage(cfg)]
-    if isinstance(cfg, DeltaLossConfig):
-        from curation.deltaloss import DeltaLossScoreStage, DeltaLossTopKStage
-
-        if cfg.scorer == "vlm":  # log p(caption | image) under two VLMs, as NVILA scored its data
-            from recaption.deltaloss_vlm import VlmDeltaLossScoreStage
-
-            return [VlmDeltaLossScoreStage(cfg), DeltaLossTopKStage(cfg)]
-        return [DeltaLossScoreStage(cfg), DeltaLossTopKStage(cfg)]
-    if isinstance(cfg, RecaptionConfig):
-        from recaption.stage import RecaptionStage
-
-        return [RecaptionStage(cfg)]
-    if isinstance(cfg, OcrConfig):
-        from specialists.ocr import OcrStage
-
-        return [OcrStage(cfg)]
-    if isinstance(cfg, GroundingConfig):
-        from specialists.grounding import GroundingStage
-
-        return [GroundingStage(cfg)]
-    if isinstance(cfg, SpatialConfig):
-        from specialists.spatial import SpatialStage
-
-        return [SpatialStage(cfg)]
-    raise ValueError(f"no stage implements config {type(cfg).__name__}")
-
-
 def is_global(stage: object) -> bool:
     return hasattr(stage, "decide") and hasattr(stage, "signatures")
 
@@ -126,8 +66,7 @@ def build_plan(config: RunConfig) -> Plan:
             if n:
                 s.name = f"{s.name}_{n + 1}"
     for i, s in enumerate(stages):  # caption hygiene may keep empty captions only for a later recaption
-        if hasattr(s, "recaption_follows"):
-            s.recaption_follows = any(isinstance(getattr(t, "cfg", None), RecaptionConfig) for t in stages[i + 1:])
+        s.recaption_follows = any(t.writes_captions for t in stages[i + 1:])
     segments = [Segment(0)]
     for s in stages:
         if is_global(s):
@@ -138,7 +77,7 @@ def build_plan(config: RunConfig) -> Plan:
     from pipelines.sidecars import plan_sidecars
 
     return Plan(segments, config.config_hash(), {s.name: s.version for s in stages},
-                sidecars=plan_sidecars(list(config.stages)))
+                sidecars=plan_sidecars(stages))
 
 
 def set_run_started_at(plan: Plan, started_at: str) -> None:
@@ -146,5 +85,4 @@ def set_run_started_at(plan: Plan, started_at: str) -> None:
     resumed run writes the same bytes as an uninterrupted one."""
     for segment in plan.segments:
         for stage in segment.stages:
-            if hasattr(stage, "run_started_at"):
-                stage.run_started_at = started_at
+            stage.run_started_at = started_at

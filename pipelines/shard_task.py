@@ -182,7 +182,7 @@ def is_rereadable(reader: Reader) -> bool:
 
 def gpu_share(stage: Any) -> float:
     """GPU-seconds per wall second of this stage: its declared GPU share, when a GPU is in use."""
-    gpus = float(getattr(stage.resources, "gpus", 0.0) or 0.0)
+    gpus = float(stage.resources.gpus)
     return gpus if gpus and _cuda_available() else 0.0
 
 

@@ -27,7 +27,7 @@ from recaption.runtime import load_image
 from schemas.captions import VLM_DELTALOSS_CAPTION
 from schemas.config import CaptionerConfig, DeltaLossConfig
 from schemas.images import UndecodableImage
-from schemas.stage import Resources
+from schemas.stage import Resources, StageBase
 from schemas.table_ops import replace_columns
 
 SCORING_PROMPT = "Describe this image in detail."  # the same instruction for both models: a fair delta
@@ -40,7 +40,17 @@ def document_text(text_list: list[str] | None) -> str | None:
     return joined or None
 
 
-class VlmDeltaLossScoreStage:
+def deltaloss_stages(cfg: DeltaLossConfig) -> list[StageBase]:
+    """The registry's entry for ``type: deltaloss``: the scorer ``cfg.scorer`` names, then the top-k decision.
+    Here (not in curation/) because the vlm scorer is a recaption model and curation imports no recaption."""
+    from curation.deltaloss import DeltaLossScoreStage, DeltaLossTopKStage
+
+    if cfg.scorer == "vlm":  # log p(caption | image) under two VLMs, as NVILA scored its data
+        return [VlmDeltaLossScoreStage(cfg), DeltaLossTopKStage(cfg)]
+    return [DeltaLossScoreStage(cfg), DeltaLossTopKStage(cfg)]
+
+
+class VlmDeltaLossScoreStage(StageBase):
     """Map stage: logp_small, logp_large and delta_loss from two VLMs, captions scored given the image."""
 
     name = "deltaloss_score"

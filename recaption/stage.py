@@ -29,10 +29,11 @@ from recaption.backends import make_captioner
 from recaption.postprocess import HYGIENE_FLAG, clean_caption
 from recaption.prompts import PromptSet, load_prompt_set
 from recaption.runtime import iso_utc, load_image, params_hash
+from recaption.sidecar import RoundCaption, caption_folder
 from schemas.config import RecaptionConfig
 from schemas.images import UndecodableImage
 from schemas.run_metrics import add_metrics
-from schemas.stage import Resources
+from schemas.stage import Resources, StageBase
 from schemas.table_ops import replace_columns
 
 DEMO_FLAG = "demo_model"
@@ -44,11 +45,12 @@ def model_tag(cfg: RecaptionConfig) -> str:
     return c.model_tag or c.model.rstrip("/").split("/")[-1]
 
 
-class RecaptionStage:
+class RecaptionStage(StageBase):
     """Map stage: append round ``cfg.round``'s caption to alive pair rows."""
 
     version = "1"
     loads_model = True  # engines route it like a model (Beam RunInference, GPU actor pools)
+    writes_captions = True
 
     def __init__(self, cfg: RecaptionConfig, run_started_at: str | datetime | None = None) -> None:
         if cfg.round < 1:
@@ -83,6 +85,12 @@ class RecaptionStage:
         state = dict(self.__dict__)
         state["backend"] = None
         return state
+
+    def sidecars(self) -> dict[str, RoundCaption]:
+        """This round's caption folder beside the shards (``recaption.sidecars: true``)."""
+        if not self.cfg.sidecars:
+            return {}
+        return {caption_folder(self.cfg.round, self.model_tag): RoundCaption(self.cfg.round, self.model_tag)}
 
     def setup(self) -> None:
         if self.backend is not None:

@@ -6,10 +6,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from schemas.registry import config_classes, on_register, register_stage
 
 
 class _Strict(BaseModel):
@@ -246,11 +248,25 @@ class SpatialConfig(_Strict):
     vlm: CaptionerConfig | None = None
 
 
-StageConfig = Annotated[
-    NormalizeConfig | CaptionHygieneConfig | DedupConfig | ClipScoreConfig | ClipFilterConfig | DeltaLossConfig | RecaptionConfig
-    | OcrConfig | GroundingConfig | SpatialConfig,
-    Field(discriminator="type"),
-]
+# The stage registry (schemas/registry.py): config type -> the stage class(es) it runs, one line per stage.
+register_stage(NormalizeConfig, "curation.normalize:NormalizeStage")
+register_stage(CaptionHygieneConfig, "curation.text_hygiene:CaptionHygieneStage")
+register_stage(DedupConfig, "curation.dedup.stage:DedupStage")
+register_stage(ClipScoreConfig, "curation.clipscore:ClipScoreStage")
+register_stage(ClipFilterConfig, "curation.clip_filter:ClipFilterStage")
+register_stage(DeltaLossConfig, "recaption.deltaloss_vlm:deltaloss_stages")  # lm or vlm scorer + top-k decision
+register_stage(RecaptionConfig, "recaption.stage:RecaptionStage")
+register_stage(OcrConfig, "specialists.ocr:OcrStage")
+register_stage(GroundingConfig, "specialists.grounding:GroundingStage")
+register_stage(SpatialConfig, "specialists.spatial:SpatialStage")
+
+
+def _stage_config_union() -> Any:
+    """``RunConfig.stages``' item type: the registered config classes, told apart by ``type:``."""
+    return Annotated[Union[config_classes()], Field(discriminator="type")]  # noqa: UP007 - built at run time
+
+
+StageConfig = _stage_config_union()
 
 
 class CaptionPolicy(_Strict):
@@ -306,6 +322,15 @@ class RunConfig(_Strict):
         exclude["sources"] = {"__all__": {"fetch": _FETCH_SPEED_KNOBS}}
         payload = self.model_dump(mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _rebuild_run_config() -> None:
+    """A stage registered after import (a plugin, a test) extends the union ``RunConfig.stages`` accepts."""
+    RunConfig.model_fields["stages"].annotation = list[_stage_config_union()]
+    RunConfig.model_rebuild(force=True)
+
+
+on_register(_rebuild_run_config)
 
 
 class ConfigError(ValueError):

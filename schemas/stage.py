@@ -7,8 +7,9 @@ never opens files or sockets, never knows which engine runs it and never drops a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
 
@@ -21,26 +22,73 @@ class Resources:
     gpus: float = 0.0  # fractional values co-locate several model stages on one GPU
     memory_gb: float = 0.0  # 0 = no reservation
 
-    def ray_options(self) -> dict:
-        opts: dict = {"num_cpus": self.cpus}
-        if self.gpus:
-            opts["num_gpus"] = self.gpus
-        if self.memory_gb:
-            opts["memory"] = int(self.memory_gb * 1024**3)
-        return opts
-
 
 @runtime_checkable
 class Stage(Protocol):
+    """Every hook an engine (``pipelines.plan``, ``pipelines.executors.*``, ``pipelines.shard_task``) may
+    call on a stage; ``StageBase`` gives each a default. Engines read nothing else from a stage."""
+
     name: str
     version: str  # bumped whenever the stage's output for the same input changes; goes to the manifest
     resources: Resources
+    loads_model: bool  # route it like a model: a worker pool that loads it once (Ray actors, Beam RunInference)
+    writes_captions: bool  # appends a caption (a caption-hygiene stage before it may keep empty captions)
+    recaption_follows: bool  # set by the planner: a later stage of the run writes captions
+    run_started_at: Any  # set by the engine: the run's recorded start time (for timestamps in the output)
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows per batch this stage wants from a distributed engine; None: the run's ``batch_size``."""
+
+    @property
+    def workers(self) -> int:
+        """Model workers (Ray actor pool size) for a stage that loads a model."""
 
     def setup(self) -> None:
         """Load models once per worker."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Transform one batch; returns the same rows (same order, same count)."""
+
+    def sidecars(self) -> dict[str, Callable[[dict[str, Any]], str | None]]:
+        """Sidecar folder -> picklable function row -> text, written beside the shards (``pipelines.sidecars``)."""
+
+
+class StageBase:
+    """The defaults of every ``Stage`` hook; stage classes derive from it and override what they need.
+
+    ``batch_size`` and ``workers`` come from the config's ``runtime`` (a ``ModelRuntime``) when the
+    config has one, so model stages get them without code.
+    """
+
+    name: str = ""
+    version: str = "1"
+    resources: Resources = Resources()
+    loads_model: bool = False
+    writes_captions: bool = False
+    recaption_follows: bool = False
+    run_started_at: Any = None
+    cfg: Any = None
+
+    @property
+    def batch_size(self) -> int | None:
+        runtime = getattr(self.cfg, "runtime", None)  # configs without a ModelRuntime have no field
+        return runtime.batch_size if runtime is not None else None
+
+    @property
+    def workers(self) -> int:
+        runtime = getattr(self.cfg, "runtime", None)
+        return runtime.workers if runtime is not None else 1
+
+    def setup(self) -> None:
+        return None
+
+    def sidecars(self) -> dict[str, Callable[[dict[str, Any]], str | None]]:
+        return {}
+
+    def summarize(self, decisions: pa.Table, signatures: pa.Table) -> dict[str, Any]:
+        """A global stage's summary (summaries.json), from every decision and signature of a small run."""
+        return {}
 
 
 @runtime_checkable

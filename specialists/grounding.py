@@ -19,7 +19,7 @@ from PIL import Image
 
 from schemas.config import GroundingConfig
 from schemas.demo_model import is_demo_model
-from schemas.stage import Resources
+from schemas.stage import Resources, StageBase
 from specialists._common import (
     SampleError,
     SpecialistRows,
@@ -150,7 +150,7 @@ def _hub_snapshot(repo_id: str) -> Path | None:
         return None
 
 
-class GroundingStage:
+class GroundingStage(StageBase):
     """Map stage: fills ``specialists.grounding`` / ``grounding_text`` / ``models["grounding"]``."""
 
     name = "grounding"
@@ -166,6 +166,11 @@ class GroundingStage:
     def setup(self) -> None:
         if self._detector is None:
             self._detector = Detector(self.cfg.model, self.cfg.runtime, self.cfg.trust_remote_code)
+
+    def sidecars(self) -> dict[str, Any]:
+        from specialists.sidecar import specialist_sidecars  # specialists.sidecar imports the stage modules
+
+        return specialist_sidecars("bbox_interleaved")
 
     def __getstate__(self) -> dict[str, Any]:
         keep = {"cfg", "resources", "name"}

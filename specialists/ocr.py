@@ -19,7 +19,7 @@ import pyarrow as pa
 from PIL import Image
 
 from schemas.config import OcrConfig
-from schemas.stage import Resources
+from schemas.stage import Resources, StageBase
 from specialists._common import SampleError, SpecialistRows, decode_image, failure_reason, with_vlm_text
 from specialists.geometry import quad_to_xyxy, reading_order
 from specialists.vlm import VlmPrompter
@@ -140,7 +140,7 @@ class OcrEngine:
         return "\n".join(" ".join(lines[i]["text"] for i in g) for g in groups)
 
 
-class OcrStage:
+class OcrStage(StageBase):
     """Map stage: fills ``specialists.ocr`` / ``ocr_text`` / ``models["ocr"]`` on alive pair rows."""
 
     name = "ocr"
@@ -161,6 +161,11 @@ class OcrStage:
         if self.cfg.vlm is not None:
             self._vlm = VlmPrompter(self.cfg.vlm, "ocr")
             self._vlm.setup()
+
+    def sidecars(self) -> dict[str, Any]:
+        from specialists.sidecar import specialist_sidecars  # specialists.sidecar imports the stage modules
+
+        return specialist_sidecars("ocr")
 
     def __getstate__(self) -> dict[str, Any]:
         """Ship the config only: workers build their own engine in setup()."""

@@ -95,3 +95,18 @@ def specialist_texts(row: dict[str, Any]) -> dict[str, str]:
     # "<image>" off a sign; a VLM answer can carry control characters)
     out = {k: text_hygiene.clean_caption(v).text for k, v in out.items() if v}
     return {k: v for k, v in out.items() if v}
+
+
+class SpecialistText:
+    """The specialist answer VILA's specialist QA loader reads for ``kind`` (a class: it pickles to workers)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __call__(self, row: dict[str, Any]) -> str | None:
+        return specialist_texts(row).get(self.kind) or None
+
+
+def specialist_sidecars(kind: str) -> dict[str, SpecialistText]:
+    """What a specialist stage declares as its ``sidecars()``: its folder and text."""
+    return {SIDECAR_DIRS[kind]: SpecialistText(kind)}

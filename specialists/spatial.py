@@ -15,7 +15,7 @@ import pyarrow as pa
 from PIL import Image
 
 from schemas.config import SpatialConfig
-from schemas.stage import Resources
+from schemas.stage import Resources, StageBase
 from specialists._common import SampleError, SpecialistRows, decode_image, with_vlm_text
 from specialists.geometry import spatial_sentences
 from specialists.vlm import VlmPrompter
@@ -38,7 +38,7 @@ def sentences_text(sentences: list[str]) -> str:
     return " ".join(s[:1].upper() + s[1:] for s in sentences)
 
 
-class SpatialStage:
+class SpatialStage(StageBase):
     """Map stage: fills ``specialists.spatial`` / ``spatial_text`` / ``models["spatial"]``."""
 
     name = "spatial"
@@ -55,6 +55,11 @@ class SpatialStage:
         if self.cfg.vlm is not None and self._vlm is None:
             self._vlm = VlmPrompter(self.cfg.vlm, "spatial")
             self._vlm.setup()
+
+    def sidecars(self) -> dict[str, Any]:
+        from specialists.sidecar import specialist_sidecars  # specialists.sidecar imports the stage modules
+
+        return specialist_sidecars("spatial")
 
     def __getstate__(self) -> dict[str, Any]:
         keep = {"cfg", "resources", "name", "loads_model"}

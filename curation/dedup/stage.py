@@ -46,7 +46,7 @@ from curation.dedup.thumbnails import THUMB_BYTES, thumbnail
 from curation.dedup.unionfind import UnionFind
 from schemas.config import DedupConfig
 from schemas.rows import DECISION_SCHEMA
-from schemas.stage import Resources
+from schemas.stage import Resources, StageBase
 
 BOILERPLATE_FLAG = "boilerplate_caption"
 IMAGE_METHODS = ("exact", "phash", "semantic")  # also the priority of the reason given to a member
@@ -74,7 +74,7 @@ def item_id(source: str, key: str, image_index: int) -> str:
     return f"{source}/{key}/{image_index}"
 
 
-class DedupStage:
+class DedupStage(StageBase):
     """GlobalStage over pair rows and MMC4 document rows; ``group_by=None``: one decide() over all."""
 
     name = "dedup"

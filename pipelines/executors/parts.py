@@ -32,7 +32,7 @@ SHARD_BITS = 32
 
 def uses_model(stage) -> bool:
     """Model stages run where a model is loaded once per worker (Ray actor pool, Beam RunInference)."""
-    return stage.resources.gpus > 0 or bool(getattr(stage, "loads_model", False))
+    return stage.resources.gpus > 0 or stage.loads_model
 
 
 def parts_dir(root: str, seg: int, shard: InputShard) -> str:

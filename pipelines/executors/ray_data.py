@@ -32,6 +32,7 @@ from pipelines.executors.runner import RunContext, WorkItem, run_engine
 from pipelines.guard import apply_guarded
 from pipelines.plan import Segment
 from schemas.config import RunConfig
+from schemas.stage import Resources
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, ignore_reinit_error=True)
 
+
+def ray_options(resources: Resources) -> dict[str, Any]:
+    """A stage's declared resources as Ray task/actor options."""
+    opts: dict[str, Any] = {"num_cpus": resources.cpus}
+    if resources.gpus:
+        opts["num_gpus"] = resources.gpus
+    if resources.memory_gb:
+        opts["memory"] = int(resources.memory_gb * 1024**3)
+    return opts
 
 class _ReadShards:
     """Reader actor: reads one shard per call (each with its own decisions of the previous segment)."""
@@ -146,13 +156,11 @@ class RayEngine:
                             compute=ray.data.ActorPoolStrategy(size=max(1, min(n, _cluster_cpus(ray)))),
                             num_cpus=1)
         for stage in segment.maps:
-            opts = stage.resources.ray_options()
-            runtime = getattr(getattr(stage, "cfg", None), "runtime", None)
-            batch_size = runtime.batch_size if runtime else config.batch_size
+            opts = ray_options(stage.resources)
+            batch_size = stage.batch_size or config.batch_size
             if uses_model(stage):
-                workers = getattr(runtime, "workers", 1)
                 ds = ds.map_batches(_StageActor, fn_constructor_args=(stage,), batch_size=batch_size,
-                                    batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+                                    batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=stage.workers),
                                     **opts)
             else:
                 ds = ds.map_batches(_stage_task, fn_kwargs={"stage": stage}, batch_size=batch_size,

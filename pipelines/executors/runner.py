@@ -48,7 +48,7 @@ from pipelines.workdir import (
 )
 from pipelines.writers.atomic import is_temp_name, write_json_atomic
 from schemas.config import RunConfig
-from schemas.stage import PARTITION_COL, SHARD_COL
+from schemas.stage import PARTITION_COL, SHARD_COL, PartitionedDecide
 
 log = logging.getLogger(__name__)
 SUMMARY_MAX_SIGNATURES = 5_000_000
@@ -183,8 +183,7 @@ def shard_label(shard: InputShard) -> str:
 
 
 def uses_partitioned(stage: Any, config: RunConfig) -> bool:
-    hooks = ("partition", "decide_partition", "combine", "shard_decisions")
-    return getattr(config, "decide", "partitioned") == "partitioned" and all(hasattr(stage, h) for h in hooks)
+    return config.decide == "partitioned" and isinstance(stage, PartitionedDecide)
 
 
 GROUP_COL = "_group"  # partition % P: the engine's group key of the partitioned decide
@@ -328,13 +327,12 @@ def write_segment_summary(ctx: RunContext, segment: Segment, n_decisions: int, m
         with fs.open(signatures_path(root, seg, it.shard), "rb") as f:
             n_sigs += pq.ParquetFile(f).metadata.num_rows
     summary: dict[str, Any] = {}
-    summarize = getattr(segment.decide, "summarize", None)
-    if summarize and n_sigs <= SUMMARY_MAX_SIGNATURES:
+    if n_sigs <= SUMMARY_MAX_SIGNATURES:
         parts = [s for s in (_summary_columns(read_shard_signatures(fs, root, seg, it.shard))
                              for it in ctx.items) if s is not None]
         signatures = pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
         decisions = normalize_decisions(read_all_decisions(fs, root, seg, [it.shard for it in ctx.items]))
-        summary = summarize(decisions, signatures)
+        summary = segment.decide.summarize(decisions, signatures)
     summary = {"stage": segment.decide.name, "signatures": n_sigs, "decisions": n_decisions,
                "decide": mode, **summary}
     write_json_atomic(fs, posixpath.join(seg_dir(root, seg), "summary.json"), summary)
