@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.rows import DECISION_SCHEMA
-from schemas.stage import PARTITION_COL, SHARD_COL, GlobalStage, PartitionedDecide
+from schemas.stage import PARTITION_COL, SHARD_COL, FitsOnSample, GlobalStage, PartitionedDecide
 
 
 def empty_decisions() -> pa.Table:
@@ -63,9 +63,8 @@ def split_by_partition(rows: pa.Table, partitions: int) -> list[tuple[int, pa.Ta
 def fit_sample(stage: object, shard_signatures: Iterable[pa.Table]) -> None:
     """Step 0 of the partitioned decide, for stages that have it (dedup's k-means centroids): every shard's
     ``sample()`` (bounded: the M smallest id hashes) streams into ``fit()``, which keeps the M smallest."""
-    fit = getattr(stage, "fit", None)
-    if fit is not None:
-        fit(stage.sample(sig) for sig in shard_signatures)
+    if isinstance(stage, FitsOnSample):
+        stage.fit(stage.sample(sig) for sig in shard_signatures)
 
 
 def decide_partitioned(stage: GlobalStage, shard_signatures: Sequence[tuple[str, pa.Table]],

@@ -51,7 +51,7 @@ class Plan:
 
 
 def is_global(stage: object) -> bool:
-    return hasattr(stage, "decide") and hasattr(stage, "signatures")
+    return isinstance(stage, GlobalStage)
 
 
 def build_plan(config: RunConfig) -> Plan:

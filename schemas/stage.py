@@ -7,7 +7,7 @@ never opens files or sockets, never knows which engine runs it and never drops a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -159,3 +159,12 @@ class PartitionedDecide(Protocol):
     def combine(self, partials: list[pa.Table]) -> pa.Table: ...
 
     def shard_decisions(self, combined: pa.Table, signatures: pa.Table) -> pa.Table: ...
+
+
+@runtime_checkable
+class FitsOnSample(Protocol):
+    """Optional step 0 of ``PartitionedDecide``: a bounded per-shard ``sample`` streamed into ``fit``."""
+
+    def sample(self, signatures: pa.Table) -> pa.Table: ...
+
+    def fit(self, samples: Iterable[pa.Table]) -> None: ...

@@ -48,7 +48,7 @@ from pipelines.workdir import (
 )
 from pipelines.writers.atomic import is_temp_name, write_json_atomic
 from schemas.config import RunConfig
-from schemas.stage import PARTITION_COL, SHARD_COL, PartitionedDecide
+from schemas.stage import PARTITION_COL, SHARD_COL, FitsOnSample, PartitionedDecide
 
 log = logging.getLogger(__name__)
 SUMMARY_MAX_SIGNATURES = 5_000_000
@@ -299,7 +299,7 @@ def decide_segment(engine: Engine, ctx: RunContext, segment: Segment) -> None:
     t = time.perf_counter()
     partitioned = uses_partitioned(stage, ctx.config)
     if partitioned:
-        if hasattr(stage, "fit"):  # step 0: bounded samples stream into fit on the driver
+        if isinstance(stage, FitsOnSample):  # step 0: bounded samples stream into fit on the driver
             stage.fit(s for s in engine.per_shard(ctx, ctx.items, SampleShard(fs, root, seg, stage)) if s is not None)
         partitions = max(1, int(engine.partitions(ctx)))
         partials = engine.group_apply(ctx, ctx.items, LoadSignatures(fs, root, seg, stage, partitions),
