@@ -115,6 +115,8 @@ class GlobalStage(Protocol):
 
     def decide(self, signatures: pa.Table) -> pa.Table: ...
 
+    def summarize(self, decisions: pa.Table, signatures: pa.Table) -> dict[str, Any]: ...
+
 
 SHARD_COL = "shard"  # "<source>/<shard_id>": the input shard a signature (and so a decision) belongs to
 PARTITION_COL = "partition"  # int64 group key of the partitioned decide
