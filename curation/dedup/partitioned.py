@@ -645,16 +645,16 @@ def _first_band_pairs(pairs: np.ndarray, hashes: np.ndarray, band: int, bands: i
 def _slice(rows: pa.Table, mask: np.ndarray, dedupe: bool) -> pa.Table:
     """The masked rows in canonical order (one take), one row per id when ``dedupe`` (a row reaches a
     group once per band that maps there)."""
-    idx = np.flatnonzero(mask)
-    keys = rows.select(["source", "key", "image_index"]).take(pa.array(idx))
-    order = pc.sort_indices(keys, sort_keys=[("source", "ascending"), ("key", "ascending"),
-                                             ("image_index", "ascending")]).to_numpy()
-    idx = idx[order]
-    if dedupe and idx.size > 1:
-        ids = item_ids(keys.take(pa.array(order)))
+    # filter works chunk by chunk; a take on the many-chunk input would first concatenate whole columns
+    sub = rows.filter(pa.array(mask))
+    order = pc.sort_indices(sub.select(["source", "key", "image_index"]),
+                            sort_keys=[("source", "ascending"), ("key", "ascending"),
+                                       ("image_index", "ascending")]).to_numpy()
+    if dedupe and order.size > 1:
+        ids = item_ids(sub.select(["source", "key", "image_index"]).take(pa.array(order)))
         keep = np.r_[True, np.array([ids[i] != ids[i - 1] for i in range(1, len(ids))], dtype=bool)]
-        idx = idx[keep]
-    return rows.take(pa.array(idx))
+        order = order[keep]
+    return sub.take(pa.array(order))
 
 
 def _mask(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
