@@ -19,7 +19,7 @@ quickstart: install
 	$(BIN)/vila2-curate sample sample
 	$(BIN)/vila2-curate run configs/quickstart.yaml
 	$(BIN)/vila2-curate run configs/recaption.yaml --round 1
-	$(BIN)/vila2-curate validate out/quickstart/r0
+	$(BIN)/vila2-curate validate out/quickstart/r0 --world-size 8
 	$(BIN)/vila2-curate validate out/quickstart/r1
 	$(BIN)/vila2-curate report out/quickstart/r0 out/quickstart/r1
 
