@@ -210,20 +210,15 @@ class ClipFilterStage(StageBase):
         return cutoffs.sketch_partition([r["group"] for r in rows], values, [True] * len(rows))
 
     def decide_partition(self, rows: pa.Table) -> pa.Table:
-        if self.cfg.method == "exact":
-            return cutoffs.exact_decide_partition(rows, self.decide, "group")
-        return cutoffs.merge_sketches([rows])
+        return cutoffs.decide_partition(self.cfg.method, rows, self.decide, "group")
 
     def combine(self, partials: list[pa.Table]) -> pa.Table:
-        if self.cfg.method == "exact":
-            return cutoffs.concat_partials(partials, cutoffs.COMBINED_EXACT_SCHEMA)
-        return cutoffs.merge_sketches([p for p in partials if p.num_rows])
+        return cutoffs.combine(self.cfg.method, partials)
 
     def shard_decisions(self, combined: pa.Table, signatures: pa.Table) -> pa.Table:
         if self.cfg.method == "exact":
             return combined.select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA)
-        groups = {g: (n, blob) for g, n, blob in zip(*(combined.column(c).to_pylist()
-                                                       for c in ("group", "rows", "sketch")), strict=True)}
+        groups = cutoffs.sketch_groups(combined)
         cuts: dict[str, tuple[float | None, int, float | None]] = {}
         err = cutoffs.rank_error()
         out = []
@@ -259,10 +254,7 @@ class ClipFilterStage(StageBase):
             dropped[g] = dropped.get(g, 0) + 1
             if reason and reason.startswith("clip_below_top_percent"):
                 cuts[g] = value
-        method = {"method": self.cfg.method}
-        if self.cfg.method == "sketch":
-            method.update({"sketch": "datasketches KLL", "sketch_k": cutoffs.SKETCH_K,
-                           "normalized_rank_error": round(cutoffs.rank_error(), 5)})
+        method = cutoffs.method_summary(self.cfg.method)
         return {
             **method,
             "groups": {

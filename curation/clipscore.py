@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 
 from curation.models import autocast, identity_tag, load_open_clip, resolve_device, resolve_dtype
-from schemas.captions import CLIPSCORE_CAPTION
+from schemas.captions import CLIPSCORE_CAPTION, judged_texts
 from schemas.config import ClipScoreConfig
 from schemas.documents import NO_USABLE_IMAGES, has_kept_image
 from schemas.images import UndecodableImage, decode_rgb, decoding
@@ -96,10 +96,7 @@ class ClipScoreStage(StageBase):
             return batch
         images = batch.column("image").take(todo).to_pylist()
         captions = batch.column("captions").take(todo).to_pylist()
-        texts = [
-            CLIPSCORE_CAPTION(c, t)
-            for c, t in zip(captions, batch.column("text").take(todo).to_pylist(), strict=True)
-        ]
+        texts = judged_texts(CLIPSCORE_CAPTION, captions, batch.column("text").take(todo).to_pylist())
         emb, cos, errors = self.score(images, texts)
 
         n = batch.num_rows

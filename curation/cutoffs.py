@@ -83,6 +83,37 @@ def concat_partials(partials: list[pa.Table], schema: pa.Schema) -> pa.Table:
     return pa.concat_tables(partials) if partials else schema.empty_table()
 
 
+# ---- the stage's side, shared by clip_filter and deltaloss ----------------------------------------------------
+def decide_partition(method: str, rows: pa.Table, decide: Callable[[pa.Table], pa.Table],
+                     group_col: str) -> pa.Table:
+    """A stage's ``decide_partition``: the reference ``decide`` per subset (exact) or the merged sketches."""
+    if method == "exact":
+        return exact_decide_partition(rows, decide, group_col)
+    return merge_sketches([rows])
+
+
+def combine(method: str, partials: list[pa.Table]) -> pa.Table:
+    """A stage's ``combine``: every group's drop decisions (exact) or one merged sketch a subset."""
+    if method == "exact":
+        return concat_partials(partials, COMBINED_EXACT_SCHEMA)
+    return merge_sketches([p for p in partials if p.num_rows])
+
+
+def sketch_groups(combined: pa.Table) -> dict[str, tuple[int, bytes]]:
+    """Subset -> (rows counted, merged sketch) of a sketch ``combine`` result, for ``shard_decisions``."""
+    return {g: (n, blob) for g, n, blob in zip(*(combined.column(c).to_pylist()
+                                                 for c in ("group", "rows", "sketch")), strict=True)}
+
+
+def method_summary(method: str) -> dict[str, Any]:
+    """The method block of a stage's summary (the sketch and its rank error when ``method`` is sketch)."""
+    out: dict[str, Any] = {"method": method}
+    if method == "sketch":
+        out.update({"sketch": "datasketches KLL", "sketch_k": SKETCH_K,
+                    "normalized_rank_error": round(rank_error(), 5)})
+    return out
+
+
 # ---- sketch -----------------------------------------------------------------------------------------------
 def sketch_partition(groups: list[str], values: list[float | None], counted: list[bool]) -> pa.Table:
     """One row per subset of this shard: rows counted (``n`` of the rule) and a KLL sketch of the values

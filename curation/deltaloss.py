@@ -27,18 +27,14 @@ import torch
 
 from curation import cutoffs
 from curation.models import load_causal_lm, resolve_device, resolve_dtype
-from schemas.captions import TEXT_DELTALOSS_CAPTION
+from schemas.captions import TEXT_DELTALOSS_CAPTION, judged_texts
 from schemas.config import DeltaLossConfig
+from schemas.documents import document_text
 from schemas.rows import DECISION_SCHEMA
 from schemas.stage import Resources, StageBase
 from schemas.table_ops import replace_columns
 
 _LOGSOFTMAX_BUDGET = 64 << 20  # float32 elements of [rows, seq, vocab] log-softmax materialised at once
-
-
-def document_text(text_list: list[str] | None) -> str | None:
-    joined = " ".join(t.strip() for t in (text_list or []) if t and t.strip())
-    return joined or None
 
 
 class CausalLMScorer:
@@ -165,14 +161,8 @@ class DeltaLossScoreStage(StageBase):
         if "text_list" in batch.column_names:
             texts = [document_text(t) for t in batch.column("text_list").take(todo).to_pylist()]
         else:
-            texts = [
-                TEXT_DELTALOSS_CAPTION(c, t)
-                for c, t in zip(
-                    batch.column("captions").take(todo).to_pylist(),
-                    batch.column("text").take(todo).to_pylist(),
-                    strict=True,
-                )
-            ]
+            texts = judged_texts(TEXT_DELTALOSS_CAPTION, batch.column("captions").take(todo).to_pylist(),
+                                 batch.column("text").take(todo).to_pylist())
         small, large = self.small.mean_logprobs(texts), self.large.mean_logprobs(texts)
         cols = {c: batch.column(c).to_pylist() for c in ("logp_small", "logp_large", "delta_loss")}
         for j, i in enumerate(todo):
@@ -292,21 +282,15 @@ class DeltaLossTopKStage(StageBase):
         return cutoffs.sketch_partition(groups, signatures.column("delta_loss").to_pylist(), [True] * len(groups))
 
     def decide_partition(self, rows: pa.Table) -> pa.Table:
-        if self.cfg.method == "exact":
-            return cutoffs.exact_decide_partition(rows, self.decide, "subset")
-        return cutoffs.merge_sketches([rows])
+        return cutoffs.decide_partition(self.cfg.method, rows, self.decide, "subset")
 
     def combine(self, partials: list[pa.Table]) -> pa.Table:
-        if self.cfg.method == "exact":
-            return cutoffs.concat_partials(partials, cutoffs.COMBINED_EXACT_SCHEMA)
-        return cutoffs.merge_sketches([p for p in partials if p.num_rows])
+        return cutoffs.combine(self.cfg.method, partials)
 
     def shard_decisions(self, combined: pa.Table, signatures: pa.Table) -> pa.Table:
         if self.cfg.method == "exact":
             return combined.select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA)
-        groups = {g: (n, blob) for g, n, blob in zip(*(combined.column(c).to_pylist()
-                                                       for c in ("group", "rows", "sketch")),
-                                                     strict=True)}
+        groups = cutoffs.sketch_groups(combined)
         cuts: dict[str, tuple[int, int, float | None]] = {}
         err = cutoffs.rank_error()
         out = []
@@ -340,10 +324,7 @@ class DeltaLossTopKStage(StageBase):
         ):
             dropped[g] = dropped.get(g, 0) + 1
             cuts[g] = v
-        method: dict[str, Any] = {"method": self.cfg.method}
-        if self.cfg.method == "sketch":
-            method.update({"sketch": "datasketches KLL", "sketch_k": cutoffs.SKETCH_K,
-                           "normalized_rank_error": round(cutoffs.rank_error(), 5)})
+        method = cutoffs.method_summary(self.cfg.method)
         return {
             **method,
             "subsets": {

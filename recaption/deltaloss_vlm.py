@@ -24,8 +24,9 @@ import pyarrow as pa
 
 from recaption.backends.transformers_vlm import TransformersCaptioner
 from recaption.runtime import load_image
-from schemas.captions import VLM_DELTALOSS_CAPTION
+from schemas.captions import VLM_DELTALOSS_CAPTION, judged_texts
 from schemas.config import CaptionerConfig, DeltaLossConfig
+from schemas.documents import document_text
 from schemas.images import UndecodableImage
 from schemas.stage import Resources, StageBase
 from schemas.table_ops import replace_columns
@@ -33,11 +34,6 @@ from schemas.table_ops import replace_columns
 SCORING_PROMPT = "Describe this image in detail."  # the same instruction for both models: a fair delta
 DOCUMENT_PROMPT = "Write a passage of text."
 IMAGE_MAX_SIDE = 1024
-
-
-def document_text(text_list: list[str] | None) -> str | None:
-    joined = " ".join(t.strip() for t in (text_list or []) if t and t.strip())
-    return joined or None
 
 
 def deltaloss_stages(cfg: DeltaLossConfig) -> list[StageBase]:
@@ -100,14 +96,8 @@ class VlmDeltaLossScoreStage(StageBase):
             images = [None] * len(todo)
             prompts = [DOCUMENT_PROMPT] * len(todo)
         else:
-            texts = [
-                VLM_DELTALOSS_CAPTION(c, t)
-                for c, t in zip(
-                    batch.column("captions").take(todo).to_pylist(),
-                    batch.column("text").take(todo).to_pylist(),
-                    strict=True,
-                )
-            ]
+            texts = judged_texts(VLM_DELTALOSS_CAPTION, batch.column("captions").take(todo).to_pylist(),
+                                 batch.column("text").take(todo).to_pylist())
             prompts = [SCORING_PROMPT] * len(todo)
             for j, (i, data) in enumerate(
                 zip(todo, batch.column("image").take(todo).to_pylist(), strict=True)

@@ -88,6 +88,11 @@ VLM_DELTALOSS_CAPTION: CaptionChoice = trained_caption_text
 SPECIALISTS_CAPTION: CaptionChoice = trained_caption_text
 
 
+def judged_texts(choice: CaptionChoice, captions: list[Captions], texts: list[str | None]) -> list[str | None]:
+    """The caption ``choice`` picks for each row (``captions`` and ``texts``: the rows' columns, same length)."""
+    return [choice(c, t) for c, t in zip(captions, texts, strict=True)]
+
+
 # -- the writer's caption policy ------------------------------------------------------------------------
 def mix_draw(seed: int, key: str) -> float:
     """A uniform number in [0, 1) from (seed, key): the per-sample coin of the "mix" policy."""

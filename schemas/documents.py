@@ -15,3 +15,9 @@ NO_USABLE_IMAGES = "no_usable_images"
 def has_kept_image(images: list[dict[str, Any] | None] | None) -> bool:
     """True when at least one image of the document is present and not dropped."""
     return any(im is not None and im.get("drop_reason") is None for im in images or ())
+
+
+def document_text(text_list: list[str] | None) -> str | None:
+    """A document's paragraphs joined by single spaces, blank ones skipped (None: no text at all)."""
+    joined = " ".join(t.strip() for t in (text_list or []) if t and t.strip())
+    return joined or None
