@@ -23,6 +23,8 @@ import numpy as np
 from datasketch import LeanMinHash
 from datasketch.lsh import _optimal_param
 
+from curation.dedup.exact import equal_key_pairs
+
 EMPTY = np.uint32(0xFFFFFFFF)  # signature value of a text without words (never matched)
 _MIX1, _MIX2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)
 _PRIME = np.uint64(0x9E3779B97F4A7C15)
@@ -158,19 +160,5 @@ def near_duplicate_pairs(sigs: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def _bucket_pairs(key: np.ndarray) -> np.ndarray:
-    order = np.argsort(key, kind="stable")
-    sk = key[order]
-    starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
-    sizes = np.diff(np.r_[starts, sk.size])
-    out = []
-    big = sizes > 1
-    for s, m in zip(starts[big], sizes[big], strict=True):
-        members = order[s:s + m]
-        if m <= _ALL_PAIRS_MAX_BUCKET:
-            a, b = np.triu_indices(m, 1)
-        else:
-            a = np.repeat(np.arange(m), _ALL_PAIRS_MAX_BUCKET)
-            b = a + np.tile(np.arange(1, _ALL_PAIRS_MAX_BUCKET + 1), m)
-            a, b = a[b < m], b[b < m]
-        out.append(np.sort(np.stack([members[a], members[b]], axis=1), axis=1))
-    return np.concatenate(out) if out else np.empty((0, 2), dtype=np.int64)
+    """Candidate pairs i < j of rows in the same LSH bucket (one band's keys)."""
+    return equal_key_pairs(key, _ALL_PAIRS_MAX_BUCKET, _ALL_PAIRS_MAX_BUCKET)

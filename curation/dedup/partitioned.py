@@ -39,7 +39,7 @@ from curation.dedup.exact import exact_pairs
 from curation.dedup.minhash import _PRIME, EMPTY, _bucket_pairs, _fmix64, lsh_params
 from curation.dedup.phash import hamming_pairs
 from curation.dedup.semantic import _block_pairs, clip_cosines, default_clusters
-from curation.dedup.thumbnails import GREY_SIDE, THUMB_BYTES, confirm_pairs
+from curation.dedup.thumbnails import GREY_SIDE, THUMB_BYTES, confirm_pairs, knn_index_pairs
 from schemas.config import DedupConfig
 from schemas.rows import DECISION_SCHEMA
 from schemas.stage import PARTITION_COL, SHARD_COL
@@ -208,15 +208,7 @@ def thumb_knn_pairs(thumbs: np.ndarray, k: int) -> np.ndarray:
     if n < 2 or k <= 0:
         return np.empty((0, 2), dtype=np.int64)
     x = np.ascontiguousarray(coarse_thumbs(thumbs), dtype=np.float32)
-    index = faiss.IndexFlatL2(x.shape[1])
-    index.add(x)
-    _, nbrs = index.search(x, min(k + 1, n))
-    rows = np.repeat(np.arange(n, dtype=np.int64), nbrs.shape[1])
-    cols = nbrs.reshape(-1).astype(np.int64)
-    keep = (cols >= 0) & (rows != cols)
-    a, b = rows[keep], cols[keep]
-    pairs = np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1)
-    return np.unique(pairs, axis=0) if len(pairs) else pairs
+    return knn_index_pairs(faiss.IndexFlatL2(x.shape[1]), x, k)
 
 
 def clustered_pairs(labels: np.ndarray, fn) -> np.ndarray:

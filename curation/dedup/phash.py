@@ -13,6 +13,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from curation.dedup.exact import equal_key_pairs
+
 FLAT_MAX_ITEMS = 20_000
 _ALL_PAIRS_MAX_RUN = 64  # identical hashes: all pairs up to this many, then a sliding window
 _RUN_WINDOW = 32
@@ -63,21 +65,9 @@ def _mih_pairs(hashes: np.ndarray, k: int) -> np.ndarray:
 
 
 def _identical_run_pairs(inverse: np.ndarray) -> np.ndarray:
-    order = np.argsort(inverse, kind="stable")
-    keys = inverse[order]
-    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
-    sizes = np.diff(np.r_[starts, keys.size])
-    out = []
-    for s, m in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
-        members = order[s:s + m]
-        if m <= _ALL_PAIRS_MAX_RUN:
-            a, b = np.triu_indices(m, 1)
-        else:  # bounded work on huge runs; confirmation still sees every neighbour in the window
-            a = np.repeat(np.arange(m), _RUN_WINDOW)
-            b = a + np.tile(np.arange(1, _RUN_WINDOW + 1), m)
-            a, b = a[b < m], b[b < m]
-        out.append(np.stack([members[a], members[b]], axis=1))
-    return np.concatenate(out) if out else np.empty((0, 2), dtype=np.int64)
+    """Pairs of rows with identical hashes; bounded work on huge runs (confirmation still sees every
+    neighbour in the window)."""
+    return equal_key_pairs(inverse, _ALL_PAIRS_MAX_RUN, _RUN_WINDOW)
 
 
 def _mih_unique(uniq: np.ndarray, k: int) -> np.ndarray:

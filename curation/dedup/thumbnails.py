@@ -34,6 +34,7 @@ import io
 import itertools
 import math
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageChops, ImageCms
@@ -312,6 +313,13 @@ def thumbnail_neighbour_pairs(thumbs: np.ndarray, k: int) -> np.ndarray:
     else:
         index = faiss.IndexHNSWFlat(x.shape[1], 16)
         index.hnsw.efSearch = max(32, 2 * k)
+    return knn_index_pairs(index, x, k)
+
+
+def knn_index_pairs(index: Any, x: np.ndarray, k: int) -> np.ndarray:
+    """Add ``x`` to the empty faiss ``index`` and return the unique pairs i < j with j among i's k nearest
+    (self matches and faiss' -1 fillers dropped)."""
+    n = len(x)
     index.add(x)
     _, nbrs = index.search(x, min(k + 1, n))
     rows = np.repeat(np.arange(n, dtype=np.int64), nbrs.shape[1])
