@@ -103,20 +103,14 @@ def _train_tokenizer(seed: int):  # -> transformers.PreTrainedTokenizerFast
 def build_demo_lm(out_dir: str | Path, size: str = "small", seed: int = 0, tokenizer=None) -> Path:
     """Write a random Llama causal LM + tokenizer with ``save_pretrained``; return the folder."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from recaption.demo import demo_llama_config
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer or _train_tokenizer(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        **_LM_SIZES[size],
-    )
+    config = demo_llama_config(tokenizer, 512, _LM_SIZES[size])
     torch.manual_seed(seed + (0 if size == "small" else 1))
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(str(folder))

@@ -129,13 +129,28 @@ def _train_tokenizer():  # -> transformers.PreTrainedTokenizerFast
     return fast
 
 
+def demo_llama_config(tokenizer: Any, max_positions: int, dims: dict[str, Any]):  # -> transformers.LlamaConfig
+    """The Llama config of a demo model sized by ``dims``, its vocabulary and special ids from ``tokenizer``
+    (shared by the demo VLM's text tower and pipelines/demo_models.py's demo LMs)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **dims,
+    )
+
+
 def build_demo_vlm(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
     """Write a random LLaVA (CLIP tower + Llama) with processor and chat template; return the folder."""
     import torch
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
-        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -146,15 +161,7 @@ def build_demo_vlm(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Pa
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer()
     vision = CLIPVisionConfig(**dims["vision"])
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        **dims["text"],
-    )
+    text = demo_llama_config(tokenizer, 1024, dims["text"])
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     side, patch = dims["vision"]["image_size"], dims["vision"]["patch_size"]
     config = LlavaConfig(
