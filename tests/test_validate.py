@@ -528,15 +528,20 @@ def test_byte_identical_images_across_the_dataset(r0: Path) -> None:
                    f"{a.relative_to(r0)}:{m.name[:-4]}", f"{b.relative_to(r0)}:{b_key}")
 
 
-def test_gnu_long_name_header(r0: Path) -> None:
-    tar = first_tar(r0)
+def rename_first_sample(tar: Path, new_key: str, fmt: int) -> None:
+    """Rewrite ``tar`` in ``fmt`` with its first sample's members renamed to ``new_key``."""
     key = next(iter(sample_urls(tar)))
-    long_key = "k" * 120
 
     def rename(name: str, data: bytes):
-        return [(name.replace(key, long_key, 1) if name.startswith(key + ".") else name, data)]
+        return [(name.replace(key, new_key, 1) if name.startswith(key + ".") else name, data)]
 
-    rewrite_tar(tar, rename, fmt=tarfile.GNU_FORMAT)
+    rewrite_tar(tar, rename, fmt=fmt)
+
+
+def test_gnu_long_name_header(r0: Path) -> None:
+    tar = first_tar(r0)
+    long_key = "k" * 120
+    rename_first_sample(tar, long_key, tarfile.GNU_FORMAT)
     resync(r0)
     assert_reports(validate_output(str(r0)), f"GNU long name header ('L') for '{long_key}.",
                    "indexes the next member under its truncated 100-byte name")
@@ -554,13 +559,8 @@ def test_symlinks_and_other_non_regular_files_in_the_tree(r0: Path) -> None:
 
 def test_pax_long_name_and_global_headers(r0: Path) -> None:
     tar = first_tar(r0)
-    key = next(iter(sample_urls(tar)))
     long_key = "p" * 120
-
-    def rename(name: str, data: bytes):
-        return [(name.replace(key, long_key, 1) if name.startswith(key + ".") else name, data)]
-
-    rewrite_tar(tar, rename, fmt=tarfile.PAX_FORMAT)
+    rename_first_sample(tar, long_key, tarfile.PAX_FORMAT)
     # a global pax header ('g') in front, as `tar --format=pax` or a pax_headers= argument writes
     buf = io.BytesIO()
     with (tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "x"}) as t,

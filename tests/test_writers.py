@@ -496,25 +496,27 @@ def test_hand_built_ustar_header_equals_tarfile(name: str, size: int) -> None:
     assert ustar_header(name, size) == expected
 
 
-def test_tar_bytes_equal_tarfile_archive(tmp_path: Path) -> None:
-    """The whole part is byte-identical to what tarfile writes for the same members."""
+def _tarfile_copy(part: Path) -> bytes:
+    """What tarfile writes (USTAR, the writer's header fields) for the members of ``part``."""
     from pipelines.writers.wds import _tarinfo
 
-    (f,) = write_pairs(tmp_path, pairs(7), batch=3)
-    written = (tmp_path / f.relpath).read_bytes()
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar, \
-            tarfile.open(tmp_path / f.relpath) as src:
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar, tarfile.open(part) as src:
         for m in src.getmembers():
             data = src.extractfile(m).read()
             tar.addfile(_tarinfo(m.name, len(data)), io.BytesIO(data))
-    assert written == buf.getvalue()
+    return buf.getvalue()
+
+
+def test_tar_bytes_equal_tarfile_archive(tmp_path: Path) -> None:
+    """The whole part is byte-identical to what tarfile writes for the same members."""
+    (f,) = write_pairs(tmp_path, pairs(7), batch=3)
+    written = (tmp_path / f.relpath).read_bytes()
+    assert written == _tarfile_copy(tmp_path / f.relpath)
 
 
 def test_parts_over_the_write_buffer_equal_tarfile_and_their_hash(tmp_path: Path) -> None:
     """Parts of several MiB (written in ~1 MiB batches) stay byte-identical to tarfile, sha256 included."""
-    from pipelines.writers.wds import _tarinfo
-
     rng = np.random.default_rng(0)
     table = make_table([pair_row(i, image=b"\xff\xd8" + rng.bytes(int(rng.integers(200_000, 700_000))))
                         for i in range(9)], PAIR_SCHEMA)
@@ -522,10 +524,4 @@ def test_parts_over_the_write_buffer_equal_tarfile_and_their_hash(tmp_path: Path
     written = (tmp_path / f.relpath).read_bytes()
     assert len(written) > 3 << 20 and f.bytes == len(written)
     assert f.sha256 == hashlib.sha256(written).hexdigest()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar, \
-            tarfile.open(tmp_path / f.relpath) as src:
-        for m in src.getmembers():
-            data = src.extractfile(m).read()
-            tar.addfile(_tarinfo(m.name, len(data)), io.BytesIO(data))
-    assert written == buf.getvalue()
+    assert written == _tarfile_copy(tmp_path / f.relpath)
