@@ -117,7 +117,7 @@ class CoyoParquetReader:
                 for batch in parquet_batches(pf, batch_size):
                     if isinstance(batch, LostRows):  # a corrupt row group: earlier rows first, in file order
                         while window:
-                            yield _finish(window.popleft())
+                            yield _finish(window.popleft(), held)
                         yield lost_rows_row(shard, keys, batch)
                         continue
                     for rec, bad_text in arrow_records(batch):  # invalid UTF-8 -> that row, not the run
@@ -243,7 +243,7 @@ class _HeldBytes:
         return self.held > self.limit
 
 
-def _finish(p: _Pending, held: _HeldBytes | None = None) -> dict[str, Any]:
+def _finish(p: _Pending, held: _HeldBytes) -> dict[str, Any]:
     """The final row: fetch outcome in meta["fetch"] (img2dataset's status / error_message), then reasons.
 
     A refused address is hostile input (quarantined); a failed download, an opt-out or an oversized body
@@ -252,8 +252,7 @@ def _finish(p: _Pending, held: _HeldBytes | None = None) -> dict[str, Any]:
     row, dropped = p.row, None
     if p.future is not None:
         result = p.future.result()
-        if held is not None:
-            held.emitted(result)
+        held.emitted(result)
         p.meta["fetch"] = result.meta()
         if result.status == SUCCESS:
             row["image"] = result.data

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import quote, urlsplit
 
 from fsspec.spec import AbstractFileSystem
@@ -185,7 +183,3 @@ class ImageRoot:
         with self.fs.open(path, "rb") as f:
             return f.read()
 
-
-def describe_unsafe(meta: Mapping[str, Any], err: UnsafeRef) -> dict[str, Any]:
-    """The row's meta with the refusal's reason added (the reference itself is already in meta)."""
-    return {**meta, "unsafe_ref": err.why}
