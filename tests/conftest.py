@@ -64,6 +64,23 @@ def write_config(sample: Path, out: Path, dest: Path, *, stages: list | None = N
     return dest
 
 
+def write_round_config(sample: Path, root: Path, dest: Path, *, name: str, seed: int = 0,
+                       after: list | None = None) -> Path:
+    """A recaption round over ``root/r{prev_round}`` -> ``root/r{round}`` with the demo VLM, then ``after``."""
+    import yaml
+
+    stages: list[dict] = [{
+        "type": "recaption", "prompts": "self_augment",
+        "captioner": {"model": str(sample / "models" / "vlm"), "model_tag": "demo-vlm",
+                      "generation": {"max_new_tokens": 12, "seed": seed}, "runtime": {"batch_size": 8}},
+    }, *(after or [])]
+    raw = {"name": f"{name}-r{{round}}", "batch_size": 16,
+           "sources": [{"name": "prev", "kind": "vila_wds", "paths": [str(root / "r{prev_round}")]}],
+           "stages": stages, "output": {"path": str(root / "r{round}"), "shard_max_samples": 64}}
+    dest.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return dest
+
+
 def output_files(root: Path) -> dict[str, bytes]:
     """The files a run publishes whose bytes must not depend on engine, interruption or batch size."""
     keep = (".tar", ".pkl", ".count")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import write_config
+from conftest import write_config, write_round_config
 
 from curation.clipscore import ClipScoreStage
 from pipelines.executors.local import run_local
@@ -23,18 +23,9 @@ from schemas.config import ClipScoreConfig, load_config
 
 
 def _round_cfg(sample: Path, root: Path, dest: Path, *, seed: int, clip: bool) -> Path:
-    stages: list[dict] = [{
-        "type": "recaption", "prompts": "self_augment",
-        "captioner": {"model": str(sample / "models" / "vlm"), "model_tag": "demo-vlm",
-                      "generation": {"max_new_tokens": 12, "seed": seed}, "runtime": {"batch_size": 8}},
-    }]
-    if clip:  # after the recaption: every round's caption is scored against its image
-        stages.append({"type": "clipscore", "model": str(sample / "models" / "clip"), "runtime": {"batch_size": 16}})
-    raw = {"name": "sat-r{round}", "batch_size": 16,
-           "sources": [{"name": "prev", "kind": "vila_wds", "paths": [str(root / "r{prev_round}")]}],
-           "stages": stages, "output": {"path": str(root / "r{round}"), "shard_max_samples": 64}}
-    dest.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return dest
+    # clipscore after the recaption: every round's caption is scored against its image
+    after = [{"type": "clipscore", "model": str(sample / "models" / "clip"), "runtime": {"batch_size": 16}}]
+    return write_round_config(sample, root, dest, name="sat", seed=seed, after=after if clip else [])
 
 
 @pytest.fixture(scope="module")

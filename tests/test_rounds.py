@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, output_files, write_config
+from conftest import ROOT, output_files, write_config, write_round_config
 
 from pipelines.executors.local import run_local
 from pipelines.validate import read_vila_samples, validate_output
@@ -25,19 +25,9 @@ CURATE = [{"type": "normalize"}, {"type": "dedup", "methods": ["exact", "phash"]
 
 
 def _round_config(sample: Path, root: Path, dest: Path, *, specialists: bool = True) -> Path:
-    stages: list[dict] = [{
-        "type": "recaption", "prompts": "self_augment",
-        "captioner": {"model": str(sample / "models" / "vlm"), "model_tag": "demo-vlm",
-                      "generation": {"max_new_tokens": 12, "seed": 0}, "runtime": {"batch_size": 8}},
-    }]
-    if specialists:
-        stages += [{"type": "ocr"}, {"type": "grounding", "model": str(sample / "models" / "owlv2"),
-                                      "box_threshold": 0.0}, {"type": "spatial"}]
-    raw = {"name": "t-r{round}", "batch_size": 16,
-           "sources": [{"name": "prev", "kind": "vila_wds", "paths": [str(root / "r{prev_round}")]}],
-           "stages": stages, "output": {"path": str(root / "r{round}"), "shard_max_samples": 64}}
-    dest.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return dest
+    after = [{"type": "ocr"}, {"type": "grounding", "model": str(sample / "models" / "owlv2"),
+                               "box_threshold": 0.0}, {"type": "spatial"}] if specialists else []
+    return write_round_config(sample, root, dest, name="t", after=after)
 
 
 @pytest.fixture(scope="module")
