@@ -55,7 +55,7 @@ SIGNATURE_SCHEMA = pa.schema(
 _VILA_DEFAULT_TOP_PERCENT = 20.0
 
 
-class ClipFilterStage(StageBase):
+class ClipFilterStage(cutoffs.CutoffDecide, StageBase):
     """GlobalStage over CLIP scores; decisions carry ``value`` = the threshold that dropped the row."""
 
     name = "clip_filter"
@@ -201,19 +201,13 @@ class ClipFilterStage(StageBase):
     # -- partitioned decide (issue 8; curation/cutoffs.py) -------------------------------------------------
     def partition(self, signatures: pa.Table) -> pa.Table:
         if self.cfg.method == "exact":
-            return cutoffs.exact_partition(signatures, "group")
+            return cutoffs.exact_partition(signatures, self.group_by)
         rows = signatures.to_pylist()
         values = []
         for r in rows:
             score, floor = self._screen(r, r["rule"] == "vila_coyo")
             values.append(score if floor is None else None)
-        return cutoffs.sketch_partition([r["group"] for r in rows], values, [True] * len(rows))
-
-    def decide_partition(self, rows: pa.Table) -> pa.Table:
-        return cutoffs.decide_partition(self.cfg.method, rows, self.decide, "group")
-
-    def combine(self, partials: list[pa.Table]) -> pa.Table:
-        return cutoffs.combine(self.cfg.method, partials)
+        return cutoffs.sketch_partition([r["group"] for r in rows], values)
 
     def shard_decisions(self, combined: pa.Table, signatures: pa.Table) -> pa.Table:
         if self.cfg.method == "exact":

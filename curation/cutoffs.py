@@ -84,19 +84,25 @@ def concat_partials(partials: list[pa.Table], schema: pa.Schema) -> pa.Table:
 
 
 # ---- the stage's side, shared by clip_filter and deltaloss ----------------------------------------------------
-def decide_partition(method: str, rows: pa.Table, decide: Callable[[pa.Table], pa.Table],
-                     group_col: str) -> pa.Table:
-    """A stage's ``decide_partition``: the reference ``decide`` per subset (exact) or the merged sketches."""
-    if method == "exact":
-        return exact_decide_partition(rows, decide, group_col)
-    return merge_sketches([rows])
+class CutoffDecide:
+    """Mixin: a stage's ``decide_partition`` and ``combine`` for both methods. The stage's ``group_by`` is
+    its subset column; it has ``cfg.method`` and the single-process ``decide``."""
 
+    group_by: str | None
+    cfg: Any
+    decide: Callable[[pa.Table], pa.Table]
 
-def combine(method: str, partials: list[pa.Table]) -> pa.Table:
-    """A stage's ``combine``: every group's drop decisions (exact) or one merged sketch a subset."""
-    if method == "exact":
-        return concat_partials(partials, COMBINED_EXACT_SCHEMA)
-    return merge_sketches([p for p in partials if p.num_rows])
+    def decide_partition(self, rows: pa.Table) -> pa.Table:
+        """The reference ``decide`` per subset (exact) or the merged sketches."""
+        if self.cfg.method == "exact":
+            return exact_decide_partition(rows, self.decide, str(self.group_by))
+        return merge_sketches([rows])
+
+    def combine(self, partials: list[pa.Table]) -> pa.Table:
+        """Every group's drop decisions (exact) or one merged sketch a subset."""
+        if self.cfg.method == "exact":
+            return concat_partials(partials, COMBINED_EXACT_SCHEMA)
+        return merge_sketches([p for p in partials if p.num_rows])
 
 
 def sketch_groups(combined: pa.Table) -> dict[str, tuple[int, bytes]]:
@@ -115,17 +121,17 @@ def method_summary(method: str) -> dict[str, Any]:
 
 
 # ---- sketch -----------------------------------------------------------------------------------------------
-def sketch_partition(groups: list[str], values: list[float | None], counted: list[bool]) -> pa.Table:
+def sketch_partition(groups: list[str], values: list[float | None]) -> pa.Table:
     """One row per subset of this shard: rows counted (``n`` of the rule) and a KLL sketch of the values
     that are ranked (None: counted but not ranked, e.g. below the floor)."""
     from datasketches import kll_doubles_sketch
 
     per: dict[str, tuple[int, list[float]]] = {}
-    for g, v, c in zip(groups, values, counted, strict=True):
+    for g, v in zip(groups, values, strict=True):
         n, vals = per.setdefault(g, (0, []))
         if v is not None:
             vals.append(v)
-        per[g] = (n + int(c), vals)
+        per[g] = (n + 1, vals)
     rows = []
     for g in sorted(per):
         n, vals = per[g]

@@ -184,7 +184,7 @@ SIGNATURE_SCHEMA = pa.schema(
 MISSING_SUBSET = "<none>"
 
 
-class DeltaLossTopKStage(StageBase):
+class DeltaLossTopKStage(cutoffs.CutoffDecide, StageBase):
     """GlobalStage: per subset keep the top ``ceil(keep_fraction * n)`` rows by delta_loss.
 
     Ties are broken by (key, source), rows without a delta_loss (no text to score) rank last, so the
@@ -277,15 +277,9 @@ class DeltaLossTopKStage(StageBase):
 
     def partition(self, signatures: pa.Table) -> pa.Table:
         if self.cfg.method == "exact":
-            return cutoffs.exact_partition(signatures, "subset")
+            return cutoffs.exact_partition(signatures, self.group_by)
         groups = signatures.column("subset").to_pylist()
-        return cutoffs.sketch_partition(groups, signatures.column("delta_loss").to_pylist(), [True] * len(groups))
-
-    def decide_partition(self, rows: pa.Table) -> pa.Table:
-        return cutoffs.decide_partition(self.cfg.method, rows, self.decide, "subset")
-
-    def combine(self, partials: list[pa.Table]) -> pa.Table:
-        return cutoffs.combine(self.cfg.method, partials)
+        return cutoffs.sketch_partition(groups, signatures.column("delta_loss").to_pylist())
 
     def shard_decisions(self, combined: pa.Table, signatures: pa.Table) -> pa.Table:
         if self.cfg.method == "exact":
