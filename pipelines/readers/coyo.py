@@ -38,7 +38,7 @@ from pipelines.readers._common import (
 )
 from pipelines.readers.base import InputShard, SourceFormatError
 from pipelines.readers.corrupt import LostRows, lost_rows_row, parquet_batches
-from pipelines.readers.fetch import REFUSED, SUCCESS, Fetcher, FetchResult
+from pipelines.readers.fetch import REFUSED, REFUSED_REASON, SUCCESS, Fetcher, FetchResult
 from pipelines.readers.refs import UNSAFE_REASON, ImageRoot, UnsafeRef
 from pipelines.readers.text import arrow_records, invalid_utf8_reason
 from schemas.config import SourceConfig
@@ -258,7 +258,7 @@ def _finish(p: _Pending, held: _HeldBytes) -> dict[str, Any]:
             row["image"] = result.data
             row["image_format"] = sniff_image_format(result.data, posixpath.basename(str(p.url).split("?")[0]))
         elif result.status == REFUSED:
-            p.image_problem = "url_refused_private_network"
+            p.image_problem = REFUSED_REASON
         else:
             dropped = result.status  # failed_to_download | opt_out | image_too_large
     problem = p.problem or p.image_problem

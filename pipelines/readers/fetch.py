@@ -56,6 +56,7 @@ FAILED = "failed_to_download"
 OPT_OUT = "opt_out"
 TOO_LARGE = "image_too_large"
 REFUSED = "refused_private_network"
+REFUSED_REASON = "url_refused_private_network"  # the row's drop_reason for a REFUSED fetch (quarantined)
 
 _RETRY_STATUS = frozenset({429}) | frozenset(range(500, 600))
 _CHUNK = 64 * 1024

@@ -37,7 +37,7 @@ from pipelines.readers._common import (
     url_to_fs,
 )
 from pipelines.readers.base import InputShard
-from pipelines.readers.fetch import SUCCESS, Fetcher
+from pipelines.readers.fetch import REFUSED, REFUSED_REASON, SUCCESS, Fetcher
 from pipelines.readers.refs import UNSAFE_REASON, ImageRoot, UnsafeRef
 from pipelines.readers.text import INVALID_UTF8, invalid_utf8_reason, loads_json
 from schemas.rows import DOCUMENT_SCHEMA
@@ -201,7 +201,7 @@ class Mmc4Reader(StreamingReader):
 class _FetchFailed(Exception):
     def __init__(self, status: str, meta: dict[str, Any]) -> None:
         super().__init__(status)
-        self.status = "url_refused_private_network" if status == "refused_private_network" else status
+        self.status = REFUSED_REASON if status == REFUSED else status
         self.meta = meta
 
 
