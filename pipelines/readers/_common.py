@@ -21,7 +21,6 @@ from fsspec.spec import AbstractFileSystem
 from pipelines.readers.base import InputShard, SourceFormatError
 from pipelines.readers.text import scrub_row
 from schemas.config import SourceConfig
-from schemas.images import IMAGE_EXTENSIONS, sniff_image_format  # noqa: F401 - the readers import them here
 from schemas.keys import safe_key
 from schemas.rows import PAIR_SCHEMA, make_table
 
@@ -97,11 +96,6 @@ def make_shards(
         shards.append(InputShard(source=source.name, shard_id=sid, path=url, kind=source.kind,
                                  row_kind=row_kind))
     return sorted(shards, key=lambda s: s.shard_id)
-
-
-# --------------------------------------------------------------------------------------------- images
-
-# IMAGE_EXTENSIONS and sniff_image_format live in schemas/images.py (imported above for the readers).
 
 
 # --------------------------------------------------------------------------------------------- values

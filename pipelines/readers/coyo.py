@@ -32,7 +32,6 @@ from pipelines.readers._common import (
     make_shards,
     quarantine,
     short_error,
-    sniff_image_format,
     to_meta_json,
     url_to_fs,
 )
@@ -42,6 +41,7 @@ from pipelines.readers.fetch import REFUSED, REFUSED_REASON, SUCCESS, Fetcher, F
 from pipelines.readers.refs import UNSAFE_REASON, ImageRoot, UnsafeRef
 from pipelines.readers.text import arrow_records, invalid_utf8_reason
 from schemas.config import SourceConfig
+from schemas.images import sniff_image_format
 from schemas.rows import PAIR_SCHEMA
 
 PARQUET_SUFFIXES = (".parquet",)

@@ -34,7 +34,6 @@ import pyarrow.parquet as pq
 from fsspec.spec import AbstractFileSystem
 
 from pipelines.readers._common import (
-    IMAGE_EXTENSIONS,
     READ_STAGE,
     KeyRegistry,
     StreamingReader,
@@ -43,7 +42,6 @@ from pipelines.readers._common import (
     base_row,
     quarantine,
     short_error,
-    sniff_image_format,
     strip_extensions,
     to_meta_json,
     url_to_fs,
@@ -57,6 +55,7 @@ from pipelines.readers.text import (
     invalid_utf8_reason,
     loads_json,
 )
+from schemas.images import IMAGE_EXTENSIONS, sniff_image_format
 from schemas.rows import PAIR_SCHEMA
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")

@@ -32,7 +32,6 @@ from pipelines.readers._common import (
     base_row,
     quarantine,
     short_error,
-    sniff_image_format,
     to_meta_json,
     url_to_fs,
 )
@@ -40,6 +39,7 @@ from pipelines.readers.base import InputShard
 from pipelines.readers.fetch import REFUSED, REFUSED_REASON, SUCCESS, Fetcher
 from pipelines.readers.refs import UNSAFE_REASON, ImageRoot, UnsafeRef
 from pipelines.readers.text import INVALID_UTF8, invalid_utf8_reason, loads_json
+from schemas.images import sniff_image_format
 from schemas.rows import DOCUMENT_SCHEMA
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zip", ".jsonl.bz2", ".jsonl.xz", ".jsonl.zst")

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from pipelines.readers._common import (
-    IMAGE_EXTENSIONS,
     KeyRegistry,
     as_int,
     base_row,
@@ -27,7 +26,7 @@ from pipelines.readers.base import InputShard, SourceFormatError
 from pipelines.readers.tarstream import TarTruncated, iter_members
 from pipelines.readers.text import loads_json
 from schemas.config import SourceConfig
-from schemas.images import VILA_IMAGE_FORMATS
+from schemas.images import IMAGE_EXTENSIONS, VILA_IMAGE_FORMATS
 from schemas.rows import PAIR_SCHEMA
 
 WIDS_META = "wids-meta.json"
