@@ -142,11 +142,14 @@ def _count_probe(table: Any, counts: dict[str, Any]) -> None:
     cols = table.select([c for c in ("drop_reason", "drop_stage", "image_info") if c in table.column_names])
     for row in cols.to_pylist():
         counts["rows_in"] += 1
-        if row.get("drop_reason") is not None:
-            key = f"{row.get('drop_stage')}:{str(row['drop_reason']).split(':', 1)[0].strip()}"
-            reasons[key] = reasons.get(key, 0) + 1
+        _count_reason(row, reasons)
         for im in row.get("image_info") or []:
             counts["images_in"] += 1
-            if im.get("drop_reason") is not None:
-                key = f"{im.get('drop_stage')}:{str(im['drop_reason']).split(':', 1)[0].strip()}"
-                image_reasons[key] = image_reasons.get(key, 0) + 1
+            _count_reason(im, image_reasons)
+
+
+def _count_reason(item: dict[str, Any], into: dict[str, int]) -> None:
+    """``stage:reason`` (the reason's class, before any ``:``) of a dropped row or image."""
+    if item.get("drop_reason") is not None:
+        key = f"{item.get('drop_stage')}:{str(item['drop_reason']).split(':', 1)[0].strip()}"
+        into[key] = into.get(key, 0) + 1
