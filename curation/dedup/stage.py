@@ -211,23 +211,18 @@ class DedupStage(StageBase):
             return
         scale = PartitionedDedup(self)
         scale.fit([scale.sample(sig)])  # the same centroids the engine fits on its bottom-M sample
-        take = pa.array(rows, type=pa.int64())
-        sha = sig.column("sha256").take(take).to_pylist()
-        ph = sig.column("phash").take(take).to_pylist()
-        emb_list = sig.column("embedding").take(take).to_pylist()
-        scores = sig.column("clip_score").take(take).to_pylist()
-        publishable = sig.column("publishable").take(take).to_pylist()
-        sizes = sig.column("pixels").take(take).to_pylist()
-        thumbs_list = sig.column("thumb").take(take).to_pylist()
+        image_sig = sig.take(pa.array(rows, type=pa.int64()))
+        sha, ph, emb_list, scores, publishable, sizes, thumbs_list = (image_sig.column(c).to_pylist() for c in (
+            "sha256", "phash", "embedding", "clip_score", "publishable", "pixels", "thumb"))
         per_method: dict[str, np.ndarray] = {}
         if "exact" in cfg.methods:
             per_method["exact"] = exact_pairs(sha)
         emb_idx = np.array([i for i, e in enumerate(emb_list) if e], dtype=np.int64)
         emb = _matrix(emb_list, emb_idx)
         if "phash" in cfg.methods:
-            per_method["phash"] = self._phash_pairs(ph, thumbs_list, emb_list, sig.take(take), scale)
+            per_method["phash"] = self._phash_pairs(ph, thumbs_list, emb_list, image_sig, scale)
         if "semantic" in cfg.methods and emb_idx.size > 1:
-            labels = scale.labels(sig.take(take).take(pa.array(emb_idx)), "semantic")
+            labels = scale.labels(image_sig.take(pa.array(emb_idx)), "semantic")
             local = semantic_cluster_pairs(emb, labels, cfg.semantic_eps)
             per_method["semantic"] = emb_idx[local] if local.size else local
         union = UnionFind()
