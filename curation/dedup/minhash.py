@@ -144,11 +144,7 @@ def near_duplicate_pairs(sigs: np.ndarray, threshold: float) -> np.ndarray:
     bands, rows = lsh_params(threshold, num_perm)
     cand = []
     for band in range(bands):
-        block = uniq[:, band * rows:(band + 1) * rows].astype(np.uint64)
-        key = np.zeros(uniq.shape[0], dtype=np.uint64)
-        for c in range(rows):
-            key = _fmix64(key * _PRIME + block[:, c])
-        cand.append(_bucket_pairs(key))
+        cand.append(_bucket_pairs(band_keys(uniq, band, rows)))
     if cand:
         pairs = np.unique(np.concatenate(cand), axis=0)
         if pairs.size:
@@ -157,6 +153,15 @@ def near_duplicate_pairs(sigs: np.ndarray, threshold: float) -> np.ndarray:
             out.append(np.stack([rep[pairs[:, 0]], rep[pairs[:, 1]]], axis=1))
     pairs = np.concatenate(out)
     return np.sort(pairs, axis=1) if pairs.size else np.empty((0, 2), dtype=np.int64)
+
+
+def band_keys(uniq: np.ndarray, band: int, rows: int) -> np.ndarray:
+    """datasketch-layout LSH key of each signature row in one band."""
+    block = uniq[:, band * rows:(band + 1) * rows].astype(np.uint64)
+    key = np.zeros(uniq.shape[0], dtype=np.uint64)
+    for c in range(rows):
+        key = _fmix64(key * _PRIME + block[:, c])
+    return key
 
 
 def _bucket_pairs(key: np.ndarray) -> np.ndarray:

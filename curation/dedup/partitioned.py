@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from curation.dedup.exact import exact_pairs
-from curation.dedup.minhash import _PRIME, EMPTY, _bucket_pairs, _fmix64, lsh_params
+from curation.dedup.minhash import _PRIME, EMPTY, _bucket_pairs, _fmix64, band_keys, lsh_params
 from curation.dedup.phash import hamming_pairs
 from curation.dedup.semantic import _block_pairs, clip_cosines, default_clusters
 from curation.dedup.thumbnails import GREY_SIDE, THUMB_BYTES, confirm_pairs, knn_index_pairs
@@ -277,15 +277,6 @@ def confirm_lists(pairs: np.ndarray, thumbs: list[bytes | None], emb: list[Any],
             if has_e[j]:
                 e[j] = emb[i]
     return involved[confirm_candidates(local, t, has_t, e, has_e, cfg)]
-
-
-def band_keys(uniq: np.ndarray, band: int, rows: int) -> np.ndarray:
-    """datasketch-layout LSH band key (as minhash.near_duplicate_pairs computes it)."""
-    block = uniq[:, band * rows:(band + 1) * rows].astype(np.uint64)
-    key = np.zeros(uniq.shape[0], dtype=np.uint64)
-    for c in range(rows):
-        key = _fmix64(key * _PRIME + block[:, c])
-    return key
 
 
 def minhash_band_pairs(sigs: np.ndarray, band: int, rows: int, threshold: float,
@@ -665,8 +656,8 @@ def _slice(rows: pa.Table, mask: np.ndarray, dedupe: bool) -> pa.Table:
                             sort_keys=[("source", "ascending"), ("key", "ascending"),
                                        ("image_index", "ascending")]).to_numpy()
     if dedupe and order.size > 1:
-        ids = item_ids(sub.select(["source", "key", "image_index"]).take(pa.array(order)))
-        keep = np.r_[True, np.array([ids[i] != ids[i - 1] for i in range(1, len(ids))], dtype=bool)]
+        ids = np.asarray(item_ids(sub.select(["source", "key", "image_index"]).take(pa.array(order))), dtype=object)
+        keep = np.r_[True, ids[1:] != ids[:-1]]
         order = order[keep]
     return sub.take(pa.array(order))
 
