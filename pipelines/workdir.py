@@ -102,14 +102,19 @@ def _changed_by_normalize(meta: pa.ChunkedArray | pa.Array) -> pa.Array:
     return pc.fill_null(pc.match_substring(meta, _REENCODED), False)
 
 
+def _dropped_by_decision(batch: pa.Table) -> pa.ChunkedArray:
+    """Rows a curation decision dropped (quarantined rows are not: they keep their image)."""
+    return pc.and_(pc.is_valid(batch.column("drop_reason")),
+                   pc.invert(pc.fill_null(batch.column("quarantined"), False)))
+
+
 def slim_for_work(batch: pa.Table) -> pa.Table:
     """What segment i+1 cannot get back from the input shard: the input-only columns go, image bytes and
     metadata stay only where normalize changed the image."""
     kind = _row_kind(batch.schema)
     if kind == "pair":
         changed = _changed_by_normalize(batch.column("meta"))
-        dropped = pc.and_(pc.is_valid(batch.column("drop_reason")),
-                          pc.invert(pc.fill_null(batch.column("quarantined"), False)))
+        dropped = _dropped_by_decision(batch)
         keep_image = pc.and_(changed, pc.invert(dropped))
         batch = replace_columns(batch, {
             "image": pc.if_else(keep_image, batch.column("image"), pa.scalar(None, pa.binary())),
@@ -132,8 +137,7 @@ def restore_from_input(work: pa.Table, source: pa.Table, schema: pa.Schema) -> p
                                 "inputs must not change during a run (remove _work/ to start over)")
     cols: dict = {name: source.column(name) for name in INPUT_COLUMNS[_row_kind(schema)]}
     if _row_kind(schema) == "pair":
-        dropped = pc.and_(pc.is_valid(work.column("drop_reason")),
-                          pc.invert(pc.fill_null(work.column("quarantined"), False)))
+        dropped = _dropped_by_decision(work)
         image = pc.coalesce(work.column("image"), source.column("image"))
         cols["image"] = pc.if_else(dropped, pa.scalar(None, pa.binary()), image)
         cols["meta"] = pc.coalesce(work.column("meta"), source.column("meta"))
@@ -177,8 +181,7 @@ def slim_dropped(batch: pa.Table) -> pa.Table:
     """Null the image bytes of pair rows a curation decision dropped (not of quarantined rows)."""
     if "image" not in batch.column_names:
         return batch
-    dropped = pc.and_(pc.is_valid(batch.column("drop_reason")),
-                      pc.invert(pc.fill_null(batch.column("quarantined"), False)))
+    dropped = _dropped_by_decision(batch)
     return replace_columns(batch, {"image": pc.if_else(dropped, pa.scalar(None, pa.binary()),
                                                         batch.column("image"))})
 

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines import aggregate
 from pipelines.aggregate import normalize_decisions
 from pipelines.plan import Plan, Segment, build_plan, set_run_started_at
 from pipelines.progress import finalize, is_done, load_marker, remove_stale_outputs, run_started_at
@@ -38,7 +39,6 @@ from pipelines.workdir import (
     is_decided,
     read_all_decisions,
     read_done,
-    read_shard_decisions,
     remove_signatures,
     rows_path,
     seg_dir,
@@ -51,8 +51,8 @@ from schemas.config import RunConfig
 from schemas.stage import PARTITION_COL, SHARD_COL, FitsOnSample, PartitionedDecide
 
 log = logging.getLogger(__name__)
-SUMMARY_MAX_SIGNATURES = 5_000_000
-DEFAULT_PARTITIONS = 16  # groups of the partitioned decide on a one-process engine  # above this the summary holds counts only (it reads every signature)
+SUMMARY_MAX_SIGNATURES = 5_000_000  # above this the summary holds counts only (it reads every signature)
+DEFAULT_PARTITIONS = 16  # groups of the partitioned decide on a one-process engine
 
 
 @dataclass(frozen=True)
@@ -243,10 +243,7 @@ def read_shard_signatures(fs, root: str, seg: int, shard: InputShard) -> pa.Tabl
 
 
 def with_shard(sig: pa.Table, shard: InputShard) -> pa.Table:
-    col = pa.array([shard_label(shard)] * sig.num_rows, type=pa.string())
-    if SHARD_COL in sig.column_names:
-        return sig.set_column(sig.schema.get_field_index(SHARD_COL), SHARD_COL, col)
-    return sig.append_column(SHARD_COL, col)
+    return aggregate.with_shard(sig, shard_label(shard))
 
 
 class DecideGroup:
@@ -316,7 +313,6 @@ def decide_segment(engine: Engine, ctx: RunContext, segment: Segment) -> None:
     log.info("%s decided (%s) in %.2fs", stage.name, "partitioned" if partitioned else "single", seconds)
     write_segment_summary(ctx, segment, sum(counts), "partitioned" if partitioned else "single")
     write_decided(fs, root, seg, seg_hash, {"decisions": sum(counts), "shards": len(ctx.items)})
-    remove_signatures(fs, root, seg, [it.shard for it in ctx.items])
 
 
 def write_segment_summary(ctx: RunContext, segment: Segment, n_decisions: int, mode: str) -> None:
@@ -347,13 +343,6 @@ def _summary_columns(sig: pa.Table | None) -> pa.Table | None:
              if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) or pa.types.is_fixed_size_binary(f.type)
              or pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or pa.types.is_fixed_size_list(f.type)]
     return sig.drop_columns(bulky)
-
-
-def read_decisions(fs, root: str, seg: int, items: list[WorkItem], seg_hash: str) -> pa.Table | None:
-    """Every shard's decisions of a decided segment (tests, tools); None while the segment is not decided."""
-    if not is_decided(fs, root, seg, seg_hash):
-        return None
-    return pa.concat_tables([read_shard_decisions(fs, root, seg, it.shard, seg_hash) for it in items])
 
 
 # ------------------------------------------------------------------------------------------ run files
