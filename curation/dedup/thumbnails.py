@@ -257,16 +257,6 @@ def thumbnail_signals(thumbs: np.ndarray, pairs: np.ndarray) -> dict[str, np.nda
     }
 
 
-def thumbnail_distances(thumbs: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Per pair: mean |a-b| of the grey grids in [0, 1] (a nearest-neighbour distance, not a decision)."""
-    out = np.empty(len(pairs), dtype=np.float32)
-    for s in range(0, len(pairs), 65536):
-        p = pairs[s:s + 65536]
-        diff = np.abs(thumbs[p[:, 0], :_GREY_N].astype(np.int16) - thumbs[p[:, 1], :_GREY_N].astype(np.int16))
-        out[s:s + 65536] = diff.mean(axis=1) / 255.0
-    return out
-
-
 def confirm_pairs(thumbs: np.ndarray, pairs: np.ndarray, cfg: DedupConfig) -> np.ndarray:
     """Boolean mask over ``pairs`` (indices into ``thumbs``, (n, THUMB_BYTES) uint8): same picture?
 
@@ -290,30 +280,6 @@ def confirm_pair(thumb_a: bytes, thumb_b: bytes, cfg: DedupConfig) -> bool:
     """:func:`confirm_pairs` for one pair of thumbnail byte strings."""
     t = np.frombuffer(thumb_a + thumb_b, dtype=np.uint8).reshape(2, THUMB_BYTES)
     return bool(confirm_pairs(t, np.array([[0, 1]], dtype=np.int64), cfg)[0])
-
-
-FLAT_KNN_MAX_ITEMS = 4096  # above this, an HNSW graph instead of an exact scan
-
-
-def thumbnail_neighbour_pairs(thumbs: np.ndarray, k: int) -> np.ndarray:
-    """(m, 2) pairs i < j where j is among i's k nearest grey thumbnails (faiss L2).
-
-    A second candidate generator beside pHash: a small crop or shift moves low DCT frequencies (8-10
-    pHash bits for a 3% crop) but barely moves a content thumbnail. Exact flat search for small inputs,
-    HNSW (approximate, M=16) for large ones, so the cost stays n log n.
-    """
-    import faiss
-
-    n = len(thumbs)
-    if n < 2 or k <= 0:
-        return np.empty((0, 2), dtype=np.int64)
-    x = np.ascontiguousarray(thumbs[:, : GREY_SIDE * GREY_SIDE], dtype=np.float32)
-    if n <= FLAT_KNN_MAX_ITEMS:
-        index = faiss.IndexFlatL2(x.shape[1])
-    else:
-        index = faiss.IndexHNSWFlat(x.shape[1], 16)
-        index.hnsw.efSearch = max(32, 2 * k)
-    return knn_index_pairs(index, x, k)
 
 
 def knn_index_pairs(index: Any, x: np.ndarray, k: int) -> np.ndarray:
