@@ -34,7 +34,7 @@ from pipelines.executors.runner import DEFAULT_PARTITIONS, RunContext, WorkItem,
 from pipelines.guard import apply_guarded
 from pipelines.plan import Segment
 from pipelines.progress import is_done
-from pipelines.workdir import read_done, seg_dir
+from pipelines.workdir import WORK_DIR, read_done
 from pipelines.writers.atomic import write_parquet_atomic
 from schemas.config import RunConfig
 
@@ -146,8 +146,7 @@ class BeamEngine:
     def group_apply(self, ctx: RunContext, items: list[WorkItem], load: Callable[[WorkItem], pa.Table | None],
                     key: str | None, fn: Callable[[pa.Table], pa.Table]) -> list[pa.Table]:
         beam, fs = self.beam, ctx.fs
-        out_dir = posixpath.join(seg_dir(ctx.root, 0), "..", f"grouped-{uuid.uuid4().hex[:8]}")
-        out_dir = posixpath.normpath(out_dir)
+        out_dir = posixpath.join(ctx.root, WORK_DIR, f"grouped-{uuid.uuid4().hex[:8]}")
         by_index = {it.index: it for it in items}
 
         def load_and_split(index: int):
