@@ -35,7 +35,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from pipelines.writers.atomic import write_bytes_atomic
+from pipelines.writers.atomic import read_parquet, write_bytes_atomic
 from schemas.images import IMAGE_EXTENSIONS, VILA_IMAGE_FORMATS, decode_rgb
 
 THUMB_SIDE = 160
@@ -245,10 +245,7 @@ def _open_root(path: str) -> _Root:
     base = base.rstrip("/")
     versions: dict[str, str] = {}
     try:
-        import pyarrow.parquet as pq
-
-        with fs.open(_join(base, "manifest.parquet"), "rb") as f:
-            col = pq.read_table(f, columns=["stage_versions"]).column("stage_versions").to_pylist()
+        col = read_parquet(fs, _join(base, "manifest.parquet"), ["stage_versions"]).column("stage_versions").to_pylist()
         for v in col[:1]:
             versions = json.loads(v or "{}")
     except (FileNotFoundError, OSError, ValueError, KeyError):

@@ -21,10 +21,9 @@ from typing import IO, Any
 
 import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.writers.atomic import is_temp_name
+from pipelines.writers.atomic import is_temp_name, read_parquet
 from pipelines.writers.mmc4 import VILA_MAX_IMAGES_PER_DOC
 from pipelines.writers.records import MANIFEST, WIDS_KIND, WIDS_META, WIDS_VERSION
 from pipelines.writers.wds import SIDECAR_ROOT
@@ -469,8 +468,7 @@ def _check_manifest(
             problems.append(f"{MANIFEST} is missing")
         return
     try:
-        with fs.open(f"{base}/{MANIFEST}", "rb") as fh:
-            table = pq.read_table(fh)
+        table = read_parquet(fs, f"{base}/{MANIFEST}")
     except Exception as e:  # noqa: BLE001
         problems.append(f"{MANIFEST}: unreadable ({type(e).__name__}: {e})")
         return

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from pipelines.aggregate import normalize_decisions
 from pipelines.readers.base import InputShard
-from pipelines.writers.atomic import write_json_atomic, write_parquet_atomic
+from pipelines.writers.atomic import read_parquet, write_json_atomic, write_parquet_atomic
 from schemas.rows import check_schema_version, conform
 from schemas.table_ops import replace_columns
 
@@ -244,8 +244,7 @@ def write_signatures(fs, root: str, seg: int, shard: InputShard, parts: list[pa.
 def read_signatures(fs, root: str, seg: int, shards: list[InputShard]) -> pa.Table:
     parts = []
     for shard in shards:
-        with fs.open(signatures_path(root, seg, shard), "rb") as f:
-            t = pq.read_table(f)
+        t = read_parquet(fs, signatures_path(root, seg, shard))
         if t.num_columns:
             parts.append(t)
     return pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
@@ -279,8 +278,7 @@ def write_shard_decisions(fs, root: str, seg: int, shard: InputShard, decisions:
 def read_shard_decisions(fs, root: str, seg: int, shard: InputShard, seg_hash: str | None = None) -> pa.Table:
     """The decisions about one input shard's rows: all a shard task loads (never the whole dataset's)."""
     path = shard_decisions_path(root, seg, shard)
-    with fs.open(path, "rb") as f:
-        t = pq.read_table(f)
+    t = read_parquet(fs, path)
     if seg_hash is not None and (t.schema.metadata or {}).get(b"vila2.segment_hash") != seg_hash.encode():
         raise RuntimeError(f"{path} belongs to another run configuration")
     return t

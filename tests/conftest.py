@@ -81,6 +81,32 @@ def write_round_config(sample: Path, root: Path, dest: Path, *, name: str, seed:
     return dest
 
 
+def tiny_valid_output(tmp: Path, out: Path) -> None:
+    """A 2-row COYO run: the smallest output that passes `vila2-curate validate`."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from pipelines.executors.local import run_local
+    from schemas.config import load_config
+
+    def jpeg(shade: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (320, 240), (shade, 90, 200 - shade)).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    (tmp / "coyo").mkdir()
+    pq.write_table(pa.table({"id": [1, 2], "url": ["http://a/1.jpg", "http://a/2.jpg"],
+                             "text": ["a cat", "a dog"], "image": [jpeg(10), jpeg(150)]}),
+                   tmp / "coyo" / "part-0.parquet")
+    cfg = tmp / "run.yaml"
+    cfg.write_text(f"sources: [{{name: c, kind: coyo_parquet, paths: ['{tmp}/coyo/*.parquet'], "
+                   f"image_column: image}}]\noutput: {{path: '{out}'}}\n")
+    assert run_local(load_config(cfg), progress=False)["balanced"]
+
+
 def output_files(root: Path) -> dict[str, bytes]:
     """The files a run publishes whose bytes must not depend on engine, interruption or batch size."""
     keep = (".tar", ".pkl", ".count")

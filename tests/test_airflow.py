@@ -12,7 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, tiny_valid_output
 
 pytest.importorskip("airflow")
 
@@ -126,37 +126,11 @@ def test_ingest_check_runs(dagbag, tmp_path: Path):
     assert proc.returncode == (0 if out["input_shards"] else 1)
 
 
-def _tiny_valid_output(tmp: Path, out: Path) -> None:
-    """A 2-row COYO run: the smallest output that passes `vila2-curate validate`."""
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from PIL import Image
-
-    from pipelines.executors.local import run_local
-    from schemas.config import load_config
-
-    def jpeg(shade: int) -> bytes:
-        buf = io.BytesIO()
-        Image.new("RGB", (320, 240), (shade, 90, 200 - shade)).save(buf, format="JPEG")
-        return buf.getvalue()
-
-    (tmp / "coyo").mkdir()
-    pq.write_table(pa.table({"id": [1, 2], "url": ["http://a/1.jpg", "http://a/2.jpg"],
-                             "text": ["a cat", "a dog"], "image": [jpeg(10), jpeg(150)]}),
-                   tmp / "coyo" / "part-0.parquet")
-    cfg = tmp / "run.yaml"
-    cfg.write_text(f"sources: [{{name: c, kind: coyo_parquet, paths: ['{tmp}/coyo/*.parquet'], "
-                   f"image_column: image}}]\noutput: {{path: '{out}'}}\n")
-    assert run_local(load_config(cfg), progress=False)["balanced"]
-
-
 def test_publish_writes_success_only_when_valid(dagbag, tmp_path: Path):
     from pipelines.airflow_dag import publish
 
     out = tmp_path / "r2"
-    _tiny_valid_output(tmp_path, out)
+    tiny_valid_output(tmp_path, out)
     cli = f"{sys.executable} -m pipelines.cli"
     (out / "_SUCCESS").write_text("stale")
     (out / "c" / "bogus.tar").write_bytes(b"not a tar")

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.executors.parts import (
     assemble_shard,
@@ -35,7 +34,7 @@ from pipelines.guard import apply_guarded
 from pipelines.plan import Segment
 from pipelines.progress import is_done
 from pipelines.workdir import WORK_DIR, read_done
-from pipelines.writers.atomic import write_parquet_atomic
+from pipelines.writers.atomic import read_parquet, write_parquet_atomic
 from schemas.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -170,8 +169,7 @@ class BeamEngine:
         results: dict[bytes, pa.Table] = {}
         if fs.exists(out_dir):
             for path in sorted(fs.find(out_dir)):
-                with fs.open(path, "rb") as f:
-                    t = pq.read_table(f)
+                t = read_parquet(fs, path)
                 results.setdefault(t.schema.metadata[b"vila2.group"], t.replace_schema_metadata(None))
             fs.rm(out_dir, recursive=True)
         return [results[k] for k in sorted(results)]

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipelines.executors.runner import WorkItem
 from pipelines.plan import Plan
@@ -23,7 +22,7 @@ from pipelines.progress import ShardResult
 from pipelines.readers.base import InputShard
 from pipelines.shard_task import SegmentOutput, Timings, input_batches, is_rereadable
 from pipelines.workdir import seg_dir
-from pipelines.writers.atomic import write_parquet_atomic
+from pipelines.writers.atomic import read_parquet, write_parquet_atomic
 from schemas.config import OutputConfig
 
 ROW_COL = "_row"
@@ -86,8 +85,7 @@ def assembled_batches(fs, parts: list[dict], batch_size: int) -> Iterator[pa.Tab
     for group in groups:
         tables = []
         for p in group:
-            with fs.open(p["path"], "rb") as f:
-                tables.append(pq.read_table(f))
+            tables.append(read_parquet(fs, p["path"]))
         table = pa.concat_tables(tables).sort_by(ROW_COL) if len(tables) > 1 else tables[0]
         if len(tables) > 1:
             rows = table.column(ROW_COL).to_pylist()

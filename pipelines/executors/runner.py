@@ -46,7 +46,7 @@ from pipelines.workdir import (
     write_decided,
     write_shard_decisions,
 )
-from pipelines.writers.atomic import is_temp_name, write_json_atomic
+from pipelines.writers.atomic import is_temp_name, read_parquet, write_json_atomic
 from schemas.config import RunConfig
 from schemas.stage import PARTITION_COL, SHARD_COL, FitsOnSample, PartitionedDecide
 
@@ -237,8 +237,7 @@ def _modulo(values: pa.ChunkedArray, n: int) -> pa.Array:
 
 
 def read_shard_signatures(fs, root: str, seg: int, shard: InputShard) -> pa.Table | None:
-    with fs.open(signatures_path(root, seg, shard), "rb") as f:
-        sig = pq.read_table(f)
+    sig = read_parquet(fs, signatures_path(root, seg, shard))
     return sig if sig.num_rows and sig.num_columns else None
 
 

@@ -118,6 +118,18 @@ def write_parquet_atomic(fs: fsspec.AbstractFileSystem, path: str, table: pa.Tab
     write_bytes_atomic(fs, path, buf.getvalue())
 
 
+def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
+    """Read one parquet file whole, synchronously.
+
+    ``pq.read_table`` on a Python file object goes through the dataset scanner, whose background
+    callbacks can drop the last reference to the file after the call returned; when that happens while
+    the interpreter exits, arrow's thread takes the GIL during finalization and the process aborts
+    ("terminate called without an active exception"). ``ParquetFile.read`` finishes on the calling thread.
+    """
+    with fs.open(path, "rb") as f, pq.ParquetFile(f) as pf:
+        return pf.read(columns=columns)
+
+
 class HashingWriter(io.RawIOBase):
     """Write-through wrapper that counts bytes and hashes them, so finished files need no re-read.
 
