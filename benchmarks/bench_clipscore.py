@@ -6,7 +6,7 @@ handling and lineage, so the ratio shows what those cost and what draft decoding
     python benchmarks/bench_clipscore.py [--n 256] [--size 1280x720] [--batch-size 64]
                                          [--model DIR_OR_NAME --pretrained TAG_OR_FILE] [--device auto]
 
-Without --model it uses the tiny random demo CLIP (pipelines/demo_models.py), which makes the run
+Without --model it uses the tiny random demo CLIP (pipelines/demo/models.py), which makes the run
 decode-bound; pass a real model (e.g. --model ViT-B-32 --pretrained <file>) on a GPU for the real figure.
 """
 
@@ -21,12 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from _common import best_of, photo_like_jpegs, report  # noqa: E402
 from PIL import Image  # noqa: E402
-
-from curation.clipscore import ClipScoreStage  # noqa: E402
-from curation.models import autocast  # noqa: E402
-from pipelines.demo_models import cached_demo_models  # noqa: E402
-from schemas.config import ClipScoreConfig, ModelRuntime  # noqa: E402
-from schemas.rows import PAIR_SCHEMA, make_table  # noqa: E402
+from vila2_curate.curation.clipscore import ClipScoreStage  # noqa: E402
+from vila2_curate.curation.models import autocast  # noqa: E402
+from vila2_curate.pipelines.demo.models import cached_demo_models  # noqa: E402
+from vila2_curate.schemas.config import ClipScoreConfig, ModelRuntime  # noqa: E402
+from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table  # noqa: E402
 
 
 def main() -> None:

@@ -10,11 +10,10 @@ import time
 import numpy as np
 from _common import ROOT, best_of, report  # noqa: F401  (inserts the repo root into sys.path)
 from datasketch import MinHash
-
-from curation.dedup.minhash import minhash_signatures
-from curation.dedup.phash import brute_force_pairs, hamming_pairs
-from curation.dedup.stage import SIGNATURE_SCHEMA
-from curation.dedup.thumbnails import THUMB_BYTES
+from vila2_curate.curation.dedup.minhash import minhash_signatures
+from vila2_curate.curation.dedup.phash import brute_force_pairs, hamming_pairs
+from vila2_curate.curation.dedup.stage import SIGNATURE_SCHEMA
+from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES
 
 
 def _docs(n: int, words: int, seed: int = 0) -> list[str]:

@@ -1,6 +1,6 @@
 """Near-duplicate recall and false merges of dedup's defaults vs plain imagehash pHash, in one run.
 
-The evaluation set is pipelines/dedup_eval.py's generator (deterministic per seed): cards, shapes on
+The evaluation set is pipelines/demo/dedup_eval.py's generator (deterministic per seed): cards, shapes on
 backgrounds, products and photo-like textures, each with near-duplicate copies (JPEG q35-65,
 WebP<->JPEG, resize x0.5-0.8, 1-5% crops per side, combinations) and look-alikes that must not merge
 (another colour of the same grey, another background, the shape moved, other words).
@@ -18,9 +18,14 @@ import sys
 import time
 
 from _common import ROOT, report  # noqa: F401  (inserts the repo root into sys.path)
-
-from pipelines.dedup_eval import dedup_groups, eval_table, make_dedup_eval, phash_baseline_groups, score
-from schemas.config import DedupConfig
+from vila2_curate.pipelines.demo.dedup_eval import (
+    dedup_groups,
+    eval_table,
+    make_dedup_eval,
+    phash_baseline_groups,
+    score,
+)
+from vila2_curate.schemas.config import DedupConfig
 
 
 def bench(families: int, seed: int) -> None:

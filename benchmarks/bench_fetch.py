@@ -36,9 +36,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from _common import photo_like_jpegs, report
-
-from pipelines.readers import make_reader
-from schemas.config import FetchConfig, SourceConfig
+from vila2_curate.pipelines.io.readers import make_reader
+from vila2_curate.schemas.config import FetchConfig, SourceConfig
 
 
 def _serve(n: int, port_q: mp.Queue, stop: mp.Event, keepalive: bool = True) -> None:  # type: ignore[type-arg]

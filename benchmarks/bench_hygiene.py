@@ -13,10 +13,9 @@ import argparse
 
 import ftfy
 from _common import best_of, report
-
-from curation.text_hygiene import CaptionHygieneStage
-from pipelines.sample import HOSTILE_KINDS, hostile_caption
-from schemas.rows import PAIR_SCHEMA, make_table
+from vila2_curate.curation.text_hygiene import CaptionHygieneStage
+from vila2_curate.pipelines.demo.sample import HOSTILE_KINDS, hostile_caption
+from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table
 
 _BASE = ("Scenic view of a harbour at dusk with fishing boats", "Black ellipse icon on white",
          "HD wallpaper - mountain lake in autumn, Kraków photographer", "A sign that says open daily",

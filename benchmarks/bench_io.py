@@ -33,11 +33,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from _common import best_of, report
-
-from pipelines.readers.img2dataset import Img2DatasetReader
-from pipelines.writers.wds import WdsShardWriter
-from schemas.config import CaptionPolicy, SourceConfig
-from schemas.rows import PAIR_SCHEMA, make_table
+from vila2_curate.pipelines.io.readers.img2dataset import Img2DatasetReader
+from vila2_curate.pipelines.io.writers.wds import WdsShardWriter
+from vila2_curate.schemas.config import CaptionPolicy, SourceConfig
+from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table
 
 
 def _rows(n: int, kb: int) -> list[dict]:

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import fsspec
 from _common import best_of, photo_like_jpegs, report
-
-from pipelines.writers.mmc4 import Mmc4PklWriter, mmc4_document
-from schemas.rows import DOCUMENT_SCHEMA, make_table
+from vila2_curate.pipelines.io.writers.mmc4 import Mmc4PklWriter, mmc4_document
+from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, make_table
 
 
 def _rows(n_docs: int, n_images: int) -> list[dict]:

@@ -13,9 +13,8 @@ import os
 import time
 
 from _common import photo_like_jpegs, report
-
-from curation.normalize import NormalizeStage
-from schemas.rows import PAIR_SCHEMA, make_table
+from vila2_curate.curation.normalize import NormalizeStage
+from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table
 
 
 class _Normalize:

@@ -44,13 +44,12 @@ def main() -> None:
 
     import torch
     from transformers.utils import logging as hf_logging
-
-    from recaption.backends.transformers_vlm import TransformersCaptioner
-    from recaption.demo import build_demo_vlm
-    from recaption.runtime import load_image
-    from recaption.stage import RecaptionStage
-    from schemas.config import CaptionerConfig, GenerationParams, ModelRuntime, RecaptionConfig
-    from schemas.rows import PAIR_SCHEMA, make_table
+    from vila2_curate.pipelines.demo.vlm import build_demo_vlm
+    from vila2_curate.recaption.backends.transformers_vlm import TransformersCaptioner
+    from vila2_curate.recaption.runtime import load_image
+    from vila2_curate.recaption.stage import RecaptionStage
+    from vila2_curate.schemas.config import CaptionerConfig, GenerationParams, ModelRuntime, RecaptionConfig
+    from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table
 
     hf_logging.disable_progress_bar()
     n, bs, tokens = args.images, args.batch_size, args.tokens

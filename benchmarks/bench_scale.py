@@ -81,7 +81,7 @@ def _mix(x: np.ndarray, salt: int) -> np.ndarray:
 
 
 def _palette(seed: int, what: str) -> np.ndarray:
-    from curation.dedup.thumbnails import THUMB_BYTES
+    from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES
 
     rng = np.random.default_rng([seed, len(what)])
     if what == "thumb":
@@ -108,8 +108,8 @@ def shard_name(s: int) -> str:
 
 
 def dedup_signatures(n: int, start: int, end: int, seed: int, captions: bool) -> pa.Table:
-    from curation.dedup.stage import SIGNATURE_SCHEMA
-    from curation.dedup.thumbnails import THUMB_BYTES
+    from vila2_curate.curation.dedup.stage import SIGNATURE_SCHEMA
+    from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES
 
     pal = {k: _palette(seed, k) for k in ("thumb", "noise", "emb")}
     i = np.arange(start, end, dtype=np.uint64)
@@ -146,7 +146,7 @@ def dedup_signatures(n: int, start: int, end: int, seed: int, captions: bool) ->
         "text": pa.nulls(m, pa.string()), "minhash": pa.nulls(m, pa.list_(pa.uint32())),
     }
     if captions:
-        from curation.dedup.minhash import minhash_signatures
+        from vila2_curate.curation.dedup.minhash import minhash_signatures
 
         vocab = np.array([f"w{v}" for v in range(5000)])
         words = np.stack([_mix(i, seed * 100 + 90 + w) % np.uint64(5000) for w in range(12)], axis=1)
@@ -175,13 +175,13 @@ def score_signatures(stage: str, start: int, end: int, seed: int) -> pa.Table:
     h = _mix(i, seed * 100 + 95)
     score = (h % np.uint64(1_000_000)).astype(np.float64) / 1e6
     if stage.startswith("clip_filter"):
-        from curation.clip_filter import SIGNATURE_SCHEMA
+        from vila2_curate.curation.clip_filter import SIGNATURE_SCHEMA
 
         return pa.table({"source": src, "key": key, "image_index": pa.array(np.full(m, -1, np.int32)),
                          "shard": pa.array([f"{start:012d}"] * m), "group": src, "rule": pa.array(["clip_score"] * m),
                          "clip_score": pa.array(0.4 + 0.6 * score), "clip_similarity_vitb32": pa.nulls(m, pa.float64()),
                          "clip_similarity_vitl14": pa.nulls(m, pa.float64())}, schema=SIGNATURE_SCHEMA)
-    from curation.deltaloss import SIGNATURE_SCHEMA
+    from vila2_curate.curation.deltaloss import SIGNATURE_SCHEMA
 
     return pa.table({"source": src, "key": key, "image_index": pa.array(np.full(m, -1, np.int32)),
                      "subset": src, "delta_loss": pa.array(score * 4 - 2)}, schema=SIGNATURE_SCHEMA)
@@ -195,22 +195,22 @@ def signatures(stage: str, n: int, shard_rows: int, s: int, seed: int) -> pa.Tab
 
 
 def make_stage(name: str):
-    from schemas.config import ClipFilterConfig, DedupConfig, DeltaLossConfig
+    from vila2_curate.schemas.config import ClipFilterConfig, DedupConfig, DeltaLossConfig
 
     if name == "dedup":
-        from curation.dedup.stage import DedupStage
+        from vila2_curate.curation.dedup.stage import DedupStage
 
         return DedupStage(DedupConfig(methods=["exact", "phash", "semantic"]))
     if name == "dedup_captions":
-        from curation.dedup.stage import DedupStage
+        from vila2_curate.curation.dedup.stage import DedupStage
 
         return DedupStage(DedupConfig(methods=["minhash_captions"]))
     method = "sketch" if name.endswith("_sketch") else "exact"
     if name.startswith("clip_filter"):
-        from curation.clip_filter import ClipFilterStage
+        from vila2_curate.curation.clip_filter import ClipFilterStage
 
         return ClipFilterStage(ClipFilterConfig(top_percent=95, method=method))
-    from curation.deltaloss import DeltaLossTopKStage
+    from vila2_curate.curation.deltaloss import DeltaLossTopKStage
 
     return DeltaLossTopKStage(DeltaLossConfig(small_model="unused", large_model="unused", keep_fraction=0.9,
                                               method=method))
@@ -225,7 +225,7 @@ def _task(fn_args: tuple) -> dict[str, Any]:
 
 
 def t_sample(stage_name: str, n: int, shard_rows: int, s: int, seed: int, work: str) -> dict[str, Any]:
-    from pipelines.aggregate import with_shard
+    from vila2_curate.pipelines.engine.aggregate import with_shard
 
     sig = with_shard(signatures(stage_name, n, shard_rows, s, seed), shard_name(s))
     stage = make_stage(stage_name)
@@ -248,7 +248,7 @@ def _load_stage(stage_name: str, work: str):
 
 
 def t_partition(stage_name: str, n: int, shard_rows: int, s: int, seed: int, work: str, partitions: int) -> dict:
-    from pipelines.aggregate import split_by_partition, with_shard
+    from vila2_curate.pipelines.engine.aggregate import split_by_partition, with_shard
 
     sig = with_shard(signatures(stage_name, n, shard_rows, s, seed), shard_name(s))
     stage = _load_stage(stage_name, work)
@@ -284,8 +284,8 @@ def t_combine(stage_name: str, work: str) -> dict[str, Any]:
 
 
 def t_shard_decisions(stage_name: str, n: int, shard_rows: int, s: int, seed: int, work: str) -> dict:
-    from pipelines.aggregate import normalize_decisions, with_shard
-    from schemas.stage import SHARD_COL
+    from vila2_curate.pipelines.engine.aggregate import normalize_decisions, with_shard
+    from vila2_curate.schemas.stage import SHARD_COL
 
     sig = with_shard(signatures(stage_name, n, shard_rows, s, seed), shard_name(s))
     stage = _load_stage(stage_name, work)
@@ -300,7 +300,7 @@ def t_shard_decisions(stage_name: str, n: int, shard_rows: int, s: int, seed: in
 
 
 def t_single(stage_name: str, n: int, shard_rows: int, shards: int, seed: int, work: str) -> dict[str, Any]:
-    from pipelines.aggregate import decide_local
+    from vila2_curate.pipelines.engine.aggregate import decide_local
 
     sig = pa.concat_tables([signatures(stage_name, n, shard_rows, s, seed) for s in range(shards)])
     stage = make_stage(stage_name)
@@ -314,7 +314,7 @@ def t_single(stage_name: str, n: int, shard_rows: int, shards: int, seed: int, w
 
 def t_baseline(stage_name: str) -> dict[str, Any]:
     """A task process that only imports and builds the stage: the floor under every task's peak."""
-    from pipelines.aggregate import with_shard  # noqa: F401 - the imports every task makes
+    from vila2_curate.pipelines.engine.aggregate import with_shard  # noqa: F401 - the imports every task makes
 
     make_stage(stage_name)
     return {}
@@ -374,7 +374,7 @@ def compare(stage_name: str, work: str) -> dict[str, Any]:
                                                sorted(Path(f"{work}/decisions").glob("*.parquet"))]))
     out: dict[str, Any] = {"decisions_single": single.num_rows, "decisions_partitioned": part.num_rows}
     if stage_name.endswith("_sketch"):
-        from curation.cutoffs import rank_error
+        from vila2_curate.curation.cutoffs import rank_error
 
         out["identical_decisions"] = single.equals(part)
         out["dropped_diff_rows"] = part.num_rows - single.num_rows

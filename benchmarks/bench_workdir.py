@@ -23,11 +23,10 @@ import threading
 from pathlib import Path
 
 from _common import ROOT, report
-
-from pipelines.demo_models import build_demo_models
-from pipelines.executors.local import run_local
-from pipelines.sample import write_sample
-from schemas.config import load_config
+from vila2_curate.pipelines.demo.models import build_demo_models
+from vila2_curate.pipelines.demo.sample import write_sample
+from vila2_curate.pipelines.executors.local import run_local
+from vila2_curate.schemas.config import load_config
 
 
 def _file_sizes(root: Path) -> dict[str, int]:

@@ -32,12 +32,11 @@ import math
 from typing import Any
 
 import pyarrow as pa
-
-from curation import cutoffs
-from curation.cutoffs import require_datasketches
-from schemas.config import ClipFilterConfig
-from schemas.rows import DECISION_SCHEMA
-from schemas.stage import Resources, StageBase
+from vila2_curate.curation import cutoffs
+from vila2_curate.curation.cutoffs import require_datasketches
+from vila2_curate.schemas.config import ClipFilterConfig
+from vila2_curate.schemas.rows import DECISION_SCHEMA
+from vila2_curate.schemas.stage import Resources, StageBase
 
 SIGNATURE_SCHEMA = pa.schema(
     [

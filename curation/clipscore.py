@@ -22,15 +22,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-
-from curation.models import autocast, identity_tag, load_open_clip, resolve_device, resolve_dtype
-from schemas.captions import CLIPSCORE_CAPTION, judged_texts
-from schemas.config import ClipScoreConfig
-from schemas.documents import NO_USABLE_IMAGES, has_kept_image
-from schemas.images import UndecodableImage, decode_rgb, decoding
-from schemas.run_metrics import add_metrics, round_texts
-from schemas.stage import Resources, StageBase
-from schemas.table_ops import replace_columns
+from vila2_curate.curation.models import autocast, identity_tag, load_open_clip, resolve_device, resolve_dtype
+from vila2_curate.schemas.captions import CLIPSCORE_CAPTION, judged_texts
+from vila2_curate.schemas.config import ClipScoreConfig
+from vila2_curate.schemas.documents import NO_USABLE_IMAGES, has_kept_image
+from vila2_curate.schemas.images import UndecodableImage, decode_rgb, decoding
+from vila2_curate.schemas.run_metrics import add_metrics, round_texts
+from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.table_ops import replace_columns
 
 CLIPS_WEIGHT = 2.5  # Hessel et al. 2021: rescales typical cosines (0..0.4) to roughly 0..1
 

@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from schemas.rows import DECISION_SCHEMA
-from schemas.stage import PARTITION_COL, SHARD_COL
+from vila2_curate.schemas.rows import DECISION_SCHEMA
+from vila2_curate.schemas.stage import PARTITION_COL, SHARD_COL
 
 SKETCH_K = 200  # DataSketches' default: ~1.3% normalised rank error (99% confidence)
 COMBINED_EXACT_SCHEMA = DECISION_SCHEMA.append(pa.field(SHARD_COL, pa.string()))

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 import pyarrow as pa
-
-from schemas.documents import NO_USABLE_IMAGES, has_kept_image
-from schemas.table_ops import replace_columns
+from vila2_curate.schemas.documents import NO_USABLE_IMAGES, has_kept_image
+from vila2_curate.schemas.table_ops import replace_columns
 
 DecisionIndex = dict[tuple[str, str], dict[int, tuple[str | None, str | None]]]
 

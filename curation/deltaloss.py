@@ -24,15 +24,14 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-
-from curation import cutoffs
-from curation.models import load_causal_lm, resolve_device, resolve_dtype
-from schemas.captions import TEXT_DELTALOSS_CAPTION, judged_texts
-from schemas.config import DeltaLossConfig
-from schemas.documents import document_text
-from schemas.rows import DECISION_SCHEMA
-from schemas.stage import Resources, StageBase
-from schemas.table_ops import replace_columns
+from vila2_curate.curation import cutoffs
+from vila2_curate.curation.models import load_causal_lm, resolve_device, resolve_dtype
+from vila2_curate.schemas.captions import TEXT_DELTALOSS_CAPTION, judged_texts
+from vila2_curate.schemas.config import DeltaLossConfig
+from vila2_curate.schemas.documents import document_text
+from vila2_curate.schemas.rows import DECISION_SCHEMA
+from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.table_ops import replace_columns
 
 _LOGSOFTMAX_BUDGET = 64 << 20  # float32 elements of [rows, seq, vocab] log-softmax materialised at once
 

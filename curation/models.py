@@ -1,7 +1,7 @@
 """Model loading shared by the model stages: device and dtype policy, open_clip, transformers causal LMs.
 
 One code path for real checkpoints and for the tiny random demo models the tests build
-(``pipelines/demo_models.py``), so tests exercise exactly what production runs. Every loader returns an
+(``pipelines/demo/models.py``), so tests exercise exactly what production runs. Every loader returns an
 *identity* (model, pretrained, sha256 of the weights, demo flag) that goes into the rows it scores: a score
 is only meaningful together with the exact weights that produced it.
 """
@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-
-from schemas.config import ModelRuntime
-from schemas.demo_model import is_demo_model
+from vila2_curate.schemas.config import ModelRuntime
+from vila2_curate.schemas.demo_model import is_demo_model
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -14,12 +14,11 @@ import warnings
 import imagehash
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
-
-from schemas.config import NormalizeConfig
-from schemas.documents import NO_USABLE_IMAGES, has_kept_image
-from schemas.images import DRAFTABLE_PIL_FORMATS, FORMAT_OF_PIL, undecodable_reason
-from schemas.stage import Resources, StageBase
-from schemas.table_ops import replace_columns
+from vila2_curate.schemas.config import NormalizeConfig
+from vila2_curate.schemas.documents import NO_USABLE_IMAGES, has_kept_image
+from vila2_curate.schemas.images import DRAFTABLE_PIL_FORMATS, FORMAT_OF_PIL, undecodable_reason
+from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.table_ops import replace_columns
 
 # Formats VILA's trainer reads as-is, mapped to the shard member extension.
 _KEPT_FORMATS = FORMAT_OF_PIL

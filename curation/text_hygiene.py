@@ -20,12 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
-
-from schemas.config import CaptionHygieneConfig
-from schemas.run_metrics import add_metrics
-from schemas.stage import Resources, StageBase
-from schemas.table_ops import replace_columns
-from schemas.text_hygiene import EMPTY, clean_caption
+from vila2_curate.schemas.config import CaptionHygieneConfig
+from vila2_curate.schemas.run_metrics import add_metrics
+from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.table_ops import replace_columns
+from vila2_curate.schemas.text_hygiene import EMPTY, clean_caption
 
 FLAG_PREFIX = "caption_hygiene:"
 COUNTER_PREFIX = "caption_hygiene."
@@ -42,7 +41,7 @@ class CaptionHygieneStage(StageBase):
     def __init__(self, cfg: CaptionHygieneConfig | None = None) -> None:
         self.cfg = cfg or CaptionHygieneConfig()
         self.resources = Resources(cpus=1.0)
-        self.recaption_follows = False  # set by pipelines.plan.build_plan
+        self.recaption_follows = False  # set by pipelines.engine.plan.build_plan
 
     def setup(self) -> None:
         return None

@@ -17,9 +17,9 @@ not a DAG setting: it is the ``output.path`` of the round's last config (``delta
 ``specialists_config``, else ``recaption_config``) for that round, read when ``publish`` runs, so the DAG
 always validates the dataset its commands wrote. A failed validation fails ``publish`` at once (no
 retries: the same files give the same verdict) with the validator's findings and the config named. Airflow loads this module from
-a dags folder holding a one-line loader (``from pipelines.airflow_dag import dag``) with the repository
-on PYTHONPATH; loading it with ``pipelines/`` itself as the dags folder also works (the repository root
-is put first on sys.path, so ``pipelines/recaption.py`` cannot shadow the ``recaption`` package).
+a dags folder holding a one-line loader (``from vila2_curate.pipelines.airflow_dag import dag``) in an
+environment where the project is installed (``pip install -e .`` in the checkout); every import is absolute
+under ``vila2_curate``, so nothing here touches sys.path.
 """
 
 from __future__ import annotations
@@ -29,20 +29,17 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if sys.path[:1] != [str(ROOT)]:
-    sys.path[:] = [str(ROOT)] + [p for p in sys.path if p not in (str(ROOT), str(ROOT / "pipelines"))]
+import yaml
+from airflow.providers.standard.operators.bash import BashOperator
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import DAG, Param, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-import yaml  # noqa: E402
-from airflow.providers.standard.operators.bash import BashOperator  # noqa: E402
-from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator  # noqa: E402
-from airflow.sdk import DAG, Param, task  # noqa: E402
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the repository checkout: relative config paths and the tasks' cwd
 
 DAG_ID = "vila2_curate"
 CONFIG_ENV = "VILA2_DAG_CONFIG"
@@ -99,7 +96,7 @@ class DagConfig:
 
     def round_output(self, round_: int) -> str:
         """The folder round ``round_`` publishes: the published config's ``output.path`` for that round."""
-        from schemas.config import load_config
+        from vila2_curate.schemas.config import load_config
 
         return load_config(self.path(self.published_config()), round=round_).output.path
 
@@ -146,8 +143,7 @@ def publish(out_dir: str, round_: int, run_id: str, cli: str = "vila2-curate", o
     marker never vouches for output that no longer validates. Returns the marker's path.
     """
     import fsspec
-
-    from pipelines.writers.atomic import join, write_json_atomic
+    from vila2_curate.pipelines.io.writers.atomic import join, write_json_atomic
 
     out_dir = out_dir.replace("{round}", str(round_))
     fs, root = fsspec.core.url_to_fs(out_dir)

@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from schemas.config import ConfigError, load_config
+from vila2_curate.schemas.config import ConfigError, load_config
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -26,7 +26,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {type(e).__name__}: {e.strerror or e}{where}; output: {config.output.path}. "
               "Finished shards are kept: rerun the same command to resume.", file=sys.stderr)
         return 4
-    from pipelines.health import warning_lines
+    from vila2_curate.pipelines.engine.health import warning_lines
 
     for line in warning_lines(stats, config.sources):  # a source that "succeeded" with most images missing
         print(line, file=sys.stderr)
@@ -48,26 +48,26 @@ def read_config(path: str, overrides: dict | None = None, round: int | None = No
 def run(config, *, progress: bool = True, address: str | None = None) -> dict:
     """Run a config on its engine; returns the merged stats."""
     if config.engine == "ray":
-        from pipelines.executors.ray_data import run_ray
+        from vila2_curate.pipelines.executors.ray_data import run_ray
 
         return run_ray(config, progress=progress, address=address)
     if config.engine == "beam":
-        from pipelines.executors.beam import run_beam
+        from vila2_curate.pipelines.executors.beam import run_beam
 
         return run_beam(config, progress=progress)
-    from pipelines.executors.local import run_local
+    from vila2_curate.pipelines.executors.local import run_local
 
     return run_local(config, progress=progress)
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from pipelines.sample import write_sample
+    from vila2_curate.pipelines.demo.sample import write_sample
 
     truth = write_sample(args.out_dir, seed=args.seed, scale=args.scale)
     if not args.no_models:
-        from pipelines.demo_models import build_demo_models
-        from recaption.demo import build_demo_vlm
-        from specialists.demo import build_demo_detector
+        from vila2_curate.pipelines.demo.detector import build_demo_detector
+        from vila2_curate.pipelines.demo.models import build_demo_models
+        from vila2_curate.pipelines.demo.vlm import build_demo_vlm
 
         models = Path(args.out_dir) / "models"
         build_demo_models(str(models), seed=args.seed)
@@ -78,7 +78,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from pipelines.validate import check_output
+    from vila2_curate.pipelines.validate import check_output
 
     report = check_output(args.out_dir, world_sizes=args.world_size or ())
     for line in report.info:
@@ -98,9 +98,9 @@ def _cmd_inputs(args: argparse.Namespace) -> int:
     Exit 1 when there are no inputs or when most probed references of a source fail (Airflow's ingest
     check: better to stop before a long run that would publish nothing for that source).
     """
-    from pipelines.executors.local import list_work
-    from pipelines.health import probe_source, warning_lines
-    from pipelines.readers.base import SourceFormatError
+    from vila2_curate.pipelines.engine.health import probe_source, warning_lines
+    from vila2_curate.pipelines.executors.local import list_work
+    from vila2_curate.pipelines.io.readers.base import SourceFormatError
 
     config = read_config(args.config, round=args.round)
     try:
@@ -129,7 +129,7 @@ def _cmd_inputs(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from pipelines.report import write_report
+    from vila2_curate.pipelines.report import write_report
 
     path = write_report(args.out_dirs, dest=args.dest, gallery=args.gallery)
     print(f"report: {path}")
@@ -206,7 +206,7 @@ def describe_error(exc: BaseException) -> tuple[int, str]:
     RayTaskError, Beam's re-raise), so the cause chain is searched and its innermost known error reported.
     """
     chain = _cause_chain(exc)
-    known = [e for e in chain  # by name: importing pipelines.readers here could itself fail and hide the error
+    known = [e for e in chain  # by name: importing pipelines.io.readers here could itself fail and hide the error
              if isinstance(e, ConfigError) or any(c.__name__ == "SourceFormatError" for c in type(e).__mro__)]
     if known:
         e = known[-1]  # the innermost: Ray's wrapper is an instance of its cause too, with a remote traceback

@@ -13,18 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-
-# `python pipelines/recaption.py` puts pipelines/ first on sys.path, where this very file would shadow the
-# `recaption` package; the repository root must come first instead (Ray's working_dir may list it later).
-_ROOT = Path(__file__).resolve().parents[1]
-_HERE = str(Path(__file__).resolve().parent)
-sys.path[:] = [str(_ROOT)] + [p for p in sys.path if p not in (str(_ROOT), _HERE, "")]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.executors.ray_data import ensure_ray, run_ray
-    from schemas.config import load_config
+    from vila2_curate.pipelines.executors.ray_data import ensure_ray, run_ray
+    from vila2_curate.schemas.config import load_config
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="YAML run config")
@@ -40,14 +33,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI's rule: one `error:` line, exit 2 for config/source errors
         import traceback
 
-        from pipelines.cli import describe_error
+        from vila2_curate.pipelines.cli import describe_error
 
         code, message = describe_error(e)
         if args.verbose:
             traceback.print_exc()
         print(f"error: {message}", file=sys.stderr)
         return code
-    from pipelines.health import warning_lines
+    from vila2_curate.pipelines.engine.health import warning_lines
 
     for line in warning_lines(stats, config.sources):
         print(line, file=sys.stderr)

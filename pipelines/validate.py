@@ -22,13 +22,12 @@ from typing import IO, Any
 import fsspec
 import numpy as np
 from PIL import Image
-
-from pipelines.writers.atomic import is_temp_name, read_parquet
-from pipelines.writers.mmc4 import VILA_MAX_IMAGES_PER_DOC
-from pipelines.writers.records import MANIFEST, WIDS_KIND, WIDS_META, WIDS_VERSION
-from pipelines.writers.wds import SIDECAR_ROOT
-from schemas.images import PIL_FORMATS
-from schemas.records import MANIFEST_SCHEMA
+from vila2_curate.pipelines.io.writers.atomic import is_temp_name, read_parquet
+from vila2_curate.pipelines.io.writers.mmc4 import VILA_MAX_IMAGES_PER_DOC
+from vila2_curate.pipelines.io.writers.records import MANIFEST, WIDS_KIND, WIDS_META, WIDS_VERSION
+from vila2_curate.pipelines.io.writers.wds import SIDECAR_ROOT
+from vila2_curate.schemas.images import PIL_FORMATS
+from vila2_curate.schemas.records import MANIFEST_SCHEMA
 
 IMAGE_EXTS = PIL_FORMATS  # member extension -> PIL format
 SAMPLE_EXTS = {*IMAGE_EXTS, "txt", "json"}

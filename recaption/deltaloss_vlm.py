@@ -21,15 +21,14 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
-
-from recaption.backends.transformers_vlm import TransformersCaptioner
-from recaption.runtime import load_image
-from schemas.captions import VLM_DELTALOSS_CAPTION, judged_texts
-from schemas.config import CaptionerConfig, DeltaLossConfig
-from schemas.documents import document_text
-from schemas.images import UndecodableImage
-from schemas.stage import Resources, StageBase
-from schemas.table_ops import replace_columns
+from vila2_curate.recaption.backends.transformers_vlm import TransformersCaptioner
+from vila2_curate.recaption.runtime import load_image
+from vila2_curate.schemas.captions import VLM_DELTALOSS_CAPTION, judged_texts
+from vila2_curate.schemas.config import CaptionerConfig, DeltaLossConfig
+from vila2_curate.schemas.documents import document_text
+from vila2_curate.schemas.images import UndecodableImage
+from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.table_ops import replace_columns
 
 SCORING_PROMPT = "Describe this image in detail."  # the same instruction for both models: a fair delta
 DOCUMENT_PROMPT = "Write a passage of text."
@@ -39,7 +38,7 @@ IMAGE_MAX_SIDE = 1024
 def deltaloss_stages(cfg: DeltaLossConfig) -> list[StageBase]:
     """The registry's entry for ``type: deltaloss``: the scorer ``cfg.scorer`` names, then the top-k decision.
     Here (not in curation/) because the vlm scorer is a recaption model and curation imports no recaption."""
-    from curation.deltaloss import DeltaLossScoreStage, DeltaLossTopKStage
+    from vila2_curate.curation.deltaloss import DeltaLossScoreStage, DeltaLossTopKStage
 
     if cfg.scorer == "vlm":  # log p(caption | image) under two VLMs, as NVILA scored its data
         return [VlmDeltaLossScoreStage(cfg), DeltaLossTopKStage(cfg)]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from schemas import text_hygiene
+from vila2_curate.schemas import text_hygiene
 
 TRUNCATED, REFUSAL, EMPTY, REPETITION_REMOVED = "truncated", "refusal", "empty", "repetition_removed"
 HYGIENE_FLAG = "caption_hygiene:"  # + a schemas.text_hygiene kind

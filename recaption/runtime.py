@@ -14,8 +14,8 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas.config import GenerationParams, ModelRuntime
-from schemas.images import decoding, draft_rgb, open_image
+from vila2_curate.schemas.config import GenerationParams, ModelRuntime
+from vila2_curate.schemas.images import decoding, draft_rgb, open_image
 
 _ADDRESS = re.compile(r" (object )?at 0x[0-9a-fA-F]+")
 

@@ -19,7 +19,7 @@ import math
 import re
 from typing import Any
 
-from schemas.run_metrics import read_metrics, round_texts
+from vila2_curate.schemas.run_metrics import read_metrics, round_texts
 
 _WORD = re.compile(r"\w+")
 _SUMS = ("n", "words", "words_sq", "pairs", "changed", "jaccard", "ratio", "clip_n", "clip", "clip_sq", "clips")

@@ -1,14 +1,14 @@
 """The caption sidecar a recaption round writes: folder name and the text of each row.
 
 VILA reads ``<captions>/<folder>/<tar relpath>.json`` = ``{url: {"output": text}}``; one folder per recaption
-round and model holds its caption. Declared by ``RecaptionStage.sidecars``; written by ``pipelines.sidecars``.
+round and model holds its caption. Declared by ``RecaptionStage.sidecars``; written by ``pipelines.io.sidecars``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from schemas.captions import BAD_FLAGS
+from vila2_curate.schemas.captions import BAD_FLAGS
 
 SPECIALIST_KEYWORDS = ("spatial", "ocr", "bbox_interleaved")  # VILA picks a specialist question by substring
 

@@ -24,17 +24,16 @@ from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
-
-from recaption.backends import make_captioner
-from recaption.postprocess import HYGIENE_FLAG, clean_caption
-from recaption.prompts import PromptSet, load_prompt_set
-from recaption.runtime import iso_utc, load_image, params_hash
-from recaption.sidecar import RoundCaption, caption_folder
-from schemas.config import RecaptionConfig
-from schemas.images import UndecodableImage
-from schemas.run_metrics import add_metrics
-from schemas.stage import Resources, StageBase
-from schemas.table_ops import replace_columns
+from vila2_curate.recaption.backends import make_captioner
+from vila2_curate.recaption.postprocess import HYGIENE_FLAG, clean_caption
+from vila2_curate.recaption.prompts import PromptSet, load_prompt_set
+from vila2_curate.recaption.runtime import iso_utc, load_image, params_hash
+from vila2_curate.recaption.sidecar import RoundCaption, caption_folder
+from vila2_curate.schemas.config import RecaptionConfig
+from vila2_curate.schemas.images import UndecodableImage
+from vila2_curate.schemas.run_metrics import add_metrics
+from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.table_ops import replace_columns
 
 DEMO_FLAG = "demo_model"
 

@@ -3,7 +3,7 @@
 Nothing here imports other vila2-curate packages, so every layer can depend on it.
 """
 
-from schemas.rows import (
+from vila2_curate.schemas.rows import (
     CAPTION_TYPE,
     DOC_IMAGE_TYPE,
     DOCUMENT_SCHEMA,
@@ -14,7 +14,7 @@ from schemas.rows import (
     empty_table,
     make_table,
 )
-from schemas.stage import GlobalStage, Resources, Stage
+from vila2_curate.schemas.stage import GlobalStage, Resources, Stage
 
 __all__ = [
     "CAPTION_TYPE",

@@ -38,7 +38,7 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
-from schemas.config import CaptionPolicy
+from vila2_curate.schemas.config import CaptionPolicy
 
 Captions = list[dict[str, Any]] | None
 

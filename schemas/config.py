@@ -10,8 +10,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from schemas.registry import config_classes, on_register, register_stage
+from vila2_curate.schemas.registry import config_classes, on_register, register_stage
 
 
 class _Strict(BaseModel):
@@ -59,7 +58,7 @@ class SourceConfig(_Strict):
     image_dir: str | None = None
     # image references in the data resolve only inside image_root / image_dir; a URL reference is fetched
     # only when the source opts in, only for these schemes, and never from loopback/private/link-local
-    # addresses unless allow_private_networks (pipelines/readers/refs.py, fetch.py)
+    # addresses unless allow_private_networks (pipelines/io/readers/refs.py, fetch.py)
     fetch_remote: bool = False
     fetch_schemes: list[Literal["http", "https"]] = Field(default_factory=lambda: ["http", "https"])
     allow_private_networks: bool = False
@@ -116,7 +115,7 @@ class DedupConfig(_Strict):
     phash_max_distance: int = 4  # Hamming distance k on 64-bit pHash
     phash_confirm: Literal["thumbnail", "clip", "none"] = "thumbnail"  # second signal for pHash candidates
     thumbnail_max_distance: float = 0.08  # mean |a-b| of 16x16 grey thumbnails, in [0, 1]
-    # thumbnail confirmation, the colour-aware part (curation/dedup/thumbnails.py; tuned on pipelines/dedup_eval.py)
+    # thumbnail confirmation, the colour-aware part (curation/dedup/thumbnails.py; tuned on pipelines/demo/dedup_eval.py)
     thumbnail_max_local_distance: float = 0.4  # largest grey cell difference (3x3-neighbourhood tolerant), [0, 1]
     colour_max_local_delta_e: float = 22.0  # largest Lab cell difference (CIE76 delta E, 3x3-tolerant)
     colour_max_mean_delta_e: float = 7.0  # delta E of the mean colours, and of the backgrounds cropped away
@@ -249,16 +248,16 @@ class SpatialConfig(_Strict):
 
 
 # The stage registry (schemas/registry.py): config type -> the stage class(es) it runs, one line per stage.
-register_stage(NormalizeConfig, "curation.normalize:NormalizeStage")
-register_stage(CaptionHygieneConfig, "curation.text_hygiene:CaptionHygieneStage")
-register_stage(DedupConfig, "curation.dedup.stage:DedupStage")
-register_stage(ClipScoreConfig, "curation.clipscore:ClipScoreStage")
-register_stage(ClipFilterConfig, "curation.clip_filter:ClipFilterStage")
-register_stage(DeltaLossConfig, "recaption.deltaloss_vlm:deltaloss_stages")  # lm or vlm scorer + top-k decision
-register_stage(RecaptionConfig, "recaption.stage:RecaptionStage")
-register_stage(OcrConfig, "specialists.ocr:OcrStage")
-register_stage(GroundingConfig, "specialists.grounding:GroundingStage")
-register_stage(SpatialConfig, "specialists.spatial:SpatialStage")
+register_stage(NormalizeConfig, "vila2_curate.curation.normalize:NormalizeStage")
+register_stage(CaptionHygieneConfig, "vila2_curate.curation.text_hygiene:CaptionHygieneStage")
+register_stage(DedupConfig, "vila2_curate.curation.dedup.stage:DedupStage")
+register_stage(ClipScoreConfig, "vila2_curate.curation.clipscore:ClipScoreStage")
+register_stage(ClipFilterConfig, "vila2_curate.curation.clip_filter:ClipFilterStage")
+register_stage(DeltaLossConfig, "vila2_curate.recaption.deltaloss_vlm:deltaloss_stages")  # lm or vlm scorer + top-k decision
+register_stage(RecaptionConfig, "vila2_curate.recaption.stage:RecaptionStage")
+register_stage(OcrConfig, "vila2_curate.specialists.ocr:OcrStage")
+register_stage(GroundingConfig, "vila2_curate.specialists.grounding:GroundingStage")
+register_stage(SpatialConfig, "vila2_curate.specialists.spatial:SpatialStage")
 
 
 def _stage_config_union() -> Any:

@@ -1,6 +1,6 @@
 """Demo-model identity: the one rule that says "this model folder holds random (demo) weights".
 
-Every demo builder (pipelines/demo_models.py, recaption/demo.py, specialists/demo.py) writes the marker
+Every demo builder (pipelines/demo/models.py, pipelines/demo/vlm.py, pipelines/demo/detector.py) writes the marker
 with :func:`mark_demo_model`, and every model stage asks :func:`is_demo_model`, so the ``demo`` flag in a
 score's or caption's lineage means the same thing everywhere.
 """

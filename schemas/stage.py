@@ -25,7 +25,7 @@ class Resources:
 
 @runtime_checkable
 class Stage(Protocol):
-    """Every hook an engine (``pipelines.plan``, ``pipelines.executors.*``, ``pipelines.shard_task``) may
+    """Every hook an engine (``pipelines.engine.plan``, ``pipelines.executors.*``, ``pipelines.engine.shard_task``) may
     call on a stage; ``StageBase`` gives each a default. Engines read nothing else from a stage."""
 
     name: str
@@ -51,7 +51,7 @@ class Stage(Protocol):
         """Transform one batch; returns the same rows (same order, same count)."""
 
     def sidecars(self) -> dict[str, Callable[[dict[str, Any]], str | None]]:
-        """Sidecar folder -> picklable function row -> text, written beside the shards (``pipelines.sidecars``)."""
+        """Sidecar folder -> picklable function row -> text, written beside the shards (``pipelines.io.sidecars``)."""
 
 
 class StageBase:
@@ -128,7 +128,7 @@ class PartitionedDecide(Protocol):
 
     ``decide(all signatures)`` above stays the single-process reference; for the same signatures the
     partitioned path must give the same decisions (same kept rows, same reasons).
-    ``pipelines.aggregate.decide_partitioned`` runs these steps in one process (the reference of the path;
+    ``pipelines.engine.aggregate.decide_partitioned`` runs these steps in one process (the reference of the path;
     helpers ``with_shard``, ``split_by_partition``, ``fit_sample`` there). The engine runs:
 
     0. only when the stage has ``fit`` (optional; dedup with thumbnail neighbours or SemDeDup, for its

@@ -43,8 +43,7 @@ from typing import NamedTuple
 import ftfy
 import ftfy.badness
 from ftfy import TextFixerConfig
-
-from schemas.config import CaptionHygieneConfig
+from vila2_curate.schemas.config import CaptionHygieneConfig
 
 # Change kinds, in the order the steps run.
 MOJIBAKE, HTML_ENTITIES, TERMINAL_ESCAPES = "mojibake", "html_entities", "terminal_escapes"

@@ -5,9 +5,9 @@ only its own fields of the ``specialists`` struct. The stage classes import thei
 (rapidocr, transformers) in ``setup()``, so importing this package stays cheap.
 """
 
-from specialists.grounding import GroundingStage
-from specialists.ocr import OcrStage
-from specialists.sidecar import SIDECAR_DIRS, specialist_texts
-from specialists.spatial import SpatialStage
+from vila2_curate.specialists.grounding import GroundingStage
+from vila2_curate.specialists.ocr import OcrStage
+from vila2_curate.specialists.sidecar import SIDECAR_DIRS, specialist_texts
+from vila2_curate.specialists.spatial import SpatialStage
 
 __all__ = ["SIDECAR_DIRS", "GroundingStage", "OcrStage", "SpatialStage", "specialist_texts"]

@@ -15,10 +15,9 @@ from typing import Any
 
 import pyarrow as pa
 from PIL import Image, ImageOps
-
-from schemas.captions import SPECIALISTS_CAPTION
-from schemas.images import UndecodableImage, decoding, open_image
-from schemas.table_ops import replace_columns
+from vila2_curate.schemas.captions import SPECIALISTS_CAPTION
+from vila2_curate.schemas.images import UndecodableImage, decoding, open_image
+from vila2_curate.schemas.table_ops import replace_columns
 
 SPECIALIST_FIELDS = ("ocr", "ocr_text", "grounding", "grounding_text", "spatial", "spatial_text", "models")
 VLM_MARKER = "[vlm]"  # separates a VLM prompt's answer from the tool output inside *_text

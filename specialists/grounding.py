@@ -16,11 +16,10 @@ from typing import Any
 
 import pyarrow as pa
 from PIL import Image
-
-from schemas.config import GroundingConfig
-from schemas.demo_model import is_demo_model
-from schemas.stage import Resources, StageBase
-from specialists._common import (
+from vila2_curate.schemas.config import GroundingConfig
+from vila2_curate.schemas.demo_model import is_demo_model
+from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.specialists._common import (
     SampleError,
     SpecialistRows,
     current_caption,
@@ -29,8 +28,8 @@ from specialists._common import (
     model_tag,
     weights_digest,
 )
-from specialists.geometry import area, nms, normalise_xyxy
-from specialists.phrases import noun_phrases
+from vila2_curate.specialists.geometry import area, nms, normalise_xyxy
+from vila2_curate.specialists.phrases import noun_phrases
 
 NMS_IOU = 0.5  # boxes of one label overlapping more than this are one object
 MAX_PER_LABEL = 3  # instances kept per phrase: the sidecar text stays short, spatial uses the best one
@@ -168,7 +167,9 @@ class GroundingStage(StageBase):
             self._detector = Detector(self.cfg.model, self.cfg.runtime, self.cfg.trust_remote_code)
 
     def sidecars(self) -> dict[str, Any]:
-        from specialists.sidecar import specialist_sidecars  # specialists.sidecar imports the stage modules
+        from vila2_curate.specialists.sidecar import (
+            specialist_sidecars,  # specialists.sidecar imports the stage modules
+        )
 
         return specialist_sidecars("bbox_interleaved")
 

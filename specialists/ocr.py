@@ -17,12 +17,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from PIL import Image
-
-from schemas.config import OcrConfig
-from schemas.stage import Resources, StageBase
-from specialists._common import SampleError, SpecialistRows, decode_image, failure_reason, with_vlm_text
-from specialists.geometry import quad_to_xyxy, reading_order
-from specialists.vlm import VlmPrompter
+from vila2_curate.schemas.config import OcrConfig
+from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.specialists._common import (
+    SampleError,
+    SpecialistRows,
+    decode_image,
+    failure_reason,
+    with_vlm_text,
+)
+from vila2_curate.specialists.geometry import quad_to_xyxy, reading_order
+from vila2_curate.specialists.vlm import VlmPrompter
 
 
 def _version(dist: str) -> str:
@@ -163,7 +168,9 @@ class OcrStage(StageBase):
             self._vlm.setup()
 
     def sidecars(self) -> dict[str, Any]:
-        from specialists.sidecar import specialist_sidecars  # specialists.sidecar imports the stage modules
+        from vila2_curate.specialists.sidecar import (
+            specialist_sidecars,  # specialists.sidecar imports the stage modules
+        )
 
         return specialist_sidecars("ocr")
 

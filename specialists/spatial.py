@@ -13,12 +13,11 @@ from typing import Any
 
 import pyarrow as pa
 from PIL import Image
-
-from schemas.config import SpatialConfig
-from schemas.stage import Resources, StageBase
-from specialists._common import SampleError, SpecialistRows, decode_image, with_vlm_text
-from specialists.geometry import spatial_sentences
-from specialists.vlm import VlmPrompter
+from vila2_curate.schemas.config import SpatialConfig
+from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.specialists._common import SampleError, SpecialistRows, decode_image, with_vlm_text
+from vila2_curate.specialists.geometry import spatial_sentences
+from vila2_curate.specialists.vlm import VlmPrompter
 
 GEOMETRY_TAG = "geometry-v1"  # bump with any change to the sentences for the same boxes
 
@@ -57,7 +56,9 @@ class SpatialStage(StageBase):
             self._vlm.setup()
 
     def sidecars(self) -> dict[str, Any]:
-        from specialists.sidecar import specialist_sidecars  # specialists.sidecar imports the stage modules
+        from vila2_curate.specialists.sidecar import (
+            specialist_sidecars,  # specialists.sidecar imports the stage modules
+        )
 
         return specialist_sidecars("spatial")
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from PIL import Image
-
-from schemas.config import CaptionerConfig
+from vila2_curate.schemas.config import CaptionerConfig
 
 
 class VlmAnswer:
@@ -40,8 +39,8 @@ class VlmPrompter:
     def setup(self) -> None:
         if self._captioner is not None:
             return
-        from recaption.backends import make_captioner
-        from recaption.prompts import load_prompt_set
+        from vila2_curate.recaption.backends import make_captioner
+        from vila2_curate.recaption.prompts import load_prompt_set
 
         self._prompts = load_prompt_set(self.prompt_set)
         captioner = make_captioner(self.cfg)
@@ -58,7 +57,7 @@ class VlmPrompter:
         self.setup()
         if not images:
             return []
-        from recaption.postprocess import clean_caption
+        from vila2_curate.recaption.postprocess import clean_caption
 
         seed = self.cfg.generation.seed
         prompts = [self._prompts.choose(seed, k)[1] for k in keys]

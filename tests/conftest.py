@@ -28,10 +28,10 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The realistic offline sample (`vila2-curate sample`), written once per test session."""
-    from pipelines.demo_models import build_demo_models
-    from pipelines.sample import write_sample
-    from recaption.demo import build_demo_vlm
-    from specialists.demo import build_demo_detector
+    from vila2_curate.pipelines.demo.detector import build_demo_detector
+    from vila2_curate.pipelines.demo.models import build_demo_models
+    from vila2_curate.pipelines.demo.sample import write_sample
+    from vila2_curate.pipelines.demo.vlm import build_demo_vlm
 
     out = tmp_path_factory.mktemp("sample")
     write_sample(str(out), seed=0)
@@ -88,9 +88,8 @@ def tiny_valid_output(tmp: Path, out: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
-
-    from pipelines.executors.local import run_local
-    from schemas.config import load_config
+    from vila2_curate.pipelines.executors.local import run_local
+    from vila2_curate.schemas.config import load_config
 
     def jpeg(shade: int) -> bytes:
         buf = io.BytesIO()

@@ -37,7 +37,7 @@ def dagbag(tmp_path_factory: pytest.TempPathFactory):
     dags.mkdir()
     # What a deployment puts in its dags folder: a loader; the DAG itself lives in the repository.
     (dags / "vila2_curate_dag.py").write_text(
-        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom pipelines.airflow_dag import dag  # noqa: F401\n")
+        "from vila2_curate.pipelines.airflow_dag import dag  # noqa: F401\n")
     old = os.environ.get("VILA2_DAG_CONFIG")
     os.environ["VILA2_DAG_CONFIG"] = str(tmp / "dag.yaml")
     try:
@@ -98,7 +98,7 @@ def test_rendered_cli_commands_for_round_2(dagbag):
 
 
 def test_ray_job_mode_renders_job_submit(dagbag):
-    from pipelines.airflow_dag import DagConfig, build_dag
+    from vila2_curate.pipelines.airflow_dag import DagConfig, build_dag
 
     dag = build_dag(DagConfig(mode="ray_job", ray_address="http://head:8265"))
     first = _render(dag, "recaption", 2)
@@ -127,11 +127,11 @@ def test_ingest_check_runs(dagbag, tmp_path: Path):
 
 
 def test_publish_writes_success_only_when_valid(dagbag, tmp_path: Path):
-    from pipelines.airflow_dag import publish
+    from vila2_curate.pipelines.airflow_dag import publish
 
     out = tmp_path / "r2"
     tiny_valid_output(tmp_path, out)
-    cli = f"{sys.executable} -m pipelines.cli"
+    cli = f"{sys.executable} -m vila2_curate.pipelines.cli"
     (out / "_SUCCESS").write_text("stale")
     (out / "c" / "bogus.tar").write_bytes(b"not a tar")
     cwd = os.getcwd()
@@ -149,7 +149,7 @@ def test_publish_writes_success_only_when_valid(dagbag, tmp_path: Path):
 
 
 def test_round_output_comes_from_the_round_config_and_out_dir_is_refused(dagbag, tmp_path: Path):
-    from pipelines.airflow_dag import DagConfig
+    from vila2_curate.pipelines.airflow_dag import DagConfig
 
     # One source of truth: the folder publish validates is the recaption config's output.path for round k.
     assert DagConfig().round_output(2) == str(ROOT / "out" / "quickstart" / "r2")

@@ -1,6 +1,6 @@
 """clipscore (CLIP-S from open_clip embeddings) and clip_filter (floor / top p% / VILA COYO preset).
 
-The model is the tiny random open_clip built by pipelines/demo_models.py, loaded through the production
+The model is the tiny random open_clip built by pipelines/demo/models.py, loaded through the production
 path (a local open_clip model folder); expected values are recomputed by hand with open_clip directly.
 """
 
@@ -16,14 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
-
-from curation.clip_filter import SIGNATURE_SCHEMA, ClipFilterStage
-from curation.clipscore import ClipScoreStage
-from curation.decisions import apply_decisions, index_decisions
-from pipelines.demo_models import cached_demo_models
-from schemas.captions import CLIPSCORE_CAPTION
-from schemas.config import ClipFilterConfig, ClipScoreConfig, ModelRuntime
-from schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
+from vila2_curate.curation.clip_filter import SIGNATURE_SCHEMA, ClipFilterStage
+from vila2_curate.curation.clipscore import ClipScoreStage
+from vila2_curate.curation.decisions import apply_decisions, index_decisions
+from vila2_curate.pipelines.demo.models import cached_demo_models
+from vila2_curate.schemas.captions import CLIPSCORE_CAPTION
+from vila2_curate.schemas.config import ClipFilterConfig, ClipScoreConfig, ModelRuntime
+from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
 
 
 def _image(seed: int, size: tuple[int, int] = (96, 80), fmt: str = "JPEG") -> bytes:
@@ -106,7 +105,7 @@ def test_clip_score_matches_direct_computation(stage: ClipScoreStage, reference)
 
 
 def test_clip_s_is_hessel_rescaled_cosine() -> None:
-    from curation.clipscore import clip_score
+    from vila2_curate.curation.clipscore import clip_score
 
     assert clip_score(0.3) == pytest.approx(0.75)
     assert clip_score(-0.2) == 0.0
@@ -121,7 +120,7 @@ def test_identity_records_weights_checksum_and_demo_flag(stage: ClipScoreStage, 
 
 
 def test_pretrained_file_overrides_folder_checkpoint(demo: dict[str, str]) -> None:
-    from curation.models import load_open_clip
+    from vila2_curate.curation.models import load_open_clip
 
     ckpt = str(Path(demo["clip"]) / "open_clip_model.safetensors")
     bundle = load_open_clip(demo["clip"], ckpt, "cpu")

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-
-from schemas.config import ConfigError, load_config, parse_config
+from vila2_curate.schemas.config import ConfigError, load_config, parse_config
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

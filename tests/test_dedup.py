@@ -10,16 +10,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
-
-from curation.decisions import apply_decisions, index_decisions
-from curation.dedup import DedupStage, summarize
-from curation.dedup.minhash import minhash_signatures, near_duplicate_pairs
-from curation.dedup.phash import brute_force_pairs, hamming_pairs
-from curation.dedup.semantic import semantic_pairs
-from curation.dedup.unionfind import UnionFind
-from curation.normalize import phash_u64
-from schemas.config import DedupConfig
-from schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
+from vila2_curate.curation.decisions import apply_decisions, index_decisions
+from vila2_curate.curation.dedup import DedupStage, summarize
+from vila2_curate.curation.dedup.minhash import minhash_signatures, near_duplicate_pairs
+from vila2_curate.curation.dedup.phash import brute_force_pairs, hamming_pairs
+from vila2_curate.curation.dedup.semantic import semantic_pairs
+from vila2_curate.curation.dedup.unionfind import UnionFind
+from vila2_curate.curation.normalize import phash_u64
+from vila2_curate.schemas.config import DedupConfig
+from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
 
 W, H = 320, 240
 

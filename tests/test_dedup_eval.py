@@ -7,10 +7,15 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
-
-from curation.dedup.thumbnails import THUMB_BYTES, confirm_pair, thumbnail
-from pipelines.dedup_eval import dedup_groups, eval_table, make_dedup_eval, phash_baseline_groups, score
-from schemas.config import DedupConfig
+from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES, confirm_pair, thumbnail
+from vila2_curate.pipelines.demo.dedup_eval import (
+    dedup_groups,
+    eval_table,
+    make_dedup_eval,
+    phash_baseline_groups,
+    score,
+)
+from vila2_curate.schemas.config import DedupConfig
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,9 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from conftest import write_config
-
-from pipelines.executors.local import run_local
-from pipelines.validate import read_vila_samples
-from schemas.config import load_config
+from vila2_curate.pipelines.executors.local import run_local
+from vila2_curate.pipelines.validate import read_vila_samples
+from vila2_curate.schemas.config import load_config
 
 DEDUP = {"type": "dedup", "methods": ["exact", "phash", "minhash_captions", "minhash_documents"]}
 NEAR_PAIR_RECALL = 0.95

@@ -1,6 +1,6 @@
 """DeltaLoss: mean token log-likelihood under two causal LMs, and top-K per subset.
 
-The LMs are the tiny random Llamas from pipelines/demo_models.py, loaded through the production path;
+The LMs are the tiny random Llamas from pipelines/demo/models.py, loaded through the production path;
 expected log-likelihoods are recomputed by hand with transformers, one unpadded sequence at a time.
 """
 
@@ -13,11 +13,10 @@ import random
 import pyarrow as pa
 import pytest
 import torch
-
-from curation.deltaloss import DeltaLossScoreStage, DeltaLossTopKStage
-from pipelines.demo_models import cached_demo_models
-from schemas.config import DeltaLossConfig, ModelRuntime
-from schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
+from vila2_curate.curation.deltaloss import DeltaLossScoreStage, DeltaLossTopKStage
+from vila2_curate.pipelines.demo.models import cached_demo_models
+from vila2_curate.schemas.config import DeltaLossConfig, ModelRuntime
+from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
 
 TEXTS = [
     "A photo of a dog running on the beach at sunset.",

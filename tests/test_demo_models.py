@@ -7,16 +7,15 @@ import time
 from pathlib import Path
 
 import torch
-
-from curation.models import (
+from vila2_curate.curation.models import (
     identity_tag,
     load_causal_lm,
     load_open_clip,
     resolve_device,
     resolve_dtype,
 )
-from pipelines.demo_models import DEMO_MARKER, build_demo_models
-from schemas.config import ModelRuntime
+from vila2_curate.pipelines.demo.models import DEMO_MARKER, build_demo_models
+from vila2_curate.schemas.config import ModelRuntime
 
 
 def _digests(paths: dict[str, str]) -> dict[str, str]:

@@ -13,11 +13,10 @@ from pathlib import Path
 import pyarrow.parquet as pq  # noqa: F401
 import pytest
 from conftest import ROOT, output_files, write_config
-
-from pipelines.cli import main as cli_main
-from pipelines.executors.local import run_local
-from pipelines.validate import read_vila_samples, validate_output
-from schemas.config import load_config
+from vila2_curate.pipelines.cli import main as cli_main
+from vila2_curate.pipelines.executors.local import run_local
+from vila2_curate.pipelines.validate import read_vila_samples, validate_output
+from vila2_curate.schemas.config import load_config
 
 NORMALIZE = [{"type": "normalize"}]  # these tests are about reading, normalizing, writing and resuming
 
@@ -159,7 +158,7 @@ def test_kill_9_and_rerun_gives_identical_output(clean_run: Path, sample_dir: Pa
                                                  kill_when: str):
     out = tmp_path / "out"
     cfg = write_config(sample_dir, out, tmp_path / "run.yaml", stages=NORMALIZE)
-    cmd = [sys.executable, "-m", "pipelines.cli", "run", str(cfg), "--no-progress"]
+    cmd = [sys.executable, "-m", "vila2_curate.pipelines.cli", "run", str(cfg), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60

@@ -9,10 +9,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import output_files, write_config
-
-from pipelines.executors.local import run_local
-from pipelines.validate import validate_output
-from schemas.config import load_config
+from vila2_curate.pipelines.executors.local import run_local
+from vila2_curate.pipelines.validate import validate_output
+from vila2_curate.schemas.config import load_config
 
 # Every curation stage, with the demo models the sample fixture builds (scores are random but the
 # decisions must still be identical on every engine).
@@ -136,7 +135,7 @@ def test_single_process_decide_matches_partitioned_locally(local_out: Path, samp
 def test_ray_writes_byte_identical_shards_without_model_stages(ray_cluster, plain_local_out: Path,
                                                                sample_dir: Path, tmp_path: Path):
     """Ray with the single-process decide against the local engine's partitioned decide."""
-    from pipelines.executors.ray_data import run_ray
+    from vila2_curate.pipelines.executors.ray_data import run_ray
 
     cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml",
                                    stages=[{"type": "normalize"}, CURATION[1]]), {"engine": "ray", "decide": "single"})
@@ -149,7 +148,7 @@ def test_ray_writes_byte_identical_shards_without_model_stages(ray_cluster, plai
 
 def test_beam_single_decide_writes_byte_identical_shards(plain_local_out: Path, sample_dir: Path, tmp_path: Path):
     pytest.importorskip("apache_beam")
-    from pipelines.executors.beam import run_beam
+    from vila2_curate.pipelines.executors.beam import run_beam
 
     cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml",
                                    stages=[{"type": "normalize"}, CURATION[1]]), {"engine": "beam", "decide": "single"})
@@ -160,7 +159,7 @@ def test_beam_single_decide_writes_byte_identical_shards(plain_local_out: Path, 
 
 
 def test_ray_engine_matches_local(ray_cluster, local_out: Path, sample_dir: Path, tmp_path: Path):
-    from pipelines.executors.ray_data import run_ray
+    from vila2_curate.pipelines.executors.ray_data import run_ray
 
     cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml", stages=CURATION),
                       {"engine": "ray"})
@@ -172,7 +171,7 @@ def test_ray_engine_matches_local(ray_cluster, local_out: Path, sample_dir: Path
 
 def test_beam_engine_matches_local(local_out: Path, sample_dir: Path, tmp_path: Path):
     pytest.importorskip("apache_beam")
-    from pipelines.executors.beam import run_beam
+    from vila2_curate.pipelines.executors.beam import run_beam
 
     cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml", stages=CURATION),
                       {"engine": "beam"})

@@ -29,10 +29,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, output_files, write_config
 from fsspec.implementations.local import LocalFileSystem
-
-from pipelines.cli import main as cli_main
-from pipelines.validate import read_vila_samples, validate_output
-from schemas.stage import Resources
+from vila2_curate.pipelines.cli import main as cli_main
+from vila2_curate.pipelines.validate import read_vila_samples, validate_output
+from vila2_curate.schemas.stage import Resources
 
 STAGES = [{"type": "normalize"},
           {"type": "dedup", "methods": ["exact", "phash", "minhash_captions", "minhash_documents"]}]
@@ -42,7 +41,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
 def _cli_cmd(cfg: Path) -> list[str]:
-    return [sys.executable, "-m", "pipelines.cli", "run", str(cfg), "--no-progress"]
+    return [sys.executable, "-m", "vila2_curate.pipelines.cli", "run", str(cfg), "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +223,7 @@ class _FailsOnKey:
 
 
 def test_guard_quarantines_only_the_failing_row():
-    from pipelines.guard import apply_guarded
+    from vila2_curate.pipelines.engine.guard import apply_guarded
 
     keys = [f"k{i}" for i in range(13)]
     batch = pa.table({"key": keys, "drop_reason": pa.array([None] * 13, pa.string()),
@@ -243,9 +242,9 @@ def test_guard_quarantines_only_the_failing_row():
 
 def test_stage_error_in_the_local_engine_quarantines_one_sample(sample_dir: Path, tmp_path: Path):
     """Inject the failing stage into the plan and hand it to the local engine; the run finishes around it."""
-    import pipelines.executors.local as local
-    from pipelines.plan import build_plan
-    from schemas.config import load_config
+    import vila2_curate.pipelines.executors.local as local
+    from vila2_curate.pipelines.engine.plan import build_plan
+    from vila2_curate.schemas.config import load_config
 
     normalize = [{"type": "normalize"}]
     ref = load_config(write_config(sample_dir, tmp_path / "ref", tmp_path / "ref.yaml", stages=normalize))
@@ -338,8 +337,8 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
 
 @pytest.mark.parametrize("how", ["tmpfs", "fsspec"])
 def test_disk_full_fails_clearly_then_resumes(sample_dir: Path, clean: dict[str, Any], tmp_path: Path, how: str):
-    from pipelines.executors.local import run_local
-    from schemas.config import load_config
+    from vila2_curate.pipelines.executors.local import run_local
+    from vila2_curate.schemas.config import load_config
 
     disk = tmp_path / "disk"
     if how == "tmpfs":

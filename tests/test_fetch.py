@@ -15,10 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from loopback_http import LoopbackServer
 from PIL import Image
-
-from pipelines.executors.local import run_local
-from pipelines.readers import SourceFormatError, make_reader
-from pipelines.readers.fetch import (
+from vila2_curate.pipelines.executors.local import run_local
+from vila2_curate.pipelines.io.readers import SourceFormatError, make_reader
+from vila2_curate.pipelines.io.readers.fetch import (
     FAILED,
     OPT_OUT,
     REFUSED,
@@ -28,7 +27,7 @@ from pipelines.readers.fetch import (
     address_is_public,
     opt_out_directive,
 )
-from schemas.config import FetchConfig, SourceConfig, load_config
+from vila2_curate.schemas.config import FetchConfig, SourceConfig, load_config
 
 FAST = FetchConfig(threads=4, timeout_s=5.0, retries=2, backoff_s=0.01, max_backoff_s=0.05)
 DISALLOWED = frozenset({"noai", "noimageai", "noindex", "noimageindex"})

@@ -35,10 +35,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from pipelines.readers import make_reader
-from pipelines.readers.base import SourceFormatError
-from schemas.config import SourceConfig, parse_config
+from vila2_curate.pipelines.io.readers import make_reader
+from vila2_curate.pipelines.io.readers.base import SourceFormatError
+from vila2_curate.schemas.config import SourceConfig, parse_config
 
 SEED = int(os.environ.get("FUZZ_SEED", "20261201"))
 CASES = int(os.environ.get("FUZZ_CASES", "300"))  # split across the kinds below
@@ -54,7 +53,7 @@ SECRET_TOKEN = b"SECRET-TOKEN-5f3a9c1e"  # in a file beside the sources; must ne
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The sample (as `vila2-curate sample` writes it), seed slices of it, and a secret file outside."""
-    from pipelines.sample import write_sample
+    from vila2_curate.pipelines.demo.sample import write_sample
 
     base = tmp_path_factory.mktemp("fuzz")
     sample = base / "sample"
@@ -389,7 +388,7 @@ def tree_snapshot(root: Path, skip: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_fuzz_readers_and_runs(world: dict[str, Any], tmp_path: Path, capsys) -> None:
-    from pipelines.cli import run
+    from vila2_curate.pipelines.cli import run
 
     cases = make_cases(world, tmp_path / "in")
     outcomes: Counter = Counter()

@@ -19,9 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
-
-from pipelines.readers import SourceFormatError, make_reader
-from schemas.config import SourceConfig
+from vila2_curate.pipelines.io.readers import SourceFormatError, make_reader
+from vila2_curate.schemas.config import SourceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,7 +138,7 @@ def test_mmc4_invalid_utf8_lines_and_surrogates(tmp_path: Path) -> None:
 
 
 def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    from pipelines.cli import main
+    from vila2_curate.pipelines.cli import main
 
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -186,10 +185,10 @@ def test_config_and_source_errors_are_one_line_with_exit_2(tmp_path: Path, capsy
 
 
 def test_console_script_exit_status_and_wrapped_errors(tmp_path: Path) -> None:
-    from pipelines.cli import describe_error
-    from pipelines.readers.base import SourceFormatError
+    from vila2_curate.pipelines.cli import describe_error
+    from vila2_curate.pipelines.io.readers.base import SourceFormatError
 
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(_coyo_without_url(tmp_path))],
+    proc = subprocess.run([sys.executable, "-m", "vila2_curate.pipelines.cli", "run", str(_coyo_without_url(tmp_path))],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
 
@@ -231,7 +230,7 @@ def _mmc4_source(tmp_path: Path, n_docs: int = 10) -> dict[str, Any]:
 
 
 def test_source_with_most_references_failing_is_flagged(tmp_path: Path, capsys) -> None:
-    from pipelines.report import render_report
+    from vila2_curate.pipelines.report import render_report
 
     source = _mmc4_source(tmp_path)
     config = _config(tmp_path, [source])
@@ -386,7 +385,7 @@ def test_corrupt_compressed_jsonl_is_one_quarantined_row(tmp_path: Path) -> None
 def test_source_health_causes() -> None:
     """The likely cause follows the largest group of failing references; a source that kept nothing is
     flagged even when its references resolved."""
-    from pipelines.health import source_health, warning_lines
+    from vila2_curate.pipelines.engine.health import source_health, warning_lines
 
     urls = source_health({"rows_in": 10, "kept": 2, "reasons": {"read:failed_to_download": 7, "read:opt_out": 1}})
     assert urls["status"] == "warning" and urls["failed"] == 7  # opt-outs are the site's choice, not failures

@@ -10,16 +10,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-
-from curation.decisions import index_decisions
-from curation.dedup import DedupStage
-from curation.dedup.keeper import keeper_sort_key
-from curation.normalize import phash_u64
-from pipelines.dedup_eval import write_dedup_eval
-from pipelines.executors.local import run_local
-from pipelines.validate import read_vila_samples, validate_output
-from schemas.config import DedupConfig, load_config
-from schemas.rows import PAIR_SCHEMA, make_table
+from vila2_curate.curation.decisions import index_decisions
+from vila2_curate.curation.dedup import DedupStage
+from vila2_curate.curation.dedup.keeper import keeper_sort_key
+from vila2_curate.curation.normalize import phash_u64
+from vila2_curate.pipelines.demo.dedup_eval import write_dedup_eval
+from vila2_curate.pipelines.executors.local import run_local
+from vila2_curate.pipelines.validate import read_vila_samples, validate_output
+from vila2_curate.schemas.config import DedupConfig, load_config
+from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table
 
 
 def _picture(seed: int, size: tuple[int, int] = (400, 300)) -> Image.Image:

@@ -4,8 +4,7 @@ the value a one-text-at-a-time computation gives, including texts that fill or s
 from __future__ import annotations
 
 import numpy as np
-
-from curation.dedup import minhash
+from vila2_curate.curation.dedup import minhash
 
 
 def _one_by_one(texts: list[str], num_perm: int, k: int, seed: int) -> np.ndarray:

@@ -10,10 +10,9 @@ import imagehash
 import numpy as np
 import pytest
 from PIL import Image
-
-from curation.normalize import NormalizeStage, phash_u64
-from schemas.config import NormalizeConfig
-from schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
+from vila2_curate.curation.normalize import NormalizeStage, phash_u64
+from vila2_curate.schemas.config import NormalizeConfig
+from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
 
 
 def _texture(w: int, h: int, seed: int = 0) -> Image.Image:

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
-from schemas.captions import (
+from vila2_curate.schemas.captions import (
     CLIPSCORE_CAPTION,
     SPECIALISTS_CAPTION,
     TEXT_DELTALOSS_CAPTION,
@@ -19,9 +18,9 @@ from schemas.captions import (
     latest_usable_caption,
     newest_caption_text,
 )
-from schemas.demo_model import DEMO_MARKER, is_demo_model, mark_demo_model
-from schemas.documents import has_kept_image
-from schemas.images import EMPTY_IMAGE_BYTES, UndecodableImage, decode_rgb
+from vila2_curate.schemas.demo_model import DEMO_MARKER, is_demo_model, mark_demo_model
+from vila2_curate.schemas.documents import has_kept_image
+from vila2_curate.schemas.images import EMPTY_IMAGE_BYTES, UndecodableImage, decode_rgb
 
 CAPTIONS = [
     {"round": 1, "text": "a red car parked on a street", "flags": []},

@@ -8,13 +8,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-
-from curation.dedup.minhash import minhash_signatures
-from curation.dedup.stage import SIGNATURE_SCHEMA, DedupStage
-from curation.dedup.thumbnails import THUMB_BYTES
-from pipelines.aggregate import decide_partitioned
-from schemas.config import DedupConfig
-from schemas.rows import DECISION_SCHEMA
+from vila2_curate.curation.dedup.minhash import minhash_signatures
+from vila2_curate.curation.dedup.stage import SIGNATURE_SCHEMA, DedupStage
+from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES
+from vila2_curate.pipelines.engine.aggregate import decide_partitioned
+from vila2_curate.schemas.config import DedupConfig
+from vila2_curate.schemas.rows import DECISION_SCHEMA
 
 
 def synthetic_signatures(n: int, seed: int = 0, dim: int = 32) -> pa.Table:
@@ -124,7 +123,7 @@ def test_partitioned_equals_single_process(synthetic: pa.Table, name: str) -> No
 def test_full_sample_gives_the_same_clusters_for_any_split(synthetic: pa.Table, monkeypatch) -> None:
     """When the bottom-M sample is full, the cluster count comes from the KMV estimate of the sample
     alone, so the reference and every shard split train the same centroids."""
-    import curation.dedup.partitioned as part
+    import vila2_curate.curation.dedup.partitioned as part
 
     monkeypatch.setattr(part, "SAMPLE_ROWS", 400)
     monkeypatch.setattr(part, "THUMB_CLUSTER_ROWS", 300)
@@ -155,7 +154,7 @@ def test_each_shard_gets_only_its_own_decisions(synthetic: pa.Table) -> None:
 
 # ---- per-subset cut-offs: clip_filter and deltaloss -------------------------------------------------------
 def _clip_signatures(n: int, seed: int) -> pa.Table:
-    from curation.clip_filter import SIGNATURE_SCHEMA as CLIP_SCHEMA
+    from vila2_curate.curation.clip_filter import SIGNATURE_SCHEMA as CLIP_SCHEMA
 
     rng = np.random.default_rng(seed)
     src = [["coyo", "laion", "mmc4"][i % 3] for i in range(n)]
@@ -173,7 +172,7 @@ def _clip_signatures(n: int, seed: int) -> pa.Table:
 
 
 def _deltaloss_signatures(n: int, seed: int) -> pa.Table:
-    from curation.deltaloss import SIGNATURE_SCHEMA as DL_SCHEMA
+    from vila2_curate.curation.deltaloss import SIGNATURE_SCHEMA as DL_SCHEMA
 
     rng = np.random.default_rng(seed)
     d = np.round(rng.normal(0, 1, n), 2)
@@ -184,9 +183,9 @@ def _deltaloss_signatures(n: int, seed: int) -> pa.Table:
 
 
 def _cut_stages(method: str) -> list:
-    from curation.clip_filter import ClipFilterStage
-    from curation.deltaloss import DeltaLossTopKStage
-    from schemas.config import ClipFilterConfig, DeltaLossConfig
+    from vila2_curate.curation.clip_filter import ClipFilterStage
+    from vila2_curate.curation.deltaloss import DeltaLossTopKStage
+    from vila2_curate.schemas.config import ClipFilterConfig, DeltaLossConfig
 
     return [(ClipFilterStage(ClipFilterConfig(top_percent=30, min_score=0.5, method=method)), _clip_signatures),
             (ClipFilterStage(ClipFilterConfig(preset="vila_coyo", method=method)), _clip_signatures),
@@ -209,7 +208,7 @@ def test_exact_cutoffs_partitioned_equal_single_process(index: int) -> None:
 def test_sketch_cutoffs_within_the_stated_rank_error(index: int) -> None:
     """Each group's kept count is within the KLL rank error of the exact count, floors are identical, and
     the summary states the error."""
-    from curation.cutoffs import rank_error
+    from vila2_curate.curation.cutoffs import rank_error
 
     exact_stage, make = _cut_stages("exact")[index]
     stage = _cut_stages("sketch")[index][0]

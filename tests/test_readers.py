@@ -20,8 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from pipelines.readers import (
+from vila2_curate.pipelines.io.readers import (
     CoyoParquetReader,
     Img2DatasetReader,
     InputShard,
@@ -29,9 +28,9 @@ from pipelines.readers import (
     SourceFormatError,
     make_reader,
 )
-from schemas.config import SourceConfig
-from schemas.keys import is_safe_key, safe_key
-from schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA
+from vila2_curate.schemas.config import SourceConfig
+from vila2_curate.schemas.keys import is_safe_key, safe_key
+from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA
 
 # ------------------------------------------------------------------------------------------- fixtures
 

@@ -14,16 +14,21 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
-
-from recaption.backends import CaptionerUnavailable, RemoteCodeRequired
-from recaption.backends.openai_client import OpenAICaptioner
-from recaption.backends.transformers_vlm import TransformersCaptioner, resolve_model_class
-from recaption.demo import build_demo_vlm
-from recaption.postprocess import clean_caption
-from recaption.prompts import load_prompt_set, parse_prompt_set
-from recaption.stage import RecaptionStage
-from schemas.config import CaptionerConfig, DeltaLossConfig, GenerationParams, ModelRuntime, RecaptionConfig
-from schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
+from vila2_curate.pipelines.demo.vlm import build_demo_vlm
+from vila2_curate.recaption.backends import CaptionerUnavailable, RemoteCodeRequired
+from vila2_curate.recaption.backends.openai_client import OpenAICaptioner
+from vila2_curate.recaption.backends.transformers_vlm import TransformersCaptioner, resolve_model_class
+from vila2_curate.recaption.postprocess import clean_caption
+from vila2_curate.recaption.prompts import load_prompt_set, parse_prompt_set
+from vila2_curate.recaption.stage import RecaptionStage
+from vila2_curate.schemas.config import (
+    CaptionerConfig,
+    DeltaLossConfig,
+    GenerationParams,
+    ModelRuntime,
+    RecaptionConfig,
+)
+from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
 
 RUN_STARTED = "2025-03-01T12:00:00Z"
 
@@ -104,7 +109,7 @@ def test_batched_left_padded_generation_equals_per_sample(stage: RecaptionStage)
 
 
 def test_images_downscaled_to_max_side() -> None:
-    from recaption.runtime import load_image
+    from vila2_curate.recaption.runtime import load_image
 
     big = Image.new("RGB", (3000, 1000), (10, 200, 30))
     out = load_image(_png(big), 512)
@@ -402,8 +407,7 @@ def test_openai_client_bounds_concurrency() -> None:
 def test_vlm_deltaloss_matches_hand_computation(demo_vlm: Path, tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from recaption.deltaloss_vlm import SCORING_PROMPT, VlmDeltaLossScoreStage
+    from vila2_curate.recaption.deltaloss_vlm import SCORING_PROMPT, VlmDeltaLossScoreStage
 
     large = build_demo_vlm(tmp_path / "large", seed=1)
     cfg = DeltaLossConfig(

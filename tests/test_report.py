@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import write_config
-
-from pipelines.executors.local import run_local
-from pipelines.report import write_report
-from schemas.config import load_config
+from vila2_curate.pipelines.executors.local import run_local
+from vila2_curate.pipelines.report import write_report
+from vila2_curate.schemas.config import load_config
 
 EVIL_ALT = '<script>alert("alt")</script> & <img src=x onerror=alert(1)>'
 EVIL_CAP = '</td><script>alert("vlm")</script><b onmouseover="x">bold</b>'

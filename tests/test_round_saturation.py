@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import yaml
 from conftest import write_config, write_round_config
-
-from curation.clipscore import ClipScoreStage
-from pipelines.executors.local import run_local
-from pipelines.report import render_report
-from pipelines.validate import read_vila_samples
-from schemas.config import ClipScoreConfig, load_config
+from vila2_curate.curation.clipscore import ClipScoreStage
+from vila2_curate.pipelines.executors.local import run_local
+from vila2_curate.pipelines.report import render_report
+from vila2_curate.pipelines.validate import read_vila_samples
+from vila2_curate.schemas.config import ClipScoreConfig, load_config
 
 
 def _round_cfg(sample: Path, root: Path, dest: Path, *, seed: int, clip: bool) -> Path:

@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, output_files, write_config, write_round_config
-
-from pipelines.executors.local import run_local
-from pipelines.validate import read_vila_samples, validate_output
-from schemas.config import load_config
+from vila2_curate.pipelines.executors.local import run_local
+from vila2_curate.pipelines.validate import read_vila_samples, validate_output
+from vila2_curate.schemas.config import load_config
 
 CURATE = [{"type": "normalize"}, {"type": "dedup", "methods": ["exact", "phash"]}]
 
@@ -113,7 +112,7 @@ def test_rerun_round_does_nothing_and_resume_is_identical(r0: Path, sample_dir: 
 
 
 def test_round_needs_round_flag(r0: Path, sample_dir: Path, tmp_path: Path):
-    from schemas.config import ConfigError
+    from vila2_curate.schemas.config import ConfigError
 
     with pytest.raises(ConfigError, match="--round"):
         load_config(_round_config(sample_dir, r0, tmp_path / "x.yaml"))

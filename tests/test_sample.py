@@ -20,8 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
-
-from pipelines.sample import BOMB_SIDE, write_sample
+from vila2_curate.pipelines.demo.sample import BOMB_SIDE, write_sample
 
 REPO = Path(__file__).resolve().parents[1]
 COYO_COLUMNS = {
@@ -320,7 +319,7 @@ def test_near_duplicates_close_and_flat_pairs_collide(sample: tuple[Path, dict[s
 
 
 def test_quickstart_config_points_at_the_sample(tmp_path: Path) -> None:
-    from schemas.config import load_config
+    from vila2_curate.schemas.config import load_config
 
     (tmp_path / "configs").mkdir()
     shutil.copy(REPO / "configs/quickstart.yaml", tmp_path / "configs/quickstart.yaml")

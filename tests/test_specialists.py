@@ -10,16 +10,15 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw, ImageFont
-
-from schemas.config import GroundingConfig, OcrConfig, SpatialConfig
-from schemas.rows import PAIR_SCHEMA, make_table
-from specialists import geometry as g
-from specialists._common import VLM_MARKER, split_vlm_text
-from specialists.grounding import GroundingStage, select_detections
-from specialists.ocr import OcrStage
-from specialists.phrases import noun_phrases
-from specialists.sidecar import SIDECAR_DIRS, bbox_interleaved_answer, specialist_texts
-from specialists.spatial import SpatialStage
+from vila2_curate.schemas.config import GroundingConfig, OcrConfig, SpatialConfig
+from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table
+from vila2_curate.specialists import geometry as g
+from vila2_curate.specialists._common import VLM_MARKER, split_vlm_text
+from vila2_curate.specialists.grounding import GroundingStage, select_detections
+from vila2_curate.specialists.ocr import OcrStage
+from vila2_curate.specialists.phrases import noun_phrases
+from vila2_curate.specialists.sidecar import SIDECAR_DIRS, bbox_interleaved_answer, specialist_texts
+from vila2_curate.specialists.spatial import SpatialStage
 
 
 def _png(img: Image.Image) -> bytes:
@@ -195,7 +194,7 @@ def test_select_detections_threshold_nms_normalise() -> None:
 
 @pytest.fixture(scope="module")
 def demo_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from specialists.demo import build_demo_detector
+    from vila2_curate.pipelines.demo.detector import build_demo_detector
 
     return build_demo_detector(tmp_path_factory.mktemp("owl") / "owlv2-demo", seed=0)
 
@@ -262,16 +261,16 @@ class _FakeVlm:
         return "fake-vlm|prompts:spatial@0"
 
     def ask(self, images, keys):
-        from specialists.vlm import VlmAnswer
+        from vila2_curate.specialists.vlm import VlmAnswer
 
         return [VlmAnswer(error="boom") if k == "k1" else VlmAnswer(text="The dog sits left of the cat.")
                 for k in keys]
 
 
 def test_spatial_vlm_prompt_appended_with_marker(monkeypatch: pytest.MonkeyPatch) -> None:
-    from schemas.config import CaptionerConfig
+    from vila2_curate.schemas.config import CaptionerConfig
 
-    monkeypatch.setattr("specialists.spatial.VlmPrompter", _FakeVlm)
+    monkeypatch.setattr("vila2_curate.specialists.spatial.VlmPrompter", _FakeVlm)
     img = _png(Image.new("RGB", (64, 64), "white"))
     spec = {"grounding": [{"label": "dog", "box": [0, 0, 0.3, 0.3], "score": 0.9},
                           {"label": "cat", "box": [0.6, 0.6, 0.9, 0.9], "score": 0.9}]}
@@ -286,8 +285,8 @@ def test_spatial_vlm_prompt_appended_with_marker(monkeypatch: pytest.MonkeyPatch
 
 
 def test_vlm_prompter_uses_recaption_api() -> None:
-    pytest.importorskip("recaption.backends")
-    prompts = pytest.importorskip("recaption.prompts")
+    pytest.importorskip("vila2_curate.recaption.backends")
+    prompts = pytest.importorskip("vila2_curate.recaption.prompts")
     ps = prompts.load_prompt_set("ocr")
     assert ps.prompts and ps.choose(0, "k0")[1] in ps.prompts
 

@@ -7,8 +7,7 @@ import io
 import tarfile
 
 import pytest
-
-from pipelines.readers.tarstream import TarTruncated, iter_members
+from vila2_curate.pipelines.io.readers.tarstream import TarTruncated, iter_members
 
 
 def _archive(fmt: int, names: list[str], link: bool = True) -> bytes:

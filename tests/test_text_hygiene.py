@@ -10,17 +10,16 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from conftest import write_config
-
-from curation.text_hygiene import EMPTY_AFTER, EMPTY_INPUT, CaptionHygieneStage
-from pipelines.executors.local import run_local
-from pipelines.plan import build_plan
-from pipelines.readers import make_reader
-from pipelines.validate import read_vila_samples, validate_output
-from recaption.postprocess import clean_caption as clean_generation
-from schemas.config import CaptionHygieneConfig, load_config
-from schemas.rows import PAIR_SCHEMA, make_table
-from schemas.text_hygiene import clean_caption, cut_at_sentence
-from specialists.sidecar import specialist_texts
+from vila2_curate.curation.text_hygiene import EMPTY_AFTER, EMPTY_INPUT, CaptionHygieneStage
+from vila2_curate.pipelines.engine.plan import build_plan
+from vila2_curate.pipelines.executors.local import run_local
+from vila2_curate.pipelines.io.readers import make_reader
+from vila2_curate.pipelines.validate import read_vila_samples, validate_output
+from vila2_curate.recaption.postprocess import clean_caption as clean_generation
+from vila2_curate.schemas.config import CaptionHygieneConfig, load_config
+from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table
+from vila2_curate.schemas.text_hygiene import clean_caption, cut_at_sentence
+from vila2_curate.specialists.sidecar import specialist_texts
 
 STAGES = [{"type": "normalize"}, {"type": "caption_hygiene"}, {"type": "dedup", "methods": ["exact"]}]
 
@@ -135,7 +134,7 @@ def test_empty_caption_is_dropped_before_dedup_unless_a_recaption_follows(sample
 
 
 def _recaption(captioner: dict) -> list:
-    from schemas.config import RecaptionConfig
+    from vila2_curate.schemas.config import RecaptionConfig
 
     return [RecaptionConfig.model_validate({"type": "recaption", "captioner": captioner})]
 
@@ -172,8 +171,7 @@ def test_ascii_fast_path_skips_only_what_ftfy_would_not_change(truth: dict):
     """clean_caption skips ftfy for ASCII text without '&' or ESC; on every caption of the sample (and
     a few ASCII edge cases) ftfy with the same settings indeed changes nothing there."""
     import ftfy
-
-    from schemas.text_hygiene import _FTFY
+    from vila2_curate.schemas.text_hygiene import _FTFY
 
     cfg = _FTFY._replace(explain=False)
     texts = [r["caption"] for r in truth["records"] if r.get("caption")]
@@ -201,9 +199,8 @@ def test_recaption_stage_cleans_what_the_model_emits(sample_dir: Path):
     """A VLM (here an OpenAI-compatible loopback server) answering with NUL, an image token and U+FFFD: the
     caption record holds the clean text, flags say what was removed, stats get recaption_hygiene counts."""
     from test_recaption import _ok, _Server
-
-    from recaption.stage import RecaptionStage
-    from schemas.config import RecaptionConfig
+    from vila2_curate.recaption.stage import RecaptionStage
+    from vila2_curate.schemas.config import RecaptionConfig
 
     srv = _Server(lambda body, n: (200, _ok("A dog\x00 on <image> grass \ufffd."), 0))
     try:

@@ -14,12 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import output_files, write_config
-
-from pipelines.executors.local import run_local
-from schemas.config import _Strict, load_config
-from schemas.registry import register_stage
-from schemas.stage import StageBase
-from schemas.table_ops import replace_columns
+from vila2_curate.pipelines.executors.local import run_local
+from vila2_curate.schemas.config import _Strict, load_config
+from vila2_curate.schemas.registry import register_stage
+from vila2_curate.schemas.stage import StageBase
+from vila2_curate.schemas.table_ops import replace_columns
 
 
 class ToyConfig(_Strict):  # 1. the config class
@@ -91,7 +90,7 @@ def test_toy_stage_runs_locally_and_its_drops_are_accounted(local_out: Path):
 
 
 def test_toy_stage_on_ray_matches_local(ray_cluster, local_out: Path, sample_dir: Path, tmp_path: Path):
-    from pipelines.executors.ray_data import run_ray
+    from vila2_curate.pipelines.executors.ray_data import run_ray
 
     ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
     run_ray(load_config(_config(sample_dir, tmp_path, "ray")), progress=False)
@@ -99,7 +98,7 @@ def test_toy_stage_on_ray_matches_local(ray_cluster, local_out: Path, sample_dir
 
 
 def test_toy_stage_on_beam_matches_local(local_out: Path, sample_dir: Path, tmp_path: Path):
-    from pipelines.executors.beam import run_beam
+    from vila2_curate.pipelines.executors.beam import run_beam
 
     run_beam(load_config(_config(sample_dir, tmp_path, "beam")), progress=False)
     assert output_files(tmp_path / "out") == output_files(local_out)

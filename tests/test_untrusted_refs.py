@@ -19,11 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from pipelines.executors.local import run_local
-from pipelines.readers import make_reader
-from pipelines.readers.refs import ImageRoot, UnsafeRef
-from schemas.config import SourceConfig, load_config
+from vila2_curate.pipelines.executors.local import run_local
+from vila2_curate.pipelines.io.readers import make_reader
+from vila2_curate.pipelines.io.readers.refs import ImageRoot, UnsafeRef
+from vila2_curate.schemas.config import SourceConfig, load_config
 
 SECRET = b"TOPSECRET-credentials-h3-" + b"x" * 64
 

@@ -13,16 +13,27 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from vila2_curate.pipelines.cli import main as cli_main
+from vila2_curate.pipelines.io.writers.atomic import OutputFile, write_json_atomic
+from vila2_curate.pipelines.io.writers.mmc4 import Mmc4PklWriter
+from vila2_curate.pipelines.io.writers.records import (
+    manifest_row,
+    write_manifest,
+    write_rejects,
+    write_wids_meta,
+)
+from vila2_curate.pipelines.io.writers.wds import WdsShardWriter
+from vila2_curate.pipelines.validate import (
+    check_output,
+    read_vila_samples,
+    scan_tar,
+    validate_output,
+    vila_groups,
+)
+from vila2_curate.schemas.config import CaptionPolicy
+from vila2_curate.schemas.records import ShardStats, merge_stats
+from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
 
-from pipelines.cli import main as cli_main
-from pipelines.validate import check_output, read_vila_samples, scan_tar, validate_output, vila_groups
-from pipelines.writers.atomic import OutputFile, write_json_atomic
-from pipelines.writers.mmc4 import Mmc4PklWriter
-from pipelines.writers.records import manifest_row, write_manifest, write_rejects, write_wids_meta
-from pipelines.writers.wds import WdsShardWriter
-from schemas.config import CaptionPolicy
-from schemas.records import ShardStats, merge_stats
-from schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
 from tests.test_writers import doc_row, image_bytes, pair_row
 
 FS = fsspec.filesystem("file")
@@ -81,7 +92,7 @@ def good(tmp_path: Path) -> Path:
                               stage_versions={}) for f in pk]
     stats.append(ShardStats(source="mmc4", shard="00000", rows_in=3, kept=3))
     write_wids_meta(FS, str(root), "curated", files)
-    # one per source too, urls relative to its own folder (as pipelines/progress.py writes them)
+    # one per source too, urls relative to its own folder (as pipelines/engine/progress.py writes them)
     write_wids_meta(FS, str(root / "coyo"), "curated-coyo",
                     [OutputFile(f.relpath.split("/", 1)[1], f.nsamples, f.bytes, f.sha256) for f in files])
     write_json_atomic(FS, str(root / "stats.json"), merge_stats(stats))
@@ -135,7 +146,7 @@ def test_validate_process_exits_cleanly(tmp_path: Path) -> None:
     out = tmp_path / "out"
     tiny_valid_output(tmp_path, out)
     for _ in range(10):
-        proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "validate", str(out)],
+        proc = subprocess.run([sys.executable, "-m", "vila2_curate.pipelines.cli", "validate", str(out)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         assert proc.returncode == 0 and "terminate called" not in proc.stderr, proc.stderr
 
@@ -330,9 +341,8 @@ def quickstart(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     its coyo_bytes source that writes caption and specialist sidecars: a valid output to corrupt."""
     import yaml
     from conftest import write_config
-
-    from pipelines.executors.local import run_local
-    from schemas.config import load_config
+    from vila2_curate.pipelines.executors.local import run_local
+    from vila2_curate.schemas.config import load_config
 
     tmp = tmp_path_factory.mktemp("qs")
     cfg = write_config(sample_dir, tmp / "r0", tmp / "r0.yaml",

@@ -6,9 +6,14 @@ import json
 
 import pyarrow as pa
 import pytest
-
-from pipelines.workdir import InputChangedError, rejoin_input, restore_from_input, slim_for_work, work_schema
-from schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
+from vila2_curate.pipelines.engine.workdir import (
+    InputChangedError,
+    rejoin_input,
+    restore_from_input,
+    slim_for_work,
+    work_schema,
+)
+from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
 
 
 def _pairs() -> pa.Table:

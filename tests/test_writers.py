@@ -17,21 +17,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
-from pipelines.writers.atomic import atomic_open, is_temp_name, write_json_atomic
-from pipelines.writers.mmc4 import Mmc4PklWriter, mark_imageless
-from pipelines.writers.records import (
+from vila2_curate.pipelines.io.writers.atomic import atomic_open, is_temp_name, write_json_atomic
+from vila2_curate.pipelines.io.writers.mmc4 import Mmc4PklWriter, mark_imageless
+from vila2_curate.pipelines.io.writers.records import (
     manifest_row,
     write_manifest,
     write_quarantine,
     write_rejects,
     write_wids_meta,
 )
-from pipelines.writers.wds import FIXED_MTIME, WdsShardWriter, tar_file_size
-from schemas.captions import choose_caption, choose_caption_source, mix_draw
-from schemas.config import CaptionPolicy
-from schemas.records import MANIFEST_SCHEMA, REJECTS_SCHEMA
-from schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
+from vila2_curate.pipelines.io.writers.wds import FIXED_MTIME, WdsShardWriter, tar_file_size
+from vila2_curate.schemas.captions import choose_caption, choose_caption_source, mix_draw
+from vila2_curate.schemas.config import CaptionPolicy
+from vila2_curate.schemas.records import MANIFEST_SCHEMA, REJECTS_SCHEMA
+from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
 
 LATEST = CaptionPolicy(mode="latest")
 
@@ -490,7 +489,7 @@ def test_atomic_open_replaces_existing_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["a.jpg", "000010007.json", "x" * 95 + ".json", "ü-key.txt"])
 @pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 60_000, 8**11 - 1])
 def test_hand_built_ustar_header_equals_tarfile(name: str, size: int) -> None:
-    from pipelines.writers.wds import _tarinfo, ustar_header
+    from vila2_curate.pipelines.io.writers.wds import _tarinfo, ustar_header
 
     expected = _tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
     assert ustar_header(name, size) == expected
@@ -498,7 +497,7 @@ def test_hand_built_ustar_header_equals_tarfile(name: str, size: int) -> None:
 
 def _tarfile_copy(part: Path) -> bytes:
     """What tarfile writes (USTAR, the writer's header fields) for the members of ``part``."""
-    from pipelines.writers.wds import _tarinfo
+    from vila2_curate.pipelines.io.writers.wds import _tarinfo
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar, tarfile.open(part) as src:

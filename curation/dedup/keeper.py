@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from schemas.captions import publish_problem
+from vila2_curate.schemas.captions import publish_problem
 
 KeeperKey = tuple[bool, int, bool, float, str]
 

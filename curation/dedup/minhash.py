@@ -22,8 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from datasketch import LeanMinHash
 from datasketch.lsh import _optimal_param
-
-from curation.dedup.exact import equal_key_pairs
+from vila2_curate.curation.dedup.exact import equal_key_pairs
 
 EMPTY = np.uint32(0xFFFFFFFF)  # signature value of a text without words (never matched)
 _MIX1, _MIX2 = np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53)

@@ -34,18 +34,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from curation.dedup.exact import exact_pairs
-from curation.dedup.minhash import _PRIME, EMPTY, _bucket_pairs, _fmix64, band_keys, lsh_params
-from curation.dedup.phash import hamming_pairs
-from curation.dedup.semantic import _block_pairs, clip_cosines, default_clusters
-from curation.dedup.thumbnails import GREY_SIDE, THUMB_BYTES, confirm_pairs, knn_index_pairs
-from schemas.config import DedupConfig
-from schemas.rows import DECISION_SCHEMA
-from schemas.stage import PARTITION_COL, SHARD_COL
+from vila2_curate.curation.dedup.exact import exact_pairs
+from vila2_curate.curation.dedup.minhash import _PRIME, EMPTY, _bucket_pairs, _fmix64, band_keys, lsh_params
+from vila2_curate.curation.dedup.phash import hamming_pairs
+from vila2_curate.curation.dedup.semantic import _block_pairs, clip_cosines, default_clusters
+from vila2_curate.curation.dedup.thumbnails import GREY_SIDE, THUMB_BYTES, confirm_pairs, knn_index_pairs
+from vila2_curate.schemas.config import DedupConfig
+from vila2_curate.schemas.rows import DECISION_SCHEMA
+from vila2_curate.schemas.stage import PARTITION_COL, SHARD_COL
 
 if TYPE_CHECKING:
-    from curation.dedup.stage import DedupStage
+    from vila2_curate.curation.dedup.stage import DedupStage
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +223,7 @@ def thumb_candidate_pairs(thumbs: np.ndarray, labels: np.ndarray, k: int, hashes
                           max_distance: int) -> np.ndarray:
     """Thumbnail k-NN pairs inside each cluster, with no pHash bound (``hashes``/``max_distance`` kept for
     callers): a 1-5% crop or a JPEG q35 re-encode of a flat graphic moves its pHash by up to ~26 bits
-    (pipelines/dedup_eval.py), so the colour-aware ``thumbnails.confirm_pairs`` decides alone."""
+    (pipelines/demo/dedup_eval.py), so the colour-aware ``thumbnails.confirm_pairs`` decides alone."""
     return clustered_pairs(labels, lambda m: m[thumb_knn_pairs(thumbs[m], k)])
 
 
@@ -415,7 +414,7 @@ class PartitionedDedup:
         # matches the reference's clusters.
         if not self.fitted and not self._warned and self._tasks() & {"thumb", "semantic"}:
             log.warning("dedup partition() before fit(): one cluster for thumbnail neighbours / SemDeDup; "
-                        "run pipelines.aggregate.fit_sample(stage, shard signatures) first "
+                        "run pipelines.engine.aggregate.fit_sample(stage, shard signatures) first "
                         "(schemas.stage.PartitionedDecide step 0)")
             self._warned = True
         sig = sig.combine_chunks()
@@ -539,9 +538,8 @@ class PartitionedDedup:
         only group members are visited in Python. Same rules as ``DedupStage.decide``."""
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
-
-        from curation.dedup.keeper import keeper_sort_key
-        from curation.dedup.stage import BOILERPLATE_FLAG, IMAGE_METHODS
+        from vila2_curate.curation.dedup.keeper import keeper_sort_key
+        from vila2_curate.curation.dedup.stage import BOILERPLATE_FLAG, IMAGE_METHODS
 
         partials = [p for p in partials if p.num_rows]
         if not partials:

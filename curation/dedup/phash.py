@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
-
-from curation.dedup.exact import equal_key_pairs
+from vila2_curate.curation.dedup.exact import equal_key_pairs
 
 FLAT_MAX_ITEMS = 20_000
 _ALL_PAIRS_MAX_RUN = 64  # identical hashes: all pairs up to this many, then a sliding window

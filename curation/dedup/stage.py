@@ -31,22 +31,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from curation.dedup.exact import exact_pairs
-from curation.dedup.keeper import keeper_sort_key, pair_publishable, pixels
-from curation.dedup.minhash import minhash_signatures, near_duplicate_pairs
-from curation.dedup.partitioned import (
+from vila2_curate.curation.dedup.exact import exact_pairs
+from vila2_curate.curation.dedup.keeper import keeper_sort_key, pair_publishable, pixels
+from vila2_curate.curation.dedup.minhash import minhash_signatures, near_duplicate_pairs
+from vila2_curate.curation.dedup.partitioned import (
     PartitionedDedup,
     confirm_lists,
     semantic_cluster_pairs,
     thumb_candidate_pairs,
 )
-from curation.dedup.phash import hamming_pairs
-from curation.dedup.thumbnails import THUMB_BYTES, thumbnail
-from curation.dedup.unionfind import UnionFind
-from schemas.config import DedupConfig
-from schemas.rows import DECISION_SCHEMA
-from schemas.stage import Resources, StageBase
+from vila2_curate.curation.dedup.phash import hamming_pairs
+from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES, thumbnail
+from vila2_curate.curation.dedup.unionfind import UnionFind
+from vila2_curate.schemas.config import DedupConfig
+from vila2_curate.schemas.rows import DECISION_SCHEMA
+from vila2_curate.schemas.stage import Resources, StageBase
 
 BOILERPLATE_FLAG = "boilerplate_caption"
 IMAGE_METHODS = ("exact", "phash", "semantic")  # also the priority of the reason given to a member

@@ -23,7 +23,7 @@ picture.
 mean grey difference, the largest local grey and colour differences (each cell compared with the
 other's 3x3 neighbourhood, so a 1-5% crop or a resize that shifts the grid by under a cell does not
 count), the difference of mean colours, the content-box shift and the background colour. Measured on
-the generated evaluation set (pipelines/dedup_eval.py, benchmarks/bench_dedup_recall.py): JPEG q35-65,
+the generated evaluation set (pipelines/demo/dedup_eval.py, benchmarks/bench_dedup_recall.py): JPEG q35-65,
 WebP<->JPEG, resize x0.5-0.8 and 1-5% crops stay inside the thresholds; recoloured, re-backgrounded,
 moved and re-worded look-alikes fall outside.
 """
@@ -38,8 +38,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageChops, ImageCms
-
-from schemas.config import DedupConfig
+from vila2_curate.schemas.config import DedupConfig
 
 GREY_SIDE = 16
 RGB_SIDE = 8  # side of the colour grid (stored as Lab)

@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pyarrow as pa
-
-from pipelines.executors.parts import (
+from vila2_curate.pipelines.engine.guard import apply_guarded
+from vila2_curate.pipelines.engine.parts import (
     assemble_shard,
     clear_parts,
     clear_segment_parts,
@@ -29,13 +29,18 @@ from pipelines.executors.parts import (
     uses_model,
     write_parts,
 )
-from pipelines.executors.runner import DEFAULT_PARTITIONS, RunContext, WorkItem, run_engine, split_by_key
-from pipelines.guard import apply_guarded
-from pipelines.plan import Segment
-from pipelines.progress import is_done
-from pipelines.workdir import WORK_DIR, read_done
-from pipelines.writers.atomic import read_parquet, write_parquet_atomic
-from schemas.config import RunConfig
+from vila2_curate.pipelines.engine.plan import Segment
+from vila2_curate.pipelines.engine.progress import is_done
+from vila2_curate.pipelines.engine.runner import (
+    DEFAULT_PARTITIONS,
+    RunContext,
+    WorkItem,
+    run_engine,
+    split_by_key,
+)
+from vila2_curate.pipelines.engine.workdir import WORK_DIR, read_done
+from vila2_curate.pipelines.io.writers.atomic import read_parquet, write_parquet_atomic
+from vila2_curate.schemas.config import RunConfig
 
 log = logging.getLogger(__name__)
 

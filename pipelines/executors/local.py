@@ -1,6 +1,6 @@
 """Local engine: in-process, shard by shard, with a progress bar. The embedded default and the test engine.
 
-The segment loop is the runner's (``pipelines.executors.runner``); this file supplies its primitives:
+The segment loop is the runner's (``pipelines.engine.runner``); this file supplies its primitives:
 map shards one after another, group with a dict, call per shard in a loop.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import pyarrow as pa
 from tqdm import tqdm
-
-from pipelines.executors.runner import (
+from vila2_curate.pipelines.engine.plan import Plan, Segment
+from vila2_curate.pipelines.engine.runner import (
     DEFAULT_PARTITIONS,
     RunContext,
     WorkItem,
@@ -25,9 +25,8 @@ from pipelines.executors.runner import (
     run_info,
     split_by_key,
 )
-from pipelines.plan import Plan, Segment
-from pipelines.shard_task import run_shard_segment
-from schemas.config import RunConfig
+from vila2_curate.pipelines.engine.shard_task import run_shard_segment
+from vila2_curate.schemas.config import RunConfig
 
 # the CLI, tests and other engines import these from here
 __all__ = ["LocalEngine", "RunContext", "WorkItem", "list_work", "plan_summaries", "prepare_run",

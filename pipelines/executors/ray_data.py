@@ -19,8 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
-
-from pipelines.executors.parts import (
+from vila2_curate.pipelines.engine.guard import apply_guarded
+from vila2_curate.pipelines.engine.parts import (
     assemble_shard,
     clear_parts,
     clear_segment_parts,
@@ -28,11 +28,10 @@ from pipelines.executors.parts import (
     uses_model,
     write_parts,
 )
-from pipelines.executors.runner import RunContext, WorkItem, run_engine
-from pipelines.guard import apply_guarded
-from pipelines.plan import Segment
-from schemas.config import RunConfig
-from schemas.stage import Resources
+from vila2_curate.pipelines.engine.plan import Segment
+from vila2_curate.pipelines.engine.runner import RunContext, WorkItem, run_engine
+from vila2_curate.schemas.config import RunConfig
+from vila2_curate.schemas.stage import Resources
 
 log = logging.getLogger(__name__)
 

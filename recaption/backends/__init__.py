@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from recaption.backends.base import CaptionerUnavailable, CaptionResult, RemoteCodeRequired
-from schemas.config import CaptionerConfig
+from vila2_curate.recaption.backends.base import CaptionerUnavailable, CaptionResult, RemoteCodeRequired
+from vila2_curate.schemas.config import CaptionerConfig
 
 __all__ = ["CaptionResult", "CaptionerUnavailable", "RemoteCodeRequired", "make_captioner"]
 
@@ -11,11 +11,11 @@ __all__ = ["CaptionResult", "CaptionerUnavailable", "RemoteCodeRequired", "make_
 def make_captioner(cfg: CaptionerConfig):  # -> TransformersCaptioner | OpenAICaptioner
     """The backend named by ``cfg.backend`` (not loaded yet: call ``load()``)."""
     if cfg.backend == "transformers":
-        from recaption.backends.transformers_vlm import TransformersCaptioner
+        from vila2_curate.recaption.backends.transformers_vlm import TransformersCaptioner
 
         return TransformersCaptioner(cfg)
     if cfg.backend == "openai":
-        from recaption.backends.openai_client import OpenAICaptioner
+        from vila2_curate.recaption.backends.openai_client import OpenAICaptioner
 
         return OpenAICaptioner(cfg)
     raise ValueError(f"unknown captioner backend {cfg.backend!r}")

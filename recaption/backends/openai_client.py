@@ -31,9 +31,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from recaption.backends.base import CaptionerUnavailable, CaptionResult
-from recaption.runtime import derive_seed, reason_detail
-from schemas.config import CaptionerConfig
+from vila2_curate.recaption.backends.base import CaptionerUnavailable, CaptionResult
+from vila2_curate.recaption.runtime import derive_seed, reason_detail
+from vila2_curate.schemas.config import CaptionerConfig
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 SAMPLE_STATUS = frozenset({400, 413, 422})  # the request itself was refused: this sample only

@@ -4,7 +4,7 @@ The prompt is the model's own chat template rendered for one user message holdin
 instruction, so every checkpoint gets the conversation format it was trained on. Generation is batched
 with LEFT padding (decoder-only models continue from the last position, so padding must sit in front)
 and batches are grouped by prompt length, which keeps padding — wasted compute — small. The same path
-loads real checkpoints and the tiny random models the tests build (``recaption.demo``).
+loads real checkpoints and the tiny random models the tests build (``pipelines.demo.vlm``).
 
 Determinism: greedy decoding by default; when sampling, ``torch.manual_seed`` is set per batch from the
 configured seed and the batch's sample ids, so a rerun of the same batch samples the same tokens.
@@ -17,10 +17,10 @@ import inspect
 from pathlib import Path
 from typing import Any
 
-from recaption.backends.base import CaptionerUnavailable, CaptionResult, RemoteCodeRequired
-from recaption.runtime import derive_seed, reason_detail, resolve_device, resolve_dtype
-from schemas.config import CaptionerConfig
-from schemas.demo_model import is_demo_model
+from vila2_curate.recaption.backends.base import CaptionerUnavailable, CaptionResult, RemoteCodeRequired
+from vila2_curate.recaption.runtime import derive_seed, reason_detail, resolve_device, resolve_dtype
+from vila2_curate.schemas.config import CaptionerConfig
+from vila2_curate.schemas.demo_model import is_demo_model
 
 # Auto classes a remote-code checkpoint may register for a VLM, best first. NVILA-*-hf registers AutoModel.
 _REMOTE_AUTO_CLASSES = (

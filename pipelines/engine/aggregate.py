@@ -1,0 +1,110 @@
+"""The local engine's aggregation for global stages: group signatures with a dict, decide per group.
+
+Ray and Beam do the same grouping with their own primitives; all three call the stage's ``decide`` on
+the same groups, and ``decide`` is order-independent, so all engines reach the same decisions.
+``decide_partitioned`` is the scale path (schemas.stage.PartitionedDecide) run in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from vila2_curate.schemas.rows import DECISION_SCHEMA
+from vila2_curate.schemas.stage import PARTITION_COL, SHARD_COL, FitsOnSample, GlobalStage, PartitionedDecide
+
+
+def empty_decisions() -> pa.Table:
+    return DECISION_SCHEMA.empty_table()
+
+
+def normalize_decisions(table: pa.Table | None) -> pa.Table:
+    if table is None or table.num_rows == 0:
+        return empty_decisions()
+    return table.select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA)
+
+
+def decide_local(stage: GlobalStage, signatures: pa.Table) -> pa.Table:
+    if signatures.num_rows == 0:
+        return empty_decisions()
+    if stage.group_by is None:
+        return normalize_decisions(stage.decide(signatures))
+    keys = signatures.column(stage.group_by)
+    parts = []
+    for value in sorted(pc.unique(keys).to_pylist(), key=lambda v: (v is None, str(v))):
+        mask = pc.is_null(keys) if value is None else pc.equal(keys, pa.scalar(value, keys.type))
+        parts.append(normalize_decisions(stage.decide(signatures.filter(mask))))
+    return pa.concat_tables(parts) if parts else empty_decisions()
+
+
+def with_shard(signatures: pa.Table, shard: str) -> pa.Table:
+    """The shard's signatures with the ``shard`` column the partitioned decide needs (replaced if present)."""
+    col = pa.array([shard] * signatures.num_rows, type=pa.string())
+    if SHARD_COL in signatures.column_names:
+        return signatures.set_column(signatures.column_names.index(SHARD_COL), SHARD_COL, col)
+    return signatures.append_column(SHARD_COL, col)
+
+
+def split_by_partition(rows: pa.Table, partitions: int) -> list[tuple[int, pa.Table]]:
+    """(p, rows with ``partition % partitions == p``) for every non-empty p: what one map task shuffles."""
+    if rows.num_rows == 0:
+        return []
+    p = np.asarray(rows.column(PARTITION_COL).to_numpy(zero_copy_only=False), dtype=np.int64) % partitions
+    order = np.argsort(p, kind="stable")
+    sp = p[order]
+    starts = np.flatnonzero(np.r_[True, sp[1:] != sp[:-1]])
+    ends = np.r_[starts[1:], sp.size]
+    return [(int(sp[s]), rows.take(pa.array(order[s:e]))) for s, e in zip(starts, ends, strict=True)]
+
+
+def fit_sample(stage: object, shard_signatures: Iterable[pa.Table]) -> None:
+    """Step 0 of the partitioned decide, for stages that have it (dedup's k-means centroids): every shard's
+    ``sample()`` (bounded: the M smallest id hashes) streams into ``fit()``, which keeps the M smallest."""
+    if isinstance(stage, FitsOnSample):
+        stage.fit(stage.sample(sig) for sig in shard_signatures)
+
+
+def decide_partitioned(stage: GlobalStage, shard_signatures: Sequence[tuple[str, pa.Table]],
+                       partitions: int) -> dict[str, pa.Table]:
+    """The partitioned decide of ``stage`` run in this process: shard name -> that shard's decisions.
+
+    Same steps as an engine runs them (schemas.stage.PartitionedDecide): fit on the samples, partition each
+    shard, decide each of ``partitions`` groups, combine, hand each shard its own decisions. Engines run the
+    steps on workers; this in-process version is the local engine's and the tests' reference of that path
+    (it holds every shard's signatures, so it is not the memory-bounded one). A stage without the
+    partitioned hooks is decided by ``decide_local`` over all rows and its decisions split by shard.
+    """
+    tagged = [(name, with_shard(sig, name)) for name, sig in shard_signatures]
+    if not isinstance(stage, PartitionedDecide):
+        everything = pa.concat_tables([t for _, t in tagged]) if tagged else None
+        decisions = decide_local(stage, everything) if everything is not None else empty_decisions()
+        return _split_decisions_by_shard(decisions, tagged)
+    fit_sample(stage, (t for _, t in tagged))
+    buckets: dict[int, list[pa.Table]] = {}
+    for _, sig in tagged:
+        for p, rows in split_by_partition(stage.partition(sig), partitions):
+            buckets.setdefault(p, []).append(rows)
+    partials = [stage.decide_partition(pa.concat_tables(buckets[p])) for p in sorted(buckets)]
+    combined = stage.combine(partials)
+    per_shard = SHARD_COL in combined.column_names
+    out: dict[str, pa.Table] = {}
+    for name, sig in tagged:
+        mine = combined.filter(pc.equal(combined.column(SHARD_COL), name)) if per_shard else combined
+        out[name] = normalize_decisions(stage.shard_decisions(mine, sig))
+    return out
+
+
+def _split_decisions_by_shard(decisions: pa.Table, tagged: list[tuple[str, pa.Table]]) -> dict[str, pa.Table]:
+    owner: dict[tuple[str, str], str] = {}
+    for name, sig in tagged:
+        for s, k in zip(sig.column("source").to_pylist(), sig.column("key").to_pylist(), strict=True):
+            owner.setdefault((s, k), name)
+    rows = decisions.to_pylist()
+    out = {name: [] for name, _ in tagged}
+    for r in rows:
+        name = owner.get((r["source"], r["key"]))
+        if name is not None:
+            out[name].append(r)
+    return {name: normalize_decisions(pa.Table.from_pylist(v, schema=DECISION_SCHEMA)) for name, v in out.items()}

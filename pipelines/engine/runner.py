@@ -1,0 +1,386 @@
+"""The engine runner: the segment loop, written once for every engine.
+
+Per plan segment: which shards are pending (resume), run them through the segment's map stages (engine),
+then, for a segment closed by a global stage, aggregate its signatures into decisions (engine grouping)
+and store them per input shard under a segment marker; the last segment writes the shards and their
+markers; finally the dataset files. An engine supplies only the primitives of :class:`Engine`; a new
+engine is one small file.
+
+Global decisions take one of two paths (``RunConfig.decide``):
+
+- ``partitioned`` (default, when the stage implements ``schemas.stage.PartitionedDecide``): per shard
+  ``partition`` -> engine groups by ``partition`` -> ``decide_partition`` per group -> ``combine`` once
+  over the partial results -> ``shard_decisions`` per shard. No process holds every signature.
+- ``single``: the reference: the stage's ``decide`` per ``group_by`` group (one group when None).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from vila2_curate.pipelines.engine import aggregate
+from vila2_curate.pipelines.engine.aggregate import normalize_decisions
+from vila2_curate.pipelines.engine.plan import Plan, Segment, build_plan, set_run_started_at
+from vila2_curate.pipelines.engine.progress import (
+    finalize,
+    is_done,
+    load_marker,
+    remove_stale_outputs,
+    run_started_at,
+)
+from vila2_curate.pipelines.engine.workdir import (
+    is_decided,
+    read_all_decisions,
+    read_done,
+    remove_signatures,
+    rows_path,
+    seg_dir,
+    signatures_path,
+    write_decided,
+    write_shard_decisions,
+)
+from vila2_curate.pipelines.io.readers import make_reader
+from vila2_curate.pipelines.io.readers.base import InputShard, Reader
+from vila2_curate.pipelines.io.writers.atomic import is_temp_name, read_parquet, write_json_atomic
+from vila2_curate.schemas.config import RunConfig
+from vila2_curate.schemas.stage import PARTITION_COL, SHARD_COL, FitsOnSample, PartitionedDecide
+
+log = logging.getLogger(__name__)
+SUMMARY_MAX_SIGNATURES = 5_000_000  # above this the summary holds counts only (it reads every signature)
+DEFAULT_PARTITIONS = 16  # groups of the partitioned decide on a one-process engine
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    index: int  # position in the run's shard list (stable for a given input listing)
+    reader: Reader
+    shard: InputShard
+
+
+@dataclass
+class RunContext:
+    """What an engine needs to run a segment: where the run writes, its plan and its input shards."""
+
+    fs: Any
+    root: str
+    plan: Plan
+    config: RunConfig
+    items: list[WorkItem]
+
+
+class Engine(Protocol):
+    """The primitives an engine supplies; everything else is the runner's."""
+
+    def map_shards(self, ctx: RunContext, segment: Segment, pending: list[WorkItem]) -> None:
+        """Run these shards through the segment's map stages into ``shard_task.SegmentOutput`` (which
+        writes the intermediate rows + signatures + done marker, or the shards + marker on the last)."""
+
+    def group_apply(self, ctx: RunContext, items: list[WorkItem], load: Callable[[WorkItem], pa.Table | None],
+                    key: str | None, fn: Callable[[pa.Table], pa.Table]) -> list[pa.Table]:
+        """``load`` each shard's rows (on a worker), group all rows by ``key`` (None: one group), call
+        ``fn`` once per group and return its outputs (small: partial results or decisions)."""
+
+    def per_shard(self, ctx: RunContext, items: list[WorkItem], fn: Callable[[WorkItem], Any]) -> list[Any]:
+        """Call ``fn`` once per shard, anywhere; results in ``items`` order."""
+
+    def partitions(self, ctx: RunContext) -> int:
+        """How many groups the partitioned decide forms (any number gives the same decisions)."""
+
+
+# ------------------------------------------------------------------------------------------ preparation
+
+
+def list_work(config: RunConfig) -> list[tuple[Reader, InputShard]]:
+    return [(reader, shard) for reader in (make_reader(s) for s in config.sources)
+            for shard in reader.list_shards()]
+
+
+def prepare_run(config: RunConfig, plan: Plan | None = None):
+    """What every engine does first: open the output, build the plan, list the input shards, and fix
+    the run's start time. Returns (fs, root, plan, work)."""
+    fs, root = fsspec.core.url_to_fs(config.output.path, **config.output.storage_options)
+    fs.makedirs(root, exist_ok=True)
+    remove_temp_files(fs, root)
+    plan = plan or build_plan(config)
+    work = list_work(config)
+    plan.set_inputs([shard.path for _, shard in work])
+    set_run_started_at(plan, run_started_at(fs, root, plan.plan_hash))
+    return fs, root, plan, work
+
+
+def remove_temp_files(fs, root: str) -> int:
+    """Delete temporary files a killed or failed run left (one run per output directory at a time)."""
+    removed = 0
+    for path in fs.find(root):
+        if is_temp_name(path):
+            fs.rm(path)
+            removed += 1
+    if removed:
+        log.info("removed %d temporary files left by an interrupted run", removed)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def run_engine(engine: Engine, config: RunConfig, plan: Plan | None = None) -> dict[str, Any]:
+    """Run every source through the plan on ``engine``; returns the merged stats."""
+    fs, root, plan, work = prepare_run(config, plan)
+    ctx = RunContext(fs, root, plan, config, [WorkItem(i, r, s) for i, (r, s) in enumerate(work)])
+    pending = pending_work(ctx)
+    for segment in plan.segments:
+        todo = pending[segment.index]
+        if segment.decide is None:
+            for it in todo:
+                remove_stale_outputs(fs, root, it.shard)
+            if todo:
+                engine.map_shards(ctx, segment, todo)
+            continue
+        if todo:
+            engine.map_shards(ctx, segment, todo)
+        if not is_decided(fs, root, segment.index, plan.segment_hash(segment.index)):
+            decide_segment(engine, ctx, segment)
+        remove_signatures(fs, root, segment.index, [it.shard for it in ctx.items])  # spent once decided
+    results = [load_marker(fs, root, it.shard) for it in ctx.items]
+    missing = [it.shard.path for it, r in zip(ctx.items, results, strict=True) if r is None]
+    if missing:
+        raise RuntimeError(f"the engine finished without a marker for {missing[:3]}")
+    return finalize(fs, root, config.name, results, plan_summaries(fs, root, plan), run_info(plan, config))
+
+
+def pending_work(ctx: RunContext) -> dict[int, list[WorkItem]]:
+    """Per segment, the shards to run through it. Segment i runs shard X when its work there is not done
+    yet (and the segment is not decided), or when segment i+1 must run X and X's rows of segment i are
+    gone: a shard's rows of segment i are removed once its segment i+1 is done (``SegmentOutput``), so a
+    redo of a later segment (a stage's version changed) walks back to the last rows still kept, at worst
+    to the input."""
+    fs, root, plan = ctx.fs, ctx.root, ctx.plan
+    last = len(plan.segments) - 1
+    todo = {last: {it.index for it in ctx.items if not is_done(fs, root, it.shard, plan.plan_hash)}}
+    for i in range(last - 1, -1, -1):
+        seg_hash, decided = plan.segment_hash(i), is_decided(fs, root, i, plan.segment_hash(i))
+        need = set()
+        for it in ctx.items:
+            done = (read_done(fs, root, i, it.shard) or {}).get("segment_hash") == seg_hash
+            undecided_work = not done and not decided
+            rows_missing = it.index in todo[i + 1] and not (done and fs.exists(rows_path(root, i, it.shard)))
+            if undecided_work or rows_missing:
+                need.add(it.index)
+        todo[i] = need
+    return {i: [it for it in ctx.items if it.index in need] for i, need in todo.items()}
+
+
+# ------------------------------------------------------------------------------------------ decisions
+
+
+def shard_label(shard: InputShard) -> str:
+    return f"{shard.source}/{shard.shard_id}"
+
+
+def uses_partitioned(stage: Any, config: RunConfig) -> bool:
+    return config.decide == "partitioned" and isinstance(stage, PartitionedDecide)
+
+
+GROUP_COL = "_group"  # partition % P: the engine's group key of the partitioned decide
+
+
+class LoadSignatures:
+    """A shard's signatures with the engine's ``shard`` column; with ``partitions`` set, through
+    ``stage.partition`` and keyed by ``partition % partitions`` (a picklable callable: it runs on the
+    engine's workers, with the stage as fitted in step 0)."""
+
+    def __init__(self, fs, root: str, seg: int, stage: Any, partitions: int | None) -> None:
+        self.fs, self.root, self.seg, self.stage, self.partitions = fs, root, seg, stage, partitions
+
+    def __call__(self, item: WorkItem) -> pa.Table | None:
+        sig = read_shard_signatures(self.fs, self.root, self.seg, item.shard)
+        if sig is None:
+            return None
+        if self.partitions is None:
+            return sig
+        rows = self.stage.partition(with_shard(sig, item.shard))
+        if not rows.num_rows:
+            return None
+        return rows.append_column(GROUP_COL, _modulo(rows.column(PARTITION_COL), self.partitions))
+
+
+class SampleShard:
+    """Step 0: one shard's bounded sample for ``stage.fit`` (dedup's k-means centroids)."""
+
+    def __init__(self, fs, root: str, seg: int, stage: Any) -> None:
+        self.fs, self.root, self.seg, self.stage = fs, root, seg, stage
+
+    def __call__(self, item: WorkItem) -> pa.Table | None:
+        sig = read_shard_signatures(self.fs, self.root, self.seg, item.shard)
+        return None if sig is None else self.stage.sample(with_shard(sig, item.shard))
+
+
+class DecidePartition:
+    """Step 2 on one engine group (a union of whole ``partition`` values)."""
+
+    def __init__(self, stage: Any) -> None:
+        self.stage = stage
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        return self.stage.decide_partition(rows.drop_columns([GROUP_COL]))
+
+
+def _modulo(values: pa.ChunkedArray, n: int) -> pa.Array:
+    import numpy as np
+
+    return pa.array(np.asarray(values.to_numpy(), dtype=np.int64) % n, type=pa.int64())
+
+
+def read_shard_signatures(fs, root: str, seg: int, shard: InputShard) -> pa.Table | None:
+    sig = read_parquet(fs, signatures_path(root, seg, shard))
+    return sig if sig.num_rows and sig.num_columns else None
+
+
+def with_shard(sig: pa.Table, shard: InputShard) -> pa.Table:
+    return aggregate.with_shard(sig, shard_label(shard))
+
+
+class DecideGroup:
+    """``stage.decide`` on one group, normalized (picklable: runs on the engine's workers)."""
+
+    def __init__(self, stage: Any) -> None:
+        self.stage = stage
+
+    def __call__(self, group: pa.Table) -> pa.Table:
+        return normalize_decisions(self.stage.decide(group))
+
+
+class WriteShardDecisions:
+    """Step 4 of the partitioned decide, or the split of single-process decisions, for one shard."""
+
+    def __init__(self, fs, root: str, seg: int, seg_hash: str, stage: Any, combined: pa.Table | None,
+                 decisions: pa.Table | None) -> None:
+        self.fs, self.root, self.seg, self.seg_hash, self.stage = fs, root, seg, seg_hash, stage
+        self.combined, self.decisions = combined, decisions
+
+    def __call__(self, item: WorkItem) -> int:
+        sig = read_shard_signatures(self.fs, self.root, self.seg, item.shard)
+        if sig is None:
+            mine = normalize_decisions(None)
+        elif self.combined is not None:
+            combined = self.combined
+            if SHARD_COL in combined.column_names:
+                combined = combined.filter(pc.equal(combined.column(SHARD_COL), shard_label(item.shard)))
+            mine = normalize_decisions(self.stage.shard_decisions(combined, with_shard(sig, item.shard)))
+        else:
+            mine = decisions_of(self.decisions, sig)
+        return write_shard_decisions(self.fs, self.root, self.seg, item.shard, mine, self.seg_hash)
+
+
+def _ids(table: pa.Table) -> pa.Array:
+    return pc.binary_join_element_wise(table.column("source"), table.column("key"), "\x00")
+
+
+def decisions_of(decisions: pa.Table, sig: pa.Table) -> pa.Table:
+    """The decisions about the rows a shard's signatures name (the single-process path's split)."""
+    if decisions is None or decisions.num_rows == 0:
+        return normalize_decisions(None)
+    return decisions.filter(pc.is_in(_ids(decisions), value_set=pc.unique(_ids(sig))))
+
+
+def decide_segment(engine: Engine, ctx: RunContext, segment: Segment) -> None:
+    """Aggregate the segment's signatures and store the decisions per input shard, then the marker."""
+    fs, root, stage, seg = ctx.fs, ctx.root, segment.decide, segment.index
+    seg_hash = ctx.plan.segment_hash(seg)
+    t = time.perf_counter()
+    partitioned = uses_partitioned(stage, ctx.config)
+    if partitioned:
+        if isinstance(stage, FitsOnSample):  # step 0: bounded samples stream into fit on the driver
+            stage.fit(s for s in engine.per_shard(ctx, ctx.items, SampleShard(fs, root, seg, stage)) if s is not None)
+        partitions = max(1, int(engine.partitions(ctx)))
+        partials = engine.group_apply(ctx, ctx.items, LoadSignatures(fs, root, seg, stage, partitions),
+                                      GROUP_COL, DecidePartition(stage))
+        combined, decisions = stage.combine([p for p in partials if p is not None]), None
+    else:
+        tables = engine.group_apply(ctx, ctx.items, LoadSignatures(fs, root, seg, stage, None),
+                                    stage.group_by, DecideGroup(stage))
+        tables = [t for t in tables if t is not None and t.num_rows]
+        combined, decisions = None, pa.concat_tables(tables) if tables else normalize_decisions(None)
+    counts = engine.per_shard(ctx, ctx.items, WriteShardDecisions(fs, root, seg, seg_hash, stage, combined,
+                                                                  decisions))
+    seconds = time.perf_counter() - t
+    log.info("%s decided (%s) in %.2fs", stage.name, "partitioned" if partitioned else "single", seconds)
+    write_segment_summary(ctx, segment, sum(counts), "partitioned" if partitioned else "single")
+    write_decided(fs, root, seg, seg_hash, {"decisions": sum(counts), "shards": len(ctx.items)})
+
+
+def write_segment_summary(ctx: RunContext, segment: Segment, n_decisions: int, mode: str) -> None:
+    """The stage's summary; ``summarize`` sees every decision and signature while they are small."""
+    fs, root, seg = ctx.fs, ctx.root, segment.index
+    n_sigs = 0
+    for it in ctx.items:
+        with fs.open(signatures_path(root, seg, it.shard), "rb") as f:
+            n_sigs += pq.ParquetFile(f).metadata.num_rows
+    summary: dict[str, Any] = {}
+    if n_sigs <= SUMMARY_MAX_SIGNATURES:
+        parts = [s for s in (_summary_columns(read_shard_signatures(fs, root, seg, it.shard))
+                             for it in ctx.items) if s is not None]
+        signatures = pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
+        decisions = normalize_decisions(read_all_decisions(fs, root, seg, [it.shard for it in ctx.items]))
+        summary = segment.decide.summarize(decisions, signatures)
+    summary = {"stage": segment.decide.name, "signatures": n_sigs, "decisions": n_decisions,
+               "decide": mode, **summary}
+    write_json_atomic(fs, posixpath.join(seg_dir(root, seg), "summary.json"), summary)
+
+
+def _summary_columns(sig: pa.Table | None) -> pa.Table | None:
+    """Signatures without their bulky columns (thumbnails, MinHash, embeddings: lists and binaries),
+    which no summary reads: the summary's driver memory stays ~100 B per signature."""
+    if sig is None:
+        return None
+    bulky = [f.name for f in sig.schema
+             if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type) or pa.types.is_fixed_size_binary(f.type)
+             or pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or pa.types.is_fixed_size_list(f.type)]
+    return sig.drop_columns(bulky)
+
+
+# ------------------------------------------------------------------------------------------ run files
+
+
+def run_info(plan: Plan, config: RunConfig) -> dict[str, Any]:
+    """What the report needs beside the timings: stage order, each stage's declared resources."""
+    stages = [{"name": s.name, "version": s.version, "segment": seg.index,
+               "global": s is seg.decide, "cpus": s.resources.cpus, "gpus": s.resources.gpus}
+              for seg in plan.segments for s in seg.stages]
+    return {"run": {"name": config.name, "engine": config.engine, "config_hash": plan.config_hash,
+                    "plan_hash": plan.plan_hash, "stages": stages}}
+
+
+def plan_summaries(fs, root: str, plan: Plan) -> dict[str, Any]:
+    out = {}
+    for segment in plan.segments:
+        path = posixpath.join(seg_dir(root, segment.index), "summary.json")
+        if segment.decide is not None and fs.exists(path):
+            with fs.open(path, "rb") as f:
+                out[segment.decide.name] = json.load(f)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def split_by_key(table: pa.Table, key: str | None) -> list[tuple[Any, pa.Table]]:
+    """(value, rows) per distinct value of ``key`` (nulls are one group); one group when key is None."""
+    if key is None:
+        return [(None, table)]
+    keys = table.column(key)
+    out = []
+    for value in sorted(pc.unique(keys).to_pylist(), key=lambda v: (v is None, str(v))):
+        mask = pc.is_null(keys) if value is None else pc.equal(keys, pa.scalar(value, keys.type))
+        out.append((value, table.filter(mask)))
+    return out

@@ -1,0 +1,205 @@
+"""Process one input shard through one plan segment. Engine-independent: local runs it in-process, Beam
+runs it in a DoFn, and Ray's final per-shard step runs the same output half (``SegmentOutput``).
+
+Input: the source reader (segment 0) or the re-read input joined with the previous segment's saved
+per-row columns, with that shard's decisions of the previous segment applied first. Output: intermediate rows + signatures (segments that end in a global
+stage) or the VILA shards, rejects and stats (the last segment).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import pyarrow as pa
+from vila2_curate.curation.decisions import apply_decisions, index_decisions
+from vila2_curate.pipelines.engine.guard import apply_guarded
+from vila2_curate.pipelines.engine.plan import Plan, Segment
+from vila2_curate.pipelines.engine.progress import ShardResult, write_marker
+from vila2_curate.pipelines.engine.workdir import (
+    IntermediateWriter,
+    is_slim,
+    read_done,
+    read_rows,
+    read_shard_decisions,
+    rejoin_input,
+    rows_path,
+    write_done,
+    write_signatures,
+)
+from vila2_curate.pipelines.io.readers.base import InputShard, Reader
+from vila2_curate.pipelines.io.sink import ShardSink
+from vila2_curate.schemas.config import OutputConfig
+from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA
+
+Timings = dict[str, dict[str, float]]
+
+
+def _add(timings: Timings, name: str, rows: int, seconds: float, gpus: float = 0.0) -> None:
+    acc = timings.setdefault(name, {"rows": 0, "seconds": 0.0, "gpu_seconds": 0.0})
+    acc["rows"] += rows
+    acc["seconds"] += seconds
+    acc["gpu_seconds"] = acc.get("gpu_seconds", 0.0) + seconds * gpus
+
+
+def input_batches(fs, root: str, plan: Plan, reader: Reader, shard: InputShard, seg: int, batch_size: int,
+                  timings: Timings) -> Iterator[pa.Table]:
+    """The rows segment ``seg`` starts from, with the previous segment's decisions applied.
+
+    Segment 0 reads the input shard. A later segment re-reads it (inputs are immutable) and joins the
+    per-row columns the previous segment saved (``workdir.rejoin_input``); its time counts as
+    ``read_intermediate``. Only this shard's decisions are loaded.
+    """
+    if seg == 0:
+        source, read_name, decisions, prev_stage = reader.read(shard, batch_size), "read", None, None
+    else:
+        schema = DOCUMENT_SCHEMA if shard.row_kind == "document" else PAIR_SCHEMA
+        path = rows_path(root, seg - 1, shard)
+        source = read_rows(fs, path, batch_size)
+        if is_slim(fs, path):
+            source = rejoin_input(source, reader.read(shard, batch_size), schema)
+        read_name = "read_intermediate"
+        prev_stage = plan.segments[seg - 1].decide.name
+        decisions = index_decisions(read_shard_decisions(fs, root, seg - 1, shard, plan.segment_hash(seg - 1)))
+    t0 = time.perf_counter()
+    for batch in source:
+        _add(timings, read_name, batch.num_rows, time.perf_counter() - t0)
+        if decisions is not None:
+            t = time.perf_counter()
+            batch = apply_decisions(batch, decisions, prev_stage)
+            _add(timings, f"{prev_stage}_apply", batch.num_rows, time.perf_counter() - t)
+        yield batch
+        t0 = time.perf_counter()
+
+
+def map_batch(segment: Segment, batch: pa.Table, timings: Timings) -> pa.Table:
+    for stage in segment.maps:
+        t = time.perf_counter()
+        batch = apply_guarded(stage, batch)
+        _add(timings, stage.name, batch.num_rows, time.perf_counter() - t, gpu_share(stage))
+    return batch
+
+
+class SegmentOutput:
+    """Where a shard's mapped rows go at the end of a segment."""
+
+    def __init__(self, fs, root: str, plan: Plan, segment: Segment, shard: InputShard,
+                 out: OutputConfig, rereadable: bool = True) -> None:
+        self.fs, self.root, self.plan, self.segment, self.shard = fs, root, plan, segment, shard
+        self.last = segment.decide is None
+        self.timings: Timings = {}
+        self.rows = self.kept = 0
+        if self.last:
+            self.sink = ShardSink(fs, root, out, shard, sidecars=plan.sidecars)
+        else:
+            schema = DOCUMENT_SCHEMA if shard.row_kind == "document" else PAIR_SCHEMA
+            self.inter = IntermediateWriter(fs, rows_path(root, segment.index, shard), schema, rereadable)
+            self.sigs: list[pa.Table] = []
+
+    def write(self, batch: pa.Table) -> None:
+        t = time.perf_counter()
+        self.rows += batch.num_rows
+        if self.last:
+            before = self.sink.stats.kept
+            self.sink.write(batch)
+            self.kept += self.sink.stats.kept - before
+            _add(self.timings, "write", batch.num_rows, time.perf_counter() - t)
+            return
+        self.inter.write(batch)
+        _add(self.timings, "write_intermediate", batch.num_rows, time.perf_counter() - t)
+        t = time.perf_counter()
+        sig = self.segment.decide.signatures(batch)
+        if sig.num_rows:
+            self.sigs.append(sig)
+        _add(self.timings, f"{self.segment.decide.name}_signatures", batch.num_rows, time.perf_counter() - t)
+
+    def close(self, timings: Timings) -> ShardResult | None:
+        for k, v in self.timings.items():
+            _add(timings, k, int(v["rows"]), v["seconds"])
+        if self.last:
+            stats, files = self.sink.close()
+            # the shard's timings over the whole plan: earlier segments' from their done markers
+            earlier = [(read_done(self.fs, self.root, s.index, self.shard) or {}).get("timings")
+                       for s in self.plan.segments[:-1]]
+            result = ShardResult(shard=self.shard, stats=stats, files=files, config_hash=self.plan.config_hash,
+                                 stage_versions=self.plan.stage_versions,
+                                 timings=merge_timings([*earlier, timings]), plan_hash=self.plan.plan_hash)
+            write_marker(self.fs, self.root, result)  # last: the shard is finished
+            self._drop_previous_rows()
+            return result
+        write_signatures(self.fs, self.root, self.segment.index, self.shard, self.sigs)
+        self.inter.commit()
+        write_done(self.fs, self.root, self.segment.index, self.shard,
+                   {"segment_hash": self.plan.segment_hash(self.segment.index), "rows": self.rows,
+                    "timings": timings})
+        self._drop_previous_rows()
+        return None
+
+    def _drop_previous_rows(self) -> None:
+        """The previous segment's rows of this shard are spent once this segment is done for it (the
+        runner's ``pending_work`` rebuilds them if a redo ever needs them)."""
+        if self.segment.index:
+            path = rows_path(self.root, self.segment.index - 1, self.shard)
+            if self.fs.exists(path):
+                self.fs.rm(path)
+
+    def abort(self) -> None:
+        if not self.last:
+            self.inter.abort()
+
+
+def run_shard_segment(fs, root: str, plan: Plan, segment: Segment, reader: Reader, shard: InputShard,
+                      out: OutputConfig, batch_size: int,
+                      on_batch: Callable[[int, int], None] | None = None) -> ShardResult | None:
+    """Stream one shard through one segment; returns the ShardResult (marker written) on the last segment."""
+    timings: Timings = {}
+    output = SegmentOutput(fs, root, plan, segment, shard, out, is_rereadable(reader))
+    try:
+        for batch in input_batches(fs, root, plan, reader, shard, segment.index, batch_size, timings):
+            batch = map_batch(segment, batch, timings)
+            kept_before = output.kept
+            output.write(batch)
+            if on_batch:
+                on_batch(batch.num_rows, output.kept - kept_before)
+        return output.close(timings)
+    except BaseException:
+        output.abort()
+        raise
+
+
+def is_rereadable(reader: Reader) -> bool:
+    """Whether reading the shard again gives the same rows; a reader that fetches URLs sets
+    ``rereadable = False`` and its intermediate rows then keep their image bytes."""
+    declared = getattr(reader, "rereadable", None)
+    if declared is not None:
+        return bool(declared)
+    # a source that downloads its image URLs would download them again, maybe differently
+    return not getattr(getattr(reader, "source", None), "fetch_remote", False)
+
+
+def gpu_share(stage: Any) -> float:
+    """GPU-seconds per wall second of this stage: its declared GPU share, when a GPU is in use."""
+    gpus = float(stage.resources.gpus)
+    return gpus if gpus and _cuda_available() else 0.0
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def merge_timings(parts: Iterable[dict[str, Any]]) -> Timings:
+    total: Timings = {}
+    for p in parts:
+        for k, v in (p or {}).items():
+            acc = total.setdefault(k, {"rows": 0, "seconds": 0.0, "gpu_seconds": 0.0})
+            acc["rows"] += int(v.get("rows", 0))
+            acc["seconds"] += float(v.get("seconds", 0.0))
+            acc["gpu_seconds"] += float(v.get("gpu_seconds", 0.0))
+    return total
