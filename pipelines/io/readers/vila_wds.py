@@ -6,19 +6,17 @@ recaptioned in VILA², so it stays where curation published it.
 
 from __future__ import annotations
 
-import json
 import posixpath
 from collections.abc import Iterator
 from typing import Any
 
+from vila2_curate.pipelines.io import codec  # the module: codec imports readers._common
 from vila2_curate.pipelines.io.readers._common import (
     KeyRegistry,
-    as_int,
     base_row,
     batched_tables,
     quarantine,
     short_error,
-    to_meta_json,
     to_url,
     url_to_fs,
 )
@@ -26,11 +24,9 @@ from vila2_curate.pipelines.io.readers.base import InputShard, SourceFormatError
 from vila2_curate.pipelines.io.readers.tarstream import TarTruncated, iter_members
 from vila2_curate.pipelines.io.readers.text import loads_json
 from vila2_curate.schemas.config import SourceConfig
-from vila2_curate.schemas.images import IMAGE_EXTENSIONS, VILA_IMAGE_FORMATS
 from vila2_curate.schemas.rows import PAIR_SCHEMA
 
 WIDS_META = "wids-meta.json"
-_SPECIALIST_LIST_FIELDS = ("ocr", "grounding", "spatial")
 
 
 class VilaWdsReader:
@@ -98,54 +94,11 @@ class VilaWdsReader:
     def _row(self, shard: InputShard, keys: KeyRegistry, raw_key: str, files: dict[str, bytes]) -> dict[str, Any]:
         key, source_key, duplicate = keys.claim(raw_key)
         row = base_row(shard, key, source_key)
-        try:
-            info = json.loads(files.get("json", b"{}"))
-        except ValueError as e:
-            return quarantine(row, f"json_invalid: {short_error(e)}")
-        # our own output, but a round's input may have been edited: check the shapes the row needs
-        if not isinstance(info, dict):
-            return quarantine(row, "json_invalid: not an object")
-        if not isinstance(info.get("captions") or [], list) or not all(
-                isinstance(c, dict) for c in info.get("captions") or []):
-            return quarantine(row, "json_invalid: captions")
-        if not isinstance(info.get("specialists") or {}, dict) or not isinstance(info.get("meta") or {}, dict):
-            return quarantine(row, "json_invalid: specialists/meta")
-        if not isinstance(info.get("flags") or [], list):
-            return quarantine(row, "json_invalid: flags")
-        image_ext = next((e for e in files if IMAGE_EXTENSIONS.get(e) in VILA_IMAGE_FORMATS), None)
-        if image_ext is None:
-            return quarantine(row, "missing_image")
-        row.update(
-            source_key=info.get("source_key"), url=info.get("url"), image=files[image_ext],
-            image_format=image_ext, sha256=info.get("sha256"), width=as_int(info.get("width")),
-            height=as_int(info.get("height")), text=info.get("text"),
-            captions=[_caption(c) for c in info.get("captions") or []],
-            specialists=_specialists(info.get("specialists")), clip_score=info.get("clip_score"),
-            clip_cosine=info.get("clip_cosine"), clip_model=info.get("clip_model"),
-            delta_loss=info.get("delta_loss"), logp_small=info.get("logp_small"),
-            logp_large=info.get("logp_large"), flags=list(info.get("flags") or []),
-            meta=to_meta_json(info.get("meta") or {}),
-        )
-        if info.get("phash"):
-            try:
-                row["phash"] = int(str(info["phash"]), 16)
-            except ValueError:
-                return quarantine(row, "json_invalid: phash")
+        fields, problem = codec.row_fields(files)
+        row.update(fields)
+        if problem:
+            return quarantine(row, problem)
         if duplicate:
             return quarantine(row, "duplicate_key")
         return row
 
-
-def _caption(c: dict[str, Any]) -> dict[str, Any]:
-    return {k: c.get(k) for k in ("round", "model", "prompt_id", "params_hash", "text", "created_at", "flags")}
-
-
-def _specialists(spec: dict[str, Any] | None) -> dict[str, Any] | None:
-    if not spec:
-        return None
-    out = dict(spec)
-    if isinstance(out.get("models"), dict):
-        out["models"] = json.dumps(out["models"], sort_keys=True)
-    for name in _SPECIALIST_LIST_FIELDS:
-        out.setdefault(name, None)
-    return out

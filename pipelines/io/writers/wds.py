@@ -22,16 +22,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import math
 import posixpath
 import tarfile
 from collections.abc import Callable
 from typing import Any
 
 import fsspec
-import numpy as np
 import pyarrow as pa
+from vila2_curate.pipelines.io.codec import sample_bytes
 from vila2_curate.pipelines.io.writers.atomic import (
     HashingWriter,
     OutputFile,
@@ -71,73 +69,6 @@ def check_key(key: str) -> None:
     longest = f"{key}.json".encode()  # json/webp are the longest extensions we write
     if len(longest) > MAX_NAME_BYTES:
         raise ValueError(f"sample key {key!r}: member names would exceed {MAX_NAME_BYTES} bytes")
-
-
-def _f32(x: float | None) -> float | None:
-    """Shortest decimal that round-trips the float32 (no 0.30000001192092896 noise); NaN/inf -> None."""
-    if x is None or not math.isfinite(x):
-        return None
-    return float(str(np.float32(x)))
-
-
-def _meta_dict(meta: str | None) -> dict[str, Any]:
-    if not meta:
-        return {}
-    try:
-        parsed = json.loads(meta)
-    except ValueError:
-        return {"raw": meta}
-    return parsed if isinstance(parsed, dict) else {"raw": parsed}
-
-
-def _specialists(spec: dict[str, Any] | None) -> dict[str, Any] | None:
-    if spec is None:
-        return None
-    out = dict(spec)
-    for name in ("ocr", "grounding"):
-        items = out.get(name)
-        if items:
-            out[name] = [
-                {**it, "score": _f32(it.get("score")),
-                 "box": [_f32(v) for v in it["box"]] if it.get("box") is not None else None}
-                for it in items
-            ]
-    if isinstance(out.get("models"), str):
-        with contextlib.suppress(ValueError):
-            out["models"] = json.loads(out["models"])
-    return out
-
-
-def sample_json(row: dict[str, Any], txt_source: dict[str, Any] | None) -> dict[str, Any]:
-    """The ``<key>.json`` member: url (what sidecars are keyed by), lineage, scores and source metadata."""
-    phash = row.get("phash")
-    return {
-        "url": row["url"],
-        "key": row["key"],
-        "source": row.get("source"),
-        "shard": row.get("shard"),
-        "source_key": row.get("source_key"),
-        "text": row.get("text"),
-        "txt_source": (
-            {"round": 0, "model": "original"} if txt_source is None
-            else {"round": txt_source.get("round"), "model": txt_source.get("model"),
-                  "prompt_id": txt_source.get("prompt_id"), "params_hash": txt_source.get("params_hash")}
-        ),
-        "captions": [dict(c) for c in (row.get("captions") or []) if c is not None],
-        "specialists": _specialists(row.get("specialists")),
-        "clip_score": _f32(row.get("clip_score")),
-        "clip_cosine": _f32(row.get("clip_cosine")),
-        "clip_model": row.get("clip_model"),
-        "delta_loss": _f32(row.get("delta_loss")),
-        "logp_small": _f32(row.get("logp_small")),
-        "logp_large": _f32(row.get("logp_large")),
-        "width": row.get("width"),
-        "height": row.get("height"),
-        "sha256": row.get("sha256"),
-        "phash": None if phash is None else f"{int(phash):016x}",
-        "flags": list(row.get("flags") or []),
-        "meta": _meta_dict(row.get("meta")),
-    }
 
 
 def _member_bytes(size: int) -> int:
@@ -297,9 +228,8 @@ class WdsShardWriter:
         txt, source = choose_caption_source(key, row.get("text"), captions, self.policy)
         if not txt.strip():  # publish_problem's caption rule and the policy agree; kept as a guard
             raise ValueError(f"row {key!r} has no usable caption; drop it in a stage before the writer")
-        meta = json.dumps(sample_json(row, source), sort_keys=True, ensure_ascii=False, allow_nan=False)
         return [(f"{key}.{ext}", bytes(image)), (f"{key}.txt", txt.encode("utf-8")),
-                (f"{key}.json", meta.encode("utf-8"))]
+                (f"{key}.json", sample_bytes(row, source))]
 
     def _open_part(self) -> _Part:
         parent = posixpath.dirname(join(self.root, self.prefix))
