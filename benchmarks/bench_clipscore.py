@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from _common import best_of, photo_like_jpegs, report  # noqa: E402
 from PIL import Image  # noqa: E402
+
 from vila2_curate.curation.clipscore import ClipScoreStage  # noqa: E402
 from vila2_curate.curation.models import autocast  # noqa: E402
 from vila2_curate.pipelines.demo.models import cached_demo_models  # noqa: E402

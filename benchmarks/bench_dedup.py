@@ -8,8 +8,9 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from _common import ROOT, best_of, report  # noqa: F401  (inserts the repo root into sys.path)
+from _common import best_of, report
 from datasketch import MinHash
+
 from vila2_curate.curation.dedup.minhash import minhash_signatures
 from vila2_curate.curation.dedup.phash import brute_force_pairs, hamming_pairs
 from vila2_curate.curation.dedup.stage import SIGNATURE_SCHEMA

@@ -17,7 +17,8 @@ from __future__ import annotations
 import sys
 import time
 
-from _common import ROOT, report  # noqa: F401  (inserts the repo root into sys.path)
+from _common import report
+
 from vila2_curate.pipelines.demo.dedup_eval import (
     dedup_groups,
     eval_table,

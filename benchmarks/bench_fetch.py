@@ -36,6 +36,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from _common import photo_like_jpegs, report
+
 from vila2_curate.pipelines.io.readers import make_reader
 from vila2_curate.schemas.config import FetchConfig, SourceConfig
 

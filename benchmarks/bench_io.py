@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from _common import best_of, report
+
 from vila2_curate.pipelines.io.readers.img2dataset import Img2DatasetReader
 from vila2_curate.pipelines.io.writers.wds import WdsShardWriter
 from vila2_curate.schemas.config import CaptionPolicy, SourceConfig

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import fsspec
 from _common import best_of, photo_like_jpegs, report
+
 from vila2_curate.pipelines.io.writers.mmc4 import Mmc4PklWriter, mmc4_document
 from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, make_table
 

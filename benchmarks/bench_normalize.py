@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from _common import best_of, photo_like_jpegs, report
+
 from vila2_curate.curation.normalize import NormalizeStage
 from vila2_curate.schemas.config import NormalizeConfig
 from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table

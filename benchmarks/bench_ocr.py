@@ -17,6 +17,7 @@ import os
 
 from _common import best_of, report
 from PIL import Image, ImageDraw, ImageFont
+
 from vila2_curate.schemas.config import ModelRuntime, OcrConfig
 from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table
 from vila2_curate.specialists.ocr import DET_LIMIT_SIDE_LEN, DET_LIMIT_TYPE, OcrStage

@@ -13,6 +13,7 @@ import os
 import time
 
 from _common import photo_like_jpegs, report
+
 from vila2_curate.curation.normalize import NormalizeStage
 from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table
 

@@ -44,6 +44,7 @@ def main() -> None:
 
     import torch
     from transformers.utils import logging as hf_logging
+
     from vila2_curate.pipelines.demo.vlm import build_demo_vlm
     from vila2_curate.recaption.backends.transformers_vlm import TransformersCaptioner
     from vila2_curate.recaption.runtime import load_image

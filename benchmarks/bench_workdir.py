@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 
 from _common import ROOT, report
+
 from vila2_curate.pipelines.demo.models import build_demo_models
 from vila2_curate.pipelines.demo.sample import write_sample
 from vila2_curate.pipelines.executors.local import run_local

@@ -32,6 +32,7 @@ import math
 from typing import Any
 
 import pyarrow as pa
+
 from vila2_curate.curation import cutoffs
 from vila2_curate.curation.cutoffs import require_datasketches
 from vila2_curate.schemas.config import ClipFilterConfig

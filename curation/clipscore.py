@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+
 from vila2_curate.curation.models import autocast, identity_tag, load_open_clip, resolve_device, resolve_dtype
 from vila2_curate.schemas.captions import CLIPSCORE_CAPTION, judged_texts
 from vila2_curate.schemas.config import ClipScoreConfig

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from vila2_curate.schemas.rows import DECISION_SCHEMA
 from vila2_curate.schemas.stage import PARTITION_COL, SHARD_COL
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import pyarrow as pa
+
 from vila2_curate.schemas.documents import NO_USABLE_IMAGES, has_kept_image
 from vila2_curate.schemas.table_ops import replace_columns
 

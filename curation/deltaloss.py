@@ -24,6 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 import torch
+
 from vila2_curate.curation import cutoffs
 from vila2_curate.curation.models import load_causal_lm, resolve_device, resolve_dtype
 from vila2_curate.schemas.captions import TEXT_DELTALOSS_CAPTION, judged_texts

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+
 from vila2_curate.schemas.config import ModelRuntime
 from vila2_curate.schemas.demo_model import is_demo_model
 

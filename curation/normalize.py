@@ -14,6 +14,7 @@ import warnings
 import imagehash
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
+
 from vila2_curate.schemas.config import NormalizeConfig
 from vila2_curate.schemas.documents import NO_USABLE_IMAGES, has_kept_image
 from vila2_curate.schemas.images import DRAFTABLE_PIL_FORMATS, FORMAT_OF_PIL, undecodable_reason

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
+
 from vila2_curate.schemas.config import CaptionHygieneConfig
 from vila2_curate.schemas.run_metrics import add_metrics
 from vila2_curate.schemas.stage import Resources, StageBase

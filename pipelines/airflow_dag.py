@@ -143,6 +143,7 @@ def publish(out_dir: str, round_: int, run_id: str, cli: str = "vila2-curate", o
     marker never vouches for output that no longer validates. Returns the marker's path.
     """
     import fsspec
+
     from vila2_curate.pipelines.io.writers.atomic import join, write_json_atomic
 
     out_dir = out_dir.replace("{round}", str(round_))

@@ -22,6 +22,7 @@ from typing import IO, Any
 import fsspec
 import numpy as np
 from PIL import Image
+
 from vila2_curate.pipelines.io.writers.atomic import is_temp_name, read_parquet
 from vila2_curate.pipelines.io.writers.mmc4 import VILA_MAX_IMAGES_PER_DOC
 from vila2_curate.pipelines.io.writers.records import MANIFEST, WIDS_KIND, WIDS_META, WIDS_VERSION

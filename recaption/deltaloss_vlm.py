@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import pyarrow as pa
+
 from vila2_curate.recaption.backends.transformers_vlm import TransformersCaptioner
 from vila2_curate.recaption.runtime import load_image
 from vila2_curate.schemas.captions import VLM_DELTALOSS_CAPTION, judged_texts

@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
+
 from vila2_curate.recaption.backends import make_captioner
 from vila2_curate.recaption.postprocess import HYGIENE_FLAG, clean_caption
 from vila2_curate.recaption.prompts import PromptSet, load_prompt_set

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from vila2_curate.schemas.registry import config_classes, on_register, register_stage
 
 

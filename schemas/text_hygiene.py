@@ -43,6 +43,7 @@ from typing import NamedTuple
 import ftfy
 import ftfy.badness
 from ftfy import TextFixerConfig
+
 from vila2_curate.schemas.config import CaptionHygieneConfig
 
 # Change kinds, in the order the steps run.

@@ -15,6 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 from PIL import Image, ImageOps
+
 from vila2_curate.schemas.captions import SPECIALISTS_CAPTION
 from vila2_curate.schemas.images import UndecodableImage, decoding, open_image
 from vila2_curate.schemas.table_ops import replace_columns

@@ -16,6 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 from PIL import Image
+
 from vila2_curate.schemas.config import GroundingConfig
 from vila2_curate.schemas.demo_model import is_demo_model
 from vila2_curate.schemas.stage import Resources, StageBase

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from PIL import Image
+
 from vila2_curate.schemas.config import OcrConfig
 from vila2_curate.schemas.stage import Resources, StageBase
 from vila2_curate.specialists._common import (

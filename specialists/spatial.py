@@ -13,6 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 from PIL import Image
+
 from vila2_curate.schemas.config import SpatialConfig
 from vila2_curate.schemas.stage import Resources, StageBase
 from vila2_curate.specialists._common import SampleError, SpecialistRows, decode_image, with_vlm_text

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from PIL import Image
+
 from vila2_curate.schemas.config import CaptionerConfig
 
 

@@ -88,6 +88,7 @@ def tiny_valid_output(tmp: Path, out: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
+
     from vila2_curate.pipelines.executors.local import run_local
     from vila2_curate.schemas.config import load_config
 

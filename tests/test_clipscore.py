@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
+
 from vila2_curate.curation.clip_filter import SIGNATURE_SCHEMA, ClipFilterStage
 from vila2_curate.curation.clipscore import ClipScoreStage
 from vila2_curate.curation.decisions import apply_decisions, index_decisions

@@ -13,6 +13,7 @@ from typing import Any
 
 import fsspec
 import pytest
+
 from vila2_curate.pipelines.io import codec
 from vila2_curate.pipelines.io.readers import make_reader
 from vila2_curate.pipelines.io.writers.wds import WdsShardWriter

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+
 from vila2_curate.schemas.config import ConfigError, load_config, parse_config
 
 

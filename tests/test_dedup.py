@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
+
 from vila2_curate.curation.decisions import apply_decisions, index_decisions
 from vila2_curate.curation.dedup import DedupStage, summarize
 from vila2_curate.curation.dedup.minhash import minhash_signatures, near_duplicate_pairs

@@ -13,6 +13,7 @@ import random
 import pyarrow as pa
 import pytest
 import torch
+
 from vila2_curate.curation.deltaloss import DeltaLossScoreStage, DeltaLossTopKStage
 from vila2_curate.pipelines.demo.models import cached_demo_models
 from vila2_curate.schemas.config import DeltaLossConfig, ModelRuntime

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from vila2_curate.curation.models import (
     identity_tag,
     load_causal_lm,

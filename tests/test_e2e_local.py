@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq  # noqa: F401
 import pytest
 from conftest import ROOT, output_files, write_config
+
 from vila2_curate.pipelines.cli import main as cli_main
 from vila2_curate.pipelines.executors.local import run_local
 from vila2_curate.pipelines.validate import read_vila_samples, validate_output

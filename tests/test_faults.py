@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, output_files, write_config
 from fsspec.implementations.local import LocalFileSystem
+
 from vila2_curate.pipelines.cli import main as cli_main
 from vila2_curate.pipelines.validate import read_vila_samples, validate_output
 from vila2_curate.schemas.stage import Resources

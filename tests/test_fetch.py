@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from loopback_http import LoopbackServer
 from PIL import Image
+
 from vila2_curate.pipelines.executors.local import run_local
 from vila2_curate.pipelines.io.readers import SourceFormatError, make_reader
 from vila2_curate.pipelines.io.readers.fetch import (

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
 from vila2_curate.pipelines.io.readers import make_reader
 from vila2_curate.pipelines.io.readers.base import SourceFormatError
 from vila2_curate.schemas.config import SourceConfig, parse_config

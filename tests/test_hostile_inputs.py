@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
+
 from vila2_curate.pipelines.io.readers import SourceFormatError, make_reader
 from vila2_curate.schemas.config import SourceConfig
 

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
 from vila2_curate.curation.decisions import index_decisions
 from vila2_curate.curation.dedup import DedupStage
 from vila2_curate.curation.dedup.keeper import keeper_sort_key

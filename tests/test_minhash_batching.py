@@ -4,6 +4,7 @@ the value a one-text-at-a-time computation gives, including texts that fill or s
 from __future__ import annotations
 
 import numpy as np
+
 from vila2_curate.curation.dedup import minhash
 
 

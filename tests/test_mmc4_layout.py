@@ -15,13 +15,13 @@ import fsspec
 import pytest
 import yaml
 from conftest import write_config
+
+from tests.test_writers import doc_row
 from vila2_curate.pipelines.executors.local import run_local
 from vila2_curate.pipelines.io.writers.mmc4 import Mmc4PklWriter, first_part
 from vila2_curate.pipelines.validate import check_output
 from vila2_curate.schemas.config import load_config
 from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, make_table
-
-from tests.test_writers import doc_row
 
 FS = fsspec.filesystem("file")
 

@@ -10,6 +10,7 @@ import imagehash
 import numpy as np
 import pytest
 from PIL import Image
+
 from vila2_curate.curation.normalize import NormalizeStage, phash_u64
 from vila2_curate.schemas.config import NormalizeConfig
 from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
 from vila2_curate.schemas.captions import (
     CLIPSCORE_CAPTION,
     SPECIALISTS_CAPTION,

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
 from vila2_curate.pipelines.io.readers import (
     CoyoParquetReader,
     Img2DatasetReader,

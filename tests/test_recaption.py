@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from PIL import Image
+
 from vila2_curate.pipelines.demo.vlm import build_demo_vlm
 from vila2_curate.recaption.backends import CaptionerUnavailable, RemoteCodeRequired
 from vila2_curate.recaption.backends.openai_client import OpenAICaptioner
@@ -407,6 +408,7 @@ def test_openai_client_bounds_concurrency() -> None:
 def test_vlm_deltaloss_matches_hand_computation(demo_vlm: Path, tmp_path: Path) -> None:
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
     from vila2_curate.recaption.deltaloss_vlm import SCORING_PROMPT, VlmDeltaLossScoreStage
 
     large = build_demo_vlm(tmp_path / "large", seed=1)

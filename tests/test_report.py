@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import write_config
+
 from vila2_curate.pipelines.executors.local import run_local
 from vila2_curate.pipelines.report import write_report
 from vila2_curate.schemas.config import load_config

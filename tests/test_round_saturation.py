@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import write_config, write_round_config
+
 from vila2_curate.curation.clipscore import ClipScoreStage
 from vila2_curate.pipelines.executors.local import run_local
 from vila2_curate.pipelines.report import render_report

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, output_files, write_config, write_round_config
+
 from vila2_curate.pipelines.executors.local import run_local
 from vila2_curate.pipelines.validate import read_vila_samples, validate_output
 from vila2_curate.schemas.config import load_config

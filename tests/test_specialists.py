@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw, ImageFont
+
 from vila2_curate.schemas.config import GroundingConfig, OcrConfig, SpatialConfig
 from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table
 from vila2_curate.specialists import geometry as g

@@ -7,6 +7,7 @@ import io
 import tarfile
 
 import pytest
+
 from vila2_curate.pipelines.io.readers.tarstream import TarTruncated, iter_members
 
 

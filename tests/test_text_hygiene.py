@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from conftest import write_config
+
 from vila2_curate.curation.text_hygiene import EMPTY_AFTER, EMPTY_INPUT, CaptionHygieneStage
 from vila2_curate.pipelines.engine.plan import build_plan
 from vila2_curate.pipelines.executors.local import run_local
@@ -171,6 +172,7 @@ def test_ascii_fast_path_skips_only_what_ftfy_would_not_change(truth: dict):
     """clean_caption skips ftfy for ASCII text without '&' or ESC; on every caption of the sample (and
     a few ASCII edge cases) ftfy with the same settings indeed changes nothing there."""
     import ftfy
+
     from vila2_curate.schemas.text_hygiene import _FTFY
 
     cfg = _FTFY._replace(explain=False)
@@ -199,6 +201,7 @@ def test_recaption_stage_cleans_what_the_model_emits(sample_dir: Path):
     """A VLM (here an OpenAI-compatible loopback server) answering with NUL, an image token and U+FFFD: the
     caption record holds the clean text, flags say what was removed, stats get recaption_hygiene counts."""
     from test_recaption import _ok, _Server
+
     from vila2_curate.recaption.stage import RecaptionStage
     from vila2_curate.schemas.config import RecaptionConfig
 

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import output_files, write_config
+
 from vila2_curate.pipelines.executors.local import run_local
 from vila2_curate.schemas.config import _Strict, load_config
 from vila2_curate.schemas.registry import register_stage

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
 from vila2_curate.pipelines.executors.local import run_local
 from vila2_curate.pipelines.io.readers import make_reader
 from vila2_curate.pipelines.io.readers.refs import ImageRoot, UnsafeRef

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import fsspec
 import pytest
+
+from tests.test_writers import doc_row, image_bytes, pair_row
 from vila2_curate.pipelines.cli import main as cli_main
 from vila2_curate.pipelines.io.writers.atomic import OutputFile, write_json_atomic
 from vila2_curate.pipelines.io.writers.mmc4 import Mmc4PklWriter
@@ -33,8 +35,6 @@ from vila2_curate.pipelines.validate import (
 from vila2_curate.schemas.config import CaptionPolicy
 from vila2_curate.schemas.records import ShardStats, merge_stats
 from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA, make_table
-
-from tests.test_writers import doc_row, image_bytes, pair_row
 
 FS = fsspec.filesystem("file")
 
@@ -341,6 +341,7 @@ def quickstart(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     its coyo_bytes source that writes caption and specialist sidecars: a valid output to corrupt."""
     import yaml
     from conftest import write_config
+
     from vila2_curate.pipelines.executors.local import run_local
     from vila2_curate.schemas.config import load_config
 

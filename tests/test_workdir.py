@@ -6,6 +6,7 @@ import json
 
 import pyarrow as pa
 import pytest
+
 from vila2_curate.pipelines.engine.workdir import (
     InputChangedError,
     rejoin_input,

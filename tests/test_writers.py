@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
 from vila2_curate.pipelines.io.writers.atomic import atomic_open, is_temp_name, write_json_atomic
 from vila2_curate.pipelines.io.writers.mmc4 import Mmc4PklWriter, mark_imageless
 from vila2_curate.pipelines.io.writers.records import (

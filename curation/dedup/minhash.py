@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from datasketch import LeanMinHash
 from datasketch.lsh import _optimal_param
+
 from vila2_curate.curation.dedup.exact import equal_key_pairs
 
 EMPTY = np.uint32(0xFFFFFFFF)  # signature value of a text without words (never matched)

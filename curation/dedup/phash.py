@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
+
 from vila2_curate.curation.dedup.exact import equal_key_pairs
 
 FLAT_MAX_ITEMS = 20_000

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 import pyarrow as pa
+
 from vila2_curate.schemas.stage import Stage
 from vila2_curate.schemas.table_ops import replace_columns
 

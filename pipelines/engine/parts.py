@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from vila2_curate.pipelines.engine.plan import Plan
 from vila2_curate.pipelines.engine.progress import ShardResult
 from vila2_curate.pipelines.engine.runner import WorkItem

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
+
 from vila2_curate.curation.decisions import apply_decisions, index_decisions
 from vila2_curate.pipelines.engine.guard import apply_guarded
 from vila2_curate.pipelines.engine.plan import Plan, Segment

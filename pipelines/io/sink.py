@@ -9,6 +9,7 @@ from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from vila2_curate.pipelines.io.readers.base import InputShard
 from vila2_curate.pipelines.io.writers.atomic import OutputFile
 from vila2_curate.pipelines.io.writers.mmc4 import Mmc4PklWriter, mark_imageless

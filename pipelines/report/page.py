@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from importlib.resources import files
 
 import fsspec
+
 from vila2_curate.pipelines.io.writers.atomic import write_bytes_atomic
 from vila2_curate.pipelines.report import sections
 from vila2_curate.pipelines.report.markup import esc

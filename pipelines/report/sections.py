@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
+
 from vila2_curate.pipelines.report.markup import esc, figure, fmt, table
 from vila2_curate.pipelines.report.plots import Plots, style
 from vila2_curate.pipelines.report.scan import Acc, Item, Root, clip_hists_from_work

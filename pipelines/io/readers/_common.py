@@ -17,6 +17,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 from fsspec.spec import AbstractFileSystem
+
 from vila2_curate.pipelines.io.readers.base import InputShard, SourceFormatError
 from vila2_curate.pipelines.io.readers.text import scrub_row
 from vila2_curate.schemas.config import SourceConfig

@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from vila2_curate.pipelines.io.readers._common import (
     READ_STAGE,
     KeyRegistry,

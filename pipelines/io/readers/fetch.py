@@ -48,6 +48,7 @@ from urllib3.exceptions import (
     ReadTimeoutError,
 )
 from urllib3.util import connection as _connection
+
 from vila2_curate.schemas.config import FetchConfig
 
 SUCCESS = "success"

@@ -32,6 +32,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 from fsspec.spec import AbstractFileSystem
+
 from vila2_curate.pipelines.io.readers._common import (
     READ_STAGE,
     KeyRegistry,

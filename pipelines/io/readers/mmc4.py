@@ -21,6 +21,7 @@ from typing import Any
 
 import fsspec
 from fsspec.spec import AbstractFileSystem
+
 from vila2_curate.pipelines.io.readers._common import (
     READ_STAGE,
     KeyRegistry,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
 from fsspec.spec import AbstractFileSystem
+
 from vila2_curate.pipelines.io.readers.base import SourceFormatError
 from vila2_curate.schemas.config import SourceConfig
 

@@ -36,6 +36,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from vila2_curate.pipelines.io.writers.atomic import (
     HashingWriter,
     OutputFile,

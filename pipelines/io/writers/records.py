@@ -13,6 +13,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from vila2_curate.pipelines.io.writers.atomic import OutputFile, join, write_json_atomic, write_parquet_atomic
 from vila2_curate.schemas.records import MANIFEST_SCHEMA, REJECTS_SCHEMA
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import fsspec
 import pyarrow as pa
+
 from vila2_curate.pipelines.io.codec import sample_bytes
 from vila2_curate.pipelines.io.writers.atomic import (
     HashingWriter,
