@@ -6,8 +6,9 @@ stream batch by batch). For each stage this runs, on the same synthetic signatur
 * single: one process generates every shard's signatures and calls ``decide_local`` (the reference);
 * partitioned: the steps of ``schemas.stage.PartitionedDecide`` as an engine runs them, each task in its
   own fresh process (a pool of ``--workers``, one task per process): per shard sample (dedup), one fit,
-  per shard partition (written per partition), per partition ``decide_partition``, one ``combine``, per
-  shard ``shard_decisions``.
+  per shard partition (written per partition), per partition ``decide_partition``, (dedup: pending pHash
+  candidates split off in one process, then per shard a's payload attached, per shard b's attached and
+  confirmed: ``ConfirmsPending``), one ``combine``, per shard ``shard_decisions``.
 
 Memory is each process's own peak RSS (VmHWM); ``largest_process_peak_mib`` is the largest over every
 process of the mode (driver included); ``process_baseline_mib`` is a task process that only imports and
@@ -273,10 +274,65 @@ def t_decide_partition(stage_name: str, p: int, work: str) -> dict[str, Any]:
     return {"decide_s": time.process_time() - t, "rows": rows.num_rows}
 
 
+def t_split_pending(stage_name: str, shards: int, work: str) -> dict[str, Any]:
+    """Step 2b-a (ConfirmsPending), the driver's part: holds the edges only, writes pending ones per a-shard."""
+    from vila2_curate.pipelines.engine.aggregate import split_by_column
+    from vila2_curate.schemas.stage import SHARD_COL
+
+    stage = _load_stage(stage_name, work)
+    t = time.process_time()
+    pending = []
+    for f in sorted(Path(f"{work}/partials").glob("*.parquet")):
+        ready, q = stage.split_pending(pq.read_table(f))
+        pq.write_table(ready, f"{work}/ready/{f.name}")
+        if q.num_rows:
+            pending.append(q)
+    index = {shard_name(s): s for s in range(shards)}
+    edges = pa.concat_tables(pending) if pending else None
+    n = edges.num_rows if edges is not None else 0
+    for name, part in split_by_column(edges, f"a_{SHARD_COL}") if edges is not None else []:
+        pq.write_table(part, f"{work}/pending/a{index[name]:05d}.parquet")
+    return {"decide_s": time.process_time() - t, "pending_edges": n}
+
+
+def t_attach_a(stage_name: str, n: int, shard_rows: int, s: int, seed: int, work: str) -> dict[str, Any]:
+    """Step 2b-b on shard s: a's payload attached, routed per b-shard."""
+    from vila2_curate.pipelines.engine.aggregate import split_by_column, with_shard
+    from vila2_curate.schemas.stage import SHARD_COL
+
+    path = Path(f"{work}/pending/a{s:05d}.parquet")
+    if not path.exists():
+        return {"decide_s": 0.0}
+    sig = with_shard(signatures(stage_name, n, shard_rows, s, seed), shard_name(s))
+    stage = _load_stage(stage_name, work)
+    t = time.process_time()
+    half = stage.attach_pending(pq.read_table(path), sig, "a")
+    index = {shard_name(x): x for x in range(-(-n // shard_rows))}
+    for name, part in split_by_column(half, f"b_{SHARD_COL}"):
+        pq.write_table(part, f"{work}/pending/a{s:05d}.b{index[name]:05d}.parquet")
+    return {"decide_s": time.process_time() - t}
+
+
+def t_confirm_b(stage_name: str, n: int, shard_rows: int, s: int, seed: int, work: str) -> dict[str, Any]:
+    """Step 2b-c on shard s: b's payload attached, candidates confirmed."""
+    from vila2_curate.pipelines.engine.aggregate import with_shard
+
+    files = sorted(Path(f"{work}/pending").glob(f"a*.b{s:05d}.parquet"))
+    if not files:
+        return {"decide_s": 0.0}
+    sig = with_shard(signatures(stage_name, n, shard_rows, s, seed), shard_name(s))
+    stage = _load_stage(stage_name, work)
+    t = time.process_time()
+    half = pa.concat_tables([pq.read_table(f) for f in files])
+    pq.write_table(stage.confirm_pending(stage.attach_pending(half, sig, "b")), f"{work}/ready/confirmed{s:05d}.parquet")
+    return {"decide_s": time.process_time() - t}
+
+
 def t_combine(stage_name: str, work: str) -> dict[str, Any]:
     stage = _load_stage(stage_name, work)
     t = time.process_time()
-    partials = [pq.read_table(f) for f in sorted(Path(f"{work}/partials").glob("*.parquet"))]
+    folder = "ready" if Path(f"{work}/ready").exists() else "partials"
+    partials = [pq.read_table(f) for f in sorted(Path(f"{work}/{folder}").glob("*.parquet"))]
     combined = stage.combine(partials)
     pq.write_table(combined, f"{work}/combined.parquet")
     return {"decide_s": time.process_time() - t, "edges_or_partials": sum(p.num_rows for p in partials),
@@ -336,6 +392,8 @@ def run_partitioned(stage_name: str, n: int, shard_rows: int, shards: int, parti
         os.makedirs(f"{work}/{d}", exist_ok=True)
     t0 = time.perf_counter()
     steps: dict[str, list[dict[str, Any]]] = {}
+    from vila2_curate.schemas.stage import ConfirmsPending
+
     stage = make_stage(stage_name)
     if hasattr(stage, "fit"):
         steps["sample"] = _pool_run(workers, [(t_sample, (stage_name, n, shard_rows, s, seed, work))
@@ -345,6 +403,14 @@ def run_partitioned(stage_name: str, n: int, shard_rows: int, shards: int, parti
                                              for s in range(shards)])
     steps["decide_partition"] = _pool_run(workers, [(t_decide_partition, (stage_name, p, work))
                                                     for p in range(partitions)])
+    if isinstance(stage, ConfirmsPending):
+        for d in ("ready", "pending"):
+            os.makedirs(f"{work}/{d}", exist_ok=True)
+        steps["split_pending"] = _pool_run(1, [(t_split_pending, (stage_name, shards, work))])
+        steps["attach_a"] = _pool_run(workers, [(t_attach_a, (stage_name, n, shard_rows, s, seed, work))
+                                                for s in range(shards)])
+        steps["confirm_b"] = _pool_run(workers, [(t_confirm_b, (stage_name, n, shard_rows, s, seed, work))
+                                                 for s in range(shards)])
     steps["combine"] = _pool_run(1, [(t_combine, (stage_name, work))])
     steps["shard_decisions"] = _pool_run(workers, [(t_shard_decisions, (stage_name, n, shard_rows, s, seed, work))
                                                    for s in range(shards)])
@@ -360,7 +426,8 @@ def run_partitioned(stage_name: str, n: int, shard_rows: int, shards: int, parti
             "decide_s": round(decide_s, 2), "us_per_row": round(1e6 * decide_s / n, 2), "wall_s": round(wall, 1),
             "largest_partition_rows": max(r.get("rows", 0) for r in parts),
             "shuffle_mib": round(sum(r["shuffle_bytes"] for r in steps["partition"]) / 2**20, 1),
-            "combine_input_rows": steps["combine"][0]["edges_or_partials"]}
+            "combine_input_rows": steps["combine"][0]["edges_or_partials"],
+            **({"pending_edges": steps["split_pending"][0]["pending_edges"]} if "split_pending" in steps else {})}
 
 
 def _sorted_decisions(table: pa.Table) -> pa.Table:

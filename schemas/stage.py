@@ -144,8 +144,9 @@ class PartitionedDecide(Protocol):
        ``partition`` value must reach the same group, normally ``partition % P`` for P groups:
        ``decide_partition`` accepts any union of whole ``partition`` values.
     2. per partition (in parallel; memory bounded by the partition's size): ``decide_partition(rows)``
-       returns partial results (dedup: confirmed edges carrying what the keeper rule needs of both
-       endpoints and their ``shard``; cut-offs: a serialized mergeable sketch per subset).
+       returns partial results (dedup: edges carrying what the keeper rule needs of both endpoints and
+       their ``shard``; cut-offs: a serialized mergeable sketch per subset). Some edges may be pending
+       (dedup's pHash candidates): then step 2b (``ConfirmsPending``) runs before step 3.
     3. once (one process, holding only partial results: edges and group members, one sketch per
        subset; never all rows): ``combine(partials)`` returns the combined result. When it has a
        ``shard`` column (dedup: one decision row per group member), the engine hands each shard only
@@ -170,3 +171,28 @@ class FitsOnSample(Protocol):
     def sample(self, signatures: pa.Table) -> pa.Table: ...
 
     def fit(self, samples: Iterable[pa.Table]) -> None: ...
+
+
+@runtime_checkable
+class ConfirmsPending(Protocol):
+    """Optional step 2b of ``PartitionedDecide``: confirm candidate edges whose test needs a payload the
+    partition rows do not carry (dedup: pHash band rows hold no thumbnail or embedding, since each item
+    goes to k+1 bands). Each pending edge names its endpoints' input shards (``a_shard``, ``b_shard``).
+
+    The engine (``pipelines.engine.runner.confirm_pending``; in one process
+    ``pipelines.engine.aggregate.confirm_pending_local``):
+
+    a. ``split_pending(partial)`` -> (ready, pending) for every step-2 result; one process holds the
+       pending edges only (as ``combine`` holds edges) and routes them by ``a_shard``.
+    b. per input shard s: ``attach_pending(edges with a_shard == s, s's signatures, "a")``, routed on by
+       ``b_shard`` (stored under the segment's work folder).
+    c. per input shard t: ``confirm_pending(attach_pending(edges with b_shard == t, t's signatures, "b"))``
+       returns confirmed edges, which go to ``combine`` with the ready ones. Memory per task: one shard's
+       signatures and the pending edges that touch it.
+    """
+
+    def split_pending(self, partial: pa.Table) -> tuple[pa.Table, pa.Table]: ...
+
+    def attach_pending(self, pending: pa.Table, signatures: pa.Table, end: str) -> pa.Table: ...
+
+    def confirm_pending(self, attached: pa.Table) -> pa.Table: ...

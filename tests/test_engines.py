@@ -180,3 +180,52 @@ def test_beam_engine_matches_local(local_out: Path, sample_dir: Path, tmp_path: 
     _assert_same_result(tmp_path / "out", local_out)
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["total"]["rows_in"] == 151
     assert len(list((tmp_path / "out" / "_work").glob("seg*/decided.json"))) == 4
+
+
+@pytest.mark.parametrize("engine", ["local", "ray", "beam"])
+def test_runner_confirms_pending_phash_edges_per_shard(engine: str, tmp_path: Path, request):
+    """The runner's step 2b (schemas.stage.ConfirmsPending) on real signature files: pending pHash
+    candidates across input shards are confirmed with each endpoint's payload read from its own shard
+    (``per_shard`` of each engine), giving the single-process decisions; the pending files are removed."""
+    import fsspec
+    import pyarrow as pa
+    from test_partitioned import _sorted, cross_shard_near_duplicates
+    from vila2_curate.curation.dedup.stage import DedupStage
+    from vila2_curate.pipelines.engine.aggregate import split_by_partition
+    from vila2_curate.pipelines.engine.runner import (
+        RunContext,
+        WorkItem,
+        confirm_pending,
+        shard_label,
+        with_shard,
+    )
+    from vila2_curate.pipelines.engine.workdir import pending_dir, write_signatures
+    from vila2_curate.pipelines.executors.local import LocalEngine
+    from vila2_curate.pipelines.io.readers.base import InputShard
+    from vila2_curate.schemas.config import DedupConfig
+
+    if engine == "ray":
+        request.getfixturevalue("ray_cluster")
+        from vila2_curate.pipelines.executors.ray_data import RayEngine as Engine
+    elif engine == "beam":
+        pytest.importorskip("apache_beam")
+        from vila2_curate.pipelines.executors.beam import BeamEngine as Engine
+    fs, root = fsspec.filesystem("file"), str(tmp_path)
+    shards = cross_shard_near_duplicates()
+    items = [WorkItem(i, None, InputShard("web", name.split("/")[1], f"in/{i}", "coyo_parquet", "pair"))
+             for i, (name, _) in enumerate(shards)]
+    for it, (name, sig) in zip(items, shards, strict=True):
+        assert shard_label(it.shard) == name
+        write_signatures(fs, root, 0, it.shard, [sig])
+    for confirm in ("thumbnail", "clip"):
+        cfg = DedupConfig(methods=["phash"], phash_confirm=confirm, thumbnail_neighbours=0)
+        reference = _sorted(DedupStage(cfg).decide(pa.concat_tables([s for _, s in shards])))
+        stage = DedupStage(cfg)
+        rows = pa.concat_tables([stage.partition(with_shard(s, it.shard))
+                                 for it, (_, s) in zip(items, shards, strict=True)])
+        partials = [stage.decide_partition(r) for _, r in split_by_partition(rows, 3)]
+        ctx = RunContext(fs, root, None, None, items)
+        runner_engine = LocalEngine(progress=False) if engine == "local" else Engine()
+        confirmed = confirm_pending(runner_engine, ctx, 0, stage, partials)
+        assert not fs.exists(pending_dir(root, 0))
+        assert _sorted(stage.combine(confirmed)) == reference, confirm

@@ -236,3 +236,88 @@ def test_sketch_cutoffs_within_the_stated_rank_error(index: int) -> None:
         assert abs(want.get(g, 0) - have.get(g, 0)) <= max(2, 2 * rank_error() * n), g
     summary = stage.summarize(got, sig)
     assert summary["method"] == "sketch" and 0 < summary["normalized_rank_error"] < 0.02
+
+
+# ---- pending pHash candidates (schemas.stage.ConfirmsPending) -----------------------------------------------
+def cross_shard_near_duplicates(n: int = 240, seed: int = 7, dim: int = 16) -> list[tuple[str, pa.Table]]:
+    """Three input shards: originals in the first, near copies (3 pHash bits, thumbnail and embedding
+    noise) and look-alikes (pHash within 2 bits, another picture and another embedding: confirmation must
+    reject them) in the others. Every third copy has no embedding (``clip`` falls back to thumbnails)."""
+    rng = np.random.default_rng(seed)
+    phash = rng.integers(0, 2**63, size=n, dtype=np.uint64)
+    thumbs = rng.integers(0, 256, size=(n, THUMB_BYTES), dtype=np.uint8)
+    emb = rng.normal(size=(n, dim))
+    rows: list[list[dict]] = [[], [], []]
+
+    def flip(h: np.uint64, bits: int) -> int:
+        for b in rng.choice(64, size=bits, replace=False):
+            h ^= np.uint64(1) << np.uint64(b)
+        return int(h)
+
+    def row(i: int, key: str, ph: int, th: np.ndarray, e: np.ndarray | None) -> dict:
+        return {"source": "web", "key": key, "image_index": -1, "kind": "pair", "sha256": f"{key}-sha",
+                "phash": ph, "thumb": bytes(th.astype(np.uint8)),
+                "embedding": None if e is None else list((e / np.linalg.norm(e)).astype(np.float32)),
+                "clip_score": float(rng.random()), "publishable": True, "pixels": int(rng.integers(1, 4)) * 10000}
+
+    for i in range(n):
+        rows[0].append(row(i, f"o{i:04d}", int(phash[i]), thumbs[i], emb[i]))
+        if i % 2 == 0:  # near copy
+            noisy = np.clip(thumbs[i].astype(int) + rng.integers(-3, 4, THUMB_BYTES), 0, 255)
+            e = None if i % 3 == 0 else emb[i] + 0.02 * rng.normal(size=dim)
+            rows[1 + (i // 2) % 2].append(row(i, f"n{i:04d}", flip(phash[i], 3), noisy, e))
+        elif i % 4 == 1:  # look-alike: close pHash, different picture
+            other = rng.integers(0, 256, THUMB_BYTES)
+            rows[1 + (i // 4) % 2].append(row(i, f"l{i:04d}", flip(phash[i], 2), other, rng.normal(size=dim)))
+    return [(f"web/{s:05d}", pa.Table.from_pylist(r, schema=SIGNATURE_SCHEMA)) for s, r in enumerate(rows)]
+
+
+@pytest.mark.parametrize("confirm", ["thumbnail", "clip"])
+def test_phash_band_rows_carry_no_payload(confirm: str) -> None:
+    """pHash band rows (k+1 per item) carry no thumbnail and no embedding; the one-row-per-item
+    thumbnail-neighbour task keeps its thumbnails."""
+    from vila2_curate.pipelines.engine.aggregate import fit_sample, with_shard
+
+    name, sig = cross_shard_near_duplicates()[0]
+    stage = DedupStage(DedupConfig(methods=["exact", "phash"], phash_confirm=confirm))
+    sig = with_shard(sig, name)
+    fit_sample(stage, [sig])
+    rows = stage.partition(sig)
+    band = rows.filter(pc.equal(rows.column("task"), "phash"))
+    assert band.num_rows == (stage.cfg.phash_max_distance + 1) * sig.num_rows
+    assert band.column("thumb").null_count == band.num_rows
+    assert band.column("embedding").null_count == band.num_rows
+    thumb = rows.filter(pc.equal(rows.column("task"), "thumb"))
+    assert thumb.num_rows == sig.num_rows and thumb.column("thumb").null_count == 0
+
+
+@pytest.mark.parametrize("confirm", ["thumbnail", "clip"])
+def test_pending_candidates_across_shards_give_the_reference_decisions(confirm: str) -> None:
+    """Candidates whose endpoints sit in different input shards are confirmed after attaching each
+    endpoint's payload from its own shard: the reference's decisions, look-alikes rejected."""
+    from vila2_curate.pipelines.engine.aggregate import fit_sample, split_by_partition, with_shard
+    from vila2_curate.schemas.stage import ConfirmsPending
+
+    shards = cross_shard_near_duplicates()
+    cfg = DedupConfig(methods=["phash"], phash_confirm=confirm, thumbnail_neighbours=0)
+    everything = pa.concat_tables([s for _, s in shards])
+    reference = _sorted(DedupStage(cfg).decide(everything))
+    grouped = {r["key"] for r in reference}
+    assert any(k.startswith("n") for k in grouped)  # near copies found
+    assert not any(k.startswith("l") for k in grouped)  # look-alikes rejected by the confirmation
+    unconfirmed = _sorted(DedupStage(cfg.model_copy(update={"phash_confirm": "none"})).decide(everything))
+    assert any(r["key"].startswith("l") for r in unconfirmed)  # ... which pHash alone would have merged
+
+    stage = DedupStage(cfg)
+    assert isinstance(stage, ConfirmsPending)
+    tagged = [(n, with_shard(s, n)) for n, s in shards]
+    fit_sample(stage, (t for _, t in tagged))
+    rows = pa.concat_tables([stage.partition(t) for _, t in tagged])
+    partials = [stage.decide_partition(r) for _, r in split_by_partition(rows, 4)]
+    pending = pa.concat_tables([stage.split_pending(p)[1] for p in partials])
+    assert pending.num_rows and pc.any(pc.not_equal(pending.column("a_shard"), pending.column("b_shard"))).as_py()
+    with pytest.raises(ValueError, match="unconfirmed"):
+        stage.combine(partials)  # pending edges never pass for confirmed ones
+    for partitions in (1, 4, 16):
+        per_shard = decide_partitioned(DedupStage(cfg), shards, partitions)
+        assert _sorted(pa.concat_tables(per_shard.values())) == reference, partitions

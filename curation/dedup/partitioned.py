@@ -7,12 +7,17 @@ How each method splits (every candidate pair lands whole in at least one group):
 * pHash within k: k+1 bands of the 64 bits; a row goes to (band, band value) for each band. Two hashes
   within distance k agree exactly on at least one band (pigeonhole), and all rows with one hash share
   every group, so a group holds whole identical-hash runs and the same representatives as the
-  reference's multi-index join; candidates are confirmed there (thumbnail distance or CLIP cosine).
+  reference's multi-index join. A band row carries ids, hash and keeper attributes only (no thumbnail,
+  no embedding: they would travel k+1 times), so a group returns its candidates as *pending* edges
+  (each pair once, in its first agreeing band). They are confirmed afterwards (``ConfirmsPending``,
+  schemas/stage.py): per input shard of endpoint a, then of endpoint b, each endpoint's thumbnail /
+  embedding is attached from its own shard's signatures and ``confirm_candidates`` (thumbnail distance
+  or CLIP cosine, a pure function of the pair) keeps the confirmed ones.
 * thumbnail neighbours (crops) and SemDeDup: a coarse k-means cluster (trained on a deterministic sample,
   as SemDeDup does); the reference ``decide`` uses the same clustering, so both search the same clusters.
 * MinHash documents / captions: datasketch's LSH band layout; a group holds whole buckets.
 
-Each group returns confirmed edges carrying what the keeper rule needs of both endpoints; ``combine``
+Each group returns edges carrying what the keeper rule needs of both endpoints; ``combine``
 joins them with union-find per method (the reason names the first method connecting a member to its
 keeper, as ``decide`` does) in one process that holds only edges and group members.
 
@@ -74,6 +79,7 @@ PART_SCHEMA = pa.schema([
     pa.field("publishable", pa.bool_()),
     pa.field("pixels", pa.int64()),
 ])
+PENDING_METHOD = "phash_pending"  # a pHash candidate not yet confirmed (ConfirmsPending)
 _NODE_COLS = ("id", SHARD_COL, "sha256", "clip_score", "publishable", "pixels")
 EDGE_SCHEMA = pa.schema(
     [pa.field("method", pa.string())]
@@ -455,7 +461,9 @@ class PartitionedDedup:
         """The projection a task's group needs (other columns null: they would only cost shuffle bytes)."""
         n = sub.num_rows
         need = {"source", "key", "image_index", SHARD_COL, "sha256", "clip_score", "publishable", "pixels"}
-        if task in ("phash", "thumb"):
+        if task == "phash":  # k+1 rows per item: no confirmation payload (attached per shard afterwards)
+            need |= {"phash"}
+        elif task == "thumb":
             need |= {"phash", "thumb"} | ({"embedding"} if self.cfg.phash_confirm == "clip" else set())
         elif task == "semantic":
             need |= {"embedding"}
@@ -490,14 +498,15 @@ class PartitionedDedup:
                                                cfg.minhash_threshold, identical=b == 0)
                     edges.append(_edges(task, tb, pairs))
                 continue
-            if task == "phash":  # band by band: a slice is a fifth of the task's rows (thumbnails included)
+            if task == "phash":  # band by band; candidates leave unconfirmed (the rows carry no payload)
+                method = "phash" if cfg.phash_confirm == "none" else PENDING_METHOD
                 band_col = rows.column("band").to_numpy(zero_copy_only=False)
                 for b in sorted(set(band_col[in_task].tolist())):
                     t = _slice(rows, in_task & (band_col == b), dedupe=True)
                     hashes = t.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
                     pairs = _first_band_pairs(hamming_pairs(hashes, cfg.phash_max_distance, "mih"), hashes, b,
                                               cfg.phash_max_distance + 1)
-                    edges.append(_edges("phash", t, self._confirm(t, pairs)))
+                    edges.append(_edges(method, t, pairs))
                 continue
             t = _slice(rows, in_task, dedupe=True)
             if task == "exact":
@@ -519,17 +528,45 @@ class PartitionedDedup:
     def _confirm(self, t: pa.Table, pairs: np.ndarray) -> np.ndarray:
         if pairs.size == 0 or self.cfg.phash_confirm == "none":
             return pairs
-        has_t = _mask(pc.is_valid(t.column("thumb")))
-        thumbs = fixed_binary(t.column("thumb"), THUMB_BYTES)
-        emb = has_e = None
+        emb_col = t.column("embedding") if self.cfg.phash_confirm == "clip" else None
+        return confirm_candidates(pairs, *_payload(t.column("thumb"), emb_col), self.cfg)
+
+    # -- step 2b: confirm pending pHash candidates (schemas.stage.ConfirmsPending) --
+    def split_pending(self, partial: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """(confirmed edges, pending pHash candidates) of one ``decide_partition`` result."""
+        pending = _mask(pc.equal(partial.column("method"), PENDING_METHOD))
+        if not pending.any():
+            return partial, EDGE_SCHEMA.empty_table()
+        return partial.filter(pa.array(~pending)), partial.filter(pa.array(pending))
+
+    def attach_pending(self, pending: pa.Table, signatures: pa.Table, end: str) -> pa.Table:
+        """``pending`` with endpoint ``end``'s confirmation payload (``{end}_thumb``, and ``{end}_embedding``
+        under ``clip``) from ``signatures``, the input shard that holds endpoint ``end`` of every edge."""
+        sig = signatures.select(["source", "key", "image_index", "thumb", "embedding"])
+        ids = pc.binary_join_element_wise(sig.column("source"), sig.column("key"),
+                                          pc.cast(sig.column("image_index"), pa.string()), "/")
+        idx = pc.index_in(pending.column(f"{end}_id"), value_set=ids)
+        if pending.num_rows and idx.null_count:
+            raise ValueError(f"pending edges name {end}-endpoints missing from the shard's signatures")
+        out = pending.append_column(f"{end}_thumb", sig.column("thumb").take(idx))
         if self.cfg.phash_confirm == "clip":
-            col = t.column("embedding")
-            has_e = _mask(pc.greater(pc.fill_null(pc.list_value_length(col), 0), 0))
-            dim = max(int(pc.max(pc.list_value_length(col)).as_py() or 0), 1)
-            emb = np.zeros((t.num_rows, dim), dtype=np.float32)
-            if has_e.any():
-                emb[has_e] = list_matrix(col.take(pa.array(np.flatnonzero(has_e))), np.float32)
-        return confirm_candidates(pairs, thumbs, has_t, emb, has_e, self.cfg)
+            out = out.append_column(f"{end}_embedding", sig.column("embedding").take(idx))
+        return out
+
+    def confirm_pending(self, attached: pa.Table) -> pa.Table:
+        """The edges of ``attached`` (both payloads attached) that ``confirm_candidates`` confirms, as
+        ``phash`` edges without payload: the test ``decide_partition`` ran before on whole groups."""
+        n = attached.num_rows
+        if n == 0:
+            return EDGE_SCHEMA.empty_table()
+        clip = self.cfg.phash_confirm == "clip"
+        thumbs = pa.chunked_array(attached.column("a_thumb").chunks + attached.column("b_thumb").chunks)
+        emb = (pa.chunked_array(attached.column("a_embedding").chunks + attached.column("b_embedding").chunks)
+               if clip else None)
+        pairs = np.stack([np.arange(n, dtype=np.int64), np.arange(n, 2 * n, dtype=np.int64)], axis=1)
+        kept = confirm_candidates(pairs, *_payload(thumbs, emb), self.cfg)[:, 0]
+        edges = attached.select(EDGE_SCHEMA.names).take(pa.array(np.sort(kept), type=pa.int64()))
+        return edges.set_column(0, "method", pa.array(["phash"] * edges.num_rows, type=pa.string()))
 
     # -- step 3: combine (one process: edges and group members only) --
     def combine(self, partials: list[pa.Table]) -> pa.Table:
@@ -545,6 +582,9 @@ class PartitionedDedup:
         if not partials:
             return COMBINED_SCHEMA.empty_table()
         edges = pa.concat_tables(partials)
+        if pc.any(pc.equal(edges.column("method"), PENDING_METHOD)).as_py():
+            raise ValueError("combine() got unconfirmed pHash candidates: run the ConfirmsPending step first "
+                             "(split_pending / attach_pending / confirm_pending)")
         ends = [edges.select([f"{e}_{c}" for c in _NODE_COLS]).rename_columns(list(_NODE_COLS)) for e in "ab"]
         both = pa.concat_tables(ends)
         ids = pc.unique(both.column("id"))
@@ -658,6 +698,21 @@ def _slice(rows: pa.Table, mask: np.ndarray, dedupe: bool) -> pa.Table:
         keep = np.r_[True, ids[1:] != ids[:-1]]
         order = order[keep]
     return sub.take(pa.array(order))
+
+
+def _payload(thumb: pa.ChunkedArray | pa.Array, emb: pa.ChunkedArray | pa.Array | None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(thumbs, has_thumb, embeddings, has_embedding) row-aligned arrays for ``confirm_candidates``."""
+    has_t = _mask(pc.is_valid(thumb))
+    thumbs = fixed_binary(thumb, THUMB_BYTES)
+    if emb is None:
+        return thumbs, has_t, None, None
+    has_e = _mask(pc.greater(pc.fill_null(pc.list_value_length(emb), 0), 0))
+    dim = max(int(pc.max(pc.list_value_length(emb)).as_py() or 0), 1)
+    matrix = np.zeros((len(has_e), dim), dtype=np.float32)
+    if has_e.any():
+        matrix[has_e] = list_matrix(emb.take(pa.array(np.flatnonzero(has_e))), np.float32)
+    return thumbs, has_t, matrix, has_e
 
 
 def _mask(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:

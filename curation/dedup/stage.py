@@ -273,7 +273,7 @@ class DedupStage(StageBase):
                 pairs = np.unique(np.concatenate([pairs, extra]), axis=0) if pairs.size else extra
         return confirm_lists(pairs, thumbs_list, emb_list, cfg)
 
-    # ---- the scale path: schemas.stage.PartitionedDecide, in curation/dedup/partitioned.py -------------
+    # ---- the scale path: schemas.stage.PartitionedDecide, ConfirmsPending (curation/dedup/partitioned.py) ---
     def _scale(self) -> PartitionedDedup:
         if getattr(self, "_partitioned", None) is None:
             self._partitioned = PartitionedDedup(self)
@@ -290,6 +290,15 @@ class DedupStage(StageBase):
 
     def decide_partition(self, rows: pa.Table) -> pa.Table:
         return self._scale().decide_partition(rows)
+
+    def split_pending(self, partial: pa.Table) -> tuple[pa.Table, pa.Table]:
+        return self._scale().split_pending(partial)
+
+    def attach_pending(self, pending: pa.Table, signatures: pa.Table, end: str) -> pa.Table:
+        return self._scale().attach_pending(pending, signatures, end)
+
+    def confirm_pending(self, attached: pa.Table) -> pa.Table:
+        return self._scale().confirm_pending(attached)
 
     def combine(self, partials: list[pa.Table]) -> pa.Table:
         return self._scale().combine(partials)

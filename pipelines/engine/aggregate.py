@@ -13,7 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from vila2_curate.schemas.rows import DECISION_SCHEMA
-from vila2_curate.schemas.stage import PARTITION_COL, SHARD_COL, FitsOnSample, GlobalStage, PartitionedDecide
+from vila2_curate.schemas.stage import (
+    PARTITION_COL,
+    SHARD_COL,
+    ConfirmsPending,
+    FitsOnSample,
+    GlobalStage,
+    PartitionedDecide,
+)
 
 
 def empty_decisions() -> pa.Table:
@@ -71,7 +78,8 @@ def decide_partitioned(stage: GlobalStage, shard_signatures: Sequence[tuple[str,
     """The partitioned decide of ``stage`` run in this process: shard name -> that shard's decisions.
 
     Same steps as an engine runs them (schemas.stage.PartitionedDecide): fit on the samples, partition each
-    shard, decide each of ``partitions`` groups, combine, hand each shard its own decisions. Engines run the
+    shard, decide each of ``partitions`` groups, confirm pending edges shard by shard (ConfirmsPending),
+    combine, hand each shard its own decisions. Engines run the
     steps on workers; this in-process version is the local engine's and the tests' reference of that path
     (it holds every shard's signatures, so it is not the memory-bounded one). A stage without the
     partitioned hooks is decided by ``decide_local`` over all rows and its decisions split by shard.
@@ -87,6 +95,8 @@ def decide_partitioned(stage: GlobalStage, shard_signatures: Sequence[tuple[str,
         for p, rows in split_by_partition(stage.partition(sig), partitions):
             buckets.setdefault(p, []).append(rows)
     partials = [stage.decide_partition(pa.concat_tables(buckets[p])) for p in sorted(buckets)]
+    if isinstance(stage, ConfirmsPending):
+        partials = confirm_pending_local(stage, partials, tagged)
     combined = stage.combine(partials)
     per_shard = SHARD_COL in combined.column_names
     out: dict[str, pa.Table] = {}
@@ -94,6 +104,38 @@ def decide_partitioned(stage: GlobalStage, shard_signatures: Sequence[tuple[str,
         mine = combined.filter(pc.equal(combined.column(SHARD_COL), name)) if per_shard else combined
         out[name] = normalize_decisions(stage.shard_decisions(mine, sig))
     return out
+
+
+def split_by_column(table: pa.Table, column: str) -> list[tuple[str, pa.Table]]:
+    """(value, rows with that value) per distinct non-null value of a string column, values sorted."""
+    if table.num_rows == 0:
+        return []
+    col = table.column(column)
+    return [(v, table.filter(pc.equal(col, v))) for v in sorted(pc.unique(col).drop_null().to_pylist())]
+
+
+def confirm_pending_local(stage: ConfirmsPending, partials: list[pa.Table],
+                          tagged: Sequence[tuple[str, pa.Table]]) -> list[pa.Table]:
+    """Step 2b (schemas.stage.ConfirmsPending) in this process, as ``runner.confirm_pending`` runs it on an
+    engine: ready edges, plus the pending ones each confirmed after attaching endpoint a's payload from
+    a's shard, then endpoint b's from b's shard. ``tagged``: (shard name, that shard's signatures)."""
+    ready, pending = [], []
+    for partial in partials:
+        r, q = stage.split_pending(partial)
+        ready.append(r)
+        if q.num_rows:
+            pending.append(q)
+    if not pending:
+        return ready
+    edges = pa.concat_tables(pending)
+    sigs = dict(tagged)
+    halves: dict[str, list[pa.Table]] = {}
+    for name, mine in split_by_column(edges, f"a_{SHARD_COL}"):
+        for b_name, half in split_by_column(stage.attach_pending(mine, sigs[name], "a"), f"b_{SHARD_COL}"):
+            halves.setdefault(b_name, []).append(half)
+    confirmed = [stage.confirm_pending(stage.attach_pending(pa.concat_tables(halves[name]), sigs[name], "b"))
+                 for name in sorted(halves)]
+    return ready + confirmed
 
 
 def _split_decisions_by_shard(decisions: pa.Table, tagged: list[tuple[str, pa.Table]]) -> dict[str, pa.Table]:

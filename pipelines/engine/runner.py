@@ -9,8 +9,10 @@ engine is one small file.
 Global decisions take one of two paths (``RunConfig.decide``):
 
 - ``partitioned`` (default, when the stage implements ``schemas.stage.PartitionedDecide``): per shard
-  ``partition`` -> engine groups by ``partition`` -> ``decide_partition`` per group -> ``combine`` once
-  over the partial results -> ``shard_decisions`` per shard. No process holds every signature.
+  ``partition`` -> engine groups by ``partition`` -> ``decide_partition`` per group -> (stages with
+  ``ConfirmsPending``: pending edges confirmed per shard of each endpoint, ``confirm_pending``) ->
+  ``combine`` once over the partial results -> ``shard_decisions`` per shard. No process holds every
+  signature.
 - ``single``: the reference: the stage's ``decide`` per ``group_by`` group (one group when None).
 """
 
@@ -40,6 +42,8 @@ from vila2_curate.pipelines.engine.progress import (
 )
 from vila2_curate.pipelines.engine.workdir import (
     is_decided,
+    pending_dir,
+    pending_path,
     read_all_decisions,
     read_done,
     remove_signatures,
@@ -51,9 +55,20 @@ from vila2_curate.pipelines.engine.workdir import (
 )
 from vila2_curate.pipelines.io.readers import make_reader
 from vila2_curate.pipelines.io.readers.base import InputShard, Reader
-from vila2_curate.pipelines.io.writers.atomic import is_temp_name, read_parquet, write_json_atomic
+from vila2_curate.pipelines.io.writers.atomic import (
+    is_temp_name,
+    read_parquet,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from vila2_curate.schemas.config import RunConfig
-from vila2_curate.schemas.stage import PARTITION_COL, SHARD_COL, FitsOnSample, PartitionedDecide
+from vila2_curate.schemas.stage import (
+    PARTITION_COL,
+    SHARD_COL,
+    ConfirmsPending,
+    FitsOnSample,
+    PartitionedDecide,
+)
 
 log = logging.getLogger(__name__)
 SUMMARY_MAX_SIGNATURES = 5_000_000  # above this the summary holds counts only (it reads every signature)
@@ -235,6 +250,88 @@ class DecidePartition:
         return self.stage.decide_partition(rows.drop_columns([GROUP_COL]))
 
 
+class AttachPendingA:
+    """Step 2b-b on one shard: its a-side pending edges get a's payload from the shard's signatures and
+    are written per b-shard; returns [(b shard label, path)]."""
+
+    def __init__(self, fs, root: str, seg: int, stage: Any, shards: dict[str, InputShard]) -> None:
+        self.fs, self.root, self.seg, self.stage, self.shards = fs, root, seg, stage, shards
+
+    def __call__(self, item: WorkItem) -> list[tuple[str, str]]:
+        fs, root, seg = self.fs, self.root, self.seg
+        edges = read_parquet(fs, pending_path(root, seg, item.shard))
+        sig = read_shard_signatures(fs, root, seg, item.shard)
+        if sig is None:
+            raise RuntimeError(f"pending edges name {shard_label(item.shard)}, which has no signatures")
+        half = self.stage.attach_pending(edges, sig, "a")
+        del edges, sig
+        out = []
+        for label, part in aggregate.split_by_column(half, f"b_{SHARD_COL}"):
+            path = pending_path(root, seg, item.shard, self.shards[label])
+            write_parquet_atomic(fs, path, part)
+            out.append((label, path))
+        return out
+
+
+class ConfirmPendingB:
+    """Step 2b-c on one shard: the pending edges whose b-endpoint it holds get b's payload and are
+    confirmed; returns the confirmed edges (no payload), or None."""
+
+    def __init__(self, fs, root: str, seg: int, stage: Any, incoming: dict[str, list[str]]) -> None:
+        self.fs, self.root, self.seg, self.stage, self.incoming = fs, root, seg, stage, incoming
+
+    def __call__(self, item: WorkItem) -> pa.Table | None:
+        paths = self.incoming.get(shard_label(item.shard))
+        if not paths:
+            return None
+        half = pa.concat_tables([read_parquet(self.fs, p) for p in paths])
+        sig = read_shard_signatures(self.fs, self.root, self.seg, item.shard)
+        if sig is None:
+            raise RuntimeError(f"pending edges name {shard_label(item.shard)}, which has no signatures")
+        return self.stage.confirm_pending(self.stage.attach_pending(half, sig, "b"))
+
+
+def confirm_pending(engine: Engine, ctx: RunContext, seg: int, stage: Any,
+                    partials: list[pa.Table]) -> list[pa.Table]:
+    """Step 2b (schemas.stage.ConfirmsPending): this process holds only the pending edges (as ``combine``
+    holds edges); it writes them per a-shard, ``per_shard`` attaches a's payload and routes them per
+    b-shard, ``per_shard`` again attaches b's payload and confirms. Returns the ready partials plus the
+    confirmed edges. The files live under ``_work/seg{i}/pending/`` until the edges are confirmed."""
+    ready, pending = [], []
+    for partial in partials:
+        r, q = stage.split_pending(partial)
+        ready.append(r)
+        if q.num_rows:
+            pending.append(q)
+    if not pending:
+        return ready
+    fs, root = ctx.fs, ctx.root
+    folder = pending_dir(root, seg)
+    if fs.exists(folder):  # left by an interrupted run
+        fs.rm(folder, recursive=True)
+    shards = {shard_label(it.shard): it.shard for it in ctx.items}
+    by_label = {shard_label(it.shard): it for it in ctx.items}
+    edges = pa.concat_tables(pending)
+    del pending
+    todo = []
+    for label, part in aggregate.split_by_column(edges, f"a_{SHARD_COL}"):
+        write_parquet_atomic(fs, pending_path(root, seg, by_label[label].shard), part)
+        todo.append(by_label[label])
+    n_pending = edges.num_rows
+    del edges
+    incoming: dict[str, list[str]] = {}
+    for routes in engine.per_shard(ctx, todo, AttachPendingA(fs, root, seg, stage, shards)):
+        for label, path in routes:
+            incoming.setdefault(label, []).append(path)
+    targets = [it for it in ctx.items if shard_label(it.shard) in incoming]
+    confirmed = engine.per_shard(ctx, targets, ConfirmPendingB(fs, root, seg, stage, incoming))
+    confirmed = [c for c in confirmed if c is not None and c.num_rows]
+    fs.rm(folder, recursive=True)
+    log.info("%s: %d of %d pending edges confirmed", stage.name, sum(c.num_rows for c in confirmed),
+             n_pending)
+    return ready + confirmed
+
+
 def _modulo(values: pa.ChunkedArray, n: int) -> pa.Array:
     import numpy as np
 
@@ -305,7 +402,10 @@ def decide_segment(engine: Engine, ctx: RunContext, segment: Segment) -> None:
         partitions = max(1, int(engine.partitions(ctx)))
         partials = engine.group_apply(ctx, ctx.items, LoadSignatures(fs, root, seg, stage, partitions),
                                       GROUP_COL, DecidePartition(stage))
-        combined, decisions = stage.combine([p for p in partials if p is not None]), None
+        partials = [p for p in partials if p is not None]
+        if isinstance(stage, ConfirmsPending):
+            partials = confirm_pending(engine, ctx, seg, stage, partials)
+        combined, decisions = stage.combine(partials), None
     else:
         tables = engine.group_apply(ctx, ctx.items, LoadSignatures(fs, root, seg, stage, None),
                                     stage.group_by, DecideGroup(stage))

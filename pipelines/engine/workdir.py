@@ -7,6 +7,11 @@
     _work/seg{i}/<source>.<shard>.decisions.parquet  segment i's decisions about that input shard's rows
     _work/seg{i}/decided.json                        marker (segment hash): every shard's decisions written
     _work/seg{i}/summary.json                        the global stage's summary, if it gives one
+    _work/seg{i}/pending/<source>.<shard>.parquet    while a partitioned decide confirms pending edges
+                                                     (schemas.stage.ConfirmsPending): the edges whose
+                                                     a-endpoint is in that shard; then, with a's payload,
+    _work/seg{i}/pending/<a source>.<a shard>.to.<b source>.<b shard>.parquet   routed to b's shard
+                                                     (the folder is removed once they are confirmed)
 
 One folder per segment (source names hold no '.'), so the layout adds no directory per source or shard.
 
@@ -69,6 +74,17 @@ def remove_signatures(fs, root: str, seg: int, shards: list[InputShard]) -> None
         path = signatures_path(root, seg, shard)
         if fs.exists(path):
             fs.rm(path)
+
+
+def pending_dir(root: str, seg: int) -> str:
+    """Pending edges of a partitioned decide between its steps 2b-a, 2b-b and 2b-c (removed afterwards)."""
+    return posixpath.join(seg_dir(root, seg), "pending")
+
+
+def pending_path(root: str, seg: int, shard: InputShard, to: InputShard | None = None) -> str:
+    """Edges whose a-endpoint is in ``shard``; with ``to``: those of them whose b-endpoint is in ``to``."""
+    name = f"{shard.source}.{shard.shard_id}" + (f".to.{to.source}.{to.shard_id}" if to is not None else "")
+    return posixpath.join(pending_dir(root, seg), f"{name}.parquet")
 
 
 def decided_path(root: str, seg: int) -> str:
