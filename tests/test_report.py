@@ -250,3 +250,15 @@ def test_report_without_work_dir_falls_back_to_published_scores(rounds: tuple[Pa
     p.feed(text)
     assert "kept rows only" in text and len(p.entries) == 2
     assert p.svgs == int(p.body["data-expected-plots"]) == 6  # no specialists; one throughput table
+
+
+def test_report_module_entry_writes_the_same_page(rounds: tuple[Path, Path], tmp_path: Path):
+    """``python -m vila2_curate.pipelines.report`` (the package's ``__main__``) renders what write_report does."""
+    import sys
+
+    r0, _ = rounds
+    via_api = Path(write_report([str(r0)], gallery=2, dest=str(tmp_path / "api.html"))).read_bytes()
+    dest = tmp_path / "cli.html"
+    subprocess.run([sys.executable, "-m", "vila2_curate.pipelines.report", str(r0), "--gallery", "2",
+                    "--dest", str(dest)], check=True, capture_output=True)
+    assert dest.read_bytes() == via_api
