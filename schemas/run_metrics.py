@@ -13,15 +13,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from vila2_curate.schemas.table_ops import json_object
+
 
 def read_metrics(raw: str | None) -> dict[str, Any]:
-    if not raw:
-        return {}
-    try:
-        val = json.loads(raw)
-    except ValueError:
-        return {}
-    return val if isinstance(val, dict) else {}
+    return json_object(raw)
 
 
 def add_metrics(raw: str | None, counters: dict[str, int] | None = None,

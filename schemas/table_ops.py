@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -27,3 +28,14 @@ def alive(table: pa.Table) -> list[bool]:
 def reason_class(reason: str | None) -> str | None:
     """The category of a drop reason (the part before the first ':'), used for counting."""
     return None if reason is None else reason.split(":", 1)[0].strip()
+
+
+def json_object(raw: str | None) -> dict[str, Any]:
+    """A JSON-object column value (run_metrics, specialists.models) as a dict; {} when empty or not an object."""
+    if not raw:
+        return {}
+    try:
+        val = json.loads(raw)
+    except ValueError:
+        return {}
+    return val if isinstance(val, dict) else {}

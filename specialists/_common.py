@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from vila2_curate.schemas.captions import SPECIALISTS_CAPTION
 from vila2_curate.schemas.images import UndecodableImage, decoding, open_image
-from vila2_curate.schemas.table_ops import replace_columns
+from vila2_curate.schemas.table_ops import json_object, replace_columns
 
 SPECIALIST_FIELDS = ("ocr", "ocr_text", "grounding", "grounding_text", "spatial", "spatial_text", "models")
 VLM_MARKER = "[vlm]"  # separates a VLM prompt's answer from the tool output inside *_text
@@ -57,14 +57,7 @@ def empty_specialists() -> dict[str, Any]:
 
 
 def read_models(spec: dict[str, Any] | None) -> dict[str, Any]:
-    raw = (spec or {}).get("models")
-    if not raw:
-        return {}
-    try:
-        val = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
-    return val if isinstance(val, dict) else {}
+    return json_object((spec or {}).get("models"))
 
 
 class SpecialistRows:
