@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Self
 
 import fsspec
 import pyarrow as pa
@@ -128,6 +128,61 @@ def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | 
     """
     with fs.open(path, "rb") as f, pq.ParquetFile(f) as pf:
         return pf.read(columns=columns)
+
+
+class PartsWriter:
+    """What the shard writers share: parts committed by rename, an error or ``abort`` removing the unfinished
+    ones, ``close`` idempotent, usable as a context manager (close on success, abort on error).
+
+    Subclasses write rows in ``_write_rows`` (returning the refused ``(row index, why)``), finish the open
+    part(s) in ``_finish``, list what they wrote in ``_written`` and drop unfinished temp files in ``_discard``.
+    """
+
+    _closed = False
+
+    def write(self, table: pa.Table) -> list[tuple[int, str]]:
+        if self._closed:
+            raise RuntimeError("writer is closed")
+        try:
+            return self._write_rows(table)
+        except BaseException:
+            self.abort()
+            raise
+
+    def close(self) -> list[OutputFile]:
+        if not self._closed:
+            try:
+                self._finish()
+            except BaseException:
+                self.abort()
+                raise
+            self._closed = True
+        return self._written()
+
+    def abort(self) -> None:
+        self._closed = True
+        self._discard()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _write_rows(self, table: pa.Table) -> list[tuple[int, str]]:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def _written(self) -> list[OutputFile]:
+        raise NotImplementedError
+
+    def _discard(self) -> None:
+        raise NotImplementedError
 
 
 class HashingWriter(io.RawIOBase):

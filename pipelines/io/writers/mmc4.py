@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 from vila2_curate.pipelines.io.writers.atomic import (
     HashingWriter,
     OutputFile,
+    PartsWriter,
     join,
     temp_path,
     write_bytes_atomic,
@@ -197,7 +198,7 @@ class _PklPart:
                 self.fs.rm(self.tmp)
 
 
-class Mmc4PklWriter:
+class Mmc4PklWriter(PartsWriter):
     """Write one input shard's kept documents as ``min_files`` pkl/count pairs (or a multiple of it).
 
     VILA's ``LazyMMC4Dataset`` gives rank r the r-th run of ``n_files // world_size`` files in sorted name
@@ -270,56 +271,42 @@ class Mmc4PklWriter:
 
         Returns ``(row index, why)`` for documents that cannot be published; they are skipped.
         """
-        if self._closed:
-            raise RuntimeError("writer is closed")
+        return super().write(table)
+
+    def _write_rows(self, table: pa.Table) -> list[tuple[int, str]]:
         refused: list[tuple[int, str]] = []
-        try:
-            for i, row in enumerate(conform(table, DOCUMENT_SCHEMA).to_pylist()):
-                key = row["key"]
-                if row.get("drop_reason") is not None or row.get("quarantined"):
-                    raise RuntimeError(f"document {key!r} is dropped or quarantined; only kept rows are written")
-                try:
-                    if key in self._keys:
-                        raise ValueError(f"duplicate key {key!r} in one output")
-                    doc, truncated = mmc4_document(row, self.max_images_per_doc)
-                except ValueError as e:
-                    refused.append((i, str(e)))
-                    continue
-                self._keys.add(key)
-                self.counters["documents_written"] += 1
-                self.counters["images_written"] += len(doc["image_info"])
-                self.counters["images_truncated"] += truncated
-                self._add(doc)
-        except BaseException:
-            self.abort()
-            raise
+        for i, row in enumerate(conform(table, DOCUMENT_SCHEMA).to_pylist()):
+            key = row["key"]
+            if row.get("drop_reason") is not None or row.get("quarantined"):
+                raise RuntimeError(f"document {key!r} is dropped or quarantined; only kept rows are written")
+            try:
+                if key in self._keys:
+                    raise ValueError(f"duplicate key {key!r} in one output")
+                doc, truncated = mmc4_document(row, self.max_images_per_doc)
+            except ValueError as e:
+                refused.append((i, str(e)))
+                continue
+            self._keys.add(key)
+            self.counters["documents_written"] += 1
+            self.counters["images_written"] += len(doc["image_info"])
+            self.counters["images_truncated"] += truncated
+            self._add(doc)
         return refused
 
     def close(self) -> list[OutputFile]:
         """Finish the last chunk; returns every pkl written (relpath, documents, bytes, sha256), by name."""
-        if not self._closed:
-            try:
-                if self._parts:
-                    self._finish_chunk()
-            except BaseException:
-                self.abort()
-                raise
-            self._closed = True
+        return super().close()
+
+    def _finish(self) -> None:
+        if self._parts:
+            self._finish_chunk()
+
+    def _written(self) -> list[OutputFile]:
         return sorted(self._done, key=lambda f: f.relpath)
 
-    def abort(self) -> None:
+    def _discard(self) -> None:
         """Remove the temporary files of the unfinished chunk (finished pkls stay: they are complete)."""
         parts, self._parts = self._parts, []
-        self._closed = True
         for p in parts:
             p.discard()
-
-    def __enter__(self) -> Mmc4PklWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 

@@ -34,11 +34,12 @@ from vila2_curate.pipelines.io.codec import sample_bytes
 from vila2_curate.pipelines.io.writers.atomic import (
     HashingWriter,
     OutputFile,
+    PartsWriter,
     join,
     temp_path,
     write_json_atomic,
 )
-from vila2_curate.recaption.policy import choose_caption_source, publish_problem
+from vila2_curate.schemas.captions import choose_caption_source, publish_problem
 from vila2_curate.schemas.config import CaptionPolicy
 from vila2_curate.schemas.rows import PAIR_SCHEMA, conform
 
@@ -167,7 +168,7 @@ class _Part:
             self._fh.close()
 
 
-class WdsShardWriter:
+class WdsShardWriter(PartsWriter):
     """Write kept pair rows as ``{prefix}_{i:04d}.tar`` parts under ``root``.
 
     A part closes at ``max_samples`` samples or before it would exceed ``max_bytes`` (whichever first);
@@ -269,51 +270,45 @@ class WdsShardWriter:
         Returns ``(row index, why)`` for rows that cannot be published (no url, no caption, duplicate key):
         they are skipped, so the caller can reject them with a reason instead of failing the shard.
         """
-        if self._closed:
-            raise RuntimeError("writer is closed")
-        table = conform(table, PAIR_SCHEMA)
+        return super().write(table)
+
+    def _write_rows(self, table: pa.Table) -> list[tuple[int, str]]:
         refused: list[tuple[int, str]] = []
-        try:
-            for i, row in enumerate(table.to_pylist()):
-                try:
-                    members = self._members(row)
-                    if row["key"] in self._keys:
-                        raise ValueError(f"duplicate key {row['key']!r} in one output")
-                except ValueError as e:
-                    refused.append((i, str(e)))
-                    continue
-                self._keys.add(row["key"])
-                size = sum(_member_bytes(len(d)) for _, d in members)
-                part = self._part
-                if part is not None and part.nsamples > 0 and (
-                    (self.max_samples is not None and part.nsamples >= self.max_samples)
-                    or (self.max_bytes is not None and tar_file_size(part.payload + size) > self.max_bytes)
-                ):
-                    self._finish_part()
-                if self._part is None:
-                    self._part = self._open_part()
-                self._part.add(members)
-                self._collect_sidecars(row)
-        except BaseException:
-            self.abort()
-            raise
+        for i, row in enumerate(conform(table, PAIR_SCHEMA).to_pylist()):
+            try:
+                members = self._members(row)
+                if row["key"] in self._keys:
+                    raise ValueError(f"duplicate key {row['key']!r} in one output")
+            except ValueError as e:
+                refused.append((i, str(e)))
+                continue
+            self._keys.add(row["key"])
+            size = sum(_member_bytes(len(d)) for _, d in members)
+            part = self._part
+            if part is not None and part.nsamples > 0 and (
+                (self.max_samples is not None and part.nsamples >= self.max_samples)
+                or (self.max_bytes is not None and tar_file_size(part.payload + size) > self.max_bytes)
+            ):
+                self._finish_part()
+            if self._part is None:
+                self._part = self._open_part()
+            self._part.add(members)
+            self._collect_sidecars(row)
         return refused
 
     def close(self) -> list[OutputFile]:
         """Finish the last part; returns every part written, in name order. Idempotent."""
-        if not self._closed:
-            try:
-                self._finish_part()
-            except BaseException:
-                self.abort()
-                raise
-            self._closed = True
+        return super().close()
+
+    def _finish(self) -> None:
+        self._finish_part()
+
+    def _written(self) -> list[OutputFile]:
         return list(self._done)
 
-    def abort(self) -> None:
+    def _discard(self) -> None:
         """Remove the unfinished part's temporary file (finished parts stay: they are complete)."""
         part, self._part = self._part, None
-        self._closed = True
         if part is not None:
             part.discard()
             try:
@@ -321,12 +316,3 @@ class WdsShardWriter:
                     self.fs.rm(part.tmp)
             except OSError:
                 pass
-
-    def __enter__(self) -> WdsShardWriter:
-        return self
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
