@@ -15,7 +15,7 @@ import ftfy
 from _common import best_of, report
 
 from vila2_curate.curation.text_hygiene import CaptionHygieneStage
-from vila2_curate.pipelines.demo.sample import HOSTILE_KINDS, hostile_caption
+from vila2_curate.pipelines.demo.hostile import HOSTILE_KINDS, hostile_caption
 from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table
 
 _BASE = ("Scenic view of a harbour at dusk with fishing boats", "Black ellipse icon on white",

@@ -20,7 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
-from vila2_curate.pipelines.demo.sample import BOMB_SIDE, write_sample
+
+from vila2_curate.pipelines.demo.hostile import BOMB_SIDE
+from vila2_curate.pipelines.demo.sample import write_sample
 
 REPO = Path(__file__).resolve().parents[1]
 COYO_COLUMNS = {

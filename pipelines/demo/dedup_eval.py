@@ -38,7 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
-from vila2_curate.pipelines.demo.sample import _WORDS, _Gen
+
+from vila2_curate.pipelines.demo.pictures import WORDS, PictureGenerator
 
 GOLDEN = 0.6180339887  # hue step between families: hues of different families stay far apart
 KINDS = ("card", "shape", "product", "photo")
@@ -105,7 +106,7 @@ class _Painter:
     """The drawings: every random draw through one numpy Generator, so a seed fixes every byte."""
 
     def __init__(self, seed: int) -> None:
-        self.g = _Gen(seed)
+        self.g = PictureGenerator(seed)
         self.rng = self.g.rng
         self._fonts: dict[int, Any] = {}
 
@@ -136,7 +137,7 @@ class _Painter:
         img = Image.new("RGB", (w, h), bg)
         r = int(min(w, h) * 0.18)
         cx, cy = int(centre[0] * w), int(centre[1] * h)
-        _Gen._draw_shape(ImageDraw.Draw(img), label, [cx - r, cy - r, cx + r, cy + r], colour)
+        PictureGenerator.draw_shape(ImageDraw.Draw(img), label, [cx - r, cy - r, cx + r, cy + r], colour)
         return img
 
     def product(self, w: int, h: int, colour: tuple[int, int, int], layout: dict[str, float]) -> Image.Image:
@@ -202,7 +203,7 @@ def make_dedup_eval(seed: int = 0, families: int = 16, copies: int = 3) -> Dedup
     """``families`` families (kinds in turn: card, shape, product, photo), each picture with ``copies``
     near-duplicates; deterministic for a seed."""
     p = _Painter(seed)
-    titles = [_WORDS[int(i)] for i in p.rng.permutation(len(_WORDS))]  # card titles: no two card pictures share one
+    titles = [WORDS[int(i)] for i in p.rng.permutation(len(WORDS))]  # card titles: no two card pictures share one
     items: list[EvalItem] = []
     lookalikes: list[tuple[str, str, str]] = []
     for f in range(families):
@@ -217,8 +218,8 @@ def make_dedup_eval(seed: int = 0, families: int = 16, copies: int = 3) -> Dedup
             c0 = _hsv(hue, p.rng.uniform(0.6, 0.8), p.rng.uniform(0.55, 0.75))
             c1 = _same_grey(_hsv(hue, p.rng.uniform(0.15, 0.3), 0.7), c0)
             m = f // len(KINDS)
-            words = [titles[2 * m % len(titles)]] + [p.g.choice(_WORDS) for _ in range(3)]
-            other = [titles[(2 * m + 1) % len(titles)]] + [p.g.choice([x for x in _WORDS if x not in words])
+            words = [titles[2 * m % len(titles)]] + [p.g.choice(WORDS) for _ in range(3)]
+            other = [titles[(2 * m + 1) % len(titles)]] + [p.g.choice([x for x in WORDS if x not in words])
                                                            for _ in range(3)]
             pictures = [("original", p.card(w, h, c0, words)), ("colour", p.card(w, h, c1, words)),
                         ("words", p.card(w, h, c0, other))]
@@ -341,6 +342,7 @@ def phash_baseline_groups(ev: DedupEvalSet, max_distance: int) -> dict[str, str]
     """item id -> group under plain ``imagehash.phash`` (full decode) Hamming <= k joined by union-find:
     the comparison baseline."""
     import imagehash
+
     from vila2_curate.curation.dedup.phash import brute_force_pairs
     from vila2_curate.curation.dedup.unionfind import UnionFind
 
