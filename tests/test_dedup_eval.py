@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+
 from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES, confirm_pair, thumbnail
 from vila2_curate.pipelines.demo.dedup_eval import (
     dedup_groups,

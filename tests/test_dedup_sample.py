@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from conftest import write_config
+
 from vila2_curate.pipelines.executors.local import run_local
 from vila2_curate.pipelines.validate import read_vila_samples
 from vila2_curate.schemas.config import load_config

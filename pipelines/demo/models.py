@@ -104,6 +104,7 @@ def build_demo_lm(out_dir: str | Path, size: str = "small", seed: int = 0, token
     """Write a random Llama causal LM + tokenizer with ``save_pretrained``; return the folder."""
     import torch
     from transformers import LlamaForCausalLM
+
     from vila2_curate.pipelines.demo.vlm import demo_llama_config
 
     folder = Path(out_dir)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pyarrow as pa
+
 from vila2_curate.pipelines.engine.guard import apply_guarded
 from vila2_curate.pipelines.engine.parts import (
     assemble_shard,

@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 from tqdm import tqdm
+
 from vila2_curate.pipelines.engine.plan import Plan, Segment
 from vila2_curate.pipelines.engine.runner import (
     DEFAULT_PARTITIONS,

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
+
 from vila2_curate.pipelines.engine.guard import apply_guarded
 from vila2_curate.pipelines.engine.parts import (
     assemble_shard,
