@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import output_files, write_config
+
 from vila2_curate.pipelines.executors.local import run_local
 from vila2_curate.pipelines.validate import validate_output
 from vila2_curate.schemas.config import load_config
@@ -190,6 +191,7 @@ def test_runner_confirms_pending_phash_edges_per_shard(engine: str, tmp_path: Pa
     import fsspec
     import pyarrow as pa
     from test_partitioned import _sorted, cross_shard_near_duplicates
+
     from vila2_curate.curation.dedup.stage import DedupStage
     from vila2_curate.pipelines.engine.aggregate import split_by_partition
     from vila2_curate.pipelines.engine.runner import (

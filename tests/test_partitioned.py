@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+
 from vila2_curate.curation.dedup.minhash import minhash_signatures
 from vila2_curate.curation.dedup.stage import SIGNATURE_SCHEMA, DedupStage
 from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from vila2_curate.curation.dedup.exact import exact_pairs
 from vila2_curate.curation.dedup.minhash import _PRIME, EMPTY, _bucket_pairs, _fmix64, band_keys, lsh_params
 from vila2_curate.curation.dedup.phash import hamming_pairs
@@ -575,6 +576,7 @@ class PartitionedDedup:
         only group members are visited in Python. Same rules as ``DedupStage.decide``."""
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
+
         from vila2_curate.curation.dedup.keeper import keeper_sort_key
         from vila2_curate.curation.dedup.stage import BOILERPLATE_FLAG, IMAGE_METHODS
 

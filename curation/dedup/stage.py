@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from vila2_curate.curation.dedup.exact import exact_pairs
 from vila2_curate.curation.dedup.keeper import keeper_sort_key, pair_publishable, pixels
 from vila2_curate.curation.dedup.minhash import minhash_signatures, near_duplicate_pairs

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from vila2_curate.schemas.rows import DECISION_SCHEMA
 from vila2_curate.schemas.stage import (
     PARTITION_COL,

@@ -30,6 +30,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from vila2_curate.pipelines.engine import aggregate
 from vila2_curate.pipelines.engine.aggregate import normalize_decisions
 from vila2_curate.pipelines.engine.plan import Plan, Segment, build_plan, set_run_started_at

@@ -35,6 +35,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from vila2_curate.pipelines.engine.aggregate import normalize_decisions
 from vila2_curate.pipelines.io.readers.base import InputShard
 from vila2_curate.pipelines.io.writers.atomic import read_parquet, write_json_atomic, write_parquet_atomic
