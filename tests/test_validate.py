@@ -602,3 +602,26 @@ def test_pax_long_name_and_global_headers(r0: Path) -> None:
     report = check_output(str(r0))
     assert_reports(report.problems, "pax header ('x') at byte", "pax header sets ['path']; VILA's reader ignores")
     assert_reports(report.warnings, "global pax header ('g') at byte 0 with ['comment']: VILA's reader skips it")
+
+
+def test_image_digests_spill_to_buckets_and_find_the_same_duplicates() -> None:
+    """Memory stays bounded (records spill to 256 bucket files) and the answer equals a plain dict's."""
+    import random
+
+    from vila2_curate.pipelines.validate.images import ImageDigests
+
+    rng = random.Random(7)
+    pool = [hashlib.sha256(str(i).encode()).digest()[:8] for i in range(3000)]
+    tars = [[(rng.choice(pool), o) for o in range(rng.randint(0, 40))] for _ in range(200)]
+    seen: dict[bytes, list[tuple[int, int]]] = {}
+    for t, images in enumerate(tars):
+        for d, o in images:
+            seen.setdefault(d, []).append((t, o))
+    dups = {d: m for d, m in seen.items() if len(m) > 1}
+    want = (len(dups), sum(len(m) - 1 for m in dups.values()), dups[min(dups, key=lambda d: int.from_bytes(d))])
+    for spill_at in (1 << 20, 97, 1):
+        digests = ImageDigests(spill_at=spill_at)
+        for t, images in enumerate(tars):
+            digests.add(t, images)
+        assert digests.summary() == want
+        assert digests._spill is None  # the temporary bucket folder is gone

@@ -29,7 +29,6 @@ from typing import Any, Protocol
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from vila2_curate.pipelines.engine import aggregate
 from vila2_curate.pipelines.engine.aggregate import normalize_decisions
@@ -58,6 +57,7 @@ from vila2_curate.pipelines.io.readers import make_reader
 from vila2_curate.pipelines.io.readers.base import InputShard, Reader
 from vila2_curate.pipelines.io.writers.atomic import (
     is_temp_name,
+    open_parquet,
     read_parquet,
     write_json_atomic,
     write_parquet_atomic,
@@ -425,8 +425,8 @@ def write_segment_summary(ctx: RunContext, segment: Segment, n_decisions: int, m
     fs, root, seg = ctx.fs, ctx.root, segment.index
     n_sigs = 0
     for it in ctx.items:
-        with fs.open(signatures_path(root, seg, it.shard), "rb") as f:
-            n_sigs += pq.ParquetFile(f).metadata.num_rows
+        with open_parquet(fs, signatures_path(root, seg, it.shard)) as pf:
+            n_sigs += pf.metadata.num_rows
     summary: dict[str, Any] = {}
     if n_sigs <= SUMMARY_MAX_SIGNATURES:
         parts = [s for s in (_summary_columns(read_shard_signatures(fs, root, seg, it.shard))

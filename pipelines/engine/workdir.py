@@ -38,7 +38,12 @@ import pyarrow.parquet as pq
 
 from vila2_curate.pipelines.engine.aggregate import normalize_decisions
 from vila2_curate.pipelines.io.readers.base import InputShard
-from vila2_curate.pipelines.io.writers.atomic import read_parquet, write_json_atomic, write_parquet_atomic
+from vila2_curate.pipelines.io.writers.atomic import (
+    open_parquet,
+    read_parquet,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from vila2_curate.schemas.rows import check_schema_version, conform
 from vila2_curate.schemas.table_ops import replace_columns
 
@@ -204,8 +209,8 @@ def slim_dropped(batch: pa.Table) -> pa.Table:
 
 def is_slim(fs, path: str) -> bool:
     """Whether a rows file was written by ``slim_for_work`` (needs the input shard joined back)."""
-    with fs.open(path, "rb") as f:
-        names = pq.ParquetFile(f).schema_arrow.names
+    with open_parquet(fs, path) as pf:
+        names = pf.schema_arrow.names
     return "url" not in names
 
 
@@ -245,8 +250,7 @@ class IntermediateWriter:
 
 
 def read_rows(fs, path: str, batch_size: int) -> Iterator[pa.Table]:
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
+    with open_parquet(fs, path) as pf:
         check_schema_version(pf.schema_arrow)
         for rb in pf.iter_batches(batch_size=batch_size):
             yield pa.Table.from_batches([rb], schema=pf.schema_arrow)

@@ -21,7 +21,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from vila2_curate.pipelines.io.writers.atomic import read_parquet
+from vila2_curate.pipelines.io.writers.atomic import open_parquet, read_parquet
 from vila2_curate.schemas.images import IMAGE_EXTENSIONS, VILA_IMAGE_FORMATS, decode_rgb
 
 THUMB_SIDE = 160
@@ -317,15 +317,13 @@ def _parquet_files(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
 
 def clip_hists_from_work(root: Root) -> dict[str, Hist]:
     """CLIP scores of every row the clip filter saw (kept and dropped), streamed per record batch."""
-    import pyarrow.parquet as pq
 
     seg = _work_segment(root, "clip_filter")
     hists: dict[str, Hist] = {}
     if seg is None:
         return hists
     for path in _parquet_files(root.fs, join(seg, "signatures")):
-        with root.fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
+        with open_parquet(root.fs, path) as pf:
             names = set(pf.schema_arrow.names)
             if "clip_score" not in names:
                 continue
@@ -353,7 +351,6 @@ def dedup_thumbs_from_work(root: Root, wanted: set[str]) -> dict[str, str]:
     Reads the key column of each row group first and the image column only of row groups holding a wanted
     key, so a large dataset costs a key scan, not an image scan.
     """
-    import pyarrow.parquet as pq
 
     out: dict[str, str] = {}
     seg = _work_segment(root, "dedup")
@@ -365,8 +362,7 @@ def dedup_thumbs_from_work(root: Root, wanted: set[str]) -> dict[str, str]:
         by_source.setdefault(src, {}).setdefault(key, set()).add(idx)
     for src, keys in by_source.items():
         for path in _parquet_files(root.fs, join(seg, f"rows/{src}")):
-            with root.fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
+            with open_parquet(root.fs, path) as pf:
                 names = set(pf.schema_arrow.names)
                 img_col = "image" if "image" in names else "image_info" if "image_info" in names else None
                 if img_col is None or "key" not in names:

@@ -4,8 +4,10 @@ dataset are reported (a run without exact dedup is legal, so that is a warning).
 from __future__ import annotations
 
 import io
+import os
 import posixpath
-from array import array
+import tempfile
+from collections.abc import Iterator
 
 import fsspec
 import numpy as np
@@ -34,30 +36,89 @@ def check_image(data: bytes, ext: str) -> str | None:
 
 
 class ImageDigests:
-    """Every image's sha256 prefix with where it is, in flat arrays: 16 bytes per image (400 MB at 25M)."""
+    """Every image's sha256 prefix with where it is (16 bytes per image), with bounded memory.
 
-    def __init__(self) -> None:
-        self.prefixes = bytearray()
-        self.tar = array("I")
-        self.ordinal = array("I")
+    Records collect in flat arrays; past ``spill_at`` records they are appended to 256 bucket files (by the
+    digest's first byte) in a temporary folder, so memory stays ``spill_at`` x 16 bytes (16 MiB) whatever
+    the dataset's size. ``summary`` sorts one bucket at a time: buckets in byte order, keys sorted inside
+    each, is the same order as one global sort.
+    """
+
+    RECORD = np.dtype([("key", "u8"), ("tar", "u4"), ("ordinal", "u4")])  # native: the files never leave
+    BUCKETS = 256
+
+    def __init__(self, spill_at: int = 1 << 20) -> None:
+        self.spill_at = spill_at
+        self._buf: list[np.ndarray] = []
+        self._buffered = 0
+        self._spill: tempfile.TemporaryDirectory | None = None
 
     def add(self, tar_index: int, images: list[tuple[bytes, int]]) -> None:
-        for digest, ordinal in images:
-            self.prefixes += digest
-            self.tar.append(tar_index)
-            self.ordinal.append(ordinal)
+        if not images:
+            return
+        rec = np.empty(len(images), dtype=self.RECORD)
+        rec["key"] = np.frombuffer(b"".join(d for d, _ in images), dtype=">u8")
+        rec["tar"] = tar_index
+        rec["ordinal"] = [o for _, o in images]
+        self._buf.append(rec)
+        self._buffered += len(rec)
+        if self._buffered >= self.spill_at:
+            self._flush()
 
-    def duplicate_groups(self) -> list[list[tuple[int, int]]]:
-        """(tar index, image ordinal) of images whose first 64 sha256 bits are equal (a collision between
-        different images is ~1e-5 at 25M images)."""
-        keys = np.frombuffer(bytes(self.prefixes), dtype=">u8")
-        order = np.argsort(keys, kind="stable")
-        ordered = keys[order]
-        same = np.flatnonzero(ordered[1:] == ordered[:-1])
-        groups: dict[int, list[int]] = {}
-        for i in same.tolist():
-            groups.setdefault(int(ordered[i]), [int(order[i])]).append(int(order[i + 1]))
-        return [[(self.tar[j], self.ordinal[j]) for j in members] for members in groups.values()]
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        if self._spill is None:
+            self._spill = tempfile.TemporaryDirectory(prefix="vila2-validate-")
+        rec = np.concatenate(self._buf)
+        self._buf, self._buffered = [], 0
+        bucket = (rec["key"] >> np.uint64(56)).astype(np.int64)
+        order = np.argsort(bucket, kind="stable")
+        rec, bucket = rec[order], bucket[order]
+        edges = np.searchsorted(bucket, np.arange(self.BUCKETS + 1))
+        for b in range(self.BUCKETS):
+            if edges[b] < edges[b + 1]:
+                with open(os.path.join(self._spill.name, f"{b:03d}"), "ab") as f:
+                    f.write(rec[edges[b]:edges[b + 1]].tobytes())
+
+    def _buckets(self) -> Iterator[np.ndarray]:
+        if self._spill is None:
+            if self._buf:
+                yield np.concatenate(self._buf)
+            return
+        self._flush()
+        for b in range(self.BUCKETS):
+            path = os.path.join(self._spill.name, f"{b:03d}")
+            if os.path.exists(path):
+                yield np.fromfile(path, dtype=self.RECORD)
+
+    def summary(self) -> tuple[int, int, list[tuple[int, int]]]:
+        """(groups of images whose first 64 sha256 bits are equal, extra copies, the first group's
+        (tar index, image ordinal) members); a collision between different images is ~1e-5 at 25M."""
+        groups = copies = 0
+        first: list[tuple[int, int]] = []
+        try:
+            for rec in self._buckets():
+                order = np.argsort(rec["key"], kind="stable")
+                rec = rec[order]
+                keys = rec["key"]
+                dup = keys[1:] == keys[:-1]
+                if not dup.any():
+                    continue
+                starts = np.flatnonzero(dup & np.concatenate(([True], ~dup[:-1])))
+                groups += len(starts)
+                copies += int(dup.sum())
+                if not first:
+                    s = int(starts[0])
+                    e = s + 1
+                    while e < len(keys) and keys[e] == keys[s]:
+                        e += 1
+                    first = [(int(t), int(o)) for t, o in zip(rec["tar"][s:e], rec["ordinal"][s:e], strict=True)]
+        finally:
+            if self._spill is not None:
+                self._spill.cleanup()
+                self._spill = None
+        return groups, copies, first
 
 
 def _image_keys(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
@@ -72,11 +133,10 @@ def report_duplicate_images(
     fs: fsspec.AbstractFileSystem, base: str, tars: list[str], digests: ImageDigests, report: Validation,
 ) -> None:
     """Byte-identical images across the dataset: a warning (a run without exact dedup is legal)."""
-    groups = digests.duplicate_groups()
-    if not groups:
+    n_groups, copies, first = digests.summary()
+    if not n_groups:
         return
-    copies = sum(len(g) - 1 for g in groups)
-    keys = {t: _image_keys(fs, f"{base}/{tars[t]}") for t in {t for t, _ in groups[0]}}
-    example = ", ".join(f"{tars[t]}:{keys[t][o]}" for t, o in groups[0])
-    report.warnings.append(f"{len(groups)} image(s) appear byte-identical in more than one sample ({copies} extra "
+    keys = {t: _image_keys(fs, f"{base}/{tars[t]}") for t in {t for t, _ in first}}
+    example = ", ".join(f"{tars[t]}:{keys[t][o]}" for t, o in first)
+    report.warnings.append(f"{n_groups} image(s) appear byte-identical in more than one sample ({copies} extra "
                            f"copies; sha256), e.g. {example}: was exact dedup run?")
