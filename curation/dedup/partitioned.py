@@ -256,9 +256,8 @@ def confirm_candidates(pairs: np.ndarray, thumbs: np.ndarray, has_thumb: np.ndar
                                    inv.reshape(-1, 2)) >= cfg.clip_confirm_min_cosine
             todo &= ~has
     has_t = todo & has_thumb[pairs[:, 0]] & has_thumb[pairs[:, 1]]
-    if has_t.any():
-        uniq, inv = np.unique(pairs[has_t], return_inverse=True)
-        ok[has_t] = confirm_pairs(thumbs[uniq], inv.reshape(-1, 2), cfg)
+    if has_t.any():  # indexes ``thumbs`` in place: a compacted copy would cost a group's thumbnails again
+        ok[has_t] = confirm_pairs(thumbs, pairs[has_t], cfg)
     return pairs[ok]
 
 
@@ -509,6 +508,9 @@ class PartitionedDedup:
                                               cfg.phash_max_distance + 1)
                     edges.append(_edges(method, t, pairs))
                 continue
+            if task == "thumb":  # cluster by cluster: one cluster's thumbnails at a time, not the task's
+                edges.extend(self._thumb_edges(rows, in_task))
+                continue
             t = _slice(rows, in_task, dedupe=True)
             if task == "exact":
                 pairs = exact_pairs(t.column("sha256").to_pylist())
@@ -517,14 +519,30 @@ class PartitionedDedup:
                 emb = list_matrix(t.column("embedding"), np.float32)
                 pairs = semantic_cluster_pairs(emb, t.column("cluster").to_numpy(), cfg.semantic_eps)
                 edges.append(_edges("semantic", t, pairs))
-            else:  # thumbnail neighbours inside each cluster, confirmed like pHash candidates
-                hashes = t.column("phash").to_numpy(zero_copy_only=False).astype(np.uint64)
-                th = fixed_binary(t.column("thumb"), THUMB_BYTES)
-                pairs = thumb_candidate_pairs(th, t.column("cluster").to_numpy(), cfg.thumbnail_neighbours,
-                                              hashes, cfg.phash_max_distance)
-                edges.append(_edges("phash", t, self._confirm(t, pairs)))
         edges = [e for e in edges if e.num_rows]
         return pa.concat_tables(edges) if edges else EDGE_SCHEMA.empty_table()
+
+    def _thumb_edges(self, rows: pa.Table, in_task: np.ndarray) -> list[pa.Table]:
+        """Thumbnail neighbours inside each cluster, confirmed like pHash candidates: the pairs of
+        ``thumb_candidate_pairs`` on the task's rows in canonical order (a cluster's members keep that
+        order), one cluster's rows taken at a time."""
+        idx = np.flatnonzero(in_task)
+        keys = rows.select(["source", "key", "image_index", "cluster"]).filter(pa.array(in_task))
+        order = _canonical_order(keys, dedupe=True)
+        members, labels = idx[order], keys.column("cluster").to_numpy()[order]
+        del keys
+        out = []
+        for c in np.unique(labels).tolist():
+            m = members[labels == c]
+            if m.size < 2:
+                continue
+            mask = np.zeros(rows.num_rows, dtype=bool)
+            mask[m] = True
+            ascending = np.sort(m)  # filter keeps row order; take puts the members back in canonical order
+            t = rows.filter(pa.array(mask)).take(pa.array(np.searchsorted(ascending, m)))
+            pairs = thumb_knn_pairs(fixed_binary(t.column("thumb"), THUMB_BYTES), self.cfg.thumbnail_neighbours)
+            out.append(_edges("phash", t, self._confirm(t, pairs)))
+        return out
 
     def _confirm(self, t: pa.Table, pairs: np.ndarray) -> np.ndarray:
         if pairs.size == 0 or self.cfg.phash_confirm == "none":
@@ -692,14 +710,20 @@ def _slice(rows: pa.Table, mask: np.ndarray, dedupe: bool) -> pa.Table:
     group once per band that maps there)."""
     # filter works chunk by chunk; a take on the many-chunk input would first concatenate whole columns
     sub = rows.filter(pa.array(mask))
-    order = pc.sort_indices(sub.select(["source", "key", "image_index"]),
+    return sub.take(pa.array(_canonical_order(sub, dedupe)))
+
+
+def _canonical_order(tbl: pa.Table, dedupe: bool) -> np.ndarray:
+    """Row positions of ``tbl`` in canonical (source, key, image_index) order (stable), the first row
+    per id only when ``dedupe``."""
+    order = pc.sort_indices(tbl.select(["source", "key", "image_index"]),
                             sort_keys=[("source", "ascending"), ("key", "ascending"),
                                        ("image_index", "ascending")]).to_numpy()
     if dedupe and order.size > 1:
-        ids = np.asarray(item_ids(sub.select(["source", "key", "image_index"]).take(pa.array(order))), dtype=object)
+        ids = np.asarray(item_ids(tbl.select(["source", "key", "image_index"]).take(pa.array(order))), dtype=object)
         keep = np.r_[True, ids[1:] != ids[:-1]]
         order = order[keep]
-    return sub.take(pa.array(order))
+    return order
 
 
 def _payload(thumb: pa.ChunkedArray | pa.Array, emb: pa.ChunkedArray | pa.Array | None

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageChops, ImageCms
+
 from vila2_curate.schemas.config import DedupConfig
 
 GREY_SIDE = 16
@@ -256,6 +257,9 @@ def thumbnail_signals(thumbs: np.ndarray, pairs: np.ndarray) -> dict[str, np.nda
     }
 
 
+_CONFIRM_CHUNK = 2048  # pairs per step: ~75 MiB of float work arrays (8192: ~300 MiB, a partition's peak)
+
+
 def confirm_pairs(thumbs: np.ndarray, pairs: np.ndarray, cfg: DedupConfig) -> np.ndarray:
     """Boolean mask over ``pairs`` (indices into ``thumbs``, (n, THUMB_BYTES) uint8): same picture?
 
@@ -263,9 +267,9 @@ def confirm_pairs(thumbs: np.ndarray, pairs: np.ndarray, cfg: DedupConfig) -> np
     worker that holds both items' signatures.
     """
     ok = np.zeros(len(pairs), dtype=bool)
-    for s in range(0, len(pairs), 8192):  # bounded memory: 9 shifted float copies per chunk
-        sig = thumbnail_signals(thumbs, pairs[s:s + 8192])
-        ok[s:s + 8192] = ((sig["grey_mean"] <= cfg.thumbnail_max_distance)
+    for s in range(0, len(pairs), _CONFIRM_CHUNK):  # bounded memory: 9 shifted float copies per chunk
+        sig = thumbnail_signals(thumbs, pairs[s:s + _CONFIRM_CHUNK])
+        ok[s:s + _CONFIRM_CHUNK] = ((sig["grey_mean"] <= cfg.thumbnail_max_distance)
                           & (sig["grey_local"] <= cfg.thumbnail_max_local_distance)
                           & (sig["colour_local"] <= cfg.colour_max_local_delta_e)
                           & (sig["colour_mean"] <= cfg.colour_max_mean_delta_e)
