@@ -115,20 +115,25 @@ def split_by_column(table: pa.Table, column: str) -> list[tuple[str, pa.Table]]:
     return [(v, table.filter(pc.equal(col, v))) for v in sorted(pc.unique(col).drop_null().to_pylist())]
 
 
-def confirm_pending_local(stage: ConfirmsPending, partials: list[pa.Table],
-                          tagged: Sequence[tuple[str, pa.Table]]) -> list[pa.Table]:
-    """Step 2b (schemas.stage.ConfirmsPending) in this process, as ``runner.confirm_pending`` runs it on an
-    engine: ready edges, plus the pending ones each confirmed after attaching endpoint a's payload from
-    a's shard, then endpoint b's from b's shard. ``tagged``: (shard name, that shard's signatures)."""
+def split_pending(stage: ConfirmsPending, partials: list[pa.Table]) -> tuple[list[pa.Table], pa.Table | None]:
+    """Step 2b-a: the partials without pending edges, and all pending edges in one table (None if none)."""
     ready, pending = [], []
     for partial in partials:
         r, q = stage.split_pending(partial)
         ready.append(r)
         if q.num_rows:
             pending.append(q)
-    if not pending:
+    return ready, (pa.concat_tables(pending) if pending else None)
+
+
+def confirm_pending_local(stage: ConfirmsPending, partials: list[pa.Table],
+                          tagged: Sequence[tuple[str, pa.Table]]) -> list[pa.Table]:
+    """Step 2b (schemas.stage.ConfirmsPending) in this process, as ``runner.confirm_pending`` runs it on an
+    engine: ready edges, plus the pending ones each confirmed after attaching endpoint a's payload from
+    a's shard, then endpoint b's from b's shard. ``tagged``: (shard name, that shard's signatures)."""
+    ready, edges = split_pending(stage, partials)
+    if edges is None:
         return ready
-    edges = pa.concat_tables(pending)
     sigs = dict(tagged)
     halves: dict[str, list[pa.Table]] = {}
     for name, mine in split_by_column(edges, f"a_{SHARD_COL}"):

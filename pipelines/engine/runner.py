@@ -298,13 +298,8 @@ def confirm_pending(engine: Engine, ctx: RunContext, seg: int, stage: Any,
     holds edges); it writes them per a-shard, ``per_shard`` attaches a's payload and routes them per
     b-shard, ``per_shard`` again attaches b's payload and confirms. Returns the ready partials plus the
     confirmed edges. The files live under ``_work/seg{i}/pending/`` until the edges are confirmed."""
-    ready, pending = [], []
-    for partial in partials:
-        r, q = stage.split_pending(partial)
-        ready.append(r)
-        if q.num_rows:
-            pending.append(q)
-    if not pending:
+    ready, edges = aggregate.split_pending(stage, partials)
+    if edges is None:
         return ready
     fs, root = ctx.fs, ctx.root
     folder = pending_dir(root, seg)
@@ -312,8 +307,6 @@ def confirm_pending(engine: Engine, ctx: RunContext, seg: int, stage: Any,
         fs.rm(folder, recursive=True)
     shards = {shard_label(it.shard): it.shard for it in ctx.items}
     by_label = {shard_label(it.shard): it for it in ctx.items}
-    edges = pa.concat_tables(pending)
-    del pending
     todo = []
     for label, part in aggregate.split_by_column(edges, f"a_{SHARD_COL}"):
         write_parquet_atomic(fs, pending_path(root, seg, by_label[label].shard), part)
