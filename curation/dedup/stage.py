@@ -35,12 +35,8 @@ import pyarrow.compute as pc
 from vila2_curate.curation.dedup.exact import exact_pairs
 from vila2_curate.curation.dedup.keeper import keeper_sort_key, pair_publishable, pixels
 from vila2_curate.curation.dedup.minhash import minhash_signatures, near_duplicate_pairs
-from vila2_curate.curation.dedup.partitioned import (
-    PartitionedDedup,
-    confirm_lists,
-    semantic_cluster_pairs,
-    thumb_candidate_pairs,
-)
+from vila2_curate.curation.dedup.pairs import confirm_lists, semantic_cluster_pairs, thumb_candidate_pairs
+from vila2_curate.curation.dedup.partitioned import PartitionedDedup
 from vila2_curate.curation.dedup.phash import hamming_pairs
 from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES, thumbnail
 from vila2_curate.curation.dedup.unionfind import UnionFind

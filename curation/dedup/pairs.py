@@ -1,0 +1,123 @@
+"""Candidate pairs and their confirmation, shared by dedup's single-process ``decide`` (the reference) and
+its partitioned path, so both find the same pairs: thumbnail k-NN inside clusters, SemDeDup cosine
+blocks inside clusters, LSH band buckets for MinHash, and the second signal (CLIP cosine or the
+colour-aware thumbnail test) that confirms a pHash or thumbnail candidate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from vila2_curate.curation.dedup.minhash import _bucket_pairs, band_keys
+from vila2_curate.curation.dedup.semantic import _block_pairs, clip_cosines
+from vila2_curate.curation.dedup.thumbnails import GREY_SIDE, THUMB_BYTES, confirm_pairs, knn_index_pairs
+from vila2_curate.schemas.config import DedupConfig
+
+
+def coarse_thumbs(thumbs: np.ndarray) -> np.ndarray:
+    """(n, 64) float64: 2x2 sums of the 16x16 grey thumbnail, integers <= 1020 (exact dot products)."""
+    g = thumbs[:, :GREY_SIDE * GREY_SIDE].reshape(-1, GREY_SIDE // 2, 2, GREY_SIDE // 2, 2).astype(np.float64)
+    return g.sum(axis=(2, 4)).reshape(len(thumbs), -1)
+
+
+
+def thumb_knn_pairs(thumbs: np.ndarray, k: int) -> np.ndarray:
+    """Pairs i < j with j among i's k nearest thumbnails by the 8x8 pooled grey grid (exact faiss flat search,
+    rows in the given order). Pooled: a quarter of the 16x16 grid's cost, and a small crop or shift moves
+    it even less; every candidate is then confirmed on the full thumbnail."""
+    import faiss
+
+    n = len(thumbs)
+    if n < 2 or k <= 0:
+        return np.empty((0, 2), dtype=np.int64)
+    x = np.ascontiguousarray(coarse_thumbs(thumbs), dtype=np.float32)
+    return knn_index_pairs(faiss.IndexFlatL2(x.shape[1]), x, k)
+
+
+def clustered_pairs(labels: np.ndarray, fn) -> np.ndarray:
+    """fn(members) -> (m, 2) global index pairs, called per cluster with members in ascending order."""
+    order = np.argsort(labels, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1], True]) if len(labels) else []
+    out = [fn(order[s:e]) for s, e in zip(bounds[:-1], bounds[1:], strict=True) if e - s > 1]
+    out = [p for p in out if p.size]
+    return np.concatenate(out) if out else np.empty((0, 2), dtype=np.int64)
+
+
+def thumb_candidate_pairs(thumbs: np.ndarray, labels: np.ndarray, k: int, hashes: np.ndarray,
+                          max_distance: int) -> np.ndarray:
+    """Thumbnail k-NN pairs inside each cluster, with no pHash bound (``hashes``/``max_distance`` kept for
+    callers): a 1-5% crop or a JPEG q35 re-encode of a flat graphic moves its pHash by up to ~26 bits
+    (pipelines/demo/dedup_eval.py), so the colour-aware ``thumbnails.confirm_pairs`` decides alone."""
+    return clustered_pairs(labels, lambda m: m[thumb_knn_pairs(thumbs[m], k)])
+
+
+def semantic_cluster_pairs(emb: np.ndarray, labels: np.ndarray, eps: float) -> np.ndarray:
+    emb = np.ascontiguousarray(emb, dtype=np.float32)
+    return clustered_pairs(labels, lambda m: _block_pairs(emb, m, 1.0 - eps))
+
+
+def confirm_candidates(pairs: np.ndarray, thumbs: np.ndarray, has_thumb: np.ndarray, emb: np.ndarray | None,
+                       has_emb: np.ndarray | None, cfg: DedupConfig) -> np.ndarray:
+    """Keep candidate pairs a second signal confirms: CLIP cosine where both have embeddings (``clip``),
+    else thumbnails (``thumbnails.confirm_pairs``) where both have them; neither signal: not confirmed.
+    ``thumbs`` (n, THUMB_BYTES) and ``emb`` (n, d) are row-aligned with their ``has_*`` masks."""
+    if pairs.size == 0 or cfg.phash_confirm == "none":
+        return pairs
+    ok = np.zeros(len(pairs), dtype=bool)
+    todo = np.ones(len(pairs), dtype=bool)
+    if cfg.phash_confirm == "clip" and emb is not None and has_emb is not None:
+        has = has_emb[pairs[:, 0]] & has_emb[pairs[:, 1]]
+        if has.any():
+            uniq, inv = np.unique(pairs[has], return_inverse=True)
+            ok[has] = clip_cosines(np.ascontiguousarray(emb[uniq], dtype=np.float32),
+                                   inv.reshape(-1, 2)) >= cfg.clip_confirm_min_cosine
+            todo &= ~has
+    has_t = todo & has_thumb[pairs[:, 0]] & has_thumb[pairs[:, 1]]
+    if has_t.any():  # indexes ``thumbs`` in place: a compacted copy would cost a group's thumbnails again
+        ok[has_t] = confirm_pairs(thumbs, pairs[has_t], cfg)
+    return pairs[ok]
+
+
+def confirm_lists(pairs: np.ndarray, thumbs: list[bytes | None], emb: list[Any], cfg: DedupConfig) -> np.ndarray:
+    """:func:`confirm_candidates` on per-row Python values (the single-process decide's layout)."""
+    if pairs.size == 0 or cfg.phash_confirm == "none":
+        return pairs
+    involved = np.unique(pairs)
+    local = np.searchsorted(involved, pairs)
+    t = np.zeros((len(involved), THUMB_BYTES), dtype=np.uint8)
+    has_t = np.zeros(len(involved), dtype=bool)
+    for j, i in enumerate(involved.tolist()):
+        if thumbs[i] is not None:
+            t[j] = np.frombuffer(thumbs[i], dtype=np.uint8)
+            has_t[j] = True
+    e = has_e = None
+    if cfg.phash_confirm == "clip":
+        has_e = np.array([bool(emb[i]) for i in involved.tolist()])
+        dim = max((len(emb[i]) for i in involved.tolist() if emb[i]), default=0)
+        e = np.zeros((len(involved), dim), dtype=np.float32)
+        for j, i in enumerate(involved.tolist()):
+            if has_e[j]:
+                e[j] = emb[i]
+    return involved[confirm_candidates(local, t, has_t, e, has_e, cfg)]
+
+
+def minhash_band_pairs(sigs: np.ndarray, band: int, rows: int, threshold: float,
+                       identical: bool) -> np.ndarray:
+    """Pairs (row indices) found in one LSH band: identical signatures as a star (when ``identical``) and
+    bucket candidates among distinct signatures verified by estimated Jaccard, as the reference does."""
+    if len(sigs) < 2:
+        return np.empty((0, 2), dtype=np.int64)
+    uniq, first, inverse = np.unique(sigs, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    out = []
+    if identical:
+        star = np.stack([first[inverse], np.arange(len(sigs))], axis=1)
+        out.append(star[star[:, 0] != star[:, 1]])
+    pairs = _bucket_pairs(band_keys(uniq, band, rows))
+    if pairs.size:
+        est = (uniq[pairs[:, 0]] == uniq[pairs[:, 1]]).mean(axis=1)
+        pairs = pairs[est >= threshold]
+        out.append(np.stack([first[pairs[:, 0]], first[pairs[:, 1]]], axis=1))
+    out = [p for p in out if p.size]
+    return np.concatenate(out) if out else np.empty((0, 2), dtype=np.int64)
