@@ -43,14 +43,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 STAGES = ["dedup", "dedup_captions", "clip_filter", "deltaloss", "clip_filter_sketch", "deltaloss_sketch"]
 SOURCES = ["coyo_a", "coyo_b", "img2dataset", "laion"]
@@ -493,8 +489,7 @@ def main(argv: list[str] | None = None) -> int:
                 proc = subprocess.run([sys.executable, __file__, "--child", mode, "--stage", name, "--work", work,
                                        "--n", str(args.n), "--partitions", str(args.partitions),
                                        "--shard-rows", str(args.shard_rows), "--workers", str(args.workers),
-                                       "--seed", str(args.seed)], capture_output=True, text=True,
-                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                       "--seed", str(args.seed)], capture_output=True, text=True)
                 out = (proc.stdout.strip().splitlines() or [""])[-1]
                 if proc.returncode != 0 or not out.startswith("{"):
                     raise RuntimeError(proc.stderr[-2000:])

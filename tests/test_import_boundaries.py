@@ -57,7 +57,7 @@ def violations(package: str, rel: Path, imports: set[str]) -> list[str]:
             continue
         if PACKAGE_LAYERS.index(parts[1]) < mine:
             bad.append(f"{where} imports {name}: {package}/ is below {parts[1]}/")
-        if package == "pipelines" == parts[1] and len(parts) > 2 and len(rel.parts) > 0:
+        if package == "pipelines" == parts[1] and len(parts) > 2:
             src = rel.parts[0].removesuffix(".py")
             dst = parts[2]
             if dst not in {m for layer in PIPELINES_LAYERS for m in layer}:

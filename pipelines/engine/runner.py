@@ -251,6 +251,13 @@ class DecidePartition:
         return self.stage.decide_partition(rows.drop_columns([GROUP_COL]))
 
 
+def _pending_signatures(fs, root: str, seg: int, shard: InputShard) -> pa.Table:
+    sig = read_shard_signatures(fs, root, seg, shard)
+    if sig is None:
+        raise RuntimeError(f"pending edges name {shard_label(shard)}, which has no signatures")
+    return sig
+
+
 class AttachPendingA:
     """Step 2b-b on one shard: its a-side pending edges get a's payload from the shard's signatures and
     are written per b-shard; returns [(b shard label, path)]."""
@@ -261,9 +268,7 @@ class AttachPendingA:
     def __call__(self, item: WorkItem) -> list[tuple[str, str]]:
         fs, root, seg = self.fs, self.root, self.seg
         edges = read_parquet(fs, pending_path(root, seg, item.shard))
-        sig = read_shard_signatures(fs, root, seg, item.shard)
-        if sig is None:
-            raise RuntimeError(f"pending edges name {shard_label(item.shard)}, which has no signatures")
+        sig = _pending_signatures(fs, root, seg, item.shard)
         half = self.stage.attach_pending(edges, sig, "a")
         del edges, sig
         out = []
@@ -286,9 +291,7 @@ class ConfirmPendingB:
         if not paths:
             return None
         half = pa.concat_tables([read_parquet(self.fs, p) for p in paths])
-        sig = read_shard_signatures(self.fs, self.root, self.seg, item.shard)
-        if sig is None:
-            raise RuntimeError(f"pending edges name {shard_label(item.shard)}, which has no signatures")
+        sig = _pending_signatures(self.fs, self.root, self.seg, item.shard)
         return self.stage.confirm_pending(self.stage.attach_pending(half, sig, "b"))
 
 
@@ -305,8 +308,8 @@ def confirm_pending(engine: Engine, ctx: RunContext, seg: int, stage: Any,
     folder = pending_dir(root, seg)
     if fs.exists(folder):  # left by an interrupted run
         fs.rm(folder, recursive=True)
-    shards = {shard_label(it.shard): it.shard for it in ctx.items}
     by_label = {shard_label(it.shard): it for it in ctx.items}
+    shards = {label: it.shard for label, it in by_label.items()}
     todo = []
     for label, part in aggregate.split_by_column(edges, f"a_{SHARD_COL}"):
         write_parquet_atomic(fs, pending_path(root, seg, by_label[label].shard), part)

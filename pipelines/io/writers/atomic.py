@@ -127,12 +127,16 @@ def read_parquet(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | 
     active exception", seen in ~1 of 3 `validate` runs). Reading through a Python file object (fsspec's)
     leaves such references in pool tasks: ``pq.read_table``'s dataset scanner callbacks, row-group decode
     tasks and ``ReadAsync`` futures hold the Python buffers they read. Copying the bytes into an
-    Arrow-allocated buffer first leaves nothing Python-owned to them. The files read here are small
-    (manifests, signatures, decisions), so the copy costs little.
+    Arrow-allocated buffer first (a local file is opened by Arrow itself) leaves nothing Python-owned to
+    them. The files read here are small (manifests, signatures, decisions), so the copy costs little.
     """
-    sink = pa.BufferOutputStream()
-    sink.write(fs.cat_file(path))
-    with pq.ParquetFile(pa.BufferReader(sink.getvalue())) as pf:
+    if isinstance(fs, LocalFileSystem):
+        source: pa.NativeFile = pa.OSFile(path, "rb")
+    else:
+        sink = pa.BufferOutputStream()
+        sink.write(fs.cat_file(path))
+        source = pa.BufferReader(sink.getvalue())
+    with source, pq.ParquetFile(source) as pf:
         return pf.read(columns=columns, use_threads=False)
 
 
@@ -159,6 +163,8 @@ class PartsWriter:
     _closed = False
 
     def write(self, table: pa.Table) -> list[tuple[int, str]]:
+        """Append kept rows; returns ``(row index, why)`` for rows that cannot be published (no url, no
+        usable caption, duplicate key): they are skipped, so the caller rejects them with a reason."""
         if self._closed:
             raise RuntimeError("writer is closed")
         try:
@@ -168,6 +174,7 @@ class PartsWriter:
             raise
 
     def close(self) -> list[OutputFile]:
+        """Finish the open part(s); returns every file written (relpath, count, bytes, sha256) by name."""
         if not self._closed:
             try:
                 self._finish()

@@ -266,14 +266,8 @@ class Mmc4PklWriter(PartsWriter):
         self._parts[(self._ndocs + self._start) % self.min_files].add(doc)
         self._ndocs += 1
 
-    def write(self, table: pa.Table) -> list[tuple[int, str]]:
-        """Append kept DOCUMENT_SCHEMA rows, each to the next part in round-robin order.
-
-        Returns ``(row index, why)`` for documents that cannot be published; they are skipped.
-        """
-        return super().write(table)
-
     def _write_rows(self, table: pa.Table) -> list[tuple[int, str]]:
+        """Append kept DOCUMENT_SCHEMA rows, each to the next part in round-robin order."""
         refused: list[tuple[int, str]] = []
         for i, row in enumerate(conform(table, DOCUMENT_SCHEMA).to_pylist()):
             key = row["key"]
@@ -292,10 +286,6 @@ class Mmc4PklWriter(PartsWriter):
             self.counters["images_truncated"] += truncated
             self._add(doc)
         return refused
-
-    def close(self) -> list[OutputFile]:
-        """Finish the last chunk; returns every pkl written (relpath, documents, bytes, sha256), by name."""
-        return super().close()
 
     def _finish(self) -> None:
         if self._parts:

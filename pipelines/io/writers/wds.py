@@ -264,15 +264,9 @@ class WdsShardWriter(PartsWriter):
             self.sidecar_files.append(OutputFile(rel, len(entries), len(data), hashlib.sha256(data).hexdigest()))
         self._sidecar_rows = {}
 
-    def write(self, table: pa.Table) -> list[tuple[int, str]]:
-        """Append kept PAIR_SCHEMA rows (in table order) to the current part, rolling over as needed.
-
-        Returns ``(row index, why)`` for rows that cannot be published (no url, no caption, duplicate key):
-        they are skipped, so the caller can reject them with a reason instead of failing the shard.
-        """
-        return super().write(table)
-
     def _write_rows(self, table: pa.Table) -> list[tuple[int, str]]:
+        """Append kept PAIR_SCHEMA rows (in table order) to the current part, rolling over as needed;
+        rows that cannot be published (no url, no caption, duplicate key) are refused, not written."""
         refused: list[tuple[int, str]] = []
         for i, row in enumerate(conform(table, PAIR_SCHEMA).to_pylist()):
             try:
@@ -296,15 +290,11 @@ class WdsShardWriter(PartsWriter):
             self._collect_sidecars(row)
         return refused
 
-    def close(self) -> list[OutputFile]:
-        """Finish the last part; returns every part written, in name order. Idempotent."""
-        return super().close()
-
     def _finish(self) -> None:
         self._finish_part()
 
     def _written(self) -> list[OutputFile]:
-        return list(self._done)
+        return list(self._done)  # in name order
 
     def _discard(self) -> None:
         """Remove the unfinished part's temporary file (finished parts stay: they are complete)."""
