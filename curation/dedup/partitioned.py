@@ -100,9 +100,14 @@ COMBINED_SCHEMA = DECISION_SCHEMA.append(pa.field(SHARD_COL, pa.string()))
 
 
 # ---- ids and the canonical order ------------------------------------------------------------------------
+def item_id_array(tbl: pa.Table) -> pa.ChunkedArray:
+    """``source/key/image_index`` per row: the item id edges and groups use."""
+    return pc.binary_join_element_wise(tbl.column("source"), tbl.column("key"),
+                                       pc.cast(tbl.column("image_index"), pa.string()), "/")
+
+
 def item_ids(tbl: pa.Table) -> list[str]:
-    return [f"{s}/{k}/{i}" for s, k, i in zip(*(tbl.column(c).to_pylist()
-                                                 for c in ("source", "key", "image_index")), strict=True)]
+    return item_id_array(tbl).to_pylist()
 
 
 def canonical_key(item_id: str) -> tuple[str, str, int]:
@@ -460,8 +465,7 @@ class PartitionedDedup:
         """``pending`` with endpoint ``end``'s confirmation payload (``{end}_thumb``, and ``{end}_embedding``
         under ``clip``) from ``signatures``, the input shard that holds endpoint ``end`` of every edge."""
         sig = signatures.select(["source", "key", "image_index", "thumb", "embedding"])
-        ids = pc.binary_join_element_wise(sig.column("source"), sig.column("key"),
-                                          pc.cast(sig.column("image_index"), pa.string()), "/")
+        ids = item_id_array(sig)
         idx = pc.index_in(pending.column(f"{end}_id"), value_set=ids)
         if pending.num_rows and idx.null_count:
             raise ValueError(f"pending edges name {end}-endpoints missing from the shard's signatures")
