@@ -5,13 +5,11 @@ colour-aware thumbnail test) that confirms a pHash or thumbnail candidate."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from vila2_curate.curation.dedup.minhash import _bucket_pairs, band_keys
 from vila2_curate.curation.dedup.semantic import _block_pairs, clip_cosines
-from vila2_curate.curation.dedup.thumbnails import GREY_SIDE, THUMB_BYTES, confirm_pairs, knn_index_pairs
+from vila2_curate.curation.dedup.thumbnails import GREY_SIDE, confirm_pairs, knn_index_pairs
 from vila2_curate.schemas.config import DedupConfig
 
 
@@ -44,12 +42,12 @@ def clustered_pairs(labels: np.ndarray, fn) -> np.ndarray:
     return np.concatenate(out) if out else np.empty((0, 2), dtype=np.int64)
 
 
-def thumb_candidate_pairs(thumbs: np.ndarray, labels: np.ndarray, k: int, hashes: np.ndarray,
-                          max_distance: int) -> np.ndarray:
-    """Thumbnail k-NN pairs inside each cluster, with no pHash bound (``hashes``/``max_distance`` kept for
-    callers): a 1-5% crop or a JPEG q35 re-encode of a flat graphic moves its pHash by up to ~26 bits
-    (pipelines/demo/dedup_eval.py), so the colour-aware ``thumbnails.confirm_pairs`` decides alone."""
-    return clustered_pairs(labels, lambda m: m[thumb_knn_pairs(thumbs[m], k)])
+def thumb_candidate_pairs(thumbs: np.ndarray, rows: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Thumbnail k-NN pairs (indices of ``thumbs``) among ``rows``, inside each cluster (``labels``, one per
+    row), with no pHash bound: a 1-5% crop or a JPEG q35 re-encode of a flat graphic moves its pHash by up to
+    ~26 bits (pipelines/demo/dedup_eval.py), so the colour-aware ``thumbnails.confirm_pairs`` decides alone.
+    A cluster's thumbnails are gathered one cluster at a time (never a copy of every row's)."""
+    return clustered_pairs(labels, lambda m: rows[m][thumb_knn_pairs(thumbs[rows[m]], k)])
 
 
 def semantic_cluster_pairs(emb: np.ndarray, labels: np.ndarray, eps: float) -> np.ndarray:
@@ -77,29 +75,6 @@ def confirm_candidates(pairs: np.ndarray, thumbs: np.ndarray, has_thumb: np.ndar
     if has_t.any():  # indexes ``thumbs`` in place: a compacted copy would cost a group's thumbnails again
         ok[has_t] = confirm_pairs(thumbs, pairs[has_t], cfg)
     return pairs[ok]
-
-
-def confirm_lists(pairs: np.ndarray, thumbs: list[bytes | None], emb: list[Any], cfg: DedupConfig) -> np.ndarray:
-    """:func:`confirm_candidates` on per-row Python values (the single-process decide's layout)."""
-    if pairs.size == 0 or cfg.phash_confirm == "none":
-        return pairs
-    involved = np.unique(pairs)
-    local = np.searchsorted(involved, pairs)
-    t = np.zeros((len(involved), THUMB_BYTES), dtype=np.uint8)
-    has_t = np.zeros(len(involved), dtype=bool)
-    for j, i in enumerate(involved.tolist()):
-        if thumbs[i] is not None:
-            t[j] = np.frombuffer(thumbs[i], dtype=np.uint8)
-            has_t[j] = True
-    e = has_e = None
-    if cfg.phash_confirm == "clip":
-        has_e = np.array([bool(emb[i]) for i in involved.tolist()])
-        dim = max((len(emb[i]) for i in involved.tolist() if emb[i]), default=0)
-        e = np.zeros((len(involved), dim), dtype=np.float32)
-        for j, i in enumerate(involved.tolist()):
-            if has_e[j]:
-                e[j] = emb[i]
-    return involved[confirm_candidates(local, t, has_t, e, has_e, cfg)]
 
 
 def minhash_band_pairs(sigs: np.ndarray, band: int, rows: int, threshold: float,

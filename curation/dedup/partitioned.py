@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 SAMPLE_ROWS = 65536  # M: k-means training sample (64-dim thumbnails: 4 MiB; 512-dim embeddings: 128 MiB)
 THUMB_CLUSTER_ROWS = 2048  # target rows per thumbnail cluster: flat k-NN inside costs rows^2 x 256
+LABEL_BLOCK_ROWS = 65536  # rows per block when assigning clusters
 _SEMANTIC_DIRECT_MAX = 4096  # as semantic.py: below this, one cluster
 _KMEANS_ITER = 20
 _EMB_QUANT = 127.0  # embeddings are L2-normalised: x 127 fits int8, 512-dim dot products stay exact
@@ -241,25 +242,25 @@ class PartitionedDedup:
         """Row indices of ``sig`` that take part in ``task`` (vectorised: no per-row Python values)."""
         kind = sig.column("kind")
         if task in ("document", "caption"):
-            ok = _mask(pc.equal(kind, "document" if task == "document" else "pair"))
+            ok = bool_mask(pc.equal(kind, "document" if task == "document" else "pair"))
             mh = sig.column("minhash")
-            ok &= _mask(pc.greater(pc.list_value_length(mh), 0))
+            ok &= bool_mask(pc.greater(pc.list_value_length(mh), 0))
             rows = np.flatnonzero(ok)
             if rows.size == 0:
                 return rows
             first = pc.list_element(mh.take(pa.array(rows)), 0)
-            return rows[_mask(pc.not_equal(first, pa.scalar(int(EMPTY), pa.uint32())))]
-        ok = _mask(pc.equal(kind, "pair"))
+            return rows[bool_mask(pc.not_equal(first, pa.scalar(int(EMPTY), pa.uint32())))]
+        ok = bool_mask(pc.equal(kind, "pair"))
         if self.cfg.mmc4_policy == "drop_image":
-            ok |= _mask(pc.equal(kind, "doc_image"))
+            ok |= bool_mask(pc.equal(kind, "doc_image"))
         if task == "exact":
-            ok &= _mask(pc.greater(pc.utf8_length(sig.column("sha256")), 0))
+            ok &= bool_mask(pc.greater(pc.utf8_length(sig.column("sha256")), 0))
         elif task in ("phash", "thumb"):
-            ok &= _mask(pc.is_valid(sig.column("phash")))
+            ok &= bool_mask(pc.is_valid(sig.column("phash")))
             if task == "thumb":
-                ok &= _mask(pc.is_valid(sig.column("thumb")))
+                ok &= bool_mask(pc.is_valid(sig.column("thumb")))
         else:
-            ok &= _mask(pc.greater(pc.list_value_length(sig.column("embedding")), 0))
+            ok &= bool_mask(pc.greater(pc.list_value_length(sig.column("embedding")), 0))
         return np.flatnonzero(ok)
 
     # -- step 0: sample and fit --
@@ -271,10 +272,9 @@ class PartitionedDedup:
             rows = self.eligible(sig, task)
             if rows.size == 0:
                 continue
-            sub = sig.take(pa.array(rows, type=pa.int64()))
-            rank = id_rank(item_ids(sub))
+            rank = id_rank(item_ids(sig.select(["source", "key", "image_index"]).take(pa.array(rows))))
             order = np.argsort(rank, kind="stable")[:SAMPLE_ROWS]
-            sub = sub.take(pa.array(order, type=pa.int64()))
+            sub = sig.select([col]).take(pa.array(rows[order], type=pa.int64()))  # only the M sampled payloads
             n = sub.num_rows
             parts.append(pa.table({
                 "task": pa.array([task] * n), "rank": pa.array(rank[order], type=pa.uint64()),
@@ -307,14 +307,23 @@ class PartitionedDedup:
                 self.centroids[task] = c
         self.fitted = True
 
-    def labels(self, sig: pa.Table, task: str) -> np.ndarray:
-        """Cluster of every row of ``sig`` (all eligible for ``task``)."""
+    def labels(self, sig: pa.Table, task: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """Cluster of every row of ``sig`` (or of ``rows`` of it), all eligible for ``task``."""
         c = self.centroids.get(task)
-        if c is None or sig.num_rows == 0:
-            return np.zeros(sig.num_rows, dtype=np.int64)
-        if task == "thumb":
-            return c.assign(coarse_thumbs(fixed_binary(sig.column("thumb"), THUMB_BYTES)))
-        return c.assign(quantized_embeddings(list_matrix(sig.column("embedding"), np.float32)))
+        n = sig.num_rows if rows is None else len(rows)
+        if c is None or n == 0:
+            return np.zeros(n, dtype=np.int64)
+        col = "thumb" if task == "thumb" else "embedding"
+        out = np.empty(n, dtype=np.int64)
+        for s in range(0, n, LABEL_BLOCK_ROWS):  # features per block, never a copy of all rows: bounded memory
+            part = (sig.slice(s, LABEL_BLOCK_ROWS) if rows is None
+                    else sig.select([col]).take(pa.array(rows[s:s + LABEL_BLOCK_ROWS], type=pa.int64())))
+            if task == "thumb":
+                x = coarse_thumbs(fixed_binary(part.column("thumb"), THUMB_BYTES))
+            else:
+                x = quantized_embeddings(list_matrix(part.column("embedding"), np.float32))
+            out[s:s + part.num_rows] = c.assign(x)
+        return out
 
     # -- step 1: partition (map side, per input shard) --
     def partition(self, sig: pa.Table) -> pa.Table:
@@ -391,7 +400,7 @@ class PartitionedDedup:
         edges: list[pa.Table] = []
         task_col = rows.column("task")
         for task in sorted(set(task_col.unique().to_pylist())):
-            in_task = _mask(pc.equal(task_col, task))
+            in_task = bool_mask(pc.equal(task_col, task))
             if task in ("document", "caption"):
                 _, r = lsh_params(cfg.minhash_threshold, cfg.minhash_num_perm)
                 band_col = rows.column("band").to_numpy(zero_copy_only=False)
@@ -451,12 +460,12 @@ class PartitionedDedup:
         if pairs.size == 0 or self.cfg.phash_confirm == "none":
             return pairs
         emb_col = t.column("embedding") if self.cfg.phash_confirm == "clip" else None
-        return confirm_candidates(pairs, *_payload(t.column("thumb"), emb_col), self.cfg)
+        return confirm_candidates(pairs, *confirm_payload(t.column("thumb"), emb_col), self.cfg)
 
     # -- step 2b: confirm pending pHash candidates (schemas.stage.ConfirmsPending) --
     def split_pending(self, partial: pa.Table) -> tuple[pa.Table, pa.Table]:
         """(confirmed edges, pending pHash candidates) of one ``decide_partition`` result."""
-        pending = _mask(pc.equal(partial.column("method"), PENDING_METHOD))
+        pending = bool_mask(pc.equal(partial.column("method"), PENDING_METHOD))
         if not pending.any():
             return partial, EDGE_SCHEMA.empty_table()
         return partial.filter(pa.array(~pending)), partial.filter(pa.array(pending))
@@ -485,7 +494,7 @@ class PartitionedDedup:
         emb = (pa.chunked_array(attached.column("a_embedding").chunks + attached.column("b_embedding").chunks)
                if clip else None)
         pairs = np.stack([np.arange(n, dtype=np.int64), np.arange(n, 2 * n, dtype=np.int64)], axis=1)
-        kept = confirm_candidates(pairs, *_payload(thumbs, emb), self.cfg)[:, 0]
+        kept = confirm_candidates(pairs, *confirm_payload(thumbs, emb), self.cfg)[:, 0]
         edges = attached.select(EDGE_SCHEMA.names).take(pa.array(np.sort(kept), type=pa.int64()))
         return edges.set_column(0, "method", pa.array(["phash"] * edges.num_rows, type=pa.string()))
 
@@ -514,8 +523,10 @@ class PartitionedDedup:
         node = both.take(pc.index_in(ids, value_set=both.column("id")))  # each id's attributes (first edge)
         a = pc.index_in(edges.column("a_id"), value_set=ids).to_numpy()
         b = pc.index_in(edges.column("b_id"), value_set=ids).to_numpy()
-        method = np.asarray(edges.column("method").to_pylist(), dtype=object)
-        del both, ends, edges
+        # a few distinct names: one shared str each (to_pylist would make one str object per edge)
+        codes = pc.dictionary_encode(edges.column("method")).combine_chunks()
+        method = np.asarray(codes.dictionary.to_pylist(), dtype=object)[codes.indices.to_numpy()]
+        del both, ends, edges, codes
 
         def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             """(label per node, whether the node has an edge of this kind)."""
@@ -531,7 +542,7 @@ class PartitionedDedup:
             return [g for g in np.split(order, cut) if g.size > 1]
 
         id_list = ids.to_pylist()
-        attrs = {c: node.column(c).to_pylist() for c in _NODE_COLS[1:]}
+        attrs = {c: node.column(c).to_pylist() for c in ("publishable", "pixels", "clip_score")}  # keeper rank
         out: dict[int, list[Any]] = {}  # node -> [drop_reason, flag, group, value]
         dropped_docs: set[str] = set()
         if (method == "document").any():
@@ -565,6 +576,7 @@ class PartitionedDedup:
                         reason = f"duplicate_{found}: of {kid}"
                     out[g] = [reason, None, f"image:{kid}", float(len(members))]
         if (method == "caption").any():
+            attrs["sha256"] = node.column("sha256").to_pylist()
             labels, present = components(method == "caption")
             for members in groups(labels, present):
                 images = {attrs["sha256"][m] or id_list[m] for m in members.tolist()}
@@ -574,13 +586,15 @@ class PartitionedDedup:
                 for m in members.tolist():
                     entry = out.setdefault(m, [None, None, gid, float(len(images))])
                     entry[1] = BOILERPLATE_FLAG
-        rows = []
-        for m in sorted(out, key=lambda m: id_list[m]):
-            source, key, index = canonical_key(id_list[m])
-            reason, flag, group, value = out[m]
-            rows.append({"source": source, "key": key, "image_index": index, "drop_reason": reason, "flag": flag,
-                         "group": group, "value": value, SHARD_COL: attrs[SHARD_COL][m]})
-        return pa.Table.from_pylist(rows, schema=COMBINED_SCHEMA)
+        nodes = sorted(out, key=lambda m: id_list[m])
+        cols: dict[str, Any] = dict(zip(("source", "key", "image_index"),
+                                        map(list, zip(*(canonical_key(id_list[m]) for m in nodes), strict=True)),
+                                        strict=True)) if nodes else {"source": [], "key": [], "image_index": []}
+        decided = [out.pop(m) for m in nodes]  # columns, not a dict per row: ~3x less memory at 1M members
+        for i, c in enumerate(("drop_reason", "flag", "group", "value")):
+            cols[c] = [d[i] for d in decided]
+        cols[SHARD_COL] = node.column(SHARD_COL).take(pa.array(nodes, type=pa.int64()))
+        return pa.table({f.name: cols[f.name] for f in COMBINED_SCHEMA}, schema=COMBINED_SCHEMA)
 
     # -- step 4: per input shard --
     @staticmethod
@@ -628,14 +642,18 @@ def _canonical_order(tbl: pa.Table, dedupe: bool) -> np.ndarray:
     return order
 
 
-def _payload(thumb: pa.ChunkedArray | pa.Array, emb: pa.ChunkedArray | pa.Array | None
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+Payload = tuple[np.ndarray, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
+
+
+def confirm_payload(thumb: pa.ChunkedArray | pa.Array, emb: pa.ChunkedArray | pa.Array | None) -> Payload:
     """(thumbs, has_thumb, embeddings, has_embedding) row-aligned arrays for ``confirm_candidates``."""
-    has_t = _mask(pc.is_valid(thumb))
+    has_t = bool_mask(pc.is_valid(thumb))
     thumbs = fixed_binary(thumb, THUMB_BYTES)
     if emb is None:
         return thumbs, has_t, None, None
-    has_e = _mask(pc.greater(pc.fill_null(pc.list_value_length(emb), 0), 0))
+    has_e = bool_mask(pc.greater(pc.fill_null(pc.list_value_length(emb), 0), 0))
+    if has_e.all():  # every row has one: the matrix directly, no zero-filled copy
+        return thumbs, has_t, list_matrix(emb, np.float32), has_e
     dim = max(int(pc.max(pc.list_value_length(emb)).as_py() or 0), 1)
     matrix = np.zeros((len(has_e), dim), dtype=np.float32)
     if has_e.any():
@@ -643,7 +661,7 @@ def _payload(thumb: pa.ChunkedArray | pa.Array, emb: pa.ChunkedArray | pa.Array 
     return thumbs, has_t, matrix, has_e
 
 
-def _mask(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
+def bool_mask(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Boolean numpy mask of an Arrow boolean result; null counts as False."""
     return np.asarray(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool)
 

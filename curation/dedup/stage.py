@@ -35,10 +35,14 @@ import pyarrow.compute as pc
 from vila2_curate.curation.dedup.exact import exact_pairs
 from vila2_curate.curation.dedup.keeper import keeper_sort_key, pair_publishable, pixels
 from vila2_curate.curation.dedup.minhash import minhash_signatures, near_duplicate_pairs
-from vila2_curate.curation.dedup.pairs import confirm_lists, semantic_cluster_pairs, thumb_candidate_pairs
-from vila2_curate.curation.dedup.partitioned import PartitionedDedup
+from vila2_curate.curation.dedup.pairs import (
+    confirm_candidates,
+    semantic_cluster_pairs,
+    thumb_candidate_pairs,
+)
+from vila2_curate.curation.dedup.partitioned import PartitionedDedup, Payload, bool_mask, confirm_payload
 from vila2_curate.curation.dedup.phash import hamming_pairs
-from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES, thumbnail
+from vila2_curate.curation.dedup.thumbnails import thumbnail
 from vila2_curate.curation.dedup.unionfind import UnionFind
 from vila2_curate.schemas.config import DedupConfig
 from vila2_curate.schemas.rows import DECISION_SCHEMA
@@ -207,18 +211,21 @@ class DedupStage(StageBase):
             return
         scale = PartitionedDedup(self)
         scale.fit([scale.sample(sig)])  # the same centroids the engine fits on its bottom-M sample
-        image_sig = sig.take(pa.array(rows, type=pa.int64()))
-        sha, ph, emb_list, scores, publishable, sizes, thumbs_list = (image_sig.column(c).to_pylist() for c in (
-            "sha256", "phash", "embedding", "clip_score", "publishable", "pixels", "thumb"))
+        # every row is an image row for pair data: no copy then
+        image_sig = sig if len(rows) == sig.num_rows else sig.take(pa.array(rows, type=pa.int64()))
+        sha, scores, publishable, sizes = (image_sig.column(c).to_pylist() for c in (
+            "sha256", "clip_score", "publishable", "pixels"))
+        # thumbnails and embeddings stay in Arrow-backed numpy arrays: as Python lists they cost ~2.5 KB a row
+        payload = confirm_payload(image_sig.column("thumb"), image_sig.column("embedding"))
         per_method: dict[str, np.ndarray] = {}
         if "exact" in cfg.methods:
             per_method["exact"] = exact_pairs(sha)
-        emb_idx = np.array([i for i, e in enumerate(emb_list) if e], dtype=np.int64)
-        emb = _matrix(emb_list, emb_idx)
         if "phash" in cfg.methods:
-            per_method["phash"] = self._phash_pairs(ph, thumbs_list, emb_list, image_sig, scale)
+            per_method["phash"] = self._phash_pairs(image_sig, payload, scale)
+        emb_idx = np.flatnonzero(payload[3])
         if "semantic" in cfg.methods and emb_idx.size > 1:
-            labels = scale.labels(image_sig.take(pa.array(emb_idx)), "semantic")
+            labels = scale.labels(image_sig, "semantic", emb_idx)
+            emb = payload[2] if emb_idx.size == len(payload[2]) else payload[2][emb_idx]
             local = semantic_cluster_pairs(emb, labels, cfg.semantic_eps)
             per_method["semantic"] = emb_idx[local] if local.size else local
         union = UnionFind()
@@ -245,30 +252,28 @@ class DedupStage(StageBase):
                     reason = f"duplicate_{method}: of {kid}"
                 out[ids[rows[g]]] = [reason, None, gid, float(len(group))]
 
-    def _phash_pairs(self, ph: list[int | None], thumbs_list: list[bytes | None],
-                     emb_list: list[list[float] | None], image_sig: pa.Table, scale: PartitionedDedup) -> np.ndarray:
+    def _phash_pairs(self, image_sig: pa.Table, payload: Payload, scale: PartitionedDedup) -> np.ndarray:
         """pHash candidates within k (multi-index join: identical hashes linked through one representative,
         as a partitioned group sees them), plus thumbnail nearest neighbours within 2k inside each coarse
         thumbnail cluster (crops), each confirmed by a second signal: thumbnail distance (or CLIP cosine
         when configured and present)."""
         cfg = self.cfg
-        idx = np.array([i for i, h in enumerate(ph) if h is not None], dtype=np.int64)
+        phash = image_sig.column("phash")
+        idx = np.flatnonzero(bool_mask(pc.is_valid(phash)))
         if idx.size < 2:
             return np.empty((0, 2), dtype=np.int64)
-        hashes = np.array([ph[i] for i in idx], dtype=np.uint64)
-        pairs = idx[hamming_pairs(hashes, cfg.phash_max_distance, "mih")]
+        hashes = pc.fill_null(phash, 0).to_numpy()
+        pairs = idx[hamming_pairs(hashes[idx], cfg.phash_max_distance, "mih")]
         if cfg.phash_confirm == "none":
             return pairs
-        with_thumb = np.array([i for i in idx.tolist() if thumbs_list[i] is not None], dtype=np.int64)
+        thumbs, has_thumb = payload[0], payload[1]
+        with_thumb = idx[has_thumb[idx]]
         if cfg.thumbnail_neighbours and with_thumb.size > 1:
-            t = np.frombuffer(b"".join(thumbs_list[i] for i in with_thumb), dtype=np.uint8).reshape(-1, THUMB_BYTES)
-            labels = scale.labels(image_sig.take(pa.array(with_thumb)), "thumb")
-            th = np.array([ph[i] for i in with_thumb], dtype=np.uint64)
-            local = thumb_candidate_pairs(t, labels, cfg.thumbnail_neighbours, th, cfg.phash_max_distance)
-            if local.size:
-                extra = with_thumb[local]
+            labels = scale.labels(image_sig, "thumb", with_thumb)
+            extra = thumb_candidate_pairs(thumbs, with_thumb, labels, cfg.thumbnail_neighbours)
+            if extra.size:
                 pairs = np.unique(np.concatenate([pairs, extra]), axis=0) if pairs.size else extra
-        return confirm_lists(pairs, thumbs_list, emb_list, cfg)
+        return confirm_candidates(pairs, *payload, cfg)
 
     # ---- the scale path: schemas.stage.PartitionedDecide, ConfirmsPending (curation/dedup/partitioned.py) ---
     def _scale(self) -> PartitionedDedup:
@@ -322,20 +327,18 @@ class DedupStage(StageBase):
 
 def _canonical(signatures: pa.Table) -> pa.Table:
     """Sorted by (source, key, image_index), one row per id: makes decide() independent of row order."""
-    sig = signatures.select([f.name for f in SIGNATURE_SCHEMA]).cast(SIGNATURE_SCHEMA).combine_chunks()
-    sig = sig.take(pc.sort_indices(sig, sort_keys=[("source", "ascending"), ("key", "ascending"),
-                                                   ("image_index", "ascending")]))
+    sig = signatures.select([f.name for f in SIGNATURE_SCHEMA]).cast(SIGNATURE_SCHEMA)
+    order = pc.sort_indices(sig, sort_keys=[("source", "ascending"), ("key", "ascending"),
+                                            ("image_index", "ascending")])
+    sig = sig.take(order).combine_chunks()
     if sig.num_rows < 2:
         return sig
-    s, k, i = (sig.column(c).to_pylist() for c in ("source", "key", "image_index"))
-    keep = [0] + [r for r in range(1, sig.num_rows) if (s[r], k[r], i[r]) != (s[r - 1], k[r - 1], i[r - 1])]
+    new_id = np.zeros(sig.num_rows - 1, dtype=bool)  # row r differs from row r - 1 (Arrow compares, no Python rows)
+    for c in ("source", "key", "image_index"):
+        col = sig.column(c)
+        new_id |= bool_mask(pc.not_equal(col.slice(1), col.slice(0, sig.num_rows - 1)))
+    keep = np.flatnonzero(np.r_[True, new_id])
     return sig.take(pa.array(keep, type=pa.int64())) if len(keep) < sig.num_rows else sig
-
-
-def _matrix(lists: list[Any], idx: np.ndarray) -> np.ndarray:
-    if idx.size == 0:
-        return np.empty((0, 0), dtype=np.float32)
-    return np.asarray([lists[i] for i in idx], dtype=np.float32)
 
 
 def _minhash_pairs(sig: pa.Table, rows: list[int], threshold: float) -> np.ndarray:
