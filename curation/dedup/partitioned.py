@@ -103,8 +103,9 @@ COMBINED_SCHEMA = DECISION_SCHEMA.append(pa.field(SHARD_COL, pa.string()))
 # ---- ids and the canonical order ------------------------------------------------------------------------
 def item_id_array(tbl: pa.Table) -> pa.ChunkedArray:
     """``source/key/image_index`` per row: the item id edges and groups use."""
-    return pc.binary_join_element_wise(tbl.column("source"), tbl.column("key"),
-                                       pc.cast(tbl.column("image_index"), pa.string()), "/")
+    text = tbl.schema.field("source").type  # string, or large_string in the reference's wide table
+    return pc.binary_join_element_wise(tbl.column("source"), pc.cast(tbl.column("key"), text),
+                                       pc.cast(tbl.column("image_index"), text), pa.scalar("/", text))
 
 
 def item_ids(tbl: pa.Table) -> list[str]:
@@ -119,26 +120,34 @@ def canonical_key(item_id: str) -> tuple[str, str, int]:
 
 
 def fixed_binary(col: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
-    """(n, width) uint8 view of a binary column whose values all have ``width`` bytes (nulls: zeros)."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if len(arr) == 0:
+    """(n, width) uint8 matrix of a binary column whose values all have ``width`` bytes (nulls: zeros); a view
+    of a one-chunk column. Chunks are joined in numpy, not Arrow: 32-bit offsets overflow at 2 GiB."""
+    if isinstance(col, pa.ChunkedArray):
+        if col.num_chunks != 1:
+            parts = [fixed_binary(c, width) for c in col.chunks]
+            return np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.uint8)
+        col = col.chunk(0)
+    if len(col) == 0:
         return np.zeros((0, width), dtype=np.uint8)
-    if arr.null_count:
-        arr = pc.fill_null(arr, pa.scalar(bytes(width), arr.type))
-    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset:arr.offset + len(arr) + 1]
-    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)
+    if col.null_count:
+        col = pc.fill_null(col, pa.scalar(bytes(width), col.type))
+    wide = pa.types.is_large_binary(col.type)
+    offsets = np.frombuffer(col.buffers()[1], dtype=np.int64 if wide else np.int32)[col.offset:col.offset + len(col) + 1]
+    data = np.frombuffer(col.buffers()[2], dtype=np.uint8)
     if not np.all(np.diff(offsets) == width):
         raise ValueError(f"binary column values are not all {width} bytes")
     return data[offsets[0]:offsets[-1]].reshape(-1, width)
 
 
 def list_matrix(col: pa.ChunkedArray | pa.Array, dtype: type) -> np.ndarray:
-    """(n, d) matrix of a list column whose values all have one length (the rows a task selected)."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if len(arr) == 0:
+    """(n, d) matrix of a list column whose values all have one length (the rows a task selected); chunks
+    joined in numpy (see ``fixed_binary``)."""
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    parts = [np.asarray(c.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(len(c), -1)
+             for c in chunks if len(c)]
+    if not parts:
         return np.zeros((0, 0), dtype=dtype)
-    flat = arr.flatten().to_numpy(zero_copy_only=False)
-    return np.ascontiguousarray(flat.reshape(len(arr), -1), dtype=dtype)
+    return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts), dtype=dtype)
 
 
 def id_rank(ids: list[str]) -> np.ndarray:
@@ -278,8 +287,9 @@ class PartitionedDedup:
             n = sub.num_rows
             parts.append(pa.table({
                 "task": pa.array([task] * n), "rank": pa.array(rank[order], type=pa.uint64()),
-                "thumb": sub.column("thumb") if col == "thumb" else pa.nulls(n, pa.binary()),
-                "embedding": sub.column("embedding") if col == "embedding" else pa.nulls(n, pa.list_(pa.float32())),
+                "thumb": sub.column("thumb").cast(pa.binary()) if col == "thumb" else pa.nulls(n, pa.binary()),
+                "embedding": (sub.column("embedding").cast(pa.list_(pa.float32())) if col == "embedding"
+                              else pa.nulls(n, pa.list_(pa.float32()))),
             }, schema=SAMPLE_SCHEMA))
         return pa.concat_tables(parts) if parts else SAMPLE_SCHEMA.empty_table()
 
@@ -288,6 +298,8 @@ class PartitionedDedup:
         for s in samples:
             for task in ("thumb", "semantic"):
                 part = s.filter(pc.equal(s.column("task"), task))
+                if task in kept and kept[task].num_rows >= SAMPLE_ROWS:  # only rows that can enter the bottom M
+                    part = part.filter(pc.less(part.column("rank"), kept[task].column("rank")[-1]))
                 if part.num_rows == 0:
                     continue
                 both = pa.concat_tables([kept[task], part]) if task in kept else part

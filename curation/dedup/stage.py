@@ -69,6 +69,10 @@ SIGNATURE_SCHEMA = pa.schema(
     ]
 )
 
+_WIDE = {pa.string(): pa.large_string(), pa.binary(): pa.large_binary(),
+         pa.list_(pa.float32()): pa.large_list(pa.float32()), pa.list_(pa.uint32()): pa.large_list(pa.uint32())}
+_WIDE_SIGNATURE_SCHEMA = pa.schema([pa.field(f.name, _WIDE.get(f.type, f.type)) for f in SIGNATURE_SCHEMA])
+
 
 def item_id(source: str, key: str, image_index: int) -> str:
     return f"{source}/{key}/{image_index}"
@@ -326,8 +330,9 @@ class DedupStage(StageBase):
 
 
 def _canonical(signatures: pa.Table) -> pa.Table:
-    """Sorted by (source, key, image_index), one row per id: makes decide() independent of row order."""
-    sig = signatures.select([f.name for f in SIGNATURE_SCHEMA]).cast(SIGNATURE_SCHEMA)
+    """Sorted by (source, key, image_index), one row per id: makes decide() independent of row order.
+    Variable-width columns become 64-bit-offset types: one array of 1.5M thumbnails passes 2 GiB."""
+    sig = signatures.select([f.name for f in SIGNATURE_SCHEMA]).cast(_WIDE_SIGNATURE_SCHEMA)
     order = pc.sort_indices(sig, sort_keys=[("source", "ascending"), ("key", "ascending"),
                                             ("image_index", "ascending")])
     sig = sig.take(order).combine_chunks()
