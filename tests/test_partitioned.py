@@ -322,3 +322,24 @@ def test_pending_candidates_across_shards_give_the_reference_decisions(confirm: 
     for partitions in (1, 4, 16):
         per_shard = decide_partitioned(DedupStage(cfg), shards, partitions)
         assert _sorted(pa.concat_tables(per_shard.values())) == reference, partitions
+
+
+def test_fixed_width_columns_join_chunks_and_wide_offsets() -> None:
+    """Thumbnail and embedding matrices come out the same from one chunk, several chunks and 64-bit-offset
+    types (the reference's table: 1.5M thumbnails pass the 2 GiB of a 32-bit offset array)."""
+    from vila2_curate.curation.dedup.partitioned import fixed_binary, list_matrix
+
+    rng = np.random.default_rng(0)
+    thumbs = rng.integers(0, 256, size=(7, 5), dtype=np.uint8)
+    emb = rng.normal(size=(7, 3)).astype(np.float32)
+    binary = pa.array([r.tobytes() for r in thumbs], pa.binary())
+    lists = pa.array(emb.tolist(), pa.list_(pa.float32()))
+    for col in (binary, pa.chunked_array([binary[:3], binary[3:]]), binary.cast(pa.large_binary()),
+                pa.chunked_array([binary.cast(pa.large_binary())[:2], binary.cast(pa.large_binary())[2:]])):
+        assert np.array_equal(fixed_binary(col, 5), thumbs)
+    with_null = pa.array([thumbs[0].tobytes(), None], pa.large_binary())
+    assert np.array_equal(fixed_binary(with_null, 5), np.stack([thumbs[0], np.zeros(5, np.uint8)]))
+    for col in (lists, pa.chunked_array([lists[:4], lists[4:]]), lists.cast(pa.large_list(pa.float32()))):
+        assert np.array_equal(list_matrix(col, np.float32), emb)
+    with pytest.raises(ValueError, match="not all 5 bytes"):
+        fixed_binary(pa.array([b"12345", b"123"]), 5)
