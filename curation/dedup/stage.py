@@ -40,7 +40,13 @@ from vila2_curate.curation.dedup.pairs import (
     semantic_cluster_pairs,
     thumb_candidate_pairs,
 )
-from vila2_curate.curation.dedup.partitioned import PartitionedDedup, Payload, bool_mask, confirm_payload
+from vila2_curate.curation.dedup.partitioned import (
+    PartitionedDedup,
+    Payload,
+    bool_mask,
+    confirm_payload,
+    list_matrix,
+)
 from vila2_curate.curation.dedup.phash import hamming_pairs
 from vila2_curate.curation.dedup.thumbnails import thumbnail
 from vila2_curate.curation.dedup.unionfind import UnionFind
@@ -347,13 +353,13 @@ def _canonical(signatures: pa.Table) -> pa.Table:
 
 
 def _minhash_pairs(sig: pa.Table, rows: list[int], threshold: float) -> np.ndarray:
-    values = sig.column("minhash").take(pa.array(rows, type=pa.int64())).to_pylist()
-    have = [r for r, v in enumerate(values) if v]
+    values = sig.column("minhash").take(pa.array(rows, type=pa.int64()))
+    have = np.flatnonzero(bool_mask(pc.greater(pc.fill_null(pc.list_value_length(values), 0), 0)))
     if len(have) < 2:
         return np.empty((0, 2), dtype=np.int64)
-    mat = np.asarray([values[r] for r in have], dtype=np.uint32)
+    mat = list_matrix(values.take(pa.array(have)), np.uint32)  # not Python ints: ~5 KB a row at 128 permutations
     pairs = near_duplicate_pairs(mat, threshold)
-    return np.asarray(have, dtype=np.int64)[pairs] if pairs.size else pairs
+    return have[pairs] if pairs.size else pairs
 
 
 def _groups(n: int, pairs: np.ndarray) -> list[list[int]]:
