@@ -13,7 +13,7 @@ from PIL import Image
 
 from vila2_curate.curation.decisions import index_decisions
 from vila2_curate.curation.dedup import DedupStage
-from vila2_curate.curation.dedup.keeper import keeper_sort_key
+from vila2_curate.curation.dedup.keeper import keeper_sort_columns, keeper_sort_key
 from vila2_curate.curation.normalize import phash_u64
 from vila2_curate.pipelines.demo.dedup_eval import write_dedup_eval
 from vila2_curate.pipelines.executors.local import run_local
@@ -41,6 +41,24 @@ def test_keeper_order():
     assert best < keeper_sort_key(True, 100, None, "s/a/-1")  # a missing score is the worst score
     assert best < keeper_sort_key(True, 100, float("nan"), "s/a/-1")
     assert keeper_sort_key(True, 100, 0.1, "s/a/-1") < best  # then the smallest id
+
+
+def test_keeper_sort_columns_order_as_the_key() -> None:
+    """The vectorised keys the partitioned combine sorts by give the order of ``keeper_sort_key``."""
+    rng = np.random.default_rng(3)
+    n = 400
+    publishable = [None if r < 0.1 else bool(r < 0.6) for r in rng.random(n)]
+    pixels = [None if r < 0.1 else int(v) for r, v in zip(rng.random(n), rng.integers(1, 4, n) * 100, strict=True)]
+    scores = [None if r < 0.1 else float("nan") if r < 0.2 else float(np.float32(v))
+              for r, v in zip(rng.random(n), rng.integers(0, 4, n) / 4, strict=True)]
+    ids = [f"s{rng.integers(0, 3)}/k{i:04d}/-1" for i in rng.permutation(n)]
+    rank = np.argsort(np.argsort(np.array(ids, dtype=object), kind="stable"), kind="stable")
+    cols = keeper_sort_columns(pa.array(publishable, pa.bool_()), pa.array(pixels, pa.int64()),
+                               pa.array(scores, pa.float32()), rank)
+    by_columns = np.lexsort(cols[::-1]).tolist()
+    by_key = sorted(range(n), key=lambda i: keeper_sort_key(publishable[i], pixels[i], scores[i], ids[i]))
+    assert by_columns == by_key
+
 
 
 def _rows(specs: list[tuple[str, str, Image.Image, str | None]]) -> pa.Table:

@@ -19,6 +19,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from vila2_curate.schemas.captions import publish_problem
 
 KeeperKey = tuple[bool, int, bool, float, str]
@@ -29,6 +33,17 @@ def keeper_sort_key(publishable: bool | None, pixels: int | None, clip_score: fl
     """Sort key whose minimum over a group is its keeper (see the module docstring for the order)."""
     score = None if clip_score is None or math.isnan(clip_score) else float(clip_score)
     return (not publishable, -int(pixels or 0), score is None, -(score or 0.0), item_id)
+
+
+def keeper_sort_columns(publishable: pa.Array | pa.ChunkedArray, pixels: pa.Array | pa.ChunkedArray,
+                        clip_score: pa.Array | pa.ChunkedArray, id_rank: np.ndarray) -> list[np.ndarray]:
+    """``keeper_sort_key`` as numpy sort keys over Arrow columns, most significant first (for ``np.lexsort``
+    over many groups at once, with no Python tuple per member); ``id_rank``: each id's position in id order."""
+    score = pc.cast(clip_score, pa.float64()).to_numpy(zero_copy_only=False)
+    missing = np.isnan(score)  # null or NaN
+    return [~pc.fill_null(publishable, False).to_numpy(zero_copy_only=False),
+            -pc.fill_null(pixels, 0).to_numpy(zero_copy_only=False).astype(np.int64),
+            missing, -np.where(missing, 0.0, score), id_rank]
 
 
 def pair_publishable(row: dict[str, Any]) -> bool:

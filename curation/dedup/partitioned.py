@@ -18,8 +18,9 @@ How each method splits (every candidate pair lands whole in at least one group):
 * MinHash documents / captions: datasketch's LSH band layout; a group holds whole buckets.
 
 Each group returns edges carrying what the keeper rule needs of both endpoints; ``combine``
-joins them with union-find per method (the reason names the first method connecting a member to its
-keeper, as ``decide`` does) in one process that holds only edges and group members.
+(curation/dedup/combine.py) turns them into groups by connected components per method (the reason names
+the first method connecting a member to its keeper, as ``decide`` does) in one process that holds only
+edges and a few numbers per group member.
 
 The k-means sample: the M smallest 64-bit hashes of the item id (a bottom-M sample, mergeable across
 shards and independent of order); its M-th hash also estimates the row count (KMV), which sets the
@@ -40,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vila2_curate.curation.dedup.combine import EDGE_SCHEMA, NODE_COLS, PENDING_METHOD, combine_edges
 from vila2_curate.curation.dedup.exact import exact_pairs
 from vila2_curate.curation.dedup.minhash import _PRIME, EMPTY, _fmix64, band_keys, lsh_params
 from vila2_curate.curation.dedup.pairs import (
@@ -87,17 +89,8 @@ PART_SCHEMA = pa.schema([
     pa.field("publishable", pa.bool_()),
     pa.field("pixels", pa.int64()),
 ])
-PENDING_METHOD = "phash_pending"  # a pHash candidate not yet confirmed (ConfirmsPending)
-_NODE_COLS = ("id", SHARD_COL, "sha256", "clip_score", "publishable", "pixels")
-EDGE_SCHEMA = pa.schema(
-    [pa.field("method", pa.string())]
-    + [pa.field(f"{end}_{c}", t) for end in ("a", "b") for c, t in (
-        ("id", pa.string()), (SHARD_COL, pa.string()), ("sha256", pa.string()), ("clip_score", pa.float32()),
-        ("publishable", pa.bool_()), ("pixels", pa.int64()))]
-)
 SAMPLE_SCHEMA = pa.schema([pa.field("task", pa.string()), pa.field("rank", pa.uint64()),
                            pa.field("thumb", pa.binary()), pa.field("embedding", pa.list_(pa.float32()))])
-COMBINED_SCHEMA = DECISION_SCHEMA.append(pa.field(SHARD_COL, pa.string()))
 
 
 # ---- ids and the canonical order ------------------------------------------------------------------------
@@ -110,13 +103,6 @@ def item_id_array(tbl: pa.Table) -> pa.ChunkedArray:
 
 def item_ids(tbl: pa.Table) -> list[str]:
     return item_id_array(tbl).to_pylist()
-
-
-def canonical_key(item_id: str) -> tuple[str, str, int]:
-    """(source, key, image_index) of an id: the order ``decide`` sorts rows in (its representatives)."""
-    source, rest = item_id.split("/", 1)
-    key, index = rest.rsplit("/", 1)
-    return source, key, int(index)
 
 
 def fixed_binary(col: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
@@ -512,101 +498,7 @@ class PartitionedDedup:
 
     # -- step 3: combine (one process: edges and group members only) --
     def combine(self, partials: list[pa.Table]) -> pa.Table:
-        """Groups from the edges: ids become integers (Arrow), components come from scipy's
-        connected_components per method and over the image methods together (C, ~16 bytes per edge);
-        only group members are visited in Python. Same rules as ``DedupStage.decide``."""
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
-
-        from vila2_curate.curation.dedup.keeper import keeper_sort_key
-        from vila2_curate.curation.dedup.stage import BOILERPLATE_FLAG, IMAGE_METHODS
-
-        partials = [p for p in partials if p.num_rows]
-        if not partials:
-            return COMBINED_SCHEMA.empty_table()
-        edges = pa.concat_tables(partials)
-        if pc.any(pc.equal(edges.column("method"), PENDING_METHOD)).as_py():
-            raise ValueError("combine() got unconfirmed pHash candidates: run the ConfirmsPending step first "
-                             "(split_pending / attach_pending / confirm_pending)")
-        ends = [edges.select([f"{e}_{c}" for c in _NODE_COLS]).rename_columns(list(_NODE_COLS)) for e in "ab"]
-        both = pa.concat_tables(ends)
-        ids = pc.unique(both.column("id"))
-        n = len(ids)
-        node = both.take(pc.index_in(ids, value_set=both.column("id")))  # each id's attributes (first edge)
-        a = pc.index_in(edges.column("a_id"), value_set=ids).to_numpy()
-        b = pc.index_in(edges.column("b_id"), value_set=ids).to_numpy()
-        # a few distinct names: one shared str each (to_pylist would make one str object per edge)
-        codes = pc.dictionary_encode(edges.column("method")).combine_chunks()
-        method = np.asarray(codes.dictionary.to_pylist(), dtype=object)[codes.indices.to_numpy()]
-        del both, ends, edges, codes
-
-        def components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            """(label per node, whether the node has an edge of this kind)."""
-            present = np.zeros(n, dtype=bool)
-            present[a[mask]] = present[b[mask]] = True
-            graph = coo_matrix((np.ones(int(mask.sum()), dtype=np.int8), (a[mask], b[mask])), shape=(n, n))
-            return connected_components(graph, directed=False)[1], present
-
-        def groups(labels: np.ndarray, present: np.ndarray) -> list[np.ndarray]:
-            idx = np.flatnonzero(present)
-            order = idx[np.argsort(labels[idx], kind="stable")]
-            cut = np.flatnonzero(np.diff(labels[order])) + 1
-            return [g for g in np.split(order, cut) if g.size > 1]
-
-        id_list = ids.to_pylist()
-        attrs = {c: node.column(c).to_pylist() for c in ("publishable", "pixels", "clip_score")}  # keeper rank
-        out: dict[int, list[Any]] = {}  # node -> [drop_reason, flag, group, value]
-        dropped_docs: set[str] = set()
-        if (method == "document").any():
-            labels, present = components(method == "document")
-            for members in groups(labels, present):
-                keeper = min(id_list[m] for m in members)
-                for m in members.tolist():
-                    reason = None if id_list[m] == keeper else f"duplicate_document: of {keeper}"
-                    out[m] = [reason, None, f"document:{keeper}", float(len(members))]
-                    if reason:
-                        dropped_docs.add(id_list[m].rsplit("/", 1)[0])
-        image = np.isin(method, IMAGE_METHODS)
-        if image.any():
-            per_method = {m: components(method == m) for m in IMAGE_METHODS if (method == m).any()}
-            labels, present = components(image)
-
-            def rank(m: int) -> tuple:
-                iid = id_list[m]
-                return (iid.rsplit("/", 1)[0] in dropped_docs,
-                        keeper_sort_key(attrs["publishable"][m], attrs["pixels"][m], attrs["clip_score"][m], iid))
-
-            for members in groups(labels, present):
-                keeper = min(members.tolist(), key=rank)
-                kid = id_list[keeper]
-                for g in members.tolist():
-                    reason = None
-                    if g != keeper:
-                        found = next((m for m, (lab, pres) in per_method.items()
-                                      if pres[g] and pres[keeper] and lab[g] == lab[keeper]), None)
-                        found = found or next(m for m, (_lab, pres) in per_method.items() if pres[g])
-                        reason = f"duplicate_{found}: of {kid}"
-                    out[g] = [reason, None, f"image:{kid}", float(len(members))]
-        if (method == "caption").any():
-            attrs["sha256"] = node.column("sha256").to_pylist()
-            labels, present = components(method == "caption")
-            for members in groups(labels, present):
-                images = {attrs["sha256"][m] or id_list[m] for m in members.tolist()}
-                if len(images) < self.cfg.boilerplate_min_images:
-                    continue
-                gid = f"caption:{min((id_list[m] for m in members.tolist()), key=canonical_key)}"
-                for m in members.tolist():
-                    entry = out.setdefault(m, [None, None, gid, float(len(images))])
-                    entry[1] = BOILERPLATE_FLAG
-        nodes = sorted(out, key=lambda m: id_list[m])
-        cols: dict[str, Any] = dict(zip(("source", "key", "image_index"),
-                                        map(list, zip(*(canonical_key(id_list[m]) for m in nodes), strict=True)),
-                                        strict=True)) if nodes else {"source": [], "key": [], "image_index": []}
-        decided = [out.pop(m) for m in nodes]  # columns, not a dict per row: ~3x less memory at 1M members
-        for i, c in enumerate(("drop_reason", "flag", "group", "value")):
-            cols[c] = [d[i] for d in decided]
-        cols[SHARD_COL] = node.column(SHARD_COL).take(pa.array(nodes, type=pa.int64()))
-        return pa.table({f.name: cols[f.name] for f in COMBINED_SCHEMA}, schema=COMBINED_SCHEMA)
+        return combine_edges(partials, self.cfg)
 
     # -- step 4: per input shard --
     @staticmethod
@@ -683,12 +575,12 @@ def _edges(method: str, t: pa.Table, pairs: np.ndarray) -> pa.Table:
     if pairs.size == 0:
         return EDGE_SCHEMA.empty_table()
     involved = np.unique(pairs)
-    sub = t.select(["source", "key", "image_index", *_NODE_COLS[1:]]).take(pa.array(involved))
-    nodes = {"id": pa.array(item_ids(sub)), **{c: sub.column(c) for c in _NODE_COLS[1:]}}
+    sub = t.select(["source", "key", "image_index", *NODE_COLS[1:]]).take(pa.array(involved))
+    nodes = {"id": pa.array(item_ids(sub)), **{c: sub.column(c) for c in NODE_COLS[1:]}}
     local = np.searchsorted(involved, pairs)
     cols: dict[str, Any] = {"method": pa.array([method] * len(pairs))}
     for end, idx in (("a", local[:, 0]), ("b", local[:, 1])):
         take = pa.array(idx, type=pa.int64())
-        for c in _NODE_COLS:
+        for c in NODE_COLS:
             cols[f"{end}_{c}"] = nodes[c].take(take)
     return pa.table(cols, schema=EDGE_SCHEMA)

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vila2_curate.curation.dedup.combine import BOILERPLATE_FLAG, IMAGE_METHODS
 from vila2_curate.curation.dedup.exact import exact_pairs
 from vila2_curate.curation.dedup.keeper import keeper_sort_key, pair_publishable, pixels
 from vila2_curate.curation.dedup.minhash import minhash_signatures, near_duplicate_pairs
@@ -53,9 +54,6 @@ from vila2_curate.curation.dedup.unionfind import UnionFind
 from vila2_curate.schemas.config import DedupConfig
 from vila2_curate.schemas.rows import DECISION_SCHEMA
 from vila2_curate.schemas.stage import Resources, StageBase
-
-BOILERPLATE_FLAG = "boilerplate_caption"
-IMAGE_METHODS = ("exact", "phash", "semantic")  # also the priority of the reason given to a member
 
 SIGNATURE_SCHEMA = pa.schema(
     [
