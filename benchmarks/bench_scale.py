@@ -25,7 +25,9 @@ thumbnail noise), ~1% crops (8 bits flipped: found by thumbnail neighbours), ~3%
 (embedding noise; 64-dim embeddings), 1% stock captions for MinHash.
 
     python benchmarks/bench_scale.py --n 200000 --partitions 16
-    python benchmarks/bench_scale.py --n 2000000 --partitions 16 --single-max-n 200000   # 2M: partitioned only
+    # 2M dedup with the reference alongside (~10 GB for the reference, ~1 h on 2 cores):
+    python benchmarks/bench_scale.py --n 2000000 --partitions 16 --shard-rows 25000 --stages dedup \
+        --single-max-n 2000000 --concurrent-modes
 """
 
 from __future__ import annotations
@@ -489,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-rows", type=int, default=62_500, help="rows per input shard")
     ap.add_argument("--workers", type=int, default=2, help="processes running tasks at once")
     ap.add_argument("--single-max-n", type=int, default=1_000_000,
-                    help="skip the single-process reference above this N (it needs ~6 KB/row)")
+                    help="skip the single-process reference above this N (dedup: ~5 KB/row)")
     ap.add_argument("--concurrent-modes", action="store_true",
                     help="run the single-process reference alongside the partitioned mode (less wall time; "
                          "us_per_row is CPU time of each task, so it stays comparable, wall_s does not)")
