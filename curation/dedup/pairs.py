@@ -19,7 +19,6 @@ def coarse_thumbs(thumbs: np.ndarray) -> np.ndarray:
     return g.sum(axis=(2, 4)).reshape(len(thumbs), -1)
 
 
-
 def thumb_knn_pairs(thumbs: np.ndarray, k: int) -> np.ndarray:
     """Pairs i < j with j among i's k nearest thumbnails by the 8x8 pooled grey grid (exact faiss flat search,
     rows in the given order). Pooled: a quarter of the 16x16 grid's cost, and a small crop or shift moves

@@ -239,7 +239,7 @@ class PartitionedDedup:
         if task in ("document", "caption"):
             ok = bool_mask(pc.equal(kind, "document" if task == "document" else "pair"))
             mh = sig.column("minhash")
-            ok &= bool_mask(pc.greater(pc.list_value_length(mh), 0))
+            ok &= has_values(mh)
             rows = np.flatnonzero(ok)
             if rows.size == 0:
                 return rows
@@ -255,7 +255,7 @@ class PartitionedDedup:
             if task == "thumb":
                 ok &= bool_mask(pc.is_valid(sig.column("thumb")))
         else:
-            ok &= bool_mask(pc.greater(pc.list_value_length(sig.column("embedding")), 0))
+            ok &= has_values(sig.column("embedding"))
         return np.flatnonzero(ok)
 
     # -- step 0: sample and fit --
@@ -311,11 +311,11 @@ class PartitionedDedup:
         n = sig.num_rows if rows is None else len(rows)
         if c is None or n == 0:
             return np.zeros(n, dtype=np.int64)
-        col = "thumb" if task == "thumb" else "embedding"
+        features = sig.select(["thumb" if task == "thumb" else "embedding"])
         out = np.empty(n, dtype=np.int64)
         for s in range(0, n, LABEL_BLOCK_ROWS):  # features per block, never a copy of all rows: bounded memory
-            part = (sig.slice(s, LABEL_BLOCK_ROWS) if rows is None
-                    else sig.select([col]).take(pa.array(rows[s:s + LABEL_BLOCK_ROWS], type=pa.int64())))
+            part = (features.slice(s, LABEL_BLOCK_ROWS) if rows is None
+                    else features.take(pa.array(rows[s:s + LABEL_BLOCK_ROWS], type=pa.int64())))
             if task == "thumb":
                 x = coarse_thumbs(fixed_binary(part.column("thumb"), THUMB_BYTES))
             else:
@@ -536,14 +536,25 @@ def _slice(rows: pa.Table, mask: np.ndarray, dedupe: bool) -> pa.Table:
 def _canonical_order(tbl: pa.Table, dedupe: bool) -> np.ndarray:
     """Row positions of ``tbl`` in canonical (source, key, image_index) order (stable), the first row
     per id only when ``dedupe``."""
-    order = pc.sort_indices(tbl.select(["source", "key", "image_index"]),
-                            sort_keys=[("source", "ascending"), ("key", "ascending"),
-                                       ("image_index", "ascending")]).to_numpy()
-    if dedupe and order.size > 1:
-        ids = np.asarray(item_ids(tbl.select(["source", "key", "image_index"]).take(pa.array(order))), dtype=object)
-        keep = np.r_[True, ids[1:] != ids[:-1]]
-        order = order[keep]
+    keys = tbl.select(["source", "key", "image_index"])
+    order = pc.sort_indices(keys, sort_keys=[("source", "ascending"), ("key", "ascending"),
+                                             ("image_index", "ascending")]).to_numpy()
+    if dedupe:
+        order = order[first_of_each_id(keys.take(pa.array(order)))]
     return order
+
+
+def first_of_each_id(tbl: pa.Table) -> np.ndarray:
+    """Mask of the rows of ``tbl`` (sorted by source, key, image_index) whose id differs from the previous
+    row's: the first row per id (Arrow compares the columns; no Python value per row)."""
+    n = tbl.num_rows
+    first = np.ones(n, dtype=bool)
+    if n > 1:
+        first[1:] = False
+        for c in ("source", "key", "image_index"):
+            col = tbl.column(c)
+            first[1:] |= bool_mask(pc.not_equal(col.slice(1), col.slice(0, n - 1)))
+    return first
 
 
 Payload = tuple[np.ndarray, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
@@ -555,7 +566,7 @@ def confirm_payload(thumb: pa.ChunkedArray | pa.Array, emb: pa.ChunkedArray | pa
     thumbs = fixed_binary(thumb, THUMB_BYTES)
     if emb is None:
         return thumbs, has_t, None, None
-    has_e = bool_mask(pc.greater(pc.fill_null(pc.list_value_length(emb), 0), 0))
+    has_e = has_values(emb)
     if has_e.all():  # every row has one: the matrix directly, no zero-filled copy
         return thumbs, has_t, list_matrix(emb, np.float32), has_e
     dim = max(int(pc.max(pc.list_value_length(emb)).as_py() or 0), 1)
@@ -570,13 +581,18 @@ def bool_mask(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
+def has_values(lists: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Mask of the non-null, non-empty values of a list column."""
+    return bool_mask(pc.greater(pc.list_value_length(lists), 0))
+
+
 def _edges(method: str, t: pa.Table, pairs: np.ndarray) -> pa.Table:
     """Edge rows for local index pairs of ``t``, each endpoint with its keeper attributes and shard."""
     if pairs.size == 0:
         return EDGE_SCHEMA.empty_table()
     involved = np.unique(pairs)
     sub = t.select(["source", "key", "image_index", *NODE_COLS[1:]]).take(pa.array(involved))
-    nodes = {"id": pa.array(item_ids(sub)), **{c: sub.column(c) for c in NODE_COLS[1:]}}
+    nodes = {"id": item_id_array(sub), **{c: sub.column(c) for c in NODE_COLS[1:]}}
     local = np.searchsorted(involved, pairs)
     cols: dict[str, Any] = {"method": pa.array([method] * len(pairs))}
     for end, idx in (("a", local[:, 0]), ("b", local[:, 1])):

@@ -46,6 +46,8 @@ from vila2_curate.curation.dedup.partitioned import (
     Payload,
     bool_mask,
     confirm_payload,
+    first_of_each_id,
+    has_values,
     list_matrix,
 )
 from vila2_curate.curation.dedup.phash import hamming_pairs
@@ -340,19 +342,13 @@ def _canonical(signatures: pa.Table) -> pa.Table:
     order = pc.sort_indices(sig, sort_keys=[("source", "ascending"), ("key", "ascending"),
                                             ("image_index", "ascending")])
     sig = sig.take(order).combine_chunks()
-    if sig.num_rows < 2:
-        return sig
-    new_id = np.zeros(sig.num_rows - 1, dtype=bool)  # row r differs from row r - 1 (Arrow compares, no Python rows)
-    for c in ("source", "key", "image_index"):
-        col = sig.column(c)
-        new_id |= bool_mask(pc.not_equal(col.slice(1), col.slice(0, sig.num_rows - 1)))
-    keep = np.flatnonzero(np.r_[True, new_id])
+    keep = np.flatnonzero(first_of_each_id(sig))
     return sig.take(pa.array(keep, type=pa.int64())) if len(keep) < sig.num_rows else sig
 
 
 def _minhash_pairs(sig: pa.Table, rows: list[int], threshold: float) -> np.ndarray:
     values = sig.column("minhash").take(pa.array(rows, type=pa.int64()))
-    have = np.flatnonzero(bool_mask(pc.greater(pc.fill_null(pc.list_value_length(values), 0), 0)))
+    have = np.flatnonzero(has_values(values))
     if len(have) < 2:
         return np.empty((0, 2), dtype=np.int64)
     mat = list_matrix(values.take(pa.array(have)), np.uint32)  # not Python ints: ~5 KB a row at 128 permutations
