@@ -1,4 +1,4 @@
-"""Pieces shared by the distributed engines (Ray Data, Beam).
+"""Pieces shared by the distributed engines (Ray Data, Beam): the exchange between map side and assembly.
 
 Distributed map stages see batches in any order and any grouping, but output must not depend on the
 engine. So the reader tags every row with ``_row`` (shard index << 32 | row number); after the map
@@ -6,27 +6,55 @@ stages each batch is written as *part* files, one per input shard it holds; a pe
 reads its parts back in ``_row`` order and feeds exactly the same SegmentOutput the local engine uses.
 Part names derive from their rows, so a retried task overwrites rather than duplicates a part; the
 assembly also drops repeated ``_row`` values.
+
+Parts carry no image bytes: only the columns the map stages computed (``workdir.slim_for_work``, the
+same slimming the local engine's intermediate rows get), and for a segment closed by a global stage its
+signatures, computed on the map side while the decoded batch is at hand. The image bytes come back from
+the immutable input shard when the last segment's shard is assembled (``workdir.rejoin_input``), so the
+exchange costs a few hundred bytes per row instead of a copy of the dataset. A source that cannot be read
+again identically (URL fetching) keeps whole rows, as its intermediate rows do.
+
+Each map step's cost rides along the rows as a per-row column (``_cost:<name>`` seconds, ``_gpu:<name>``
+GPU-seconds): whatever batches the engine forms, splits or merges, the per-shard sums are exact, and they
+reach the shard's markers (``timings.json``) through the part descriptions.
 """
 
 from __future__ import annotations
 
 import posixpath
+import time
 from collections.abc import Iterator
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vila2_curate.pipelines.engine.plan import Plan
+from vila2_curate.pipelines.engine.guard import apply_guarded
+from vila2_curate.pipelines.engine.plan import Plan, Segment
 from vila2_curate.pipelines.engine.progress import ShardResult
 from vila2_curate.pipelines.engine.runner import WorkItem
-from vila2_curate.pipelines.engine.shard_task import SegmentOutput, Timings, input_batches, is_rereadable
-from vila2_curate.pipelines.engine.workdir import seg_dir
+from vila2_curate.pipelines.engine.shard_task import (
+    SegmentOutput,
+    Timings,
+    add_timing,
+    gpu_share,
+    input_batches,
+    is_rereadable,
+    merge_timings,
+)
+from vila2_curate.pipelines.engine.workdir import rejoin_input, seg_dir, slim_dropped, slim_for_work
 from vila2_curate.pipelines.io.readers.base import InputShard
 from vila2_curate.pipelines.io.writers.atomic import read_parquet, write_parquet_atomic
 from vila2_curate.schemas.config import OutputConfig
+from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA
 
 ROW_COL = "_row"
 SHARD_BITS = 32
+COST_PREFIX = "_cost:"
+GPU_PREFIX = "_gpu:"
+# what only a distributed engine spends: writing the parts, reading them and the input back at assembly
+EXCHANGE_WRITE, EXCHANGE_READ = "exchange_write", "exchange_read"
 
 
 def uses_model(stage) -> bool:
@@ -45,72 +73,210 @@ def clear_segment_parts(fs, root: str, seg: int) -> None:
         fs.rm(d, recursive=True)
 
 
+# ------------------------------------------------------------------------------------------ costs
+
+
+def add_cost(batch: pa.Table, name: str, seconds: float, gpus: float = 0.0) -> pa.Table:
+    """Spread ``seconds`` (and ``seconds * gpus`` GPU-seconds) of work on this batch over its rows."""
+    if not batch.num_rows:
+        return batch
+    for prefix, total in ((COST_PREFIX, seconds), (GPU_PREFIX, seconds * gpus)):
+        if prefix == GPU_PREFIX and not gpus:
+            continue
+        col = prefix + name
+        per_row = pa.array(np.full(batch.num_rows, total / batch.num_rows), pa.float64())
+        if col in batch.column_names:
+            i = batch.column_names.index(col)
+            batch = batch.set_column(i, col, pc.add(batch.column(i), per_row))
+        else:
+            batch = batch.append_column(col, per_row)
+    return batch
+
+
+def pop_costs(batch: pa.Table) -> tuple[pa.Table, Timings]:
+    """The batch without its cost columns, and their sums as timings."""
+    timings: Timings = {}
+    cols = [c for c in batch.column_names if c.startswith((COST_PREFIX, GPU_PREFIX))]
+    for col in cols:
+        total = float(pc.sum(batch.column(col)).as_py() or 0.0)
+        if col.startswith(COST_PREFIX):
+            add_timing(timings, col[len(COST_PREFIX):], batch.num_rows, total)
+        else:
+            acc = timings.setdefault(col[len(GPU_PREFIX):], {"rows": 0, "seconds": 0.0, "gpu_seconds": 0.0})
+            acc["gpu_seconds"] += total
+    return batch.drop_columns(cols), timings
+
+
+def run_stage(stage: Any, batch: pa.Table) -> pa.Table:
+    """One map stage on a batch of the distributed map side, its cost added to the rows."""
+    t = time.perf_counter()
+    out = apply_guarded(stage, batch)
+    return add_cost(out, stage.name, time.perf_counter() - t, gpu_share(stage))
+
+
+# ------------------------------------------------------------------------------------------ map side
+
+
 def tagged_batches(fs, root: str, plan: Plan, item: WorkItem, seg: int, batch_size: int) -> Iterator[pa.Table]:
-    """The segment's input rows for one shard (its own decisions applied), each tagged with its ``_row``."""
+    """The segment's input rows for one shard (its own decisions applied), each tagged with its ``_row``
+    and carrying the cost of reading it."""
     offset = item.index << SHARD_BITS
     timings: Timings = {}
+    spent: dict[str, float] = {}
     for batch in input_batches(fs, root, plan, item.reader, item.shard, seg, batch_size, timings):
         rows = pa.array(range(offset, offset + batch.num_rows), type=pa.int64())
         offset += batch.num_rows
-        yield batch.append_column(ROW_COL, rows)
+        batch = batch.append_column(ROW_COL, rows)
+        for name, acc in timings.items():  # this batch's share: what was spent since the last one
+            batch = add_cost(batch, name, acc["seconds"] - spent.get(name, 0.0))
+            spent[name] = acc["seconds"]
+        yield batch
 
 
-def write_parts(fs, root: str, seg: int, batch: pa.Table, shards: list[InputShard]) -> list[dict]:
-    """Write one mapped batch as part files (one per input shard present); returns their descriptions."""
+def signature_rows(sig: pa.Table, piece: pa.Table) -> pa.Array:
+    """The ``_row`` of each signature row. Signatures name their row by (source, key) and come in row
+    order, a row's several signature rows (a document and its images) in rising ``image_index`` (the
+    stage contract), so one forward walk pairs them even when keys repeat in a shard."""
+    keys = list(zip(piece.column("source").to_pylist(), piece.column("key").to_pylist(), strict=True))
+    rows = piece.column(ROW_COL).to_numpy()
+    images = (sig.column("image_index").to_pylist() if "image_index" in sig.column_names
+              else [None] * sig.num_rows)
+    out = np.empty(sig.num_rows, np.int64)
+    j, last = 0, None  # the row paired last, and its last signature row's image_index
+    paired = False
+    for i, k in enumerate(zip(sig.column("source").to_pylist(), sig.column("key").to_pylist(), strict=True)):
+        if paired and (images[i] is None or last is None or images[i] <= last):
+            j += 1  # not a further image of row j: a later row
+        while j < len(keys) and keys[j] != k:
+            j += 1
+        if j == len(keys):
+            raise RuntimeError(f"signature row {k} is not in row order or names no row of its batch")
+        out[i], last, paired = rows[j], images[i], True
+    return pa.array(out, pa.int64())
+
+
+def write_parts(fs, root: str, segment: Segment, batch: pa.Table, shards: list[InputShard],
+                rereadable: list[bool]) -> list[dict]:
+    """Write one mapped batch as part files (one per input shard present): the rows' computed columns
+    and, before a global stage, their signatures. Returns the parts' descriptions, costs included."""
     out = []
+    seg = segment.index
     shard_of = pc.shift_right(batch.column(ROW_COL), SHARD_BITS)
     for idx in sorted(pc.unique(shard_of).to_pylist()):
-        piece = batch.filter(pc.equal(shard_of, idx)).sort_by(ROW_COL)
+        piece, timings = pop_costs(batch.filter(pc.equal(shard_of, idx)).sort_by(ROW_COL))
         rows = piece.column(ROW_COL)
         first, last = rows[0].as_py(), rows[-1].as_py()
-        path = posixpath.join(parts_dir(root, seg, shards[idx]), f"{first:020d}-{last:020d}.parquet")
-        write_parquet_atomic(fs, path, piece.combine_chunks())
-        out.append({"shard_index": idx, "path": path, "first": first, "last": last, "rows": piece.num_rows})
+        base = posixpath.join(parts_dir(root, seg, shards[idx]), f"{first:020d}-{last:020d}")
+        desc: dict[str, Any] = {"shard_index": idx, "path": f"{base}.parquet", "sig_path": None,
+                                "first": first, "last": last, "rows": piece.num_rows}
+        if segment.decide is not None:
+            t = time.perf_counter()
+            sig = segment.decide.signatures(piece.drop_columns([ROW_COL]))
+            sig = sig.append_column(ROW_COL, signature_rows(sig, piece))
+            add_timing(timings, f"{segment.decide.name}_signatures", piece.num_rows, time.perf_counter() - t)
+            t = time.perf_counter()
+            desc["sig_path"] = f"{base}.sig.parquet"
+            write_parquet_atomic(fs, desc["sig_path"], sig.combine_chunks())
+            add_timing(timings, EXCHANGE_WRITE, 0, time.perf_counter() - t)
+        t = time.perf_counter()
+        slim = slim_for_work(piece) if rereadable[idx] else slim_dropped(piece)
+        write_parquet_atomic(fs, desc["path"], slim.combine_chunks())
+        add_timing(timings, EXCHANGE_WRITE, piece.num_rows, time.perf_counter() - t)
+        desc["timings"] = timings
+        out.append(desc)
     return out
 
 
-def assembled_batches(fs, parts: list[dict], batch_size: int) -> Iterator[pa.Table]:
-    """Stream a shard's parts in ``_row`` order, without the ``_row`` column.
+# ------------------------------------------------------------------------------------------ assembly
 
-    Non-overlapping parts (the normal case) stream one at a time; overlapping ones (a retried task that
-    re-split a batch) are loaded together, sorted and de-duplicated.
-    """
-    parts = sorted(parts, key=lambda p: (p["first"], p["last"]))
+
+def _overlap_groups(parts: list[dict]) -> list[list[dict]]:
+    """Parts sorted by rows; parts whose row ranges overlap (a batch that held non-adjacent rows of a
+    shard, a retried task that re-split a batch) form one group."""
     groups: list[list[dict]] = []
-    for p in parts:
+    for p in sorted(parts, key=lambda p: (p["first"], p["last"])):
         if groups and p["first"] <= max(q["last"] for q in groups[-1]):
             groups[-1].append(p)
         else:
             groups.append([p])
-    for group in groups:
-        tables = []
-        for p in group:
-            tables.append(read_parquet(fs, p["path"]))
-        table = pa.concat_tables(tables).sort_by(ROW_COL) if len(tables) > 1 else tables[0]
-        if len(tables) > 1:
-            rows = table.column(ROW_COL).to_pylist()
-            keep = [i == 0 or rows[i] != rows[i - 1] for i in range(len(rows))]
-            table = table.filter(pa.array(keep))
-        table = table.drop_columns([ROW_COL])
+    return groups
+
+
+def _first_per_row(table: pa.Table) -> pa.Table:
+    """Sorted by ``_row``, keeping one row per ``_row`` value: the copy from the first part listed."""
+    order = pc.sort_indices(table, [(ROW_COL, "ascending"), ("_part", "ascending")])
+    table = table.take(order)
+    rows = table.column(ROW_COL).to_numpy()
+    parts = table.column("_part").to_numpy()
+    # a row kept from part p keeps every one of its rows from p (documents give several signature rows)
+    first = np.ones(len(rows), bool)
+    first[1:] = rows[1:] != rows[:-1]
+    chosen = np.maximum.accumulate(np.where(first, np.arange(len(rows)), 0))
+    return table.filter(pa.array(parts == parts[chosen])).drop_columns(["_part"])
+
+
+def _read_group(fs, group: list[dict], key: str) -> pa.Table:
+    tables = [read_parquet(fs, p[key]) for p in group]
+    if len(tables) == 1:
+        return tables[0]
+    tables = [t.append_column("_part", pa.array(np.full(t.num_rows, i), pa.int64())) for i, t in enumerate(tables)]
+    return _first_per_row(pa.concat_tables(tables, promote_options="default"))
+
+
+def assembled_batches(fs, parts: list[dict], batch_size: int, key: str = "path") -> Iterator[pa.Table]:
+    """Stream a shard's parts (``key``: rows or signatures) in ``_row`` order, without ``_row``.
+
+    Non-overlapping parts (the normal case) stream one at a time; overlapping ones are loaded together,
+    sorted and de-duplicated.
+    """
+    for group in _overlap_groups(parts):
+        table = _read_group(fs, group, key).drop_columns([ROW_COL])
         for start in range(0, table.num_rows, batch_size):
             yield table.slice(start, batch_size)
 
 
 def assemble_shard(fs, root: str, plan: Plan, seg: int, item: WorkItem, parts: list[dict],
-                   out: OutputConfig, batch_size: int, timings: Timings | None = None) -> ShardResult | None:
+                   out: OutputConfig, batch_size: int) -> ShardResult | None:
     """Feed a shard's mapped rows, in reading order, to the same output the local engine uses (which
-    writes the shard's done marker, or on the last segment its shards and marker)."""
+    writes the shard's done marker, or on the last segment its shards and marker). On the last segment
+    the rows get their image bytes and input-only columns back from the re-read input shard."""
     segment = plan.segments[seg]
-    output = SegmentOutput(fs, root, plan, segment, item.shard, out, is_rereadable(item.reader))
+    rereadable = is_rereadable(item.reader)
+    output = SegmentOutput(fs, root, plan, segment, item.shard, out, rereadable)
+    timings: Timings = merge_timings(p.get("timings") for p in parts)
+    exchange: Timings = {}
     try:
-        for batch in assembled_batches(fs, parts, batch_size):
-            output.write(batch)
+        rows = _timed(assembled_batches(fs, parts, batch_size), exchange)
+        if segment.decide is None:
+            if rereadable:
+                schema = DOCUMENT_SCHEMA if item.shard.row_kind == "document" else PAIR_SCHEMA
+                rows = rejoin_input(rows, _timed(item.reader.read(item.shard, batch_size), exchange), schema)
+            for batch in rows:
+                output.write(batch)
+        else:
+            for batch in rows:
+                output.write_mapped(batch)
+            sig_parts = [p for p in parts if p.get("sig_path")]
+            output.add_signatures(list(_timed(assembled_batches(fs, sig_parts, 1 << 30, "sig_path"), exchange)))
+        add_timing(exchange, EXCHANGE_READ, sum(p["rows"] for p in parts), 0.0)
     except BaseException:
         output.abort()
         raise
-    result = output.close(timings or {})
+    result = output.close(merge_timings([timings, exchange]))
     clear_parts(fs, root, seg, item.shard)
     return result
+
+
+def _timed(batches, timings: Timings) -> Iterator[pa.Table]:
+    """Count the time spent producing each batch as exchange reading."""
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        batch = next(it, None)
+        add_timing(timings, EXCHANGE_READ, 0, time.perf_counter() - t)
+        if batch is None:
+            return
+        yield batch
 
 
 def clear_parts(fs, root: str, seg: int, shard: InputShard) -> None:

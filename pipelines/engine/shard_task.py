@@ -38,7 +38,8 @@ from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA
 Timings = dict[str, dict[str, float]]
 
 
-def _add(timings: Timings, name: str, rows: int, seconds: float, gpus: float = 0.0) -> None:
+def add_timing(timings: Timings, name: str, rows: int, seconds: float, gpus: float = 0.0) -> None:
+    """Add one step's rows and seconds (and GPU-seconds at ``gpus`` GPUs) to ``timings``."""
     acc = timings.setdefault(name, {"rows": 0, "seconds": 0.0, "gpu_seconds": 0.0})
     acc["rows"] += rows
     acc["seconds"] += seconds
@@ -66,11 +67,11 @@ def input_batches(fs, root: str, plan: Plan, reader: Reader, shard: InputShard, 
         decisions = index_decisions(read_shard_decisions(fs, root, seg - 1, shard, plan.segment_hash(seg - 1)))
     t0 = time.perf_counter()
     for batch in source:
-        _add(timings, read_name, batch.num_rows, time.perf_counter() - t0)
+        add_timing(timings, read_name, batch.num_rows, time.perf_counter() - t0)
         if decisions is not None:
             t = time.perf_counter()
             batch = apply_decisions(batch, decisions, prev_stage)
-            _add(timings, f"{prev_stage}_apply", batch.num_rows, time.perf_counter() - t)
+            add_timing(timings, f"{prev_stage}_apply", batch.num_rows, time.perf_counter() - t)
         yield batch
         t0 = time.perf_counter()
 
@@ -79,7 +80,7 @@ def map_batch(segment: Segment, batch: pa.Table, timings: Timings) -> pa.Table:
     for stage in segment.maps:
         t = time.perf_counter()
         batch = apply_guarded(stage, batch)
-        _add(timings, stage.name, batch.num_rows, time.perf_counter() - t, gpu_share(stage))
+        add_timing(timings, stage.name, batch.num_rows, time.perf_counter() - t, gpu_share(stage))
     return batch
 
 
@@ -106,19 +107,26 @@ class SegmentOutput:
             before = self.sink.stats.kept
             self.sink.write(batch)
             self.kept += self.sink.stats.kept - before
-            _add(self.timings, "write", batch.num_rows, time.perf_counter() - t)
+            add_timing(self.timings, "write", batch.num_rows, time.perf_counter() - t)
             return
         self.inter.write(batch)
-        _add(self.timings, "write_intermediate", batch.num_rows, time.perf_counter() - t)
+        add_timing(self.timings, "write_intermediate", batch.num_rows, time.perf_counter() - t)
         t = time.perf_counter()
-        sig = self.segment.decide.signatures(batch)
-        if sig.num_rows:
-            self.sigs.append(sig)
-        _add(self.timings, f"{self.segment.decide.name}_signatures", batch.num_rows, time.perf_counter() - t)
+        self.add_signatures([self.segment.decide.signatures(batch)])
+        add_timing(self.timings, f"{self.segment.decide.name}_signatures", batch.num_rows, time.perf_counter() - t)
+
+    def write_mapped(self, rows: pa.Table) -> None:
+        """Rows a distributed map side already slimmed (its signatures come through ``add_signatures``)."""
+        t = time.perf_counter()
+        self.rows += rows.num_rows
+        self.inter.write_slim(rows)
+        add_timing(self.timings, "write_intermediate", rows.num_rows, time.perf_counter() - t)
+
+    def add_signatures(self, sigs: list[pa.Table]) -> None:
+        self.sigs.extend(s for s in sigs if s.num_rows)
 
     def close(self, timings: Timings) -> ShardResult | None:
-        for k, v in self.timings.items():
-            _add(timings, k, int(v["rows"]), v["seconds"])
+        timings = merge_timings([timings, self.timings])
         if self.last:
             stats, files = self.sink.close()
             # the shard's timings over the whole plan: earlier segments' from their done markers

@@ -236,6 +236,10 @@ class IntermediateWriter:
             batch = slim_dropped(batch)
         self._writer.write_table(batch)
 
+    def write_slim(self, batch: pa.Table) -> None:
+        """Rows already slimmed where they were mapped (a distributed engine's parts)."""
+        self._writer.write_table(batch.select(self.schema.names).cast(self.schema))
+
     def commit(self) -> None:
         self._writer.close()
         self._file.close()

@@ -21,11 +21,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from vila2_curate.pipelines.engine.guard import apply_guarded
 from vila2_curate.pipelines.engine.parts import (
     assemble_shard,
     clear_parts,
     clear_segment_parts,
+    run_stage,
     tagged_batches,
     uses_model,
     write_parts,
@@ -39,6 +39,7 @@ from vila2_curate.pipelines.engine.runner import (
     run_engine,
     split_by_key,
 )
+from vila2_curate.pipelines.engine.shard_task import is_rereadable
 from vila2_curate.pipelines.engine.workdir import WORK_DIR, read_done
 from vila2_curate.pipelines.io.writers.atomic import read_parquet, write_parquet_atomic
 from vila2_curate.schemas.config import RunConfig
@@ -76,7 +77,7 @@ def _model_handler_class():
 
         def run_inference(self, batch: Sequence[pa.Table], model: Any,
                           inference_args: dict[str, Any] | None = None) -> Iterable[pa.Table]:
-            return [apply_guarded(model, table) for table in batch]
+            return [run_stage(model, table) for table in batch]
 
         def batch_elements_kwargs(self) -> dict[str, Any]:
             return {"min_batch_size": 1, "max_batch_size": 1}  # elements are already Arrow batches
@@ -113,11 +114,13 @@ class BeamEngine:
                 self.stage.setup()
 
             def process(self, batch: pa.Table):
-                yield apply_guarded(self.stage, batch)
+                yield run_stage(self.stage, batch)
+
+        rereadable = [is_rereadable(it.reader) for it in items]
 
         class WriteParts(beam.DoFn):
             def process(self, batch: pa.Table):
-                for part in write_parts(fs, root, seg, batch, shards):
+                for part in write_parts(fs, root, segment, batch, shards, rereadable):
                     yield part["shard_index"], part
 
         class Assemble(beam.DoFn):
