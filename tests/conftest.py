@@ -116,6 +116,16 @@ def output_files(root: Path) -> dict[str, bytes]:
     return files
 
 
+def assert_same_stage_timings(out: Path, ref: Path) -> None:
+    """timings.json names the same steps, with the same row counts, whatever engine ran them."""
+    import json
+
+    mine, theirs = (json.loads((p / "timings.json").read_text())["stages"] for p in (out, ref))
+    assert sorted(mine) == sorted(theirs)
+    assert {k: v["rows"] for k, v in mine.items()} == {k: v["rows"] for k, v in theirs.items()}
+    assert all(v["seconds"] > 0 for v in mine.values()), mine
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     """One local Ray cluster for the whole test session (starting one costs ~10 s)."""

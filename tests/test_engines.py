@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import output_files, write_config
+from conftest import assert_same_stage_timings, output_files, write_config
 
 from vila2_curate.pipelines.executors.local import run_local
 from vila2_curate.pipelines.validate import validate_output
@@ -144,6 +144,7 @@ def test_ray_writes_byte_identical_shards_without_model_stages(ray_cluster, plai
     assert _decide_modes(tmp_path / "out") == {"dedup": "single"}
     assert _decide_modes(plain_local_out) == {"dedup": "partitioned"}
     assert output_files(tmp_path / "out") == output_files(plain_local_out)
+    assert_same_stage_timings(tmp_path / "out", plain_local_out)
     _assert_same_decisions(tmp_path / "out", plain_local_out)
 
 
@@ -156,6 +157,7 @@ def test_beam_single_decide_writes_byte_identical_shards(plain_local_out: Path, 
     run_beam(cfg, progress=False)
     assert _decide_modes(tmp_path / "out") == {"dedup": "single"}
     assert output_files(tmp_path / "out") == output_files(plain_local_out)
+    assert_same_stage_timings(tmp_path / "out", plain_local_out)
     _assert_same_decisions(tmp_path / "out", plain_local_out)
 
 
@@ -167,6 +169,7 @@ def test_ray_engine_matches_local(ray_cluster, local_out: Path, sample_dir: Path
     stats = run_ray(cfg, progress=False)
     assert stats["balanced"]
     _assert_same_result(tmp_path / "out", local_out)
+    assert_same_stage_timings(tmp_path / "out", local_out)
     assert validate_output(str(tmp_path / "out")) == []
 
 
@@ -179,6 +182,7 @@ def test_beam_engine_matches_local(local_out: Path, sample_dir: Path, tmp_path: 
     stats = run_beam(cfg, progress=False)
     assert stats["balanced"]
     _assert_same_result(tmp_path / "out", local_out)
+    assert_same_stage_timings(tmp_path / "out", local_out)
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["total"]["rows_in"] == 151
     assert len(list((tmp_path / "out" / "_work").glob("seg*/decided.json"))) == 4
 

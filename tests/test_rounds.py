@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, output_files, write_config, write_round_config
+from conftest import ROOT, assert_same_stage_timings, output_files, write_config, write_round_config
 
 from vila2_curate.pipelines.executors.local import run_local
 from vila2_curate.pipelines.validate import read_vila_samples, validate_output
@@ -110,6 +110,30 @@ def test_rerun_round_does_nothing_and_resume_is_identical(r0: Path, sample_dir: 
     before = {p: p.stat().st_mtime_ns for p in (root / "r1").rglob("*.tar")}
     run_local(cfg, progress=False, max_shards=0)  # raises if anything still had work
     assert before == {p: p.stat().st_mtime_ns for p in (root / "r1").rglob("*.tar")}
+
+
+@pytest.mark.parametrize("engine", ["ray", "beam"])
+def test_round_timings_name_every_stage_on_every_engine(r0: Path, sample_dir: Path, models: Path, tmp_path: Path,
+                                                        engine: str, request):
+    """A recaption round's timings.json: the same steps and row counts on Ray and Beam as locally."""
+    if engine == "ray":
+        request.getfixturevalue("ray_cluster")
+    else:
+        pytest.importorskip("apache_beam")
+    from vila2_curate.pipelines.executors.beam import run_beam
+    from vila2_curate.pipelines.executors.ray_data import run_ray
+
+    runners = {"local": run_local, "ray": run_ray, "beam": run_beam}
+    runs = {}
+    for name in ("local", engine):
+        root = tmp_path / name
+        shutil.copytree(r0 / "r0", root / "r0")
+        cfg = write_round_config(sample_dir, root, tmp_path / f"{name}.yaml", name="t", after=[{"type": "spatial"}])
+        runners[name](load_config(cfg, {"engine": name}, round=1), progress=False)
+        runs[name] = root / "r1"
+    assert_same_stage_timings(runs[engine], runs["local"])
+    stages = json.loads((runs[engine] / "timings.json").read_text())["stages"]
+    assert {"read", "recaption", "spatial", "write"} <= set(stages)
 
 
 def test_round_needs_round_flag(r0: Path, sample_dir: Path, tmp_path: Path):

@@ -114,7 +114,8 @@ def write_marker(fs, root: str, result: ShardResult) -> None:
 
 
 def finalize(fs, root: str, name: str, results: list[ShardResult],
-             summaries: dict[str, Any] | None = None, run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+             summaries: dict[str, Any] | None = None, run_info: dict[str, Any] | None = None,
+             run_timings: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
     """Write manifest.parquet, stats.json, timings.json, summaries.json and wids-meta.json."""
     results = sorted(results, key=lambda r: (r.shard.source, r.shard.shard_id))
     manifest_rows = []
@@ -142,7 +143,7 @@ def finalize(fs, root: str, name: str, results: list[ShardResult],
         write_wids_meta(fs, posixpath.join(root, source), f"{name}-{source}", local)
     write_json_atomic(fs, posixpath.join(root, "stats.json"), stats)
     write_json_atomic(fs, posixpath.join(root, "timings.json"),
-                      {**_merge_timings(results), **(run_info or {})})
+                      {**_merge_timings([r.timings for r in results] + [run_timings or {}]), **(run_info or {})})
     rounds = summarize_rounds([r.stats.round_sums for r in results])  # round saturation (issue 10)
     summaries = {**(summaries or {}), **({"rounds": rounds} if rounds else {})}
     write_json_atomic(fs, posixpath.join(root, "summaries.json"), summaries)
@@ -150,10 +151,10 @@ def finalize(fs, root: str, name: str, results: list[ShardResult],
     return stats
 
 
-def _merge_timings(results: list[ShardResult]) -> dict[str, Any]:
+def _merge_timings(timings: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
     stages: dict[str, dict[str, float]] = {}
-    for r in results:
-        for stage, t in r.timings.items():
+    for part in timings:
+        for stage, t in part.items():
             acc = stages.setdefault(stage, {"rows": 0, "seconds": 0.0, "gpu_seconds": 0.0})
             for k, v in t.items():
                 acc[k] = acc.get(k, 0) + v

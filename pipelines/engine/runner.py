@@ -41,6 +41,7 @@ from vila2_curate.pipelines.engine.progress import (
     run_started_at,
 )
 from vila2_curate.pipelines.engine.workdir import (
+    decided_path,
     is_decided,
     pending_dir,
     pending_path,
@@ -171,7 +172,8 @@ def run_engine(engine: Engine, config: RunConfig, plan: Plan | None = None) -> d
     missing = [it.shard.path for it, r in zip(ctx.items, results, strict=True) if r is None]
     if missing:
         raise RuntimeError(f"the engine finished without a marker for {missing[:3]}")
-    return finalize(fs, root, config.name, results, plan_summaries(fs, root, plan), run_info(plan, config))
+    return finalize(fs, root, config.name, results, plan_summaries(fs, root, plan), run_info(plan, config),
+                    decide_timings(fs, root, plan))
 
 
 def pending_work(ctx: RunContext) -> dict[int, list[WorkItem]]:
@@ -412,12 +414,15 @@ def decide_segment(engine: Engine, ctx: RunContext, segment: Segment) -> None:
                                                                   decisions))
     seconds = time.perf_counter() - t
     log.info("%s decided (%s) in %.2fs", stage.name, "partitioned" if partitioned else "single", seconds)
-    write_segment_summary(ctx, segment, sum(counts), "partitioned" if partitioned else "single")
-    write_decided(fs, root, seg, seg_hash, {"decisions": sum(counts), "shards": len(ctx.items)})
+    n_sigs = write_segment_summary(ctx, segment, sum(counts), "partitioned" if partitioned else "single")
+    write_decided(fs, root, seg, seg_hash, {"decisions": sum(counts), "shards": len(ctx.items),
+                                            "timings": {f"{stage.name}_decide": {"rows": n_sigs,
+                                                                                 "seconds": seconds}}})
 
 
-def write_segment_summary(ctx: RunContext, segment: Segment, n_decisions: int, mode: str) -> None:
-    """The stage's summary; ``summarize`` sees every decision and signature while they are small."""
+def write_segment_summary(ctx: RunContext, segment: Segment, n_decisions: int, mode: str) -> int:
+    """The stage's summary; ``summarize`` sees every decision and signature while they are small.
+    Returns the number of signatures."""
     fs, root, seg = ctx.fs, ctx.root, segment.index
     n_sigs = 0
     for it in ctx.items:
@@ -433,6 +438,7 @@ def write_segment_summary(ctx: RunContext, segment: Segment, n_decisions: int, m
     summary = {"stage": segment.decide.name, "signatures": n_sigs, "decisions": n_decisions,
                "decide": mode, **summary}
     write_json_atomic(fs, posixpath.join(seg_dir(root, seg), "summary.json"), summary)
+    return n_sigs
 
 
 def _summary_columns(sig: pa.Table | None) -> pa.Table | None:
@@ -456,6 +462,18 @@ def run_info(plan: Plan, config: RunConfig) -> dict[str, Any]:
               for seg in plan.segments for s in seg.stages]
     return {"run": {"name": config.name, "engine": config.engine, "config_hash": plan.config_hash,
                     "plan_hash": plan.plan_hash, "stages": stages}}
+
+
+def decide_timings(fs, root: str, plan: Plan) -> dict[str, dict[str, float]]:
+    """Each global stage's decide (all its steps, on whatever engine): seconds and signatures, from the
+    segment markers, so a resumed run reports the decide it reused."""
+    out = {}
+    for segment in plan.segments:
+        path = decided_path(root, segment.index)
+        if segment.decide is not None and fs.exists(path):
+            with fs.open(path, "rb") as f:
+                out.update(json.load(f).get("timings") or {})
+    return out
 
 
 def plan_summaries(fs, root: str, plan: Plan) -> dict[str, Any]:
