@@ -133,7 +133,7 @@ def test_round_timings_name_every_stage_on_every_engine(r0: Path, sample_dir: Pa
         runs[name] = root / "r1"
     assert_same_stage_timings(runs[engine], runs["local"])
     stages = json.loads((runs[engine] / "timings.json").read_text())["stages"]
-    assert {"read", "recaption", "spatial", "write"} <= set(stages)
+    assert {"read", "recaption_r1", "spatial", "write"} <= set(stages)
 
 
 def test_round_needs_round_flag(r0: Path, sample_dir: Path, tmp_path: Path):
