@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -201,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
 def describe_error(exc: BaseException) -> tuple[int, str]:
     """(exit status, one-line message) for an exception that ended a command.
 
-    2: the configuration or a source's format (ConfigError, SourceFormatError), 4: I/O (unwritable output,
-    full disk, an input gone while reading), 1: anything else (a bug). Engines wrap worker exceptions (Ray's
-    RayTaskError, Beam's re-raise), so the cause chain is searched and its innermost known error reported.
+    2: the configuration or a source's format (ConfigError, SourceFormatError, a plan the Ray cluster cannot
+    place), or workers whose Python lacks the project; 4: I/O (unwritable output, full disk, an input gone
+    while reading), 1: anything else (a bug). Engines wrap worker exceptions (Ray's RayTaskError, Beam's
+    re-raise), so the cause chain is searched and its innermost known error reported.
     """
     chain = _cause_chain(exc)
     known = [e for e in chain  # by name: importing pipelines.io.readers here could itself fail and hide the error
@@ -219,11 +221,34 @@ def describe_error(exc: BaseException) -> tuple[int, str]:
             return 2, one_line(str(e))
         # a SourceFormatError is one line by construction; Ray Data appends its retry advice after a newline
         return 2, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    missing = _missing_project(chain)
+    if missing:
+        from vila2_curate.pipelines.recaption import missing_install_message
+
+        return 2, missing_install_message("the workers' Python", missing)
     for e in chain:
         if isinstance(e, OSError):
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
             return 4, one_line(f"{type(e).__name__}: {e.strerror or e}{where}")
     return 1, one_line(f"{type(exc).__name__}: {exc}")
+
+
+_NO_PROJECT = re.compile(r"No module named '(vila2_curate(?:\.[\w.]+)?)'")
+
+
+def _missing_project(chain: list[BaseException]) -> str | None:
+    """The project module a worker could not import, if that ended the run. Ray hands a worker's failed
+    import back as text (an actor that died in its creation task, a function that failed to import), so
+    the messages are read too, not only ModuleNotFoundError objects."""
+    from vila2_curate.pipelines.recaption import is_missing_project
+
+    for e in chain:
+        if is_missing_project(e):
+            return str(getattr(e, "name", "")) or "vila2_curate"
+        found = _NO_PROJECT.search(str(e))
+        if found:
+            return found.group(1)
+    return None
 
 
 def _cause_chain(exc: BaseException) -> list[BaseException]:

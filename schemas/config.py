@@ -300,6 +300,9 @@ class BeamOptions(_Strict):
 
 class RayOptions(_Strict):
     address: str | None = None  # None: RAY_ADDRESS, else start a local cluster
+    # a plan the cluster cannot place (pipelines/executors/ray_placement.py): 0 = fail at once; > 0 = wait up
+    # to this many seconds for an autoscaler to add nodes, saying so on stderr, then fail
+    placement_timeout_s: float = Field(default=0.0, ge=0)
 
 
 class RunConfig(_Strict):

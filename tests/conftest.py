@@ -128,9 +128,11 @@ def assert_same_stage_timings(out: Path, ref: Path) -> None:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
-    """One local Ray cluster for the whole test session (starting one costs ~10 s)."""
+    """One local Ray cluster for the whole test session (starting one costs ~10 s). Four logical CPUs on
+    the 2-core machine: the placement check wants a segment's reader, model pools and CPU stages to fit
+    together (a recaption round with a CPU specialist needs 3)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=400 * 1024**2,
+    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=400 * 1024**2,
              ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -20,17 +21,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from vila2_curate.pipelines.engine.guard import apply_guarded
 from vila2_curate.pipelines.engine.parts import (
     assemble_shard,
     clear_parts,
     clear_segment_parts,
+    run_stage,
     tagged_batches,
     uses_model,
     write_parts,
 )
 from vila2_curate.pipelines.engine.plan import Segment
 from vila2_curate.pipelines.engine.runner import RunContext, WorkItem, run_engine
+from vila2_curate.pipelines.engine.shard_task import is_rereadable
 from vila2_curate.schemas.config import RunConfig
 from vila2_curate.schemas.stage import Resources
 
@@ -80,17 +82,19 @@ class _StageActor:
         stage.setup()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return apply_guarded(self.stage, batch)
+        return run_stage(self.stage, batch)
 
 
 def _stage_task(batch: pa.Table, stage: Any) -> pa.Table:
     stage.setup()  # model-free stages: setup is cheap
-    return apply_guarded(stage, batch)
+    return run_stage(stage, batch)
 
 
-def _write_parts_task(batch: pa.Table, fs, root: str, seg: int, shards: list) -> pa.Table:
-    parts = write_parts(fs, root, seg, batch, shards)
-    return pa.Table.from_pylist(parts)
+def _write_parts_task(batch: pa.Table, fs, root: str, segment: Segment, shards: list,
+                      rereadable: list[bool]) -> pa.Table:
+    # descriptions travel as JSON strings: their timings dicts have no fixed set of keys
+    parts = write_parts(fs, root, segment, batch, shards, rereadable)
+    return pa.table({"part": [json.dumps(p) for p in parts]})
 
 
 class _Load:
@@ -136,7 +140,8 @@ class RayEngine:
         for kind in sorted({it.shard.row_kind for it in pending}):
             subset = [it for it in pending if it.shard.row_kind == kind]
             for row in self._map_dataset(ctx, segment, subset).take_all():
-                parts[row["shard_index"]].append(row)
+                part = json.loads(row["part"])
+                parts[part["shard_index"]].append(part)
 
         @ray.remote(num_cpus=1)
         def assemble(ctx, seg, item, parts):
@@ -153,7 +158,9 @@ class RayEngine:
         ds = ray.data.from_items([{"item": it.index} for it in pending], override_num_blocks=n)
         ds = ds.map_batches(_ReadShards, batch_size=1, batch_format="pyarrow",
                             fn_constructor_args=(ctx, segment.index),
-                            compute=ray.data.ActorPoolStrategy(size=max(1, min(n, _cluster_cpus(ray)))),
+                            # from one reader up: a fixed pool of every CPU would leave none to the stages'
+                            # workers, and a cluster that cannot place them would wait for ever
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(n, _cluster_cpus(ray)))),
                             num_cpus=1)
         for stage in segment.maps:
             opts = ray_options(stage.resources)
@@ -166,8 +173,9 @@ class RayEngine:
                 ds = ds.map_batches(_stage_task, fn_kwargs={"stage": stage}, batch_size=batch_size,
                                     batch_format="pyarrow", **opts)
         return ds.map_batches(_write_parts_task, batch_size=None, batch_format="pyarrow",
-                              fn_kwargs={"fs": ctx.fs, "root": ctx.root, "seg": segment.index,
-                                         "shards": [it.shard for it in ctx.items]})
+                              fn_kwargs={"fs": ctx.fs, "root": ctx.root, "segment": segment,
+                                         "shards": [it.shard for it in ctx.items],
+                                         "rereadable": [is_rereadable(it.reader) for it in ctx.items]})
 
     def group_apply(self, ctx: RunContext, items: list[WorkItem], load: Callable[[WorkItem], pa.Table | None],
                     key: str | None, fn: Callable[[pa.Table], pa.Table]) -> list[pa.Table]:
@@ -197,4 +205,8 @@ class RayEngine:
 
 def run_ray(config: RunConfig, *, progress: bool = True, address: str | None = None) -> dict[str, Any]:
     ensure_ray(address)
+    from vila2_curate.pipelines.engine.plan import build_plan
+    from vila2_curate.pipelines.executors.ray_placement import check_placement
+
+    check_placement(build_plan(config), config.ray.placement_timeout_s)  # a plan Ray cannot place waits forever
     return run_engine(RayEngine(progress), config)

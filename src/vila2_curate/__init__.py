@@ -2,7 +2,9 @@
 
 The code lives in the repository's top-level folders (schemas/, curation/, recaption/, specialists/,
 pipelines/); pyproject.toml installs each as ``vila2_curate.<folder>`` (setuptools ``package-dir``), so a
-user's environment gains only this one top-level name.
+user's environment gains only this one top-level name. This file lives in src/, not in a top-level
+``vila2_curate/`` folder: a checkout on sys.path (``ray job submit --working-dir .`` puts it there) would
+otherwise shadow the installed package.
 """
 
 from importlib.metadata import PackageNotFoundError, version
