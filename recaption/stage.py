@@ -72,6 +72,11 @@ class RecaptionStage(StageBase):
         self.backend: Any = None
 
     @property
+    def runtime(self) -> Any:
+        """The captioner's runtime: its actor-pool size and batch reach the engine like any model stage's."""
+        return self.cfg.captioner.runtime
+
+    @property
     def run_started_at(self) -> str:
         """The ``created_at`` of every caption this stage writes (ISO-8601 UTC, ``Z``)."""
         return self._run_started_at

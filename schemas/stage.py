@@ -71,14 +71,17 @@ class StageBase:
     cfg: Any = None
 
     @property
+    def runtime(self) -> Any:
+        """The config's ``ModelRuntime``, or None (configs without one have no field)."""
+        return getattr(self.cfg, "runtime", None)
+
+    @property
     def batch_size(self) -> int | None:
-        runtime = getattr(self.cfg, "runtime", None)  # configs without a ModelRuntime have no field
-        return runtime.batch_size if runtime is not None else None
+        return self.runtime.batch_size if self.runtime is not None else None
 
     @property
     def workers(self) -> int:
-        runtime = getattr(self.cfg, "runtime", None)
-        return runtime.workers if runtime is not None else 1
+        return self.runtime.workers if self.runtime is not None else 1
 
     def setup(self) -> None:
         return None
