@@ -81,7 +81,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from vila2_curate.pipelines.validate import check_output
 
-    report = check_output(args.out_dir, world_sizes=args.world_size or ())
+    report = check_output(args.out_dir, world_sizes=args.world_size or (),
+                          min_caption_coverage=args.min_caption_coverage)
     for line in report.info:
         print(f"INFO: {line}")
     for w in report.warnings:
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("out_dir")
     v.add_argument("--world-size", type=int, nargs="+", metavar="N",
                    help="GPUs of the training job(s): print the MMC4 documents each rank gets, fail if one gets none")
+    v.add_argument("--min-caption-coverage", type=float, metavar="FRACTION",
+                   help="share of samples each recaptioned round's sidecars must cover (default: all the round's "
+                        "records say it captioned)")
     v.set_defaults(func=_cmd_validate)
     for command in sub.choices.values():  # `vila2-curate run -v ...` works as well as `vila2-curate -v run`
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,

@@ -103,8 +103,9 @@ class DedupStage(StageBase):
 
     # ---- map: signatures -------------------------------------------------------------------------
     def summarize(self, decisions: pa.Table, signatures: pa.Table | None = None) -> dict[str, Any]:
-        """Group sizes, per-source counts and example groups, for summaries.json and the report."""
-        return summarize(decisions, signatures)
+        """Group sizes, per-source counts and example groups, for summaries.json and the report; the
+        methods that ran, so ``validate`` knows whether byte-identical images should have been merged."""
+        return {"methods": list(self.cfg.methods), **summarize(decisions, signatures)}
 
     def signatures(self, batch: pa.Table) -> pa.Table:
         """One row per alive pair row / alive document / alive image of an alive document."""

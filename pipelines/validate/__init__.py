@@ -7,8 +7,10 @@ the samples we meant", not merely "Python's tarfile can open it".
 
 One module per concern: ``tar_reader`` (VILA-style tar index and sample reading), ``shards`` (one tar's
 members and samples), ``images``, ``wids_meta``, ``sidecars`` (caption sidecars), ``mmc4`` (pkl/count pairs
-and VILA's rank rule), ``accounting`` (manifest and stats) and ``driver`` (the whole-output run). The names
-below are the package's interface; callers import them from here.
+and VILA's rank rule), ``accounting`` (manifest and stats), ``run_record`` (what the manifest and
+summaries.json say the run did), ``rounds`` (a recaptioned round's sidecars against that record) and
+``driver`` (the whole-output run). The names below are the package's interface; callers import them from
+here.
 """
 
 from __future__ import annotations

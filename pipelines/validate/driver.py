@@ -16,6 +16,12 @@ from vila2_curate.pipelines.validate.accounting import check_manifest, check_sta
 from vila2_curate.pipelines.validate.findings import Validation
 from vila2_curate.pipelines.validate.images import ImageDigests, report_duplicate_images
 from vila2_curate.pipelines.validate.mmc4 import check_mmc4_dirs, check_mmc4_pairs, check_world_sizes
+from vila2_curate.pipelines.validate.rounds import (
+    RoundLineage,
+    check_round_coverage,
+    check_round_sidecars_of_tar,
+)
+from vila2_curate.pipelines.validate.run_record import read_run_record
 from vila2_curate.pipelines.validate.shards import TarFacts, check_tar
 from vila2_curate.pipelines.validate.sidecars import (
     SidecarTally,
@@ -53,9 +59,15 @@ def _walk_tree(fs: fsspec.AbstractFileSystem, base: str, report: Validation) -> 
 
 def check_output(
     root: str, storage_options: dict[str, Any] | None = None, *, max_images_per_doc: int = VILA_MAX_IMAGES_PER_DOC,
-    world_sizes: list[int] | tuple[int, ...] = (),
+    world_sizes: list[int] | tuple[int, ...] = (), min_caption_coverage: float | None = None,
 ) -> Validation:
-    """Check the output folder at ``root`` against the output contract and VILA's loading rules."""
+    """Check the output folder at ``root`` against the output contract and VILA's loading rules.
+
+    ``min_caption_coverage``: the share of samples each recaptioned round's sidecar folder must cover;
+    None: every sample the round's records say it captioned with a caption the sidecar takes.
+    """
+    if min_caption_coverage is not None and not 0.0 <= min_caption_coverage <= 1.0:
+        raise ValueError(f"min_caption_coverage must be between 0 and 1, got {min_caption_coverage}")
     report = Validation()
     problems = report.problems
     fs, base = fsspec.core.url_to_fs(root, **(storage_options or {}))
@@ -75,6 +87,9 @@ def check_output(
     sidecar_files = {r for r in records if r.startswith(SIDECAR_ROOT + "/")}
     folders = caption_folders(sidecar_files)
     check_sidecar_layout(sidecar_files, folders, tars, problems)
+    record = read_run_record(fs, base, files)
+    rounds = record.recaption_rounds
+    lineage = RoundLineage()
     counts: dict[str, int | None] = {}
     facts: dict[str, TarFacts] = {}
     tallies: dict[str, SidecarTally] = {}
@@ -84,10 +99,13 @@ def check_output(
         counts[rel] = tf.nsamples
         check_sidecars_of_tar(fs, base, rel, tf, folders, sidecar_files, tallies, problems)
         warn_shared_urls(rel, tf, folders, sidecar_files, report.warnings)
+        check_round_sidecars_of_tar(rel, tf.usable_captions, rounds, folders, sidecar_files, problems)
+        lineage.usable.update(tf.usable_captions)
+        lineage.captioned.update(tf.captioned_rounds)
         digests.add(t_index, tf.images)
         # keep only what the cross-file checks need, so memory stays per shard (plus the digests)
         facts[rel] = TarFacts(nsamples=tf.nsamples, last_keys=tf.last_keys)
-    report_duplicate_images(fs, base, tars, digests, report)
+    report_duplicate_images(fs, base, tars, digests, report, record.exact_dedup())
     if tars and WIDS_META not in files:
         problems.append(f"{WIDS_META} is missing but the output has {len(tars)} tar shards")
     metas: dict[str, list[str]] = {}
@@ -96,6 +114,8 @@ def check_output(
         metas[posixpath.dirname(meta_rel)] = listed
     check_coyo_len4(metas, facts, report)
     report_sidecar_coverage(tallies, metas, report.info)
+    covered = {f: (t.covered, t.samples) for f, t in tallies.items()}
+    check_round_coverage(record, lineage, covered, folders, min_caption_coverage, report)
     pairs = check_mmc4_dirs({r: s for r, s in files.items() if r in records}, problems)
     check_mmc4_pairs(fs, base, pairs, max_images_per_doc, counts, problems)
     if world_sizes:
@@ -108,8 +128,8 @@ def check_output(
 
 def validate_output(
     root: str, storage_options: dict[str, Any] | None = None, *, max_images_per_doc: int = VILA_MAX_IMAGES_PER_DOC,
-    world_sizes: list[int] | tuple[int, ...] = (),
+    world_sizes: list[int] | tuple[int, ...] = (), min_caption_coverage: float | None = None,
 ) -> list[str]:
     """Return every way the output folder at ``root`` breaks the output contract (empty list = valid)."""
     return check_output(root, storage_options, max_images_per_doc=max_images_per_doc,
-                        world_sizes=world_sizes).problems
+                        world_sizes=world_sizes, min_caption_coverage=min_caption_coverage).problems

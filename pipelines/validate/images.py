@@ -1,5 +1,6 @@
 """Image members: each must decode as the format its name says, and byte-identical copies across the
-dataset are reported (a run without exact dedup is legal, so that is a warning)."""
+dataset are reported: a problem where the run's records say exact dedup ran (it should have left one), a
+warning otherwise (a run without exact dedup, such as a recaption round, is legal)."""
 
 from __future__ import annotations
 
@@ -131,12 +132,19 @@ def _image_keys(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
 
 def report_duplicate_images(
     fs: fsspec.AbstractFileSystem, base: str, tars: list[str], digests: ImageDigests, report: Validation,
+    exact_dedup: str | None = None,
 ) -> None:
-    """Byte-identical images across the dataset: a warning (a run without exact dedup is legal)."""
+    """Byte-identical images across the dataset: a problem when ``exact_dedup`` (the record saying exact
+    dedup ran) is given, since VILA would train on each copy; a warning otherwise."""
     n_groups, copies, first = digests.summary()
     if not n_groups:
         return
     keys = {t: _image_keys(fs, f"{base}/{tars[t]}") for t in {t for t, _ in first}}
     example = ", ".join(f"{tars[t]}:{keys[t][o]}" for t, o in first)
-    report.warnings.append(f"{n_groups} image(s) appear byte-identical in more than one sample ({copies} extra "
-                           f"copies; sha256), e.g. {example}: was exact dedup run?")
+    found = (f"{n_groups} image(s) appear byte-identical in more than one sample ({copies} extra copies; "
+             f"sha256), e.g. {example}")
+    if exact_dedup:
+        report.problems.append(f"{found}, though exact dedup ran ({exact_dedup}): it keeps one copy of each, "
+                               f"VILA trains on every copy")
+    else:
+        report.warnings.append(f"{found}: was exact dedup run?")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ import fsspec
 
 from vila2_curate.pipelines.validate.findings import MAX_PROBLEMS_PER_FILE, add_capped
 from vila2_curate.pipelines.validate.images import DIGEST_PREFIX, IMAGE_EXTS, check_image
+from vila2_curate.pipelines.validate.rounds import sample_caption_folders
 from vila2_curate.pipelines.validate.tar_reader import compression_of, read_member, scan_tar, vila_groups
 
 SAMPLE_EXTS = {*IMAGE_EXTS, "txt", "json"}
@@ -36,6 +38,8 @@ class TarFacts:
     duplicate_urls: dict[str, list[str]] = field(default_factory=dict)  # url -> keys sharing it
     images: list[tuple[bytes, int]] = field(default_factory=list)  # (sha256 prefix, sample ordinal)
     last_keys: list[str] = field(default_factory=list)  # the last 3 samples (COYO's len // 4 rule)
+    usable_captions: Counter[str] = field(default_factory=Counter)  # round folder -> samples it should cover
+    captioned_rounds: Counter[int] = field(default_factory=Counter)  # round -> samples with its caption
 
 
 def check_tar(
@@ -112,6 +116,9 @@ def check_tar(
                     else:
                         facts.urls[key] = meta["url"]
                         by_url.setdefault(meta["url"], []).append(key)
+                        folders, rounds = sample_caption_folders(meta.get("captions"))
+                        facts.usable_captions.update(folders)
+                        facts.captioned_rounds.update(rounds)
                 except ValueError as e:
                     local.append(f"sample {key!r} .json is not valid JSON ({e})")
     facts.duplicate_urls = {u: ks for u, ks in by_url.items() if len(ks) > 1}

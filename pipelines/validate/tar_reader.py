@@ -16,6 +16,7 @@ import fsspec
 
 from vila2_curate.pipelines.io.writers.records import WIDS_META
 
+GNU_MAGIC = b"ustar  \x00"  # GNU tar's: bytes 345-500 then hold atime/ctime/sparse data, not a prefix
 COMPRESSED_MAGIC = {
     b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"\x04\x22\x4d\x18": "lz4",
 }
@@ -37,6 +38,7 @@ class TarScan:
     members: list[TarMember] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    gnu_headers: list[int] = field(default_factory=list)  # offsets of GNU-format headers
 
 
 def parse_octal(field_bytes: bytes) -> int | None:
@@ -91,6 +93,9 @@ def scan_tar(f: IO[bytes]) -> TarScan:
             break
         raw_name = hdr[:100].split(b"\x00", 1)[0]
         typeflag = hdr[156:157]
+        gnu = hdr[257:265] == GNU_MAGIC
+        if gnu:
+            scan.gnu_headers.append(offset)
         size = parse_octal(hdr[124:136])
         if size is None:
             scan.problems.append(f"member at byte {offset}: size not in octal (VILA cannot read it)")
@@ -123,11 +128,22 @@ def scan_tar(f: IO[bytes]) -> TarScan:
         elif typeflag not in (b"0", b"\x00"):
             scan.problems.append(f"member {name!r} is not a regular file (type {typeflag!r})")
         else:
-            if hdr[345:500].strip(b"\x00"):
+            if not gnu and hdr[345:500].strip(b"\x00"):
                 scan.problems.append(f"member {name!r} uses the ustar prefix field, which VILA ignores")
             scan.members.append(TarMember(name, offset + 512, size))
         offset += 512 + (size + 511) // 512 * 512
+    if scan.gnu_headers:
+        scan.problems.append(_gnu_problem(scan.gnu_headers))
     return scan
+
+
+def _gnu_problem(offsets: list[int]) -> str:
+    """One line for a tar's GNU headers. GNU format is where VILA's index and tarfile part ways (long names
+    in 'L' headers, base-256 sizes, sparse members, atime/ctime where ustar keeps its prefix) and our writer
+    never emits it, so GNU magic means another tool rewrote the shard."""
+    return (f"{len(offsets)} header(s) in GNU tar format (magic 'ustar  \\0'), the first at byte {offsets[0]}; "
+            f"the writer emits POSIX ustar ('ustar\\0' '00'): the shard was rewritten by another tool (GNU tar?), "
+            f"rewrite it in POSIX ustar format")
 
 
 def read_member(f: IO[bytes], m: TarMember) -> bytes:
