@@ -125,25 +125,30 @@ class NormalizeStage(StageBase):
         return self._pairs(batch)
 
     def _pairs(self, batch: pa.Table) -> pa.Table:
-        cols = {n: batch.column(n).to_pylist() for n in (
-            "image", "image_format", "sha256", "phash", "width", "height", "drop_reason", "drop_stage",
-            "quarantined", "meta")}
+        cols: dict[str, list] = {n: batch.column(n).to_pylist() for n in (
+            "image_format", "sha256", "phash", "width", "height", "drop_reason", "drop_stage", "quarantined",
+            "meta")}
+        images = batch.column("image").to_pylist()
+        reencoded = False
         for i, reason in enumerate(cols["drop_reason"]):
             if reason is not None:
                 continue
             try:
-                p = probe_image(cols["image"][i], self.cfg)
+                p = probe_image(images[i], self.cfg)
             except ImageRejected as e:
                 cols["drop_reason"][i], cols["drop_stage"][i] = e.reason, self.name
                 cols["quarantined"][i] = e.quarantine
                 # the sha256 of what we received still helps to trace a rejected sample
-                if cols["image"][i]:
-                    cols["sha256"][i] = hashlib.sha256(cols["image"][i]).hexdigest()
+                if images[i]:
+                    cols["sha256"][i] = hashlib.sha256(images[i]).hexdigest()
                 continue
-            cols["image"][i], cols["image_format"][i], cols["sha256"][i] = p.data, p.fmt, p.sha256
+            cols["image_format"][i], cols["sha256"][i] = p.fmt, p.sha256
             cols["phash"][i], cols["width"][i], cols["height"][i] = p.phash, p.width, p.height
             if p.reencoded:
+                images[i], reencoded = p.data, True
                 cols["meta"][i] = _with_meta(cols["meta"][i], reencoded=p.reencoded)
+        if reencoded:  # else the image column stays as it came: rebuilding it copies every image's bytes
+            cols["image"] = images
         return replace_columns(batch, cols)
 
     def _documents(self, batch: pa.Table) -> pa.Table:

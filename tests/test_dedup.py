@@ -262,3 +262,37 @@ def test_minhash_estimates_jaccard() -> None:
     assert abs((sig[0] == sig[1]).mean() - true) < 0.08
     assert (sig[2] == 0xFFFFFFFF).all() and not (sig[3] == 0xFFFFFFFF).all()
     assert near_duplicate_pairs(sig, 0.7).tolist() == [[0, 1]]
+
+
+def test_thumbnail_fast_paths_equal_the_plain_numpy_formulation(monkeypatch) -> None:
+    """``_channel_max`` (two elementwise maxima) and ``_side_pairs`` (two sides per numpy call) are speed-ups
+    of ``max(axis=-1)`` and one median per side: the thumbnail bytes must not move."""
+    import itertools
+
+    from vila2_curate.curation.dedup import thumbnails
+    from vila2_curate.pipelines.demo.dedup_eval import make_dedup_eval
+
+    def side_pairs_reference(small: np.ndarray) -> list:
+        sides = [small[0], small[-1], small[:, 0], small[:, -1]]
+        medians = [np.median(side, axis=0) for side in sides]
+        flat = [(np.abs(side - m).max(axis=1) <= 12).mean() >= 0.9 for side, m in zip(sides, medians, strict=True)]
+        return [((medians[a] + medians[b]) / 2, (a, b)) for a, b in itertools.combinations(range(4), 2)
+                if flat[a] and flat[b] and np.abs(medians[a] - medians[b]).max() <= 24]
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(1, 90, size=2))
+        small = rng.integers(0, 256, size=(h, w, 3)).astype(np.float32)
+        for side in ([0], [-1], (slice(None), 0), (slice(None), -1)):  # mostly flat sides, some alike
+            if rng.random() < 0.7:
+                small[side] = np.clip(rng.integers(0, 256, 3) + rng.integers(-14, 15, small[side].shape), 0, 255)
+        got, ref = thumbnails._side_pairs(small), side_pairs_reference(small)
+        assert [s for _, s in got] == [s for _, s in ref]
+        assert all(g.dtype == r.dtype and np.array_equal(g, r) for (g, _), (r, _) in zip(got, ref, strict=True))
+
+    images = [it.data for it in make_dedup_eval(0, 12).items]  # cards, shapes and products: content boxes
+    fast = [thumbnails.thumbnail(b) for b in images]
+    monkeypatch.setattr(thumbnails, "_channel_max", lambda a: a.max(axis=-1))
+    monkeypatch.setattr(thumbnails, "_side_pairs", side_pairs_reference)
+    assert fast == [thumbnails.thumbnail(b) for b in images]
+    assert fast[0] == thumbnails.thumbnail_of(thumbnails.open_for_thumbnail(images[0]))

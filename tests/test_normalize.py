@@ -156,3 +156,17 @@ def test_documents_drop_bad_images_and_empty_documents():
     assert imgs[0]["drop_reason"] is None and imgs[0]["sha256"] == hashlib.sha256(good).hexdigest()
     assert imgs[1]["drop_reason"].startswith("image_undecodable")
     assert out[1]["drop_reason"] == "no_usable_images" and out[1]["drop_stage"] == "normalize"
+
+
+def test_image_column_is_passed_through_unless_an_image_was_reencoded():
+    """Rebuilding the image column copies every image's bytes: normalize keeps the column it got unless it
+    re-encoded a row (then only that row's bytes change)."""
+    jpeg, png = _encode(_texture(320, 240)), _encode(_texture(320, 240), "PNG")
+    batch = _pairs([jpeg, png, b"junk"])
+    out = NormalizeStage()(batch)
+    assert out.column("image").chunk(0).buffers()[2].address == batch.column("image").chunk(0).buffers()[2].address
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = _encode(_texture(320, 240), exif=exif.tobytes())
+    images = NormalizeStage()(_pairs([jpeg, rotated])).column("image").to_pylist()
+    assert images[0] == jpeg and images[1] != rotated and Image.open(io.BytesIO(images[1])).size == (240, 320)

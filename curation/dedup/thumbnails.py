@@ -74,12 +74,23 @@ def _lab_bytes(img: Image.Image) -> np.ndarray:
     return out
 
 
+def _channel_max(a: np.ndarray) -> np.ndarray:
+    """The largest of the three channels (last axis): ``a.max(axis=-1)`` over three contiguous values is
+    ~30x slower than two elementwise maxima, and this runs on every pixel of every thumbnail."""
+    return np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])
+
+
 def _side_pairs(small: np.ndarray) -> list[tuple[np.ndarray, tuple[int, int]]]:
     """(colour, sides) for every two sides that are each flat and of one colour (a crop cut into the
     content on the other sides). Sides: 0 top, 1 bottom, 2 left, 3 right."""
-    sides = [small[0], small[-1], small[:, 0], small[:, -1]]
-    medians = [np.median(side, axis=0) for side in sides]
-    flat = [(np.abs(side - m).max(axis=1) <= _BG_MATCH).mean() >= _SIDE_SHARE for side, m in zip(sides, medians, strict=True)]
+    medians: list[np.ndarray] = []
+    flat: list[bool] = []
+    for pair in (small[[0, -1]], np.swapaxes(small[:, [0, -1]], 0, 1)):  # top, bottom; left, right
+        med = np.median(pair, axis=1)  # one call per two sides: the call overhead is most of the cost
+        medians += list(med)
+        flat += list((_channel_max(np.abs(pair - med[:, None])) <= _BG_MATCH).mean(axis=1) >= _SIDE_SHARE)
+    if sum(flat) < 2:
+        return []
     return [((medians[a] + medians[b]) / 2, (a, b)) for a, b in itertools.combinations(range(4), 2)
             if flat[a] and flat[b] and np.abs(medians[a] - medians[b]).max() <= 2 * _BG_MATCH]
 
@@ -88,7 +99,7 @@ def _box(img: Image.Image, bg: np.ndarray) -> tuple[np.ndarray, tuple[int, int, 
     """(difference from ``bg``, content box) at full resolution (the box must be exact to a pixel for
     the detail grid); rows/columns count with at least two content pixels, so stray noise does not."""
     flat = Image.new("RGB", img.size, tuple(int(v) for v in np.round(bg)))
-    diff = np.asarray(ImageChops.difference(img, flat)).max(axis=2)
+    diff = _channel_max(np.asarray(ImageChops.difference(img, flat)))
     mask = diff > _CONTENT
     ys, xs = np.flatnonzero(mask.sum(1) >= 2), np.flatnonzero(mask.sum(0) >= 2)
     if not ys.size or not xs.size:
@@ -118,7 +129,7 @@ def _content_box(img: Image.Image) -> tuple[tuple[int, int, int, int], np.ndarra
     small = np.asarray(img.reduce(2), dtype=np.float32)  # 2x2 box average
     border = np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]])
     bg = np.median(border, axis=0)
-    if (np.abs(border - bg).max(axis=1) <= _BG_MATCH).mean() >= _BG_SHARE:
+    if (_channel_max(np.abs(border - bg)) <= _BG_MATCH).mean() >= _BG_SHARE:
         found = _box(img, bg)
         return (found[1], np.round(bg).astype(np.uint8)) if found else None
     for colour, sides in _side_pairs(small):
@@ -128,11 +139,21 @@ def _content_box(img: Image.Image) -> tuple[tuple[int, int, int, int], np.ndarra
     return None
 
 
-def thumbnail(data: bytes) -> bytes:
-    """The THUMB_BYTES signature of encoded image bytes (see the module docstring for the layout)."""
+def open_for_thumbnail(data: bytes) -> Image.Image:
+    """``data`` opened (not yet decoded) with the draft :func:`thumbnail` decodes at."""
     img = Image.open(io.BytesIO(data))
     if img.format in ("JPEG", "MPO"):
         img.draft("RGB", (_WORK_SIDE, _WORK_SIDE))  # DCT-domain downscale: 2-8x faster decode
+    return img
+
+
+def thumbnail(data: bytes) -> bytes:
+    """The THUMB_BYTES signature of encoded image bytes (see the module docstring for the layout)."""
+    return thumbnail_of(open_for_thumbnail(data))
+
+
+def thumbnail_of(img: Image.Image) -> bytes:
+    """:func:`thumbnail` of an image opened by :func:`open_for_thumbnail` (or decoded exactly as it would)."""
     img = img.convert("RGB")
     img.thumbnail((_WORK_SIDE, _WORK_SIDE), Image.Resampling.BILINEAR)
     w, h = img.size
