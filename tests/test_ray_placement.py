@@ -73,13 +73,14 @@ def test_ocr_and_grounding_pools_on_two_nodes_of_two_cpus():
 
 
 def test_task_stages_with_the_same_ask_count_once():
-    """Ray Data fuses consecutive task stages with equal remote args into one operator."""
+    """Ray Data fuses consecutive tasks with equal remote args, the reader's too, into one operator."""
     ops = _ops(_Stage("normalize"), _Stage("caption_hygiene"))
-    assert [o.name for o in ops] == ["the reader", "stages 'normalize' + 'caption_hygiene'"]
+    assert [o.name for o in ops] == ["the reader + 'normalize' + 'caption_hygiene'"]
     assert placement_problem(ops, _cpu_nodes(1, 2)) is None
-    # a task stage before a model stage of the same ask runs inside its actors
-    assert [o.name for o in _ops(_Stage("normalize"), _Stage("clip", model=True))] == ["the reader", "stage 'clip'"]
-    assert len(_ops(_Stage("normalize"), _Stage("clip", gpus=0.5, model=True))) == 3
+    # the reader's task is counted on its own before a model stage's actors
+    assert [o.name for o in _ops(_Stage("normalize"), _Stage("clip", model=True))] == [
+        "the reader + 'normalize'", "stage 'clip'"]
+    assert len(_ops(_Stage("normalize"), _Stage("clip", gpus=0.5, model=True))) == 2
 
 
 def test_memory_is_packed_per_node():

@@ -62,16 +62,12 @@ def ray_options(resources: Resources) -> dict[str, Any]:
         opts["memory"] = int(resources.memory_gb * 1024**3)
     return opts
 
-class _ReadShards:
-    """Reader actor: reads one shard per call (each with its own decisions of the previous segment)."""
-
-    def __init__(self, ctx: RunContext, seg: int) -> None:
-        self.ctx, self.seg = ctx, seg
-
-    def __call__(self, batch: pa.Table):
-        ctx = self.ctx
-        for idx in batch.column("item").to_pylist():
-            yield from tagged_batches(ctx.fs, ctx.root, ctx.plan, ctx.items[idx], self.seg, ctx.config.batch_size)
+def _read_shards(batch: pa.Table, ctx: RunContext, seg: int):
+    """Read one shard per call, each with its own decisions of the previous segment. A task, so Ray Data
+    fuses it with the CPU stages and the part writing that follow: a shard's rows then go through the
+    segment in one worker, with no copy through the object store between operators."""
+    for idx in batch.column("item").to_pylist():
+        yield from tagged_batches(ctx.fs, ctx.root, ctx.plan, ctx.items[idx], seg, ctx.config.batch_size)
 
 
 class _StageActor:
@@ -156,12 +152,8 @@ class RayEngine:
         ray, config = self.ray, ctx.config
         n = len(pending)
         ds = ray.data.from_items([{"item": it.index} for it in pending], override_num_blocks=n)
-        ds = ds.map_batches(_ReadShards, batch_size=1, batch_format="pyarrow",
-                            fn_constructor_args=(ctx, segment.index),
-                            # from one reader up: a fixed pool of every CPU would leave none to the stages'
-                            # workers, and a cluster that cannot place them would wait for ever
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, min(n, _cluster_cpus(ray)))),
-                            num_cpus=1)
+        ds = ds.map_batches(_read_shards, batch_size=1, batch_format="pyarrow",
+                            fn_kwargs={"ctx": ctx, "seg": segment.index}, num_cpus=1)
         for stage in segment.maps:
             opts = ray_options(stage.resources)
             batch_size = stage.batch_size or config.batch_size

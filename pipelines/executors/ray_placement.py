@@ -70,17 +70,20 @@ class Operator:
 def segment_operators(segment: Segment) -> list[Operator]:
     """The workers a segment's pipeline needs at once, in pipeline order.
 
-    The reader is an actor pool of at least one 1-CPU worker; a model stage (``uses_model``) an actor pool
-    of ``stage.workers`` actors; a CPU stage at least one task. Ray Data fuses a task stage into the next
-    stage when their remote args match (same CPUs, GPUs, memory), so such a run of stages counts once.
+    The reader is a 1-CPU task; a model stage (``uses_model``) an actor pool of ``stage.workers`` actors; a
+    CPU stage at least one task. Ray Data fuses consecutive tasks whose remote args match (same CPUs, GPUs,
+    memory), the reader's too, so such a run counts once; a task stage before a model stage with the same
+    ask runs in its actors (the reader is counted on its own there).
     """
-    ops = [Operator("the reader", 1.0)]
-    chain: list[str] = []  # task stages not yet placed: Ray Data may fuse them into the next stage
-    chain_ask: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    ops: list[Operator] = []
+    chain: list[str] = ["the reader"]  # tasks not yet placed: Ray Data may fuse them with the next stage
+    chain_ask: tuple[float, float, float] = (1.0, 0.0, 0.0)
 
     def flush() -> None:
         if chain:
-            label = f"stage {chain[0]!r}" if len(chain) == 1 else "stages " + " + ".join(map(repr, chain))
+            names = [n if n == "the reader" else repr(n) for n in chain]
+            label = (names[0] if chain == ["the reader"] else f"stage {names[0]}" if len(chain) == 1
+                     else ("" if chain[0] == "the reader" else "stages ") + " + ".join(names))
             ops.append(Operator(label, *chain_ask))
             chain.clear()
 
@@ -90,6 +93,8 @@ def segment_operators(segment: Segment) -> list[Operator]:
         if chain and ask != chain_ask:
             flush()
         if uses_model(stage):
+            if "the reader" in chain:
+                flush()
             chain.clear()  # fused into this stage's actors (same ask), or already flushed
             ops.append(Operator(f"stage {stage.name!r}", *ask, count=max(1, int(stage.workers))))
         else:
