@@ -42,6 +42,7 @@ from vila2_curate.pipelines.engine.shard_task import (
     input_batches,
     is_rereadable,
     merge_timings,
+    run_shard_segment,
 )
 from vila2_curate.pipelines.engine.workdir import rejoin_input, seg_dir, slim_dropped, slim_for_work
 from vila2_curate.pipelines.io.readers.base import InputShard
@@ -60,6 +61,27 @@ EXCHANGE_WRITE, EXCHANGE_READ = "exchange_write", "exchange_read"
 def uses_model(stage) -> bool:
     """Model stages run where a model is loaded once per worker (Ray actor pool, Beam RunInference)."""
     return stage.resources.gpus > 0 or stage.loads_model
+
+
+def runs_whole_shards(segment: Segment) -> bool:
+    """A segment without model stages needs no exchange: a distributed engine runs each pending shard
+    through it in one worker, start to end, exactly as the local engine does (``RunShard``). Only model
+    stages, which want a model loaded once per worker and batches from any shard, go through parts."""
+    return not any(uses_model(s) for s in segment.maps)
+
+
+class RunShard:
+    """One shard through a segment without model stages, in one worker (picklable: it is shipped to it)."""
+
+    def __init__(self, fs, root: str, plan: Plan, segment: Segment, out: OutputConfig, batch_size: int) -> None:
+        self.fs, self.root, self.plan, self.segment = fs, root, plan, segment
+        self.out, self.batch_size = out, batch_size
+
+    def __call__(self, item: WorkItem) -> None:
+        for stage in self.segment.stages:  # model-free stages: setup is cheap
+            stage.setup()
+        run_shard_segment(self.fs, self.root, self.plan, self.segment, item.reader, item.shard, self.out,
+                          self.batch_size)
 
 
 def parts_dir(root: str, seg: int, shard: InputShard) -> str:

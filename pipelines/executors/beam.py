@@ -1,11 +1,13 @@
-"""Beam engine: the CPU curation stages as Beam pipelines (FnApiRunner by default; Dataflow, Flink or
-Spark through ``beam.runner`` / ``beam.pipeline_args``). Not run on Ray. The segment loop is the
-runner's; this file supplies:
+"""Beam engine: the curation stages as Beam pipelines (FnApiRunner by default; Dataflow, Flink or Spark
+through ``beam.runner`` / ``beam.pipeline_args``). Not run on Ray. The segment loop is the runner's; this
+file supplies:
 
-- map shards: Create(pending shards) -> read (each shard with its own decisions) -> each map stage
-  (model stages through RunInference with a ModelHandler wrapping the stage, so Beam manages model
-  loading and sharing; others as a ParDo) -> part files -> GroupByKey(shard) -> assembly into the same
-  outputs the local engine writes;
+- map shards: a segment without model stages is Create(pending shards) -> one shard start to end per
+  element, the local engine's path (``parts.RunShard``: no exchange); one with model stages is
+  Create(pending shards) -> read (each shard with its own decisions) -> each map stage (model stages
+  through RunInference with a ModelHandler wrapping the stage, so Beam manages model loading and sharing;
+  others as a ParDo) -> image-free part files -> GroupByKey(shard) -> assembly into the same outputs the
+  local engine writes (``parts``);
 - group and apply: Create(shards) -> load + split by key -> GroupByKey -> ``fn`` per group; the outputs
   come back to the driver through parquet files under ``_work`` (works on any runner);
 - per shard: in the driver, one shard at a time (each call holds one shard's rows).
@@ -22,10 +24,12 @@ from typing import Any
 import pyarrow as pa
 
 from vila2_curate.pipelines.engine.parts import (
+    RunShard,
     assemble_shard,
     clear_parts,
     clear_segment_parts,
     run_stage,
+    runs_whole_shards,
     tagged_batches,
     uses_model,
     write_parts,
@@ -98,6 +102,12 @@ class BeamEngine:
         beam, seg, fs, root, plan = self.beam, segment.index, ctx.fs, ctx.root, ctx.plan
         shards = [it.shard for it in ctx.items]
         items, config = ctx.items, ctx.config
+        if runs_whole_shards(segment):
+            run = RunShard(fs, root, plan, segment, config.output, config.batch_size)
+            with beam.Pipeline(options=_options(config)) as p:
+                (p | "shards" >> beam.Create([it.index for it in pending])
+                 | "run" >> beam.Map(lambda index: run(items[index])))
+            return
         handler_cls = _model_handler_class()
         for it in pending:
             clear_parts(fs, root, seg, it.shard)

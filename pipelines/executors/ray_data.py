@@ -1,11 +1,13 @@
 """Ray Data engine: the scale-out executor. The segment loop is the runner's; this file supplies:
 
-- map shards: a Ray Data pipeline reads the pending input shards (reader actors, one shard per call,
-  rows tagged with their ``_row``; each shard task loads only its own decisions), runs each map stage as
-  ``map_batches`` (model stages as actor pools with the stage's declared ``num_gpus``/``num_cpus`` —
-  fractional GPUs co-locate stages — and ``setup()`` once per actor; CPU stages as tasks) and writes part
-  files; a Ray task per shard assembles its parts in reading order into the same outputs the local
-  engine writes. Same inputs -> byte-identical shards to the local engine's.
+- map shards: a segment without model stages runs as one Ray task per pending shard, start to end, the
+  local engine's path (``parts.RunShard``: no exchange). A segment with model stages is a Ray Data
+  pipeline: read tasks (one shard per call, rows tagged with their ``_row``; each loads only its own
+  decisions), each map stage as ``map_batches`` (model stages as actor pools with the stage's declared
+  ``num_gpus``/``num_cpus`` — fractional GPUs co-locate stages — and ``setup()`` once per actor; CPU
+  stages as tasks, fused with the reader) writing image-free part files; a Ray task per shard assembles
+  its parts in reading order into the same outputs the local engine writes (``parts``). Same inputs ->
+  byte-identical shards to the local engine's.
 - group and apply: a dataset of the shards' signature rows (loaded and partitioned on workers),
   ``groupby(key, num_partitions=<cluster CPUs>).map_groups(fn)``; only ``fn``'s outputs come back.
 - per shard: one Ray task per shard.
@@ -22,10 +24,12 @@ from typing import Any
 import pyarrow as pa
 
 from vila2_curate.pipelines.engine.parts import (
+    RunShard,
     assemble_shard,
     clear_parts,
     clear_segment_parts,
     run_stage,
+    runs_whole_shards,
     tagged_batches,
     uses_model,
     write_parts,
@@ -130,6 +134,10 @@ class RayEngine:
         """Pair rows and MMC4 documents go through separate datasets: Ray Data concatenates blocks into
         batches across shards, and a batch must hold one row schema."""
         ray, seg = self.ray, segment.index
+        if runs_whole_shards(segment):
+            self.per_shard(ctx, pending, RunShard(ctx.fs, ctx.root, ctx.plan, segment, ctx.config.output,
+                                                  ctx.config.batch_size))
+            return
         for it in pending:
             clear_parts(ctx.fs, ctx.root, seg, it.shard)
         parts: dict[int, list[dict]] = {it.index: [] for it in pending}
