@@ -16,6 +16,7 @@ encoded again (text encoding is a small fraction of the image pass).
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,7 +45,9 @@ class ClipScoreStage(StageBase):
 
     ``setup()`` loads the open_clip model on ``runtime.device`` (auto -> cuda) in ``runtime.precision``
     (fp16/bf16 on GPU only) plus a decode thread pool of ``runtime.cpus`` threads, so JPEG decoding and
-    resizing of the next batch overlap the GPU work of the current one (PIL releases the GIL).
+    resizing of the next batch overlap the GPU work of the current one (PIL releases the GIL); batches go
+    to the device from page-locked memory and the features come back once per call, so the GPU is not
+    stopped between batches.
     """
 
     name = "clipscore"
@@ -72,6 +75,7 @@ class ClipScoreStage(StageBase):
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, round(self.cfg.runtime.cpus)), thread_name_prefix="clipscore-decode"
         )
+        self._token_lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:
         """Ship the config only: engines pickle stages to workers, which call setup() themselves."""
@@ -183,32 +187,38 @@ class ClipScoreStage(StageBase):
         Returns (image embeddings [n, d] float32, L2-normalised; cosines [n], NaN where the text is empty;
         per image an error reason or None). Undecodable images get a zero embedding and a reason instead
         of failing the batch.
+
+        The pool tokenizes the captions first and decodes the images behind them; the text batches keep
+        the device busy while the first images decode, and every batch is queued without waiting for the
+        device, which is read once at the end.
         """
         self.setup()
         n = len(images)
         bundle, bs = self._bundle, self.cfg.runtime.batch_size
+        uniq = sorted({t for t in texts if t})
+        tokens = [self._pool.submit(self._tokenize, uniq[s : s + bs]) for s in range(0, len(uniq), bs)]
         futures = [self._pool.submit(self._load_image, data) for data in images]
-        img_emb: np.ndarray | None = None
+        txt_parts = [self._encode_async(bundle.model.encode_text, f.result()) for f in tokens]
         errors: list[str | None] = [None] * n
+        img_parts, rows = [], []
         for start in range(0, n, bs):
-            tensors, rows = [], []
+            tensors = []
             for j in range(start, min(start + bs, n)):
                 try:
                     tensors.append(futures[j].result())
                     rows.append(j)
                 except UndecodableImage as e:
                     errors[j] = str(e)
-            if not tensors:
-                continue
-            feats = self._encode(bundle.model.encode_image, torch.stack(tensors))
-            if img_emb is None:
-                img_emb = np.zeros((n, feats.shape[1]), dtype=np.float32)
+            if tensors:
+                img_parts.append(self._encode_async(bundle.model.encode_image, self._stack(tensors)))
+        with torch.inference_mode():
+            feats = torch.cat(img_parts).cpu().numpy() if img_parts else None
+            txt = torch.cat(txt_parts).cpu().numpy() if txt_parts else None
+        # every image failed: no row reads an embedding
+        img_emb = np.zeros((n, 0 if feats is None else feats.shape[1]), dtype=np.float32)
+        if feats is not None:
             img_emb[rows] = feats
-
-        if img_emb is None:  # every image failed: no row reads an embedding
-            img_emb = np.zeros((n, 0), dtype=np.float32)
-        # texts: each distinct non-empty text once (MMC4 images often share a sentence)
-        txt_emb = self.text_embeddings({t for j, t in enumerate(texts) if t and errors[j] is None})
+        txt_emb = dict(zip(uniq, txt, strict=True)) if txt is not None else {}
         cos = np.full(n, np.nan, dtype=np.float32)
         for j, t in enumerate(texts):
             if errors[j] is None and t:
@@ -222,7 +232,7 @@ class ClipScoreStage(StageBase):
         out: dict[str, np.ndarray] = {}
         for start in range(0, len(uniq), bs):
             chunk = uniq[start : start + bs]
-            feats = self._encode(self._bundle.model.encode_text, self._bundle.tokenizer(chunk))
+            feats = self._encode(self._bundle.model.encode_text, self._tokenize(chunk))
             out.update(zip(chunk, feats, strict=True))
         return out
 
@@ -245,13 +255,29 @@ class ClipScoreStage(StageBase):
             out.append(row)
         return out
 
-    def _encode(self, fn: Any, x: torch.Tensor) -> np.ndarray:
+    def _encode_async(self, fn: Any, x: torch.Tensor) -> torch.Tensor:
+        """Normalised features, left on the device: nothing here waits for the GPU."""
         if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
+            x = (x if x.is_pinned() else x.pin_memory()).to(self.device, non_blocking=True)
         with torch.inference_mode(), autocast(self.device, self.dtype):
-            feats = fn(x)
-        feats = torch.nn.functional.normalize(feats.float(), dim=-1)
-        return feats.cpu().numpy()
+            return torch.nn.functional.normalize(fn(x).float(), dim=-1)
+
+    def _encode(self, fn: Any, x: torch.Tensor) -> np.ndarray:
+        feats = self._encode_async(fn, x)
+        with torch.inference_mode():
+            return feats.cpu().numpy()
+
+    def _stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """One batch tensor; straight into page-locked memory on CUDA (an asynchronous copy, no extra one)."""
+        if self.device.type != "cuda":
+            return torch.stack(tensors)
+        out = torch.empty((len(tensors), *tensors[0].shape), dtype=tensors[0].dtype, pin_memory=True)
+        return torch.stack(tensors, out=out)
+
+    def _tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids; one thread at a time (an HF tokenizer changes its own padding state per call)."""
+        with self._token_lock:
+            return self._bundle.tokenizer(texts)
 
     def _load_image(self, data: bytes | None) -> torch.Tensor:
         """Decode (JPEG draft-decoded to about the model input size) and preprocess one image."""

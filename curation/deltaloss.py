@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -34,7 +35,8 @@ from vila2_curate.schemas.rows import DECISION_SCHEMA
 from vila2_curate.schemas.stage import Resources, StageBase
 from vila2_curate.schemas.table_ops import replace_columns
 
-_LOGSOFTMAX_BUDGET = 64 << 20  # float32 elements of [rows, seq, vocab] log-softmax materialised at once
+# float32 elements of [rows, seq, vocab] log-softmax materialised at once (CPU; larger on a GPU)
+_LOGSOFTMAX_BUDGET = {"cpu": 64 << 20, "cuda": 256 << 20}
 
 
 class CausalLMScorer:
@@ -64,6 +66,11 @@ class CausalLMScorer:
 
     def mean_logprobs(self, texts: list[str | None]) -> list[float | None]:
         """Per text: mean log p(token | prefix) over tokens after the first; None when nothing to score."""
+        return self.launch(texts)()
+
+    def launch(self, texts: list[str | None]) -> Callable[[], list[float | None]]:
+        """Queue every batch of :meth:`mean_logprobs` on the device without waiting for it; the returned
+        function waits once and gives the scores (a second model's batches can be queued meanwhile)."""
         out: list[float | None] = [None] * len(texts)
         todo = [j for j, t in enumerate(texts) if t]
         encoded = [
@@ -73,14 +80,20 @@ class CausalLMScorer:
         ]
         # longest first: similar lengths share a batch (less padding); stable sort keeps it deterministic
         encoded.sort(key=lambda e: -len(e[1]))
-        for start in range(0, len(encoded), self.batch_size):
-            chunk = encoded[start : start + self.batch_size]
-            for (j, _), value in zip(chunk, self._batch([ids for _, ids in chunk]), strict=True):
+        parts = [self._batch([ids for _, ids in encoded[s : s + self.batch_size]])
+                 for s in range(0, len(encoded), self.batch_size)]
+
+        def result() -> list[float | None]:
+            values = torch.cat(parts).tolist() if parts else []
+            for (j, _), value in zip(encoded, values, strict=True):
                 out[j] = value
-        return out
+            return out
+
+        return result
 
     @torch.inference_mode()
-    def _batch(self, seqs: list[list[int]]) -> list[float]:
+    def _batch(self, seqs: list[list[int]]) -> torch.Tensor:
+        """Mean log-probabilities of one left-padded batch, as a float64 tensor left on the device."""
         width = max(len(s) for s in seqs)
         pad = self.tokenizer.pad_token_id
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -89,14 +102,17 @@ class CausalLMScorer:
             ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
             mask[r, width - len(s) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # real tokens at 0..len-1 whatever the padding
-        ids, mask, positions = (t.to(self.device) for t in (ids, mask, positions))
+        cuda = self.device.type == "cuda"
+        ids, mask, positions = ((t.pin_memory() if cuda else t).to(self.device, non_blocking=cuda)
+                                for t in (ids, mask, positions))
         logits = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
         ).logits
         targets = ids[:, 1:]
         scored = (mask[:, 1:] * mask[:, :-1]).bool()  # a target needs a real token before it
         vocab = logits.shape[-1]
-        rows_per_step = max(1, _LOGSOFTMAX_BUDGET // max(1, width * vocab))
+        budget = _LOGSOFTMAX_BUDGET.get(self.device.type, _LOGSOFTMAX_BUDGET["cpu"])
+        rows_per_step = max(1, budget // max(1, width * vocab))
         sums = torch.zeros(len(seqs), dtype=torch.float64, device=self.device)
         for r0 in range(0, len(seqs), rows_per_step):
             part = logits[r0 : r0 + rows_per_step, :-1].float().log_softmax(-1)
@@ -105,7 +121,7 @@ class CausalLMScorer:
                 -1, dtype=torch.float64
             )
         counts = scored.sum(-1)
-        return (sums / counts).tolist()
+        return sums / counts
 
 
 class DeltaLossScoreStage(StageBase):
@@ -163,7 +179,9 @@ class DeltaLossScoreStage(StageBase):
         else:
             texts = judged_texts(TEXT_DELTALOSS_CAPTION, batch.column("captions").take(todo).to_pylist(),
                                  batch.column("text").take(todo).to_pylist())
-        small, large = self.small.mean_logprobs(texts), self.large.mean_logprobs(texts)
+        small_scores = self.small.launch(texts)  # both models' batches queued before either is read
+        large_scores = self.large.launch(texts)
+        small, large = small_scores(), large_scores()
         cols = {c: batch.column(c).to_pylist() for c in ("logp_small", "logp_large", "delta_loss")}
         for j, i in enumerate(todo):
             s, lg = small[j], large[j]

@@ -9,6 +9,12 @@ code that production uses. So this builds, from configs and a seed:
 - two transformers causal LMs (a "small" and a "large" Llama) with a byte-level BPE tokenizer trained
   offline on a built-in English text, saved with ``save_pretrained``, loadable by DeltaLossConfig.
 
+Besides the tiny sizes the tests use, the same builders write full-size random models (``size``:
+``vit-l-14``; ``qwen2.5-0.5b`` / ``qwen2.5-1.5b``) for GPU throughput checks (benchmarks/gpu/): throughput
+depends on shapes, not on weight values. Their vocabulary is the real one; the demo tokenizer covers its
+first ids and the output rows beyond them are zero, so the work per token is the real model's while
+every sampled id is one the demo tokenizer can decode.
+
 Every folder holds a ``DEMO_MODEL`` marker, so the identity recorded with each score says the numbers
 come from a random model (see ``curation.models``). Same seed -> byte-identical weight files.
 """
@@ -64,19 +70,65 @@ _LM_SIZES = {
         "num_key_value_heads": 4,
     },
 }
+# Full-size DeltaLoss LMs: the published Qwen2.5 dimensions (random weights, demo tokenizer).
+_QWEN25 = {"vocab_size": 151936, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+           "tie_word_embeddings": True, "num_key_value_heads": 2}
+_LM_SIZES["qwen2.5-0.5b"] = {"arch": "qwen2", **_QWEN25, "hidden_size": 896, "intermediate_size": 4864,
+                             "num_hidden_layers": 24, "num_attention_heads": 14}
+_LM_SIZES["qwen2.5-1.5b"] = {"arch": "qwen2", **_QWEN25, "hidden_size": 1536, "intermediate_size": 8960,
+                             "num_hidden_layers": 28, "num_attention_heads": 12}
+_CLIP_FULL = {"vit-l-14": "ViT-L-14"}  # size -> open_clip's own (bundled) model config of that name
 _VOCAB_SIZE = 512
+FULL_SIZE_DTYPE = "bfloat16"  # full-size weights are written in bf16: half the disk and load time
 
 
-def build_demo_clip(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a random open_clip model in open_clip's hub-folder layout; return the folder."""
+def clip_model_cfg(size: str = "tiny") -> dict:
+    """The open_clip ``model_cfg`` of a demo CLIP: the tiny one, or open_clip's config for a full size."""
+    if size == "tiny":
+        return json.loads(json.dumps(_CLIP_CFG))
+    import open_clip
+
+    cfg = open_clip.get_model_config(_CLIP_FULL[size])
+    if cfg is None:
+        raise ValueError(f"open_clip has no bundled config for {_CLIP_FULL[size]}")
+    return json.loads(json.dumps(cfg))
+
+
+def lm_config(size: str, tokenizer):  # -> transformers.PretrainedConfig
+    """The config of a demo causal LM of ``size`` (a tiny Llama, or Qwen2.5 dimensions)."""
+    from vila2_curate.pipelines.demo.vlm import demo_llama_config
+
+    dims = dict(_LM_SIZES[size])
+    if dims.pop("arch", "llama") == "llama":
+        return demo_llama_config(tokenizer, 512, dims)
+    from transformers import Qwen2Config
+
+    return Qwen2Config(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, **dims)
+
+
+def _torch_dtype(dtype: str | None):  # -> torch.dtype | None
+    import torch
+
+    return None if dtype is None else getattr(torch, dtype)
+
+
+def build_demo_clip(out_dir: str | Path, seed: int = 0, size: str = "tiny", device: str = "cpu",
+                    dtype: str | None = None) -> Path:
+    """Write a random open_clip model in open_clip's hub-folder layout; return the folder.
+
+    ``device`` is where the random weights are drawn (a GPU draws ViT-L/14's in a blink); ``dtype``
+    the stored precision (default: fp32 tiny, bf16 full size).
+    """
     import open_clip
     import torch
     from safetensors.torch import save_file
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    model_cfg = clip_model_cfg(size)
     config = {
-        "model_cfg": _CLIP_CFG,
+        "model_cfg": model_cfg,
         "preprocess_cfg": {
             "mean": [0.48145466, 0.4578275, 0.40821073],
             "std": [0.26862954, 0.26130258, 0.27577711],
@@ -86,8 +138,11 @@ def build_demo_clip(out_dir: str | Path, seed: int = 0) -> Path:
     }
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     torch.manual_seed(seed)
-    model = open_clip.model.CLIP(**json.loads(json.dumps(_CLIP_CFG)))  # fresh copy: CLIP mutates nothing
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    with torch.device(device):
+        model = open_clip.model.CLIP(**model_cfg)
+    want = _torch_dtype(dtype or (None if size == "tiny" else FULL_SIZE_DTYPE))
+    state = {k: v.detach().to("cpu", want if want is not None and v.is_floating_point() else v.dtype)
+             .contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
     mark_demo_model(folder, "random weights built by pipelines/demo/models.py; not a real model")
     return folder
@@ -100,19 +155,29 @@ def _train_tokenizer(seed: int):  # -> transformers.PreTrainedTokenizerFast
     return train_demo_tokenizer(_CORPUS, _VOCAB_SIZE)
 
 
-def build_demo_lm(out_dir: str | Path, size: str = "small", seed: int = 0, tokenizer=None) -> Path:
-    """Write a random Llama causal LM + tokenizer with ``save_pretrained``; return the folder."""
-    import torch
-    from transformers import LlamaForCausalLM
+def build_demo_lm(out_dir: str | Path, size: str = "small", seed: int = 0, tokenizer=None,
+                  device: str = "cpu", dtype: str | None = None) -> Path:
+    """Write a random causal LM + tokenizer with ``save_pretrained``; return the folder.
 
-    from vila2_curate.pipelines.demo.vlm import demo_llama_config
+    ``small`` / ``large``: tiny Llamas (tests); ``qwen2.5-0.5b`` / ``qwen2.5-1.5b``: full size, drawn on
+    ``device`` and stored in ``dtype`` (default bf16).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from vila2_curate.pipelines.demo.vlm import zero_unused_vocab
 
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer or _train_tokenizer(seed)
-    config = demo_llama_config(tokenizer, 512, _LM_SIZES[size])
+    config = lm_config(size, tokenizer)
     torch.manual_seed(seed + (0 if size == "small" else 1))
-    model = LlamaForCausalLM(config).eval()
+    if size in ("small", "large") and device == "cpu" and dtype is None:
+        model = LlamaForCausalLM(config).eval()
+    else:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=_torch_dtype(dtype or FULL_SIZE_DTYPE))
+        zero_unused_vocab(model, len(tokenizer))
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
     mark_demo_model(folder, "random weights built by pipelines/demo/models.py; not a real model")

@@ -6,6 +6,11 @@ seed: a byte-level BPE tokenizer trained offline (with ``<image>`` as a special 
 style chat template), a ``CLIPImageProcessor``, a ``LlavaProcessor`` and a ``LlavaForConditionalGeneration``
 (CLIP vision tower + Llama text model), all written with ``save_pretrained``. The folder gets a
 ``DEMO_MODEL`` marker so every caption it writes is flagged ``demo_model`` in its lineage.
+
+``size="llava-1.5-7b"`` writes the same architecture at LLaVA-1.5-7B's dimensions (CLIP ViT-L/14-336
+tower, Llama-2-7B text model, 32,064-id vocabulary) for GPU throughput checks: the demo tokenizer covers
+the first ids and the output rows beyond them are zero, so a token costs what it costs in the real model
+and every generated id decodes to demo text.
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ Numbers 0 1 2 3 4 5 6 7 8 9 10 100. Punctuation , . ; : ! ? ' " ( ) [ ] - /
 """
 
 # name -> (vision, text) sizes. "tiny": fast tests. "bench": big enough that batching matters on CPU.
-SIZES: dict[str, dict[str, dict[str, Any]]] = {
+# "llava-1.5-7b": the real recaptioner's shapes (GPU checks only: 7B parameters).
+SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
         "vision": {
             "hidden_size": 32,
@@ -88,6 +94,28 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
             "num_key_value_heads": 4,
         },
     },
+}
+SIZES["llava-1.5-7b"] = {
+    "vision": {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 336,
+        "patch_size": 14,
+        "projection_dim": 768,
+    },
+    "text": {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32064,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+    },
+    "vision_feature_layer": -2,  # LLaVA-1.5 reads the penultimate CLIP layer
 }
 _VOCAB_SIZE = 600
 
@@ -131,12 +159,14 @@ def _train_tokenizer():  # -> transformers.PreTrainedTokenizerFast
 
 def demo_llama_config(tokenizer: Any, max_positions: int, dims: dict[str, Any]):  # -> transformers.LlamaConfig
     """The Llama config of a demo model sized by ``dims``, its vocabulary and special ids from ``tokenizer``
-    (shared by the demo VLM's text tower and pipelines/demo/models.py's demo LMs)."""
+    (shared by the demo VLM's text tower and pipelines/demo/models.py's demo LMs). ``dims`` may name a
+    larger ``vocab_size`` (a real model's) and its own ``max_position_embeddings``."""
     from transformers import LlamaConfig
 
+    dims = dict(dims)
     return LlamaConfig(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=max_positions,
+        vocab_size=dims.pop("vocab_size", len(tokenizer)),
+        max_position_embeddings=dims.pop("max_position_embeddings", max_positions),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -145,13 +175,43 @@ def demo_llama_config(tokenizer: Any, max_positions: int, dims: dict[str, Any]):
     )
 
 
-def build_demo_vlm(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Path:
-    """Write a random LLaVA (CLIP tower + Llama) with processor and chat template; return the folder."""
+def zero_unused_vocab(model: Any, n_real: int) -> None:
+    """Zero the output rows past the demo tokenizer's ``n_real`` ids (a full-size vocabulary): the same
+    work per token as the real model, but greedy decoding only picks ids the demo tokenizer decodes."""
+    import torch
+
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.shape[0] > n_real:
+        with torch.no_grad():
+            head.weight[n_real:] = 0
+
+
+def vlm_config(size: str, tokenizer: Any):  # -> transformers.LlavaConfig
+    """The LLaVA config of a demo VLM of ``size``; its image token and special ids from ``tokenizer``."""
+    from transformers import CLIPVisionConfig, LlavaConfig
+
+    dims = SIZES[size]
+    side, patch = dims["vision"]["image_size"], dims["vision"]["patch_size"]
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**dims["vision"]),
+        text_config=demo_llama_config(tokenizer, 1024, dims["text"]),
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=(side // patch) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=dims.get("vision_feature_layer", -1),
+    )
+
+
+def build_demo_vlm(out_dir: str | Path, seed: int = 0, size: str = "tiny", device: str = "cpu",
+                   dtype: str | None = None) -> Path:
+    """Write a random LLaVA (CLIP tower + Llama) with processor and chat template; return the folder.
+
+    ``device`` is where the random weights are drawn and ``dtype`` how they are stored (default fp32;
+    bf16 for ``llava-1.5-7b``, drawn on a GPU in seconds instead of minutes on CPU).
+    """
     import torch
     from transformers import (
         CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
     )
@@ -160,20 +220,16 @@ def build_demo_vlm(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Pa
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer()
-    vision = CLIPVisionConfig(**dims["vision"])
-    text = demo_llama_config(tokenizer, 1024, dims["text"])
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config = vlm_config(size, tokenizer)
     side, patch = dims["vision"]["image_size"], dims["vision"]["patch_size"]
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image_token_id,
-        image_seq_length=(side // patch) ** 2,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    if size in ("tiny", "bench") and device == "cpu" and dtype is None:
+        model = LlavaForConditionalGeneration(config).eval()
+    else:
+        dtype = dtype or ("bfloat16" if size == "llava-1.5-7b" else "float32")
+        with torch.device(device):
+            model = LlavaForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype)).eval()
+        zero_unused_vocab(model, len(tokenizer))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
@@ -191,7 +247,7 @@ def build_demo_vlm(out_dir: str | Path, seed: int = 0, size: str = "tiny") -> Pa
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
-    model.save_pretrained(str(folder))
+    model.save_pretrained(str(folder), max_shard_size="5GB")
     processor.save_pretrained(str(folder))
     mark_demo_model(folder, "random weights built by pipelines/demo/vlm.py; not a real model")
     return folder
@@ -202,8 +258,9 @@ def main() -> None:
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    print(json.dumps({"vlm": str(build_demo_vlm(args.out_dir, args.seed, args.size))}))
+    print(json.dumps({"vlm": str(build_demo_vlm(args.out_dir, args.seed, args.size, args.device))}))
 
 
 if __name__ == "__main__":

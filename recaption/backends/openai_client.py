@@ -9,6 +9,8 @@ which fail the batch.
   the in-process backend applies), followed by the prompt text, in one user message.
 - At most ``max_concurrency`` requests are in flight (a thread pool of that size sharing one connection
   pool); the server batches them (continuous batching), so no client-side batching is needed.
+  ``generate_batches`` takes a stream of batches and queues the next batch while the current one's last
+  requests run, so the server does not drain to zero at every batch end (``generate`` is one batch).
 - 429, 5xx, timeouts and connection errors are retried ``max_retries`` times with exponential backoff and
   full jitter (``Retry-After`` honoured, capped); when retries run out the backend raises
   :class:`CaptionerUnavailable` so the engine fails the batch (resumable) instead of quarantining every
@@ -28,7 +30,9 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from vila2_curate.recaption.backends.base import CaptionerUnavailable, CaptionResult
@@ -184,14 +188,49 @@ class OpenAICaptioner:
         self, images: list[Any], prompts: list[str], sample_ids: list[str] | None = None, **_: Any
     ) -> list[CaptionResult]:
         """One caption per (PIL image, prompt), in input order; at most max_concurrency requests at once."""
+        stream = self.generate_batches([(images, prompts, sample_ids)])
+        try:
+            return next(stream)
+        finally:
+            stream.close()
+
+    def generate_batches(
+        self, batches: Iterable[tuple[list[Any], list[str], list[str] | None]]
+    ) -> Iterator[list[CaptionResult]]:
+        """Each (images, prompts, sample_ids) batch's results, in order, with max_concurrency requests in
+        flight across batch boundaries: batch k+1 is read from ``batches`` (its decoding overlaps the
+        requests) and queued before batch k is waited for, so its requests take the slots batch k's
+        last requests free. No request outlives the iteration: a stop or an error cancels queued ones
+        and waits for running ones.
+        """
         self.load()
-        ids = sample_ids or [str(i) for i in range(len(images))]
-        futures = [
-            self._pool.submit(self._caption_one, im, p, k)
-            for im, p, k in zip(images, prompts, ids, strict=True)
-        ]
+        source = iter(batches)
+        pending: deque[list[Future]] = deque()
+
+        def queue_next() -> None:
+            for images, prompts, ids in source:
+                ids = ids or [str(i) for i in range(len(images))]
+                pending.append([self._pool.submit(self._caption_one, im, p, k)
+                                for im, p, k in zip(images, prompts, ids, strict=True)])
+                return
+
+        try:
+            queue_next()
+            while pending:
+                if len(pending) < 2:
+                    queue_next()
+                yield self._collect(pending.popleft())
+        finally:
+            for futures in pending:
+                for f in futures:
+                    f.cancel()
+            wait([f for futures in pending for f in futures])
+
+    @staticmethod
+    def _collect(futures: list[Future]) -> list[CaptionResult]:
+        """The batch's results; all of its requests finish before an outage is raised."""
         results, error = [], None
-        for f in futures:  # wait for all, so no request outlives the call
+        for f in futures:
             try:
                 results.append(f.result())
             except CaptionerUnavailable as e:

@@ -2,9 +2,12 @@
 
 The prompt is the model's own chat template rendered for one user message holding an image and the
 instruction, so every checkpoint gets the conversation format it was trained on. Generation is batched
-with LEFT padding (decoder-only models continue from the last position, so padding must sit in front)
-and batches are grouped by prompt length, which keeps padding — wasted compute — small. The same path
-loads real checkpoints and the tiny random models the tests build (``pipelines.demo.vlm``).
+with LEFT padding (decoder-only models continue from the last position, so padding must sit in front).
+Samples are sorted by prompt length, which keeps padding — wasted compute — small, and each batch holds
+as many as fit the device's memory (``recaption.backends.batching``; ``runtime.batch_size`` is the upper
+bound). The processor (resize, normalise, tokenise) for the next batch runs on a CPU thread while the
+model generates the current one (``recaption.backends.prefetch``). The same path loads real checkpoints
+and the random models ``pipelines.demo.vlm`` builds, tiny or full size.
 
 Determinism: greedy decoding by default; when sampling, ``torch.manual_seed`` is set per batch from the
 configured seed and the batch's sample ids, so a rerun of the same batch samples the same tokens.
@@ -14,61 +17,17 @@ from __future__ import annotations
 
 import copy
 import inspect
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from vila2_curate.recaption.backends.base import CaptionerUnavailable, CaptionResult, RemoteCodeRequired
+from vila2_curate.recaption.backends.base import CaptionerUnavailable, CaptionResult
+from vila2_curate.recaption.backends.batching import SampleCost, device_budget, length_batches, sample_cost
+from vila2_curate.recaption.backends.hf_loading import hub_snapshot, oom_types, resolve_model_class
+from vila2_curate.recaption.backends.prefetch import ahead, pinned
 from vila2_curate.recaption.runtime import derive_seed, reason_detail, resolve_device, resolve_dtype
 from vila2_curate.schemas.config import CaptionerConfig
 from vila2_curate.schemas.demo_model import is_demo_model
-
-# Auto classes a remote-code checkpoint may register for a VLM, best first. NVILA-*-hf registers AutoModel.
-_REMOTE_AUTO_CLASSES = (
-    "AutoModelForImageTextToText",
-    "AutoModelForVision2Seq",
-    "AutoModelForCausalLM",
-    "AutoModel",
-)
-
-
-def _oom_types() -> tuple[type[BaseException], ...]:
-    import torch
-
-    return (torch.cuda.OutOfMemoryError, MemoryError)
-
-
-def resolve_model_class(model: str, trust_remote_code: bool):  # -> an Auto class
-    """The Auto class to load ``model`` with; fails clearly when its config needs code we may not run.
-
-    A config whose ``model_type`` is built into this transformers loads with the built-in class (even if it
-    also carries an ``auto_map``). One that is not, but maps to custom code (``auto_map``), needs
-    ``trust_remote_code``; we refuse unless the captioner config sets it.
-    """
-    import transformers
-    from transformers import AutoModelForImageTextToText, PretrainedConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    config_dict, _ = PretrainedConfig.get_config_dict(model)
-    model_type = config_dict.get("model_type")
-    auto_map = config_dict.get("auto_map") or {}
-    if model_type in CONFIG_MAPPING:
-        return AutoModelForImageTextToText
-    if not auto_map:
-        raise ValueError(
-            f"{model}: model_type {model_type!r} is not known to transformers {transformers.__version__} "
-            "and the config has no auto_map (custom code); upgrade transformers or use the openai backend "
-            "(SGLang/vLLM)"
-        )
-    if not trust_remote_code:
-        raise RemoteCodeRequired(
-            f"{model}: model_type {model_type!r} is not built into transformers {transformers.__version__}; "
-            f"its config.json maps to custom code ({', '.join(sorted(auto_map))}). Set "
-            "captioner.trust_remote_code: true only if you have reviewed and trust that repository's code."
-        )
-    for name in _REMOTE_AUTO_CLASSES:
-        if name in auto_map:
-            return getattr(transformers, name)
-    raise ValueError(f"{model}: auto_map registers none of {', '.join(_REMOTE_AUTO_CLASSES)}")
 
 
 class TransformersCaptioner:
@@ -78,6 +37,11 @@ class TransformersCaptioner:
         self.cfg = cfg
         self.model: Any = None
         self.identity: dict[str, Any] = {}
+        self.fixed_new_tokens: int | None = None  # benchmarks: every sample generates this many tokens
+        self.memory_budget: int | None = None  # bytes for one batch; set by load() on CUDA
+        self._cost: SampleCost | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._ready: dict[tuple[str, ...], Future] = {}
 
     # -- loading ---------------------------------------------------------------------------------------
     def load(self) -> None:
@@ -119,10 +83,16 @@ class TransformersCaptioner:
         self._logits_to_keep = "logits_to_keep" in params
         self._rendered: dict[tuple[str, bool], str] = {}
         self._image_tokens: dict[tuple[int, int], int] = {}
+        self._text_tokens: dict[tuple[str, bool], int] = {}
+        self._cost = sample_cost(self.model.config, self.model.dtype.itemsize)
+        self.memory_budget = device_budget(self.model, self.device)
+        # one thread with its own processor copy: processors change their tokenizer's padding state
+        self._prep_processor = copy.deepcopy(self.processor)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-prepare")
         rendered = self._render("x", True)
         # a template that writes BOS itself must not get a second one from the tokenizer
         self._add_special = not (tok.bos_token and rendered.startswith(tok.bos_token))
-        folder = Path(cfg.model) if Path(cfg.model).is_dir() else _hub_snapshot(cfg.model)
+        folder = Path(cfg.model) if Path(cfg.model).is_dir() else hub_snapshot(cfg.model)
         self.identity = {
             "backend": "transformers",
             "model": cfg.model,
@@ -162,16 +132,19 @@ class TransformersCaptioner:
                 self._image_tokens[size] = 0
         return self._image_tokens[size]
 
-    def _length(self, prompt: str, image: Any, text: str = "") -> int:
-        rendered = self._render(prompt, image is not None) + text
-        return len(
-            self.tokenizer(rendered, add_special_tokens=self._add_special)["input_ids"]
-        ) + self._n_image_tokens(image)
+    def _length(self, prompt: str, image: Any) -> int:
+        """Prompt tokens of one sample (rendered prompt + image placeholders); memoised per prompt."""
+        key = (prompt, image is not None)
+        if key not in self._text_tokens:
+            rendered = self._render(prompt, image is not None)
+            ids = self.tokenizer(rendered, add_special_tokens=self._add_special)["input_ids"]
+            self._text_tokens[key] = len(ids)
+        return self._text_tokens[key] + self._n_image_tokens(image)
 
-    def _inputs(self, images: list[Any], texts: list[str]) -> dict[str, Any]:
-        """Processor outputs for one batch (left padded), on the device; float tensors in the model dtype."""
+    def _encode(self, images: list[Any], texts: list[str], processor: Any = None) -> dict[str, Any]:
+        """Processor outputs for one batch (left padded) on the CPU; pinned when a GPU will read them."""
         with_images = images[0] is not None
-        batch = self.processor(
+        batch = (processor or self.processor)(
             images=images if with_images else None,
             text=texts,
             padding=True,
@@ -179,26 +152,29 @@ class TransformersCaptioner:
             add_special_tokens=self._add_special,
             return_tensors="pt",
         )
+        batch = dict(batch.items())
+        return pinned(batch) if self.device.type == "cuda" else batch
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """On the device; float tensors in the model dtype."""
         out = {}
         for k, v in batch.items():
             if hasattr(v, "to"):
-                v = v.to(self.device)
+                v = v.to(self.device, non_blocking=True)
                 if v.is_floating_point():
                     v = v.to(self.dtype)
             out[k] = v
         return out
 
-    def _batches(self, lengths: list[int], groups: list[Any]) -> list[list[int]]:
-        """Indices grouped by (group, prompt length), cut into runtime.batch_size chunks; deterministic."""
-        order = sorted(range(len(lengths)), key=lambda i: (str(groups[i]), lengths[i], i))
-        bs = max(1, self.cfg.runtime.batch_size)
-        out: list[list[int]] = []
-        for i in order:
-            if out and len(out[-1]) < bs and groups[out[-1][0]] == groups[i]:
-                out[-1].append(i)
-            else:
-                out.append([i])
-        return out
+    def _inputs(self, images: list[Any], texts: list[str]) -> dict[str, Any]:
+        """Processor outputs for one batch (left padded), on the device; float tensors in the model dtype."""
+        return self._to_device(self._encode(images, texts))
+
+    def _batches(self, lengths: list[int], groups: list[Any], new_tokens: int = 0) -> list[list[int]]:
+        """Indices sorted by (group, prompt length), each batch as many as memory allows (at most
+        runtime.batch_size); deterministic."""
+        return length_batches(lengths, groups, self.cfg.runtime.batch_size, self.memory_budget, self._cost,
+                              new_tokens)
 
     # -- generation ------------------------------------------------------------------------------------
     def generate(
@@ -212,14 +188,28 @@ class TransformersCaptioner:
 
         A batch that raises is retried sample by sample, so one bad sample fails alone (its result carries
         ``error``); out-of-memory on a single sample raises :class:`CaptionerUnavailable` instead.
-        ``min_new_tokens`` (benchmarks) forces every sample to generate the same length.
+        ``min_new_tokens`` (benchmarks; default ``fixed_new_tokens``) forces every sample to generate the
+        same length. The processor inputs of the next batch are built on a thread meanwhile.
         """
         self.load()
         n = len(images)
         ids = sample_ids or [str(i) for i in range(n)]
+        if min_new_tokens is None:
+            min_new_tokens = self.fixed_new_tokens
         lengths = [self._length(p, im) for p, im in zip(prompts, images, strict=True)]
         results: list[CaptionResult | None] = [None] * n
-        for chunk in self._batches(lengths, [im is not None for im in images]):
+        chunks = self._batches(lengths, [im is not None for im in images], self.cfg.generation.max_new_tokens)
+
+        def prepare(chunk: list[int]) -> dict[str, Any]:
+            imgs = [images[i] for i in chunk]
+            texts = [self._rendered[(prompts[i], imgs[0] is not None)] for i in chunk]
+            return self._encode(imgs, texts, self._prep_processor)
+
+        for p, im in zip(prompts, images, strict=True):
+            self._render(p, im is not None)  # the thread only reads the cache
+        for chunk, ready in ahead(chunks, prepare, self._pool):
+            key = tuple(ids[i] for i in chunk)
+            self._ready[key] = ready
             try:
                 outs = self._generate_batch(
                     [images[i] for i in chunk],
@@ -229,7 +219,7 @@ class TransformersCaptioner:
                 )
             except Exception as e:  # noqa: BLE001 - isolate the failing sample below
                 if len(chunk) == 1:
-                    if isinstance(e, _oom_types()):
+                    if isinstance(e, oom_types()):
                         raise CaptionerUnavailable(
                             f"out of memory on a single sample: {reason_detail(e)}"
                         ) from e
@@ -238,6 +228,8 @@ class TransformersCaptioner:
                     outs = [
                         self.generate([images[i]], [prompts[i]], [ids[i]], min_new_tokens)[0] for i in chunk
                     ]
+            finally:
+                self._ready.pop(key, None)
             for i, r in zip(chunk, outs, strict=True):
                 results[i] = r
         return results  # type: ignore[return-value]
@@ -264,7 +256,9 @@ class TransformersCaptioner:
     ) -> list[CaptionResult]:
         import torch
 
-        inputs = self._inputs(images, [self._render(p, images[0] is not None) for p in prompts])
+        ready = self._ready.pop(tuple(ids), None)
+        texts = [self._render(p, images[0] is not None) for p in prompts]
+        inputs = self._to_device(ready.result() if ready is not None else self._encode(images, texts))
         g = self.cfg.generation
         if g.do_sample:
             torch.manual_seed(derive_seed(g.seed, *ids))
@@ -364,14 +358,6 @@ class TransformersCaptioner:
         return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def close(self) -> None:
-        self.model = None
-
-
-def _hub_snapshot(repo_id: str) -> Path | None:
-    """The cached snapshot folder of a hub model (already downloaded by from_pretrained), if any."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached as a full snapshot: no demo marker to look for
-        return None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self.model, self._pool = None, None
