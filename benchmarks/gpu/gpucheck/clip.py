@@ -14,13 +14,11 @@ from typing import Any
 
 from gpucheck.context import Ctx, sweep
 from gpucheck.measure import (
-    captions,
     check_alive,
     engine_path,
-    pair_table,
-    photo_jpegs,
     point,
     summary,
+    synthetic_pairs,
     timed,
 )
 
@@ -38,9 +36,7 @@ def check(ctx: Ctx) -> dict[str, Any]:
     sizes = [16, 32] if ctx.tiny else [128, 256, 512]
     n = 64 if ctx.tiny else 4096
     folder = build_demo_clip(ctx.work / "clip", size=size, device=ctx.build_device)
-    jpegs = photo_jpegs(n, ctx.image_size, threads=max(1, ctx.cpus))
-    texts = captions(n)
-    table = pair_table(jpegs, texts)
+    jpegs, texts, table = synthetic_pairs(n, ctx.image_size, ctx.cpus)
     rt = ModelRuntime(device=str(ctx.device), precision="bf16", batch_size=sizes[0], cpus=ctx.cpus)
     stage = ClipScoreStage(ClipScoreConfig(model=str(folder), runtime=rt))
     stage.setup()

@@ -13,13 +13,11 @@ from typing import Any
 
 from gpucheck.context import Ctx, sweep
 from gpucheck.measure import (
-    captions,
     check_alive,
     engine_path,
-    pair_table,
-    photo_jpegs,
     point,
     summary,
+    synthetic_pairs,
     timed,
 )
 
@@ -38,9 +36,7 @@ def check(ctx: Ctx) -> dict[str, Any]:
     sizes = [4, 8] if ctx.tiny else [8, 16, 32]
     n = 16 if ctx.tiny else 256
     folder = build_demo_detector(ctx.work / "owlv2", size=size, device=ctx.build_device)
-    jpegs = photo_jpegs(n, ctx.image_size, threads=max(1, ctx.cpus))
-    texts = captions(n)
-    table = pair_table(jpegs, texts)
+    jpegs, texts, table = synthetic_pairs(n, ctx.image_size, ctx.cpus)
     rt = ModelRuntime(device=str(ctx.device), precision="bf16", batch_size=sizes[0], cpus=ctx.cpus)
     # tiny: every box, so post-processing runs; full size: the default threshold (the demo head is calibrated)
     cfg = GroundingConfig(model=str(folder), runtime=rt, **({"box_threshold": 0.0} if ctx.tiny else {}))

@@ -138,6 +138,12 @@ def captions(n: int) -> list[str]:
     return out
 
 
+def synthetic_pairs(n: int, size: tuple[int, int], cpus: int) -> tuple[list[bytes], list[str], pa.Table]:
+    """``n`` photo-like JPEGs with captions, and the pair rows a reader would yield for them."""
+    jpegs, texts = photo_jpegs(n, size, threads=max(1, cpus)), captions(n)
+    return jpegs, texts, pair_table(jpegs, texts)
+
+
 def pair_table(images: list[bytes], texts: list[str]) -> pa.Table:
     """Pair rows as a reader yields them (schemas.rows.PAIR_SCHEMA)."""
     from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table

@@ -15,13 +15,11 @@ from typing import Any
 
 from gpucheck.context import Ctx, sweep
 from gpucheck.measure import (
-    captions,
     check_alive,
     engine_path,
-    pair_table,
-    photo_jpegs,
     point,
     summary,
+    synthetic_pairs,
     timed,
 )
 
@@ -44,8 +42,7 @@ def check(ctx: Ctx, new_tokens: int) -> dict[str, Any]:
     folder = build_demo_vlm(ctx.work / "vlm", size=size, device=ctx.build_device)
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
-    jpegs = photo_jpegs(n, ctx.image_size, threads=max(1, ctx.cpus))
-    table = pair_table(jpegs, captions(n))
+    jpegs, _, table = synthetic_pairs(n, ctx.image_size, ctx.cpus)
     rt = ModelRuntime(device=str(ctx.device), precision="bf16", batch_size=sizes[0], cpus=ctx.cpus)
     cap_cfg = CaptionerConfig(model=str(folder), image_max_side=max_side, runtime=rt,
                               generation=GenerationParams(max_new_tokens=new_tokens))
