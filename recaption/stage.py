@@ -20,6 +20,7 @@ resumed run) is left as it is, so rerunning a round is a no-op.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -105,6 +106,22 @@ class RecaptionStage(StageBase):
         self.backend = backend
         self.demo = bool(backend.identity.get("demo"))
 
+    def _decode(self, images: list[bytes | None], max_side: int | None) -> list[tuple[Any, str | None]]:
+        """(image, None) or (None, why undecodable) per row, decoded on ``runtime.cpus`` threads (Pillow
+        releases the GIL while decoding): one thread would keep the model waiting for every image."""
+
+        def one(data: bytes | None) -> tuple[Any, str | None]:
+            try:
+                return load_image(data, max_side), None
+            except UndecodableImage as e:
+                return None, str(e)
+
+        threads = max(1, int(self.runtime.cpus))
+        if threads == 1 or len(images) < 2:
+            return [one(d) for d in images]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(one, images))
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         if "image_info" in batch.column_names or "captions" not in batch.column_names:
             return batch  # MMC4 documents: VILA² does not recaption interleaved data
@@ -133,11 +150,9 @@ class RecaptionStage(StageBase):
         max_side = self.cfg.captioner.image_max_side
         ready: list[int] = []
         images, prompts, prompt_ids = [], [], []
-        for i, data in zip(todo, images_col, strict=True):
-            try:
-                img = load_image(data, max_side)
-            except UndecodableImage as e:
-                drop[i], stage_col[i], quarantined[i] = str(e), self.name, True
+        for i, (img, error) in zip(todo, self._decode(images_col, max_side), strict=True):
+            if error is not None:
+                drop[i], stage_col[i], quarantined[i] = error, self.name, True
                 continue
             pid, prompt = self.prompt_set.choose(self.cfg.captioner.generation.seed, keys[i])
             ready.append(i)
