@@ -32,16 +32,13 @@ import pyarrow.compute as pc
 
 from vila2_curate.pipelines.engine.guard import apply_guarded
 from vila2_curate.pipelines.engine.plan import Plan, Segment
-from vila2_curate.pipelines.engine.progress import ShardResult
+from vila2_curate.pipelines.engine.progress import ShardResult, Timings, add_timing, merge_timings
 from vila2_curate.pipelines.engine.runner import WorkItem
 from vila2_curate.pipelines.engine.shard_task import (
     SegmentOutput,
-    Timings,
-    add_timing,
     gpu_share,
     input_batches,
     is_rereadable,
-    merge_timings,
     run_shard_segment,
 )
 from vila2_curate.pipelines.engine.workdir import rejoin_input, seg_dir, slim_dropped, slim_for_work
@@ -98,21 +95,21 @@ def clear_segment_parts(fs, root: str, seg: int) -> None:
 # ------------------------------------------------------------------------------------------ costs
 
 
+def _spread(batch: pa.Table, col: str, total: float) -> pa.Table:
+    """``total`` spread evenly over the rows of column ``col`` (added to what it holds already)."""
+    per_row = pa.array(np.full(batch.num_rows, total / batch.num_rows), pa.float64())
+    if col not in batch.column_names:
+        return batch.append_column(col, per_row)
+    i = batch.column_names.index(col)
+    return batch.set_column(i, col, pc.add(batch.column(i), per_row))
+
+
 def add_cost(batch: pa.Table, name: str, seconds: float, gpus: float = 0.0) -> pa.Table:
     """Spread ``seconds`` (and ``seconds * gpus`` GPU-seconds) of work on this batch over its rows."""
     if not batch.num_rows:
         return batch
-    for prefix, total in ((COST_PREFIX, seconds), (GPU_PREFIX, seconds * gpus)):
-        if prefix == GPU_PREFIX and not gpus:
-            continue
-        col = prefix + name
-        per_row = pa.array(np.full(batch.num_rows, total / batch.num_rows), pa.float64())
-        if col in batch.column_names:
-            i = batch.column_names.index(col)
-            batch = batch.set_column(i, col, pc.add(batch.column(i), per_row))
-        else:
-            batch = batch.append_column(col, per_row)
-    return batch
+    batch = _spread(batch, COST_PREFIX + name, seconds)
+    return _spread(batch, GPU_PREFIX + name, seconds * gpus) if gpus else batch
 
 
 def pop_costs(batch: pa.Table) -> tuple[pa.Table, Timings]:
@@ -120,12 +117,9 @@ def pop_costs(batch: pa.Table) -> tuple[pa.Table, Timings]:
     timings: Timings = {}
     cols = [c for c in batch.column_names if c.startswith((COST_PREFIX, GPU_PREFIX))]
     for col in cols:
-        total = float(pc.sum(batch.column(col)).as_py() or 0.0)
-        if col.startswith(COST_PREFIX):
-            add_timing(timings, col[len(COST_PREFIX):], batch.num_rows, total)
-        else:
-            acc = timings.setdefault(col[len(GPU_PREFIX):], {"rows": 0, "seconds": 0.0, "gpu_seconds": 0.0})
-            acc["gpu_seconds"] += total
+        prefix, name = col.split(":", 1)
+        acc = timings.setdefault(name, {"rows": batch.num_rows, "seconds": 0.0, "gpu_seconds": 0.0})
+        acc["seconds" if prefix + ":" == COST_PREFIX else "gpu_seconds"] += float(pc.sum(batch.column(col)).as_py() or 0.0)
     return batch.drop_columns(cols), timings
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,27 @@ from vila2_curate.schemas.records import ShardStats, merge_stats
 
 PROGRESS_DIR = "_progress"
 
+
+
+Timings = dict[str, dict[str, float]]  # step -> {rows, seconds, gpu_seconds}
+
+
+def add_timing(timings: Timings, name: str, rows: int, seconds: float, gpus: float = 0.0) -> None:
+    """Add one step's rows and seconds (and GPU-seconds at ``gpus`` GPUs) to ``timings``."""
+    acc = timings.setdefault(name, {"rows": 0, "seconds": 0.0, "gpu_seconds": 0.0})
+    acc["rows"] += rows
+    acc["seconds"] += seconds
+    acc["gpu_seconds"] = acc.get("gpu_seconds", 0.0) + seconds * gpus
+
+
+def merge_timings(parts: Iterable[dict[str, Any] | None]) -> Timings:
+    """The step-by-step sum of several timings (shards, segments, parts)."""
+    total: Timings = {}
+    for p in parts:
+        for k, v in (p or {}).items():
+            add_timing(total, k, int(v.get("rows", 0)), float(v.get("seconds", 0.0)))
+            total[k]["gpu_seconds"] += float(v.get("gpu_seconds", 0.0))
+    return total
 
 @dataclass
 class ShardResult:
@@ -151,13 +173,8 @@ def finalize(fs, root: str, name: str, results: list[ShardResult],
     return stats
 
 
-def _merge_timings(timings: list[dict[str, dict[str, float]]]) -> dict[str, Any]:
-    stages: dict[str, dict[str, float]] = {}
-    for part in timings:
-        for stage, t in part.items():
-            acc = stages.setdefault(stage, {"rows": 0, "seconds": 0.0, "gpu_seconds": 0.0})
-            for k, v in t.items():
-                acc[k] = acc.get(k, 0) + v
+def _merge_timings(timings: list[Timings]) -> dict[str, Any]:
+    stages = merge_timings(timings)
     for t in stages.values():
         t["seconds_per_1k"] = round(1000 * t["seconds"] / t["rows"], 4) if t["rows"] else None
     # what a distributed engine spends moving rows between its map side and the shard assembly is no

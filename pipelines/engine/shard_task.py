@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -18,7 +18,13 @@ import pyarrow as pa
 from vila2_curate.curation.decisions import apply_decisions, index_decisions
 from vila2_curate.pipelines.engine.guard import apply_guarded
 from vila2_curate.pipelines.engine.plan import Plan, Segment
-from vila2_curate.pipelines.engine.progress import ShardResult, write_marker
+from vila2_curate.pipelines.engine.progress import (
+    ShardResult,
+    Timings,
+    add_timing,
+    merge_timings,
+    write_marker,
+)
 from vila2_curate.pipelines.engine.workdir import (
     IntermediateWriter,
     is_slim,
@@ -34,16 +40,6 @@ from vila2_curate.pipelines.io.readers.base import InputShard, Reader
 from vila2_curate.pipelines.io.sink import ShardSink
 from vila2_curate.schemas.config import OutputConfig
 from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA
-
-Timings = dict[str, dict[str, float]]
-
-
-def add_timing(timings: Timings, name: str, rows: int, seconds: float, gpus: float = 0.0) -> None:
-    """Add one step's rows and seconds (and GPU-seconds at ``gpus`` GPUs) to ``timings``."""
-    acc = timings.setdefault(name, {"rows": 0, "seconds": 0.0, "gpu_seconds": 0.0})
-    acc["rows"] += rows
-    acc["seconds"] += seconds
-    acc["gpu_seconds"] = acc.get("gpu_seconds", 0.0) + seconds * gpus
 
 
 def input_batches(fs, root: str, plan: Plan, reader: Reader, shard: InputShard, seg: int, batch_size: int,
@@ -201,14 +197,3 @@ def _cuda_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
-
-
-def merge_timings(parts: Iterable[dict[str, Any]]) -> Timings:
-    total: Timings = {}
-    for p in parts:
-        for k, v in (p or {}).items():
-            acc = total.setdefault(k, {"rows": 0, "seconds": 0.0, "gpu_seconds": 0.0})
-            acc["rows"] += int(v.get("rows", 0))
-            acc["seconds"] += float(v.get("seconds", 0.0))
-            acc["gpu_seconds"] += float(v.get("gpu_seconds", 0.0))
-    return total
