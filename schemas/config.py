@@ -132,6 +132,9 @@ class DedupConfig(_Strict):
     semantic_clusters: int | None = None  # k-means clusters; None: about sqrt(n / 4)
     mmc4_policy: Literal["drop_image", "drop_document"] = "drop_image"
     seed: int = 0
+    # a duplicate group this large is reported in summaries.json (it usually means a constant hash, a
+    # placeholder image or a boilerplate caption); it is still decided like any group
+    large_component: int = 100_000
 
 
 class ModelRuntime(_Strict):

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import pyarrow as pa
 
 
@@ -123,6 +124,15 @@ class GlobalStage(Protocol):
 
 SHARD_COL = "shard"  # "<source>/<shard_id>": the input shard a signature (and so a decision) belongs to
 PARTITION_COL = "partition"  # int64 group key of the partitioned decide
+NODE_COL = "node"  # int64 node of a signature row: input shard index << 32 | row (engines add it with SHARD_COL)
+NODE_SHARD_BITS = 32  # 4 billion rows a shard, 2^31 shards
+
+
+def node_ids(shard_index: int, rows: int) -> np.ndarray:
+    """The integer node of each signature row of input shard ``shard_index``: unique in the run with no
+    table of ids anywhere, and it says which shard holds the row's attributes (``node >> 32``)."""
+    return (np.int64(shard_index) << np.int64(NODE_SHARD_BITS)) + np.arange(rows, dtype=np.int64)
+
 
 
 @runtime_checkable
@@ -199,3 +209,36 @@ class ConfirmsPending(Protocol):
     def attach_pending(self, pending: pa.Table, signatures: pa.Table, end: str) -> pa.Table: ...
 
     def confirm_pending(self, attached: pa.Table) -> pa.Table: ...
+
+
+@runtime_checkable
+class CombinesOnEngine(Protocol):
+    """Step 3 of ``PartitionedDecide`` without one process: the edges of step 2 become connected
+    components by rounds of engine group-bys, and each component is decided where its members meet.
+
+    The engine (``pipelines.engine.components``) keeps every step bounded by a group or a shard:
+
+    a. each step-2 group's edges (pending ones confirmed per shard as in ``ConfirmsPending``) go through
+       ``component_edges`` -> (layer, u, v) rows over the integer ``node`` column (u > v);
+    b. rounds of group-by (layer, node) run the large-star / small-star steps until every group reports
+       a star forest; each node then has its component's ``root`` (the smallest node), per layer;
+    c. for each phase of ``component_phases`` in order, per input shard ``phase_members(phase, labels of
+       its nodes, its signatures, its decisions of the earlier phases)`` joins the members' attributes,
+       the rows meet per component (``root``) and ``decide_components(phase, members)`` returns decision
+       rows with each member's ``node``;
+    d. per input shard ``merge_decisions(its decision rows of every phase)`` gives its DECISION_SCHEMA
+       rows. ``large_component`` members or more in one component is reported in the stage's summary.
+    """
+
+    large_component: int
+
+    def component_edges(self, confirmed: pa.Table) -> pa.Table: ...
+
+    def component_phases(self) -> tuple[str, ...]: ...
+
+    def phase_members(self, phase: str, labels: pa.Table, signatures: pa.Table,
+                      earlier: pa.Table | None) -> pa.Table | None: ...
+
+    def decide_components(self, phase: str, members: pa.Table) -> pa.Table: ...
+
+    def merge_decisions(self, parts: list[pa.Table]) -> pa.Table: ...

@@ -21,17 +21,19 @@ import pyarrow.compute as pc
 from vila2_curate.curation.dedup.keeper import keeper_sort_columns
 from vila2_curate.schemas.config import DedupConfig
 from vila2_curate.schemas.rows import DECISION_SCHEMA
-from vila2_curate.schemas.stage import SHARD_COL
+from vila2_curate.schemas.stage import NODE_COL, SHARD_COL
 
 BOILERPLATE_FLAG = "boilerplate_caption"
 IMAGE_METHODS = ("exact", "phash", "semantic")  # also the priority of the reason given to a member
 PENDING_METHOD = "phash_pending"  # a pHash candidate not yet confirmed (ConfirmsPending)
-NODE_COLS = ("id", SHARD_COL, "sha256", "clip_score", "publishable", "pixels")
+# NODE_COL: the integer node the engine assigns per input shard (components.node_ids); null in the
+# reference path, which names nodes by id
+NODE_COLS = ("id", SHARD_COL, "sha256", "clip_score", "publishable", "pixels", NODE_COL)
 EDGE_SCHEMA = pa.schema(
     [pa.field("method", pa.string())]
     + [pa.field(f"{end}_{c}", t) for end in ("a", "b") for c, t in (
         ("id", pa.string()), (SHARD_COL, pa.string()), ("sha256", pa.string()), ("clip_score", pa.float32()),
-        ("publishable", pa.bool_()), ("pixels", pa.int64()))]
+        ("publishable", pa.bool_()), ("pixels", pa.int64()), (NODE_COL, pa.int64()))]
 )
 COMBINED_SCHEMA = DECISION_SCHEMA.append(pa.field(SHARD_COL, pa.string()))
 

@@ -55,7 +55,7 @@ from vila2_curate.curation.dedup.phash import hamming_pairs
 from vila2_curate.curation.dedup.semantic import default_clusters
 from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES
 from vila2_curate.schemas.rows import DECISION_SCHEMA
-from vila2_curate.schemas.stage import PARTITION_COL, SHARD_COL
+from vila2_curate.schemas.stage import NODE_COL, PARTITION_COL, SHARD_COL
 
 if TYPE_CHECKING:
     from vila2_curate.curation.dedup.stage import DedupStage
@@ -80,6 +80,7 @@ PART_SCHEMA = pa.schema([
     pa.field("key", pa.string()),
     pa.field("image_index", pa.int32()),
     pa.field(SHARD_COL, pa.string()),
+    pa.field(NODE_COL, pa.int64()),
     pa.field("sha256", pa.string()),
     pa.field("phash", pa.uint64()),
     pa.field("thumb", pa.binary()),
@@ -370,7 +371,7 @@ class PartitionedDedup:
     def _rows(self, sub: pa.Table, task: str, key: np.ndarray, band: np.ndarray, cluster: np.ndarray) -> pa.Table:
         """The projection a task's group needs (other columns null: they would only cost shuffle bytes)."""
         n = sub.num_rows
-        need = {"source", "key", "image_index", SHARD_COL, "sha256", "clip_score", "publishable", "pixels"}
+        need = {"source", "key", "image_index", SHARD_COL, NODE_COL, "sha256", "clip_score", "publishable", "pixels"}
         if task == "phash":  # k+1 rows per item: no confirmation payload (attached per shard afterwards)
             need |= {"phash"}
         elif task == "thumb":

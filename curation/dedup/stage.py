@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vila2_curate.curation.dedup import components
 from vila2_curate.curation.dedup.combine import BOILERPLATE_FLAG, IMAGE_METHODS
 from vila2_curate.curation.dedup.exact import exact_pairs
 from vila2_curate.curation.dedup.keeper import keeper_sort_key, pair_publishable, pixels
@@ -318,6 +319,35 @@ class DedupStage(StageBase):
 
     def shard_decisions(self, combined: pa.Table, signatures: pa.Table) -> pa.Table:
         return self._scale().shard_decisions(combined, signatures)
+
+    # ---- step 3 on the engine: schemas.stage.CombinesOnEngine (curation/dedup/components.py) ----
+    @property
+    def large_component(self) -> int:
+        return self.cfg.large_component
+
+    def component_edges(self, confirmed: pa.Table) -> pa.Table:
+        return components.layer_edges(confirmed)
+
+    def component_phases(self) -> tuple[str, ...]:
+        return ("document", "image", "caption")  # images need document drops; captions need both
+
+    def phase_members(self, phase: str, labels: pa.Table, signatures: pa.Table,
+                      earlier: pa.Table | None) -> pa.Table | None:
+        if phase == "document":
+            return components.document_members(labels, signatures)
+        if phase == "image":
+            return components.image_members(labels, signatures, earlier)
+        return components.caption_members(labels, signatures, earlier)
+
+    def decide_components(self, phase: str, members: pa.Table) -> pa.Table:
+        if phase == "document":
+            return components.decide_documents(members)
+        if phase == "image":
+            return components.decide_images(members)
+        return components.decide_captions(members, self.cfg.boilerplate_min_images)
+
+    def merge_decisions(self, parts: list[pa.Table]) -> pa.Table:
+        return components.shard_decisions(parts)
 
     def _decide_captions(self, sig: pa.Table, ids: list[str], kinds: list[str],
                          out: dict[str, list[Any]]) -> None:

@@ -15,12 +15,14 @@ import pyarrow.compute as pc
 
 from vila2_curate.schemas.rows import DECISION_SCHEMA
 from vila2_curate.schemas.stage import (
+    NODE_COL,
     PARTITION_COL,
     SHARD_COL,
     ConfirmsPending,
     FitsOnSample,
     GlobalStage,
     PartitionedDecide,
+    node_ids,
 )
 
 
@@ -47,12 +49,18 @@ def decide_local(stage: GlobalStage, signatures: pa.Table) -> pa.Table:
     return pa.concat_tables(parts) if parts else empty_decisions()
 
 
-def with_shard(signatures: pa.Table, shard: str) -> pa.Table:
-    """The shard's signatures with the ``shard`` column the partitioned decide needs (replaced if present)."""
-    col = pa.array([shard] * signatures.num_rows, type=pa.string())
-    if SHARD_COL in signatures.column_names:
-        return signatures.set_column(signatures.column_names.index(SHARD_COL), SHARD_COL, col)
-    return signatures.append_column(SHARD_COL, col)
+def with_shard(signatures: pa.Table, shard: str, index: int | None = None) -> pa.Table:
+    """The shard's signatures with the ``shard`` column the partitioned decide needs, and with ``index``
+    (the shard's position in the run's shard list) each row's integer ``node`` (both replaced if present)."""
+    cols = {SHARD_COL: pa.array([shard] * signatures.num_rows, type=pa.string())}
+    if index is not None:
+        cols[NODE_COL] = pa.array(node_ids(index, signatures.num_rows), type=pa.int64())
+    for name, col in cols.items():
+        if name in signatures.column_names:
+            signatures = signatures.set_column(signatures.column_names.index(name), name, col)
+        else:
+            signatures = signatures.append_column(name, col)
+    return signatures
 
 
 def split_by_partition(rows: pa.Table, partitions: int) -> list[tuple[int, pa.Table]]:
@@ -85,7 +93,7 @@ def decide_partitioned(stage: GlobalStage, shard_signatures: Sequence[tuple[str,
     (it holds every shard's signatures, so it is not the memory-bounded one). A stage without the
     partitioned hooks is decided by ``decide_local`` over all rows and its decisions split by shard.
     """
-    tagged = [(name, with_shard(sig, name)) for name, sig in shard_signatures]
+    tagged = [(name, with_shard(sig, name, i)) for i, (name, sig) in enumerate(shard_signatures)]
     if not isinstance(stage, PartitionedDecide):
         everything = pa.concat_tables([t for _, t in tagged]) if tagged else None
         decisions = decide_local(stage, everything) if everything is not None else empty_decisions()

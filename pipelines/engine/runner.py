@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from vila2_curate.pipelines.engine import aggregate
 from vila2_curate.pipelines.engine.aggregate import normalize_decisions
+from vila2_curate.pipelines.engine.components import GROUP_COL, combine_on_engine
 from vila2_curate.pipelines.engine.plan import Plan, Segment, build_plan, set_run_started_at
 from vila2_curate.pipelines.engine.progress import (
     finalize,
@@ -67,6 +68,7 @@ from vila2_curate.schemas.config import RunConfig
 from vila2_curate.schemas.stage import (
     PARTITION_COL,
     SHARD_COL,
+    CombinesOnEngine,
     ConfirmsPending,
     FitsOnSample,
     PartitionedDecide,
@@ -209,7 +211,6 @@ def uses_partitioned(stage: Any, config: RunConfig) -> bool:
     return config.decide == "partitioned" and isinstance(stage, PartitionedDecide)
 
 
-GROUP_COL = "_group"  # partition % P: the engine's group key of the partitioned decide
 
 
 class LoadSignatures:
@@ -226,7 +227,7 @@ class LoadSignatures:
             return None
         if self.partitions is None:
             return sig
-        rows = self.stage.partition(with_shard(sig, item.shard))
+        rows = self.stage.partition(with_shard(sig, item))
         if not rows.num_rows:
             return None
         return rows.append_column(GROUP_COL, _modulo(rows.column(PARTITION_COL), self.partitions))
@@ -240,7 +241,7 @@ class SampleShard:
 
     def __call__(self, item: WorkItem) -> pa.Table | None:
         sig = read_shard_signatures(self.fs, self.root, self.seg, item.shard)
-        return None if sig is None else self.stage.sample(with_shard(sig, item.shard))
+        return None if sig is None else self.stage.sample(with_shard(sig, item))
 
 
 class DecidePartition:
@@ -342,8 +343,20 @@ def read_shard_signatures(fs, root: str, seg: int, shard: InputShard) -> pa.Tabl
     return sig if sig.num_rows and sig.num_columns else None
 
 
-def with_shard(sig: pa.Table, shard: InputShard) -> pa.Table:
-    return aggregate.with_shard(sig, shard_label(shard))
+def with_shard(sig: pa.Table, item: WorkItem) -> pa.Table:
+    """The shard's signatures with its label and each row's integer node (``schemas.stage.NODE_COL``)."""
+    return aggregate.with_shard(sig, shard_label(item.shard), item.index)
+
+
+class ShardSignatures:
+    """A shard's signatures as the partitioned steps see them (``with_shard``); an error if it has none
+    (a step asked for the rows behind edges that name the shard)."""
+
+    def __init__(self, fs, root: str, seg: int) -> None:
+        self.fs, self.root, self.seg = fs, root, seg
+
+    def __call__(self, item: WorkItem) -> pa.Table:
+        return with_shard(_pending_signatures(self.fs, self.root, self.seg, item.shard), item)
 
 
 class DecideGroup:
@@ -372,7 +385,7 @@ class WriteShardDecisions:
             combined = self.combined
             if SHARD_COL in combined.column_names:
                 combined = combined.filter(pc.equal(combined.column(SHARD_COL), shard_label(item.shard)))
-            mine = normalize_decisions(self.stage.shard_decisions(combined, with_shard(sig, item.shard)))
+            mine = normalize_decisions(self.stage.shard_decisions(combined, with_shard(sig, item)))
         else:
             mine = decisions_of(self.decisions, sig)
         return write_shard_decisions(self.fs, self.root, self.seg, item.shard, mine, self.seg_hash)
@@ -399,6 +412,12 @@ def decide_segment(engine: Engine, ctx: RunContext, segment: Segment) -> None:
         if isinstance(stage, FitsOnSample):  # step 0: bounded samples stream into fit on the driver
             stage.fit(s for s in engine.per_shard(ctx, ctx.items, SampleShard(fs, root, seg, stage)) if s is not None)
         partitions = max(1, int(engine.partitions(ctx)))
+        if isinstance(stage, CombinesOnEngine):
+            n_decisions, extra = combine_on_engine(engine, ctx, seg, seg_hash, stage, partitions,
+                                                   ShardSignatures(fs, root, seg),
+                                                   LoadSignatures(fs, root, seg, stage, partitions))
+            _finish_decide(ctx, segment, seg_hash, n_decisions, "partitioned", time.perf_counter() - t, extra)
+            return
         partials = engine.group_apply(ctx, ctx.items, LoadSignatures(fs, root, seg, stage, partitions),
                                       GROUP_COL, DecidePartition(stage))
         partials = [p for p in partials if p is not None]
@@ -412,15 +431,23 @@ def decide_segment(engine: Engine, ctx: RunContext, segment: Segment) -> None:
         combined, decisions = None, pa.concat_tables(tables) if tables else normalize_decisions(None)
     counts = engine.per_shard(ctx, ctx.items, WriteShardDecisions(fs, root, seg, seg_hash, stage, combined,
                                                                   decisions))
-    seconds = time.perf_counter() - t
-    log.info("%s decided (%s) in %.2fs", stage.name, "partitioned" if partitioned else "single", seconds)
-    n_sigs = write_segment_summary(ctx, segment, sum(counts), "partitioned" if partitioned else "single")
-    write_decided(fs, root, seg, seg_hash, {"decisions": sum(counts), "shards": len(ctx.items),
-                                            "timings": {f"{stage.name}_decide": {"rows": n_sigs,
-                                                                                 "seconds": seconds}}})
+    _finish_decide(ctx, segment, seg_hash, sum(counts), "partitioned" if partitioned else "single",
+                   time.perf_counter() - t)
 
 
-def write_segment_summary(ctx: RunContext, segment: Segment, n_decisions: int, mode: str) -> int:
+def _finish_decide(ctx: RunContext, segment: Segment, seg_hash: str, n_decisions: int, mode: str,
+                   seconds: float, extra: dict[str, Any] | None = None) -> None:
+    """The segment's summary and its decided marker (with the decide's timing)."""
+    stage = segment.decide
+    log.info("%s decided (%s) in %.2fs", stage.name, mode, seconds)
+    n_sigs = write_segment_summary(ctx, segment, n_decisions, mode, extra)
+    write_decided(ctx.fs, ctx.root, segment.index, seg_hash, {
+        "decisions": n_decisions, "shards": len(ctx.items),
+        "timings": {f"{stage.name}_decide": {"rows": n_sigs, "seconds": seconds}}})
+
+
+def write_segment_summary(ctx: RunContext, segment: Segment, n_decisions: int, mode: str,
+                          extra: dict[str, Any] | None = None) -> int:
     """The stage's summary; ``summarize`` sees every decision and signature while they are small.
     Returns the number of signatures."""
     fs, root, seg = ctx.fs, ctx.root, segment.index
@@ -436,7 +463,7 @@ def write_segment_summary(ctx: RunContext, segment: Segment, n_decisions: int, m
         decisions = normalize_decisions(read_all_decisions(fs, root, seg, [it.shard for it in ctx.items]))
         summary = segment.decide.summarize(decisions, signatures)
     summary = {"stage": segment.decide.name, "signatures": n_sigs, "decisions": n_decisions,
-               "decide": mode, **summary}
+               "decide": mode, **(extra or {}), **summary}
     write_json_atomic(fs, posixpath.join(seg_dir(root, seg), "summary.json"), summary)
     return n_sigs
 
