@@ -19,6 +19,7 @@ from vila2_curate.pipelines.engine.runner import (
 )
 from vila2_curate.pipelines.engine.workdir import read_all_decisions, write_signatures
 from vila2_curate.pipelines.io.readers.base import InputShard
+from vila2_curate.schemas.config import BeamOptions, RayOptions, RunConfig
 
 
 def work_items(shards: list[tuple[str, pa.Table]], root: Path) -> tuple[Any, list[WorkItem]]:
@@ -32,11 +33,16 @@ def work_items(shards: list[tuple[str, pa.Table]], root: Path) -> tuple[Any, lis
     return fs, items
 
 
+def context(fs, root: Path, items: list[WorkItem]) -> RunContext:
+    """What the engines' group and per-shard steps read of a run: its folder, shards and engine options."""
+    return RunContext(fs, str(root), None, RunConfig.model_construct(beam=BeamOptions(), ray=RayOptions()), items)
+
+
 def engine_decisions(engine, stage, shards: list[tuple[str, pa.Table]], root: Path,
                      partitions: int) -> tuple[pa.Table, dict[str, Any]]:
     """(every shard's decisions, the summary's ``components`` part)."""
     fs, items = work_items(shards, root)
-    ctx = RunContext(fs, str(root), None, None, items)
+    ctx = context(fs, root, items)
     if hasattr(stage, "fit"):
         stage.fit(s for s in engine.per_shard(ctx, items, SampleShard(fs, str(root), 0, stage)) if s is not None)
     _, summary = combine_on_engine(engine, ctx, 0, "h", stage, partitions, ShardSignatures(fs, str(root), 0),

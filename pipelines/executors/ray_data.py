@@ -8,8 +8,8 @@
   stages as tasks, fused with the reader) writing image-free part files; a Ray task per shard assembles
   its parts in reading order into the same outputs the local engine writes (``parts``). Same inputs ->
   byte-identical shards to the local engine's.
-- group and apply: a dataset of the shards' signature rows (loaded and partitioned on workers),
-  ``groupby(key, num_partitions=<cluster CPUs>).map_groups(fn)``; only ``fn``'s outputs come back.
+- group and apply: a hash shuffle of Ray tasks (per shard: load and cut the rows among the reducers;
+  per reducer: ``fn`` per group value); only ``fn``'s outputs come back.
 - per shard: one Ray task per shard.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +36,7 @@ from vila2_curate.pipelines.engine.parts import (
     write_parts,
 )
 from vila2_curate.pipelines.engine.plan import Segment
-from vila2_curate.pipelines.engine.runner import RunContext, WorkItem, run_engine
+from vila2_curate.pipelines.engine.runner import RunContext, WorkItem, run_engine, split_by_key
 from vila2_curate.pipelines.engine.shard_task import is_rereadable
 from vila2_curate.schemas.config import RunConfig
 from vila2_curate.schemas.stage import Resources
@@ -97,22 +98,32 @@ def _write_parts_task(batch: pa.Table, fs, root: str, segment: Segment, shards: 
     return pa.table({"part": [json.dumps(p) for p in parts]})
 
 
-class _Load:
-    """Loads one shard's rows for ``group_apply`` on a worker (a generator: a shard may have none)."""
+def _load_split(load: Callable[[WorkItem], pa.Table | None], item: WorkItem, key: str | None,
+                reducers: int) -> list[pa.Table | None] | pa.Table | None:
+    """One shard's rows cut by reducer (``group value % reducers`` for integers, else a stable hash)."""
+    rows = load(item)
+    out: list[list[pa.Table]] = [[] for _ in range(reducers)]
+    if rows is not None and rows.num_rows:
+        for value, part in split_by_key(rows, key):
+            out[_reducer(value, reducers)].append(part)
+    tables = [pa.concat_tables(p, promote_options="default") if p else None for p in out]
+    return tables[0] if reducers == 1 else tables
 
-    def __init__(self, items: list[WorkItem], load: Callable) -> None:
-        self.items, self.load = items, load
 
-    def __call__(self, batch: pa.Table):
-        for idx in batch.column("item").to_pylist():
-            rows = self.load(self.items[idx])
-            if rows is not None and rows.num_rows:
-                yield rows
+def _reducer(value: Any, reducers: int) -> int:
+    if isinstance(value, int):
+        return value % reducers
+    return zlib.crc32(repr(value).encode()) % reducers  # not hash(): salted per process
 
 
-def _apply(group: pa.Table, fn: Callable[[pa.Table], pa.Table]) -> pa.Table:
-    """Ray Data takes a plain function here (a callable object would be taken for an actor class)."""
-    return fn(group)
+def _reduce_groups(fn: Callable[[pa.Table], pa.Table], key: str | None, *parts: pa.Table | None) -> list[pa.Table]:
+    tables = [p for p in parts if p is not None and p.num_rows]
+    if not tables:
+        return []
+    rows = pa.concat_tables(tables, promote_options="default")
+    del tables
+    results = (fn(group) for _, group in split_by_key(rows, key))
+    return [r for r in results if r is not None and r.num_rows]
 
 
 def _call(fn: Callable[[WorkItem], Any], item: WorkItem) -> Any:
@@ -179,19 +190,20 @@ class RayEngine:
 
     def group_apply(self, ctx: RunContext, items: list[WorkItem], load: Callable[[WorkItem], pa.Table | None],
                     key: str | None, fn: Callable[[pa.Table], pa.Table]) -> list[pa.Table]:
+        """A hash shuffle of Ray tasks: each shard's load splits its rows among the reducers, each reducer
+        calls ``fn`` per group value. Plain tasks, not a Ray Data ``groupby``: the combine on the engine
+        runs a dozen of these in a row, and a Data pipeline costs seconds each to plan and start (and
+        fails on a reduce partition that gets no rows)."""
         ray = self.ray
-        ds = ray.data.from_items([{"item": it.index} for it in items], override_num_blocks=len(items))
-        ds = ds.map_batches(_Load(ctx.items, load), batch_size=1, batch_format="pyarrow").materialize()
-        if ds.count() == 0:  # no shard had rows: nothing to group (and no schema to group by)
-            return []
-        if key is None:
-            grouped = ds.repartition(1).map_batches(_apply, batch_size=None, batch_format="pyarrow",
-                                                    fn_kwargs={"fn": fn})
-        else:
-            # hash-partitioned by key: one partition per CPU (Ray's default of 200 costs seconds each)
-            grouped = ds.groupby(key, num_partitions=_cluster_cpus(ray)).map_groups(
-                _apply, batch_format="pyarrow", fn_kwargs={"fn": fn})
-        return [t for t in ray.get(grouped.to_arrow_refs()) if t.num_rows]
+        reducers = 1 if key is None else max(1, min(2 * _cluster_cpus(ray), 64))
+        split = ray.remote(num_cpus=1, num_returns=reducers)(_load_split)
+        reduce = ray.remote(num_cpus=1)(_reduce_groups)
+        load_ref, fn_ref = ray.put(load), ray.put(fn)
+        outs = [split.remote(load_ref, it, key, reducers) for it in items]
+        if reducers == 1:
+            outs = [[o] for o in outs]
+        results = ray.get([reduce.remote(fn_ref, key, *[o[r] for o in outs]) for r in range(reducers)])
+        return [t for part in results for t in part]
 
     def partitions(self, ctx: RunContext) -> int:
         return 2 * _cluster_cpus(self.ray)  # a few groups per CPU evens out unequal group sizes
