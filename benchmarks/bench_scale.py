@@ -439,15 +439,153 @@ def run_partitioned(stage_name: str, n: int, shard_rows: int, shards: int, parti
             **({"pending_edges": steps["split_pending"][0]["pending_edges"]} if "split_pending" in steps else {})}
 
 
+# ---- the partitioned path with step 3 on the engine (schemas.stage.CombinesOnEngine) ---------------------
+def t_call(fn: Any, arg: Any) -> dict[str, Any]:
+    """One engine task in a fresh process: ``fn(arg)``, its CPU seconds and result."""
+    t = time.process_time()
+    result = fn(arg)
+    return {"decide_s": time.process_time() - t, "result": result}
+
+
+def t_load_split(load: Any, item: Any, key: str, folder: str) -> dict[str, Any]:
+    """The map side of a group-by: one shard's rows, one file per group value."""
+    from vila2_curate.pipelines.engine.runner import split_by_key
+
+    t = time.process_time()
+    rows = load(item)
+    if rows is not None and rows.num_rows:
+        for value, part in split_by_key(rows, key):
+            os.makedirs(f"{folder}/{value}", exist_ok=True)
+            pq.write_table(part, f"{folder}/{value}/{item.index:06d}.parquet")
+    return {"decide_s": time.process_time() - t}
+
+
+def t_reduce(fn: Any, folder: str) -> dict[str, Any]:
+    """The reduce side: one group's files, ``fn`` once."""
+    t = time.process_time()
+    rows = pa.concat_tables([pq.read_table(f) for f in sorted(Path(folder).glob("*.parquet"))])
+    result = fn(rows)
+    return {"decide_s": time.process_time() - t, "result": result, "rows": rows.num_rows}
+
+
+class PoolEngine:
+    """The runner's Engine primitives on a pool of fresh processes (one task per process, as a cluster
+    worker runs it), so every task's peak memory is its own; a group-by goes through files, one per
+    (group, shard). Records the largest process and the CPU seconds of each step."""
+
+    def __init__(self, workers: int, partitions: int, work: str) -> None:
+        self.workers, self.groups, self.work = workers, partitions, work
+        self.steps: dict[str, list[dict[str, Any]]] = {}
+        self.calls = 0
+
+    @staticmethod
+    def _name(obj: Any) -> str:
+        return type(obj).__name__ + (f":{obj.phase}" if hasattr(obj, "phase") else "")
+
+    def per_shard(self, ctx, items, fn) -> list[Any]:
+        results = _pool_run(self.workers, [(t_call, (fn, it)) for it in items])
+        self.steps.setdefault(self._name(fn), []).extend(results)
+        return [r["result"] for r in results]
+
+    def group_apply(self, ctx, items, load, key, fn) -> list[Any]:
+        self.calls += 1
+        folder = f"{self.work}/groups/{self.calls:04d}"
+        maps = _pool_run(self.workers, [(t_load_split, (load, it, key, folder)) for it in items])
+        self.steps.setdefault(self._name(load), []).extend(maps)
+        groups = sorted(Path(folder).iterdir()) if Path(folder).exists() else []
+        reduces = _pool_run(self.workers, [(t_reduce, (fn, str(g))) for g in groups]) if groups else []
+        self.steps.setdefault(self._name(fn), []).extend(reduces)
+        shutil.rmtree(folder, ignore_errors=True)
+        return [r["result"] for r in reduces]
+
+    def partitions(self, ctx) -> int:
+        return self.groups
+
+
+def t_write_signatures(stage_name: str, n: int, shard_rows: int, s: int, seed: int, root: str) -> dict[str, Any]:
+    import fsspec
+
+    from vila2_curate.pipelines.engine.workdir import write_signatures
+
+    write_signatures(fsspec.filesystem("file"), root, 0, _bench_items(n, shard_rows)[s].shard,
+                     [signatures(stage_name, n, shard_rows, s, seed)])
+    return {"decide_s": 0.0}
+
+
+def _bench_items(n: int, shard_rows: int) -> list[Any]:
+    from vila2_curate.pipelines.engine.runner import WorkItem
+    from vila2_curate.pipelines.io.readers.base import InputShard
+
+    out = []
+    for s in range(-(-n // shard_rows)):
+        source, shard_id = shard_name(s).split("/")
+        out.append(WorkItem(s, None, InputShard(source, shard_id, f"bench/{s}", "coyo_parquet", "pair")))
+    return out
+
+
+def run_on_engine(stage_name: str, n: int, shard_rows: int, shards: int, partitions: int, seed: int,
+                  workers: int, work: str) -> dict[str, Any]:
+    """The runner's own steps (``runner.decide_segment``'s partitioned path with
+    ``components.combine_on_engine``) on ``PoolEngine``; decisions under ``work/run``."""
+    import fsspec
+
+    from vila2_curate.pipelines.engine.components import combine_on_engine
+    from vila2_curate.pipelines.engine.runner import LoadSignatures, RunContext, SampleShard, ShardSignatures
+    from vila2_curate.pipelines.engine.workdir import read_all_decisions
+
+    root = f"{work}/run"
+    _pool_run(workers, [(t_write_signatures, (stage_name, n, shard_rows, s, seed, root)) for s in range(shards)])
+    fs, items = fsspec.filesystem("file"), _bench_items(n, shard_rows)
+    ctx = RunContext(fs, root, None, None, items)
+    engine = PoolEngine(workers, partitions, work)
+    stage = make_stage(stage_name)
+    _release_free_heap()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    if hasattr(stage, "fit"):
+        stage.fit(x for x in engine.per_shard(ctx, items, SampleShard(fs, root, 0, stage)) if x is not None)
+    _, summary = combine_on_engine(engine, ctx, 0, "bench", stage, partitions, ShardSignatures(fs, root, 0),
+                                   LoadSignatures(fs, root, 0, stage, partitions))
+    wall, driver_cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    pq.write_table(read_all_decisions(fs, root, 0, [it.shard for it in items]), f"{work}/engine.parquet")
+    baseline = _pool_run(1, [(t_baseline, (stage_name,))])[0]
+    steps = engine.steps
+    decide_s = sum(r["decide_s"] for rs in steps.values() for r in rs) + driver_cpu
+    peaks = {k: _mib(max(r["peak_kib"] for r in rs)) for k, rs in steps.items() if rs}
+    peaks["driver"] = _mib(_peak_kib())
+    components = summary["components"]
+    return {"largest_process_peak_mib": max(peaks.values()), "peak_mib_by_step": peaks,
+            "cpu_s_by_step": {k: round(sum(r["decide_s"] for r in rs), 2) for k, rs in steps.items()},
+            "process_baseline_mib": _mib(baseline["peak_kib"]), "decide_s": round(decide_s, 2),
+            "us_per_row": round(1e6 * decide_s / n, 2), "wall_s": round(wall, 1),
+            "edges": components["edges"], "rounds": components["rounds"],
+            "largest_component": {p: v["largest"] for p, v in components["phases"].items()}}
+
+
 def _sorted_decisions(table: pa.Table) -> pa.Table:
     return table.take(pc.sort_indices(table, sort_keys=[("source", "ascending"), ("key", "ascending"),
                                                         ("image_index", "ascending")]))
 
 
+def _engine_or_partitioned(work: str) -> pa.Table:
+    if Path(f"{work}/engine.parquet").exists():
+        return pq.read_table(f"{work}/engine.parquet")
+    return pa.concat_tables([pq.read_table(f) for f in sorted(Path(f"{work}/decisions").glob("*.parquet"))])
+
+
+def compare_to_combine(work: str) -> bool:
+    """Whether the engine's decisions equal those of the single-process ``combine`` on the same edges."""
+    from vila2_curate.pipelines.engine.aggregate import normalize_decisions
+
+    reference = _sorted_decisions(normalize_decisions(pa.concat_tables(
+        [pq.read_table(f) for f in sorted(Path(f"{work}/decisions").glob("*.parquet"))])))
+    return _sorted_decisions(normalize_decisions(pq.read_table(f"{work}/engine.parquet"))).equals(reference)
+
+
 def compare(stage_name: str, work: str) -> dict[str, Any]:
+    from vila2_curate.pipelines.engine.aggregate import normalize_decisions
+
     single = _sorted_decisions(pq.read_table(f"{work}/single.parquet"))
-    part = _sorted_decisions(pa.concat_tables([pq.read_table(f) for f in
-                                               sorted(Path(f"{work}/decisions").glob("*.parquet"))]))
+    part = _sorted_decisions(normalize_decisions(_engine_or_partitioned(work)))
     out: dict[str, Any] = {"decisions_single": single.num_rows, "decisions_partitioned": part.num_rows}
     if stage_name.endswith("_sketch"):
         from vila2_curate.curation.cutoffs import rank_error
@@ -469,9 +607,15 @@ def child(args: argparse.Namespace) -> int:
         r = _pool_run(1, [(t_single, (args.stage, args.n, args.shard_rows, shards, args.seed, args.work))])[0]
         print(json.dumps({"largest_process_peak_mib": _mib(r["peak_kib"]), "decide_s": round(r["decide_s"], 2),
                           "us_per_row": round(1e6 * r["decide_s"] / args.n, 2), "wall_s": round(r["wall_s"], 1)}))
-    else:
+    elif args.child == "combine":  # the partitioned path with the single-process combine (the reference)
         print(json.dumps(run_partitioned(args.stage, args.n, args.shard_rows, shards, args.partitions, args.seed,
                                          args.workers, args.work)))
+    else:
+        from vila2_curate.schemas.stage import CombinesOnEngine
+
+        run = run_on_engine if isinstance(make_stage(args.stage), CombinesOnEngine) else run_partitioned
+        print(json.dumps(run(args.stage, args.n, args.shard_rows, shards, args.partitions, args.seed,
+                             args.workers, args.work)))
     return 0
 
 
@@ -497,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
                          "us_per_row is CPU time of each task, so it stays comparable, wall_s does not)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stages", nargs="*", default=STAGES, choices=STAGES)
-    ap.add_argument("--child", choices=["single", "partitioned"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["single", "partitioned", "combine"], help=argparse.SUPPRESS)
     ap.add_argument("--stage", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -509,7 +653,11 @@ def main(argv: list[str] | None = None) -> int:
         line: dict[str, Any] = {"bench": "scale", "stage": name, "rows": args.n, "partitions": args.partitions,
                                 "shard_rows": args.shard_rows, "workers": args.workers}
         try:
-            modes = ["partitioned"] + (["single"] if args.n <= args.single_max_n else [])
+            from vila2_curate.schemas.stage import CombinesOnEngine
+
+            on_engine = isinstance(make_stage(name), CombinesOnEngine)
+            modes = (["partitioned"] + (["combine"] if on_engine else [])
+                     + (["single"] if args.n <= args.single_max_n else []))
             line["modes_concurrent"] = args.concurrent_modes and len(modes) > 1
             procs = []
             for mode in modes:  # each mode in its own child: its own peak memory, nothing shared
@@ -524,8 +672,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.concurrent_modes:
                 for mode, proc in procs:
                     _child_result(mode, proc, work, line)
+            if on_engine:  # the same edges through the single-process combine
+                line["identical_to_combine"] = compare_to_combine(work)
             if "single" in line:
                 line.update(compare(name, work))
+            elif on_engine:
+                line["identical_decisions"] = line["identical_to_combine"]
+                line["single_skipped"] = f"N > --single-max-n {args.single_max_n}; compared with the combine"
             else:
                 line["identical_decisions"] = None
                 line["single_skipped"] = f"N > --single-max-n {args.single_max_n}"

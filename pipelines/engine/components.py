@@ -26,6 +26,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vila2_curate.curation.dedup.components import (
+    both_directions,
+    mix,
+    star_labels,
+    star_round,
+    unique_labels,
+)
 from vila2_curate.pipelines.engine.workdir import seg_dir, write_shard_decisions
 from vila2_curate.pipelines.io.writers.atomic import read_parquet, write_parquet_atomic
 from vila2_curate.schemas.stage import NODE_COL, NODE_SHARD_BITS, SHARD_COL
@@ -71,8 +78,6 @@ def read_bucket(fs, folder: str, bucket: int) -> pa.Table | None:
 
 
 def _spread(values: np.ndarray, n: int) -> np.ndarray:
-    from vila2_curate.curation.dedup.components import mix
-
     return (mix(values) % np.uint64(n)).astype(np.int64)
 
 
@@ -156,21 +161,13 @@ class LoadRound:
         self.fs, self.folder, self.groups = fs, folder, groups
 
     def __call__(self, item) -> pa.Table | None:
-        from vila2_curate.curation.dedup.components import both_directions
-
         edges = read_bucket(self.fs, self.folder, item.index)
         if edges is None:
             return None
         layer, key, other = both_directions(edges)
-        group = (_mix2(layer, key) % np.uint64(self.groups)).astype(np.int64)
+        group = (mix(layer, key) % np.uint64(self.groups)).astype(np.int64)
         return pa.table({"layer": pa.array(layer, pa.int8()), "key": pa.array(key, pa.int64()),
                          "other": pa.array(other, pa.int64()), GROUP_COL: pa.array(group, pa.int64())})
-
-
-def _mix2(layer: np.ndarray, key: np.ndarray) -> np.ndarray:
-    from vila2_curate.curation.dedup.components import mix
-
-    return mix(layer, key)
 
 
 class StarRound:
@@ -180,8 +177,6 @@ class StarRound:
         self.fs, self.folder, self.large, self.buckets = fs, folder, large, buckets
 
     def __call__(self, rows: pa.Table) -> pa.Table:
-        from vila2_curate.curation.dedup.components import star_round
-
         out, violations = star_round(rows.column("layer").to_numpy(zero_copy_only=False).astype(np.int8),
                                      rows.column("key").to_numpy(zero_copy_only=False),
                                      rows.column("other").to_numpy(zero_copy_only=False), self.large)
@@ -197,8 +192,6 @@ class WriteLabels:
         self.fs, self.final, self.labels = fs, final, labels
 
     def __call__(self, item) -> int:
-        from vila2_curate.curation.dedup.components import star_labels
-
         edges = read_bucket(self.fs, self.final, item.index)
         if edges is None:
             return 0
@@ -239,8 +232,6 @@ class LoadMembers:
         self.earlier, self.groups, self.load_signatures = earlier, groups, load_signatures
 
     def __call__(self, item) -> pa.Table | None:
-        from vila2_curate.curation.dedup.components import unique_labels
-
         labels = read_bucket(self.fs, posixpath.join(self.base, "labels"), item.index)
         if labels is None:
             return None
