@@ -192,11 +192,11 @@ class ConfirmsPending(Protocol):
     partition rows do not carry (dedup: pHash band rows hold no thumbnail or embedding, since each item
     goes to k+1 bands). Each pending edge names its endpoints' input shards (``a_shard``, ``b_shard``).
 
-    The engine (``pipelines.engine.runner.confirm_pending``; in one process
-    ``pipelines.engine.aggregate.confirm_pending_local``):
+    The engine (``pipelines.engine.components``: ``ConfirmA``, ``ConfirmB``, with ``CombinesOnEngine``;
+    in one process ``pipelines.engine.aggregate.confirm_pending_local``):
 
-    a. ``split_pending(partial)`` -> (ready, pending) for every step-2 result; one process holds the
-       pending edges only (as ``combine`` holds edges) and routes them by ``a_shard``.
+    a. ``split_pending(partial)`` -> (ready, pending) for the edges of each step-2 group (on the engine:
+       per a-endpoint shard, after the groups wrote their edges there).
     b. per input shard s: ``attach_pending(edges with a_shard == s, s's signatures, "a")``, routed on by
        ``b_shard`` (stored under the segment's work folder).
     c. per input shard t: ``confirm_pending(attach_pending(edges with b_shard == t, t's signatures, "b"))``

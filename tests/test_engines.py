@@ -189,25 +189,16 @@ def test_beam_engine_matches_local(local_out: Path, sample_dir: Path, tmp_path: 
 
 @pytest.mark.parametrize("engine", ["local", "ray", "beam"])
 def test_runner_confirms_pending_phash_edges_per_shard(engine: str, tmp_path: Path, request):
-    """The runner's step 2b (schemas.stage.ConfirmsPending) on real signature files: pending pHash
+    """The engine's step 2b (schemas.stage.ConfirmsPending) on real signature files: pending pHash
     candidates across input shards are confirmed with each endpoint's payload read from its own shard
-    (``per_shard`` of each engine), giving the single-process decisions; the pending files are removed."""
-    import fsspec
+    (``per_shard`` of each engine), giving the single-process decisions; the work files are removed."""
     import pyarrow as pa
+    from engine_combine_helpers import engine_decisions
     from test_partitioned import _sorted, cross_shard_near_duplicates
 
     from vila2_curate.curation.dedup.stage import DedupStage
-    from vila2_curate.pipelines.engine.aggregate import split_by_partition
-    from vila2_curate.pipelines.engine.runner import (
-        RunContext,
-        WorkItem,
-        confirm_pending,
-        shard_label,
-        with_shard,
-    )
-    from vila2_curate.pipelines.engine.workdir import pending_dir, write_signatures
+    from vila2_curate.pipelines.engine.components import components_dir
     from vila2_curate.pipelines.executors.local import LocalEngine
-    from vila2_curate.pipelines.io.readers.base import InputShard
     from vila2_curate.schemas.config import DedupConfig
 
     if engine == "ray":
@@ -216,22 +207,12 @@ def test_runner_confirms_pending_phash_edges_per_shard(engine: str, tmp_path: Pa
     elif engine == "beam":
         pytest.importorskip("apache_beam")
         from vila2_curate.pipelines.executors.beam import BeamEngine as Engine
-    fs, root = fsspec.filesystem("file"), str(tmp_path)
     shards = cross_shard_near_duplicates()
-    items = [WorkItem(i, None, InputShard("web", name.split("/")[1], f"in/{i}", "coyo_parquet", "pair"))
-             for i, (name, _) in enumerate(shards)]
-    for it, (name, sig) in zip(items, shards, strict=True):
-        assert shard_label(it.shard) == name
-        write_signatures(fs, root, 0, it.shard, [sig])
     for confirm in ("thumbnail", "clip"):
         cfg = DedupConfig(methods=["phash"], phash_confirm=confirm, thumbnail_neighbours=0)
         reference = _sorted(DedupStage(cfg).decide(pa.concat_tables([s for _, s in shards])))
-        stage = DedupStage(cfg)
-        rows = pa.concat_tables([stage.partition(with_shard(s, it.shard))
-                                 for it, (_, s) in zip(items, shards, strict=True)])
-        partials = [stage.decide_partition(r) for _, r in split_by_partition(rows, 3)]
-        ctx = RunContext(fs, root, None, None, items)
         runner_engine = LocalEngine(progress=False) if engine == "local" else Engine()
-        confirmed = confirm_pending(runner_engine, ctx, 0, stage, partials)
-        assert not fs.exists(pending_dir(root, 0))
-        assert _sorted(stage.combine(confirmed)) == reference, confirm
+        got, summary = engine_decisions(runner_engine, DedupStage(cfg), shards, tmp_path / confirm, 3)
+        assert _sorted(got) == reference, confirm
+        assert summary["phases"]["image"]["components"] > 0
+        assert not (tmp_path / confirm / components_dir("", 0).lstrip("/")).exists()

@@ -122,6 +122,14 @@ def _assert_no_partial_final_files(out: Path) -> None:
 
 
 def _event_reached(out: Path, event: str) -> bool:
+    """Whether the running process got to ``event`` (a folder it removes while we walk it: not yet)."""
+    try:
+        return _event_seen(out, event)
+    except FileNotFoundError:
+        return False
+
+
+def _event_seen(out: Path, event: str) -> bool:
     if event == "first_tmp":
         return out.exists() and bool(_temp_files(out))
     if event == "first_decisions":

@@ -136,8 +136,8 @@ def split_pending(stage: ConfirmsPending, partials: list[pa.Table]) -> tuple[lis
 
 def confirm_pending_local(stage: ConfirmsPending, partials: list[pa.Table],
                           tagged: Sequence[tuple[str, pa.Table]]) -> list[pa.Table]:
-    """Step 2b (schemas.stage.ConfirmsPending) in this process, as ``runner.confirm_pending`` runs it on an
-    engine: ready edges, plus the pending ones each confirmed after attaching endpoint a's payload from
+    """Step 2b (schemas.stage.ConfirmsPending) in this process, as ``components.ConfirmA``/``ConfirmB`` run
+    it on an engine: ready edges, plus the pending ones each confirmed after attaching endpoint a's payload from
     a's shard, then endpoint b's from b's shard. ``tagged``: (shard name, that shard's signatures)."""
     ready, edges = split_pending(stage, partials)
     if edges is None:

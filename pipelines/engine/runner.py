@@ -9,10 +9,11 @@ engine is one small file.
 Global decisions take one of two paths (``RunConfig.decide``):
 
 - ``partitioned`` (default, when the stage implements ``schemas.stage.PartitionedDecide``): per shard
-  ``partition`` -> engine groups by ``partition`` -> ``decide_partition`` per group -> (stages with
-  ``ConfirmsPending``: pending edges confirmed per shard of each endpoint, ``confirm_pending``) ->
-  ``combine`` once over the partial results -> ``shard_decisions`` per shard. No process holds every
-  signature.
+  ``partition`` -> engine groups by ``partition`` -> ``decide_partition`` per group -> ``combine`` once
+  over the partial results -> ``shard_decisions`` per shard. A stage with ``CombinesOnEngine`` (dedup)
+  goes from ``decide_partition`` to its decisions through ``components.combine_on_engine`` instead
+  (pending edges confirmed per shard, connected components and keepers on the engine). No process holds
+  every signature.
 - ``single``: the reference: the stage's ``decide`` per ``group_by`` group (one group when None).
 """
 
@@ -44,8 +45,6 @@ from vila2_curate.pipelines.engine.progress import (
 from vila2_curate.pipelines.engine.workdir import (
     decided_path,
     is_decided,
-    pending_dir,
-    pending_path,
     read_all_decisions,
     read_done,
     remove_signatures,
@@ -62,7 +61,6 @@ from vila2_curate.pipelines.io.writers.atomic import (
     open_parquet,
     read_parquet,
     write_json_atomic,
-    write_parquet_atomic,
 )
 from vila2_curate.schemas.config import RunConfig
 from vila2_curate.schemas.stage import (
@@ -261,77 +259,6 @@ def _pending_signatures(fs, root: str, seg: int, shard: InputShard) -> pa.Table:
     return sig
 
 
-class AttachPendingA:
-    """Step 2b-b on one shard: its a-side pending edges get a's payload from the shard's signatures and
-    are written per b-shard; returns [(b shard label, path)]."""
-
-    def __init__(self, fs, root: str, seg: int, stage: Any, shards: dict[str, InputShard]) -> None:
-        self.fs, self.root, self.seg, self.stage, self.shards = fs, root, seg, stage, shards
-
-    def __call__(self, item: WorkItem) -> list[tuple[str, str]]:
-        fs, root, seg = self.fs, self.root, self.seg
-        edges = read_parquet(fs, pending_path(root, seg, item.shard))
-        sig = _pending_signatures(fs, root, seg, item.shard)
-        half = self.stage.attach_pending(edges, sig, "a")
-        del edges, sig
-        out = []
-        for label, part in aggregate.split_by_column(half, f"b_{SHARD_COL}"):
-            path = pending_path(root, seg, item.shard, self.shards[label])
-            write_parquet_atomic(fs, path, part)
-            out.append((label, path))
-        return out
-
-
-class ConfirmPendingB:
-    """Step 2b-c on one shard: the pending edges whose b-endpoint it holds get b's payload and are
-    confirmed; returns the confirmed edges (no payload), or None."""
-
-    def __init__(self, fs, root: str, seg: int, stage: Any, incoming: dict[str, list[str]]) -> None:
-        self.fs, self.root, self.seg, self.stage, self.incoming = fs, root, seg, stage, incoming
-
-    def __call__(self, item: WorkItem) -> pa.Table | None:
-        paths = self.incoming.get(shard_label(item.shard))
-        if not paths:
-            return None
-        half = pa.concat_tables([read_parquet(self.fs, p) for p in paths])
-        sig = _pending_signatures(self.fs, self.root, self.seg, item.shard)
-        return self.stage.confirm_pending(self.stage.attach_pending(half, sig, "b"))
-
-
-def confirm_pending(engine: Engine, ctx: RunContext, seg: int, stage: Any,
-                    partials: list[pa.Table]) -> list[pa.Table]:
-    """Step 2b (schemas.stage.ConfirmsPending): this process holds only the pending edges (as ``combine``
-    holds edges); it writes them per a-shard, ``per_shard`` attaches a's payload and routes them per
-    b-shard, ``per_shard`` again attaches b's payload and confirms. Returns the ready partials plus the
-    confirmed edges. The files live under ``_work/seg{i}/pending/`` until the edges are confirmed."""
-    ready, edges = aggregate.split_pending(stage, partials)
-    if edges is None:
-        return ready
-    fs, root = ctx.fs, ctx.root
-    folder = pending_dir(root, seg)
-    if fs.exists(folder):  # left by an interrupted run
-        fs.rm(folder, recursive=True)
-    by_label = {shard_label(it.shard): it for it in ctx.items}
-    shards = {label: it.shard for label, it in by_label.items()}
-    todo = []
-    for label, part in aggregate.split_by_column(edges, f"a_{SHARD_COL}"):
-        write_parquet_atomic(fs, pending_path(root, seg, by_label[label].shard), part)
-        todo.append(by_label[label])
-    n_pending = edges.num_rows
-    del edges
-    incoming: dict[str, list[str]] = {}
-    for routes in engine.per_shard(ctx, todo, AttachPendingA(fs, root, seg, stage, shards)):
-        for label, path in routes:
-            incoming.setdefault(label, []).append(path)
-    targets = [it for it in ctx.items if shard_label(it.shard) in incoming]
-    confirmed = engine.per_shard(ctx, targets, ConfirmPendingB(fs, root, seg, stage, incoming))
-    confirmed = [c for c in confirmed if c is not None and c.num_rows]
-    fs.rm(folder, recursive=True)
-    log.info("%s: %d of %d pending edges confirmed", stage.name, sum(c.num_rows for c in confirmed),
-             n_pending)
-    return ready + confirmed
-
-
 def _modulo(values: pa.ChunkedArray, n: int) -> pa.Array:
     import numpy as np
 
@@ -421,8 +348,8 @@ def decide_segment(engine: Engine, ctx: RunContext, segment: Segment) -> None:
         partials = engine.group_apply(ctx, ctx.items, LoadSignatures(fs, root, seg, stage, partitions),
                                       GROUP_COL, DecidePartition(stage))
         partials = [p for p in partials if p is not None]
-        if isinstance(stage, ConfirmsPending):
-            partials = confirm_pending(engine, ctx, seg, stage, partials)
+        if isinstance(stage, ConfirmsPending):  # its pending edges are confirmed on the way to components
+            raise TypeError(f"{stage.name}: a ConfirmsPending stage must implement CombinesOnEngine")
         combined, decisions = stage.combine(partials), None
     else:
         tables = engine.group_apply(ctx, ctx.items, LoadSignatures(fs, root, seg, stage, None),

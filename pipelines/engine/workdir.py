@@ -82,17 +82,6 @@ def remove_signatures(fs, root: str, seg: int, shards: list[InputShard]) -> None
             fs.rm(path)
 
 
-def pending_dir(root: str, seg: int) -> str:
-    """Pending edges of a partitioned decide between its steps 2b-a, 2b-b and 2b-c (removed afterwards)."""
-    return posixpath.join(seg_dir(root, seg), "pending")
-
-
-def pending_path(root: str, seg: int, shard: InputShard, to: InputShard | None = None) -> str:
-    """Edges whose a-endpoint is in ``shard``; with ``to``: those of them whose b-endpoint is in ``to``."""
-    name = f"{shard.source}.{shard.shard_id}" + (f".to.{to.source}.{to.shard_id}" if to is not None else "")
-    return posixpath.join(pending_dir(root, seg), f"{name}.parquet")
-
-
 def decided_path(root: str, seg: int) -> str:
     return posixpath.join(seg_dir(root, seg), "decided.json")
 
