@@ -5,10 +5,17 @@ stream batch by batch). For each stage this runs, on the same synthetic signatur
 
 * single: one process generates every shard's signatures and calls ``decide_local`` (the reference);
 * partitioned: the steps of ``schemas.stage.PartitionedDecide`` as an engine runs them, each task in its
-  own fresh process (a pool of ``--workers``, one task per process): per shard sample (dedup), one fit,
-  per shard partition (written per partition), per partition ``decide_partition``, (dedup: pending pHash
-  candidates split off in one process, then per shard a's payload attached, per shard b's attached and
-  confirmed: ``ConfirmsPending``), one ``combine``, per shard ``shard_decisions``.
+  own fresh process (a pool of ``--workers``, one task per process). For dedup (``CombinesOnEngine``)
+  these are the runner's own step objects run by ``components.combine_on_engine`` on ``PoolEngine`` (a
+  group-by through files, every task a fresh process): signatures written per shard first (not counted),
+  per shard sample, fit on the driver, per shard partition -> per group ``decide_partition`` writing edges
+  per shard, per shard confirmation of pending pHash candidates, the large-star / small-star rounds, the
+  keeper phases, per shard decisions. For the cut-off stages: per shard partition, per partition
+  ``decide_partition``, one ``combine``, per shard ``shard_decisions``.
+* combine (dedup only): the partitioned path's own step-2 edges through the single-process ``combine``
+  (pending candidates split off in one process, a's payload attached per shard, b's attached and
+  confirmed per shard, one ``combine``, per shard ``shard_decisions``): the reference of the combine on
+  the engine, on the same edges, so it needs no second run of steps 0-2.
 
 Memory is each process's own peak RSS (VmHWM); ``largest_process_peak_mib`` is the largest over every
 process of the mode (driver included); ``process_baseline_mib`` is a task process that only imports and
@@ -16,18 +23,18 @@ builds the stage (deltaloss imports torch: ~0.5 GiB before any row). ``us_per_ro
 every decide step (CPU seconds of the task process, so that other load on a shared machine does not
 count; signature generation excluded, done again in each task that needs a shard), over N. ``wall_s``
 is the mode's elapsed time with ``--workers`` processes.
-``identical_decisions`` compares the two modes' decisions row by row (sketch stages: approximate by
-design, so the line reports the kept-count difference and the stated rank error instead).
+``identical_decisions`` compares the partitioned decisions with single's row by row (with combine's when
+N is above ``--single-max-n``; ``identical_to_combine`` always for dedup); sketch stages are approximate
+by design, so their line reports the kept-count difference and the stated rank error instead.
 
 Signatures are generated per shard from counter-based hashes of the global row index, so any shard can be
 made alone and duplicates cross shards: ~3% exact copies, ~3% near copies (3 pHash bits flipped,
 thumbnail noise), ~1% crops (8 bits flipped: found by thumbnail neighbours), ~3% semantic copies
 (embedding noise; 64-dim embeddings), 1% stock captions for MinHash.
 
-    python benchmarks/bench_scale.py --n 200000 --partitions 16
-    # 2M dedup with the reference alongside (~10 GB for the reference, ~1 h on 2 cores):
-    python benchmarks/bench_scale.py --n 2000000 --partitions 16 --shard-rows 25000 --stages dedup \
-        --single-max-n 2000000 --concurrent-modes
+    python benchmarks/bench_scale.py --n 200000 --partitions 16 --shard-rows 25000
+    # 2M dedup and dedup_captions against the single-process combine on the same edges:
+    python benchmarks/bench_scale.py --n 2000000 --partitions 16 --shard-rows 25000 --stages dedup dedup_captions
 """
 
 from __future__ import annotations
@@ -403,7 +410,10 @@ def _mib(kib: int) -> float:
 
 
 def run_partitioned(stage_name: str, n: int, shard_rows: int, shards: int, partitions: int, seed: int,
-                    workers: int, work: str) -> dict[str, Any]:
+                    workers: int, work: str, from_partials: bool = False) -> dict[str, Any]:
+    """Every step in its own process, ``combine`` in one; ``from_partials``: steps 2b-4 only, on the
+    partials the engine path left in ``work/partials`` (the same edges through the single-process
+    combine: the reference for the combine on the engine, without redoing steps 0-2)."""
     for d in ("sample", "partials", "decisions", *(f"parts/{p:03d}" for p in range(partitions))):
         os.makedirs(f"{work}/{d}", exist_ok=True)
     t0 = time.perf_counter()
@@ -411,14 +421,15 @@ def run_partitioned(stage_name: str, n: int, shard_rows: int, shards: int, parti
     from vila2_curate.schemas.stage import ConfirmsPending
 
     stage = make_stage(stage_name)
-    if hasattr(stage, "fit"):
+    if hasattr(stage, "fit") and not from_partials:
         steps["sample"] = _pool_run(workers, [(t_sample, (stage_name, n, shard_rows, s, seed, work))
                                               for s in range(shards)])
         steps["fit"] = _pool_run(1, [(t_fit, (stage_name, shards, work))])
-    steps["partition"] = _pool_run(workers, [(t_partition, (stage_name, n, shard_rows, s, seed, work, partitions))
-                                             for s in range(shards)])
-    steps["decide_partition"] = _pool_run(workers, [(t_decide_partition, (stage_name, p, work))
-                                                    for p in range(partitions)])
+    if not from_partials:
+        steps["partition"] = _pool_run(workers, [(t_partition, (stage_name, n, shard_rows, s, seed, work,
+                                                                partitions)) for s in range(shards)])
+        steps["decide_partition"] = _pool_run(workers, [(t_decide_partition, (stage_name, p, work))
+                                                        for p in range(partitions)])
     if isinstance(stage, ConfirmsPending):
         for d in ("ready", "pending"):
             os.makedirs(f"{work}/{d}", exist_ok=True)
@@ -435,13 +446,14 @@ def run_partitioned(stage_name: str, n: int, shard_rows: int, shards: int, parti
     decide_s = sum(r["decide_s"] for rs in steps.values() for r in rs)
     peaks = {k: _mib(max(r["peak_kib"] for r in rs)) for k, rs in steps.items()}
     cpu = {k: round(sum(r["decide_s"] for r in rs), 2) for k, rs in steps.items()}
-    parts = steps["decide_partition"]
+    parts = steps.get("decide_partition", [])
     return {"largest_process_peak_mib": max(max(peaks.values()), _mib(_peak_kib())),
             "peak_mib_by_step": peaks, "cpu_s_by_step": cpu, "driver_peak_mib": _mib(_peak_kib()),
             "process_baseline_mib": _mib(baseline["peak_kib"]),
             "decide_s": round(decide_s, 2), "us_per_row": round(1e6 * decide_s / n, 2), "wall_s": round(wall, 1),
-            "largest_partition_rows": max(r.get("rows", 0) for r in parts),
-            "shuffle_mib": round(sum(r["shuffle_bytes"] for r in steps["partition"]) / 2**20, 1),
+            **({"largest_partition_rows": max(r.get("rows", 0) for r in parts),
+                "shuffle_mib": round(sum(r["shuffle_bytes"] for r in steps["partition"]) / 2**20, 1)}
+               if parts else {}),
             "combine_input_rows": steps["combine"][0]["edges_or_partials"],
             **({"pending_edges": steps["split_pending"][0]["pending_edges"]} if "split_pending" in steps else {})}
 
@@ -480,8 +492,8 @@ class PoolEngine:
     worker runs it), so every task's peak memory is its own; a group-by goes through files, one per
     (group, shard). Records the largest process and the CPU seconds of each step."""
 
-    def __init__(self, workers: int, partitions: int, work: str) -> None:
-        self.workers, self.groups, self.work = workers, partitions, work
+    def __init__(self, workers: int, partitions: int, work: str, keep_edges: str | None = None) -> None:
+        self.workers, self.groups, self.work, self.keep_edges = workers, partitions, work, keep_edges
         self.steps: dict[str, list[dict[str, Any]]] = {}
         self.calls = 0
 
@@ -503,6 +515,13 @@ class PoolEngine:
         reduces = _pool_run(self.workers, [(t_reduce, (fn, str(g))) for g in groups]) if groups else []
         self.steps.setdefault(self._name(fn), []).extend(reduces)
         shutil.rmtree(folder, ignore_errors=True)
+        if self.keep_edges and type(fn).__name__ == "EdgesToBuckets":  # step 2's edges, for the reference
+            from vila2_curate.pipelines.engine.components import components_dir
+
+            os.makedirs(f"{self.work}/partials", exist_ok=True)
+            edges = sorted(Path(components_dir(ctx.root, 0), "edges").rglob("*.parquet"))
+            for i, path in enumerate(edges):
+                shutil.copy(path, f"{self.work}/partials/{i:06d}.parquet")
         return [r["result"] for r in reduces]
 
     def partitions(self, ctx) -> int:
@@ -544,7 +563,7 @@ def run_on_engine(stage_name: str, n: int, shard_rows: int, shards: int, partiti
     _pool_run(workers, [(t_write_signatures, (stage_name, n, shard_rows, s, seed, root)) for s in range(shards)])
     fs, items = fsspec.filesystem("file"), _bench_items(n, shard_rows)
     ctx = RunContext(fs, root, None, None, items)
-    engine = PoolEngine(workers, partitions, work)
+    engine = PoolEngine(workers, partitions, work, keep_edges=work)
     stage = make_stage(stage_name)
     _release_free_heap()
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -619,9 +638,9 @@ def child(args: argparse.Namespace) -> int:
         r = _pool_run(1, [(t_single, (args.stage, args.n, args.shard_rows, shards, args.seed, args.work))])[0]
         print(json.dumps({"largest_process_peak_mib": _mib(r["peak_kib"]), "decide_s": round(r["decide_s"], 2),
                           "us_per_row": round(1e6 * r["decide_s"] / args.n, 2), "wall_s": round(r["wall_s"], 1)}))
-    elif args.child == "combine":  # the partitioned path with the single-process combine (the reference)
+    elif args.child == "combine":  # the engine path's edges through the single-process combine (the reference)
         print(json.dumps(run_partitioned(args.stage, args.n, args.shard_rows, shards, args.partitions, args.seed,
-                                         args.workers, args.work)))
+                                         args.workers, args.work, from_partials=True)))
     else:
         from vila2_curate.schemas.stage import CombinesOnEngine
 
@@ -679,11 +698,12 @@ def main(argv: list[str] | None = None) -> int:
                          "--n", str(args.n), "--partitions", str(args.partitions),
                          "--shard-rows", str(args.shard_rows), "--workers", str(args.workers),
                          "--seed", str(args.seed)], stdout=out, stderr=err)))
-                if not args.concurrent_modes:
+                if not args.concurrent_modes or mode == "partitioned" and on_engine:  # combine reads its edges
                     _child_result(*procs[-1], work, line)
             if args.concurrent_modes:
                 for mode, proc in procs:
-                    _child_result(mode, proc, work, line)
+                    if mode not in line:
+                        _child_result(mode, proc, work, line)
             if on_engine:  # the same edges through the single-process combine
                 line["identical_to_combine"] = compare_to_combine(work)
             if "single" in line:
