@@ -72,11 +72,16 @@ def test_ocr_and_grounding_pools_on_two_nodes_of_two_cpus():
     assert packs(split, _cpu_nodes(1, 4))
 
 
+def test_a_segment_without_models_is_one_shard_task():
+    """Model-free segments run as one 1-CPU task per shard, whatever CPU their stages declare."""
+    ops = _ops(_Stage("normalize"), _Stage("caption_hygiene", cpus=4))
+    assert [(o.name, o.cpus, o.count) for o in ops] == [
+        ("the shard task (reader + 'normalize' + 'caption_hygiene')", 1.0, 1)]
+    assert placement_problem(ops, _cpu_nodes(1, 1)) is None
+
+
 def test_task_stages_with_the_same_ask_count_once():
     """Ray Data fuses consecutive tasks with equal remote args, the reader's too, into one operator."""
-    ops = _ops(_Stage("normalize"), _Stage("caption_hygiene"))
-    assert [o.name for o in ops] == ["the reader + 'normalize' + 'caption_hygiene'"]
-    assert placement_problem(ops, _cpu_nodes(1, 2)) is None
     # the reader's task is counted on its own before a model stage's actors
     assert [o.name for o in _ops(_Stage("normalize"), _Stage("clip", model=True))] == [
         "the reader + 'normalize'", "stage 'clip'"]
