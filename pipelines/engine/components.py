@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import posixpath
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -283,25 +282,18 @@ class WriteDecisions:
 def combine_on_engine(engine, ctx, seg: int, seg_hash: str, stage: Any, groups: int, load_signatures: Callable,
                       load_partition_rows: Callable) -> tuple[int, dict[str, Any]]:
     """Steps 2-4 of the partitioned decide with step 3 on the engine; returns (decision rows written,
-    what the summary reports: rounds, components and the largest per phase, seconds per step)."""
+    what the summary reports: rounds, components and the largest per phase; no timings, which go to
+    timings.json: a resumed run writes the same summary)."""
     fs, root = ctx.fs, ctx.root
     base = components_dir(root, seg)
     if fs.exists(base):  # left by an interrupted run
         fs.rm(base, recursive=True)
     n = len(ctx.items)
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
     edge_stats = engine.group_apply(ctx, ctx.items, load_partition_rows, GROUP_COL,
                                     EdgesToBuckets(fs, posixpath.join(base, "edges"), stage))
-    seconds["edges"] = time.perf_counter() - t
-    t = time.perf_counter()
     engine.per_shard(ctx, ctx.items, ConfirmA(fs, root, seg, stage, load_signatures, n))
     engine.per_shard(ctx, ctx.items, ConfirmB(fs, root, seg, stage, load_signatures, n))
-    seconds["confirm"] = time.perf_counter() - t
-    t = time.perf_counter()
     rounds = connected_components(engine, ctx, base, groups)
-    seconds["rounds"] = time.perf_counter() - t
-    t = time.perf_counter()
     phases = tuple(stage.component_phases())
     report: dict[str, Any] = {}
     for i, phase in enumerate(phases):
@@ -309,17 +301,13 @@ def combine_on_engine(engine, ctx, seg: int, seg_hash: str, stage: Any, groups: 
         stats = engine.group_apply(ctx, ctx.items, load, GROUP_COL,
                                    DecideComponents(fs, posixpath.join(base, "decisions", phase), stage, phase))
         report[phase] = _phase_report(stats, ctx)
-    seconds["keepers"] = time.perf_counter() - t
-    t = time.perf_counter()
     counts = engine.per_shard(ctx, ctx.items, WriteDecisions(fs, root, seg, seg_hash, stage, phases))
-    seconds["write"] = time.perf_counter() - t
     if fs.exists(base):
         fs.rm(base, recursive=True)
     summary = {"components": {
         "edges": int(sum(int(s.column("rows")[0].as_py()) for s in edge_stats if s is not None)),
         "rounds": len(rounds), "round_edges": rounds,
         "phases": report, "large_component": stage.large_component,
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }}
     large = {p: v["large"] for p, v in report.items() if v["large"]}
     if large:
