@@ -198,7 +198,7 @@ class ClipFilterStage(cutoffs.CutoffDecide, StageBase):
             return None, n
         return percent, int(n * percent / 100) if vila else math.ceil(n * percent / 100 - 1e-9)
 
-    # -- partitioned decide (issue 8; curation/cutoffs.py) -------------------------------------------------
+    # -- partitioned decide (schemas.stage.PartitionedDecide; curation/cutoffs.py) -----------------------
     def partition(self, signatures: pa.Table) -> pa.Table:
         if self.cfg.method == "exact":
             return cutoffs.exact_partition(signatures, self.group_by)

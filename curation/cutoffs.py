@@ -1,4 +1,4 @@
-"""Per-subset cut-offs (clip_filter top p%, DeltaLoss top K) on the partitioned decide (issue 8).
+"""Per-subset cut-offs (clip_filter top p%, DeltaLoss top K) on the partitioned decide (PartitionedDecide).
 
 Two methods, chosen in the stage's config:
 

@@ -289,7 +289,7 @@ class DeltaLossTopKStage(cutoffs.CutoffDecide, StageBase):
         out.sort(key=lambda d: (d["source"], d["key"]))
         return pa.Table.from_pylist(out, schema=DECISION_SCHEMA)
 
-    # -- partitioned decide (issue 8; curation/cutoffs.py) -------------------------------------------------
+    # -- partitioned decide (schemas.stage.PartitionedDecide; curation/cutoffs.py) -----------------------
     def _keep_count(self, n: int) -> int:
         return math.ceil(self.cfg.keep_fraction * n - 1e-9)
 

@@ -1,7 +1,7 @@
 """caption_hygiene: clean every alt-text and MMC4 sentence before dedup (rules: schemas/text_hygiene.py).
 
 Runs before dedup so that near-duplicate and boilerplate captions are compared clean, and so that a row
-whose caption is empty is dropped *before* dedup could choose it as the keeper of a group (issue 10).
+whose caption is empty is dropped *before* dedup could choose it as the keeper of a group.
 
 Per row:
 - pairs: ``text`` is replaced by its cleaned form; MMC4 documents: every ``text_list`` entry (an entry that

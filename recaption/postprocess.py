@@ -3,8 +3,9 @@
 Small VLMs degenerate in known ways: they loop on an n-gram ("a red car, a red car, ..."), repeat whole
 sentences, refuse ("I'm sorry, I cannot ..."), stop at the token limit mid-sentence, or say nothing.
 :func:`clean_caption` removes what can be removed safely (loops, repeated sentences) and *flags* what
-cannot be repaired. Flags travel on the caption record; ``recaption.policy`` never picks a caption
-flagged ``truncated``, ``refusal`` or ``empty`` for the trainer's ``.txt``, so nothing bad is used silently.
+cannot be repaired. Flags travel on the caption record; the writer's caption policy
+(``schemas.captions``) never picks a caption flagged ``truncated``, ``refusal`` or ``empty`` for the
+trainer's ``.txt``, so nothing bad is used silently.
 
 Flags:
 - ``truncated``: the generation hit the token limit and its end is not a complete sentence.

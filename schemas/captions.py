@@ -25,7 +25,8 @@ writer (.txt)                         choose_caption_source     the configured C
 
 The two DeltaLoss scorers differ only on a row whose newest caption is flagged (truncated, refusal,
 empty): the text scorer judges that caption, the VLM scorer the usable one before it. Kept as it was when
-the rules were gathered here (issue 11 changes no output); aligning them is a change of one alias.
+the rules were gathered here, so that gathering them changed no output; aligning them is a change of one
+alias.
 
 Everything here is pure and deterministic per sample (no I/O, no global RNG): the choice for a key depends
 only on the key, its captions and the policy, so it is the same on every engine, every batch size and

@@ -38,7 +38,8 @@ def add_metrics(raw: str | None, counters: dict[str, int] | None = None,
 
 def round_texts(captions: list[dict[str, Any]] | None, text: str | None) -> dict[int, str]:
     """Each round's caption of one sample: round 0 = the alt-text, round k = the last record of round k
-    (the later list entry wins within a round, as in ``recaption.policy``). Empty texts are left out."""
+    (the later list entry wins within a round, as in ``schemas.captions.latest_usable_caption``). Empty
+    texts are left out."""
     out: dict[int, str] = {}
     if text and text.strip():
         out[0] = text

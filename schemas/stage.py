@@ -137,7 +137,7 @@ def node_ids(shard_index: int, rows: int) -> np.ndarray:
 
 @runtime_checkable
 class PartitionedDecide(Protocol):
-    """The scale path of a global stage (issue 8): ``decide`` split into independent, bounded groups.
+    """The scale path of a global stage: ``decide`` split into independent, bounded groups.
 
     ``decide(all signatures)`` above stays the single-process reference; for the same signatures the
     partitioned path must give the same decisions (same kept rows, same reasons).

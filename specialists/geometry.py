@@ -1,4 +1,5 @@
-"""Pure box geometry for the specialists: normalisation, IoU, NMS, reading order and spatial relations.
+"""Pure box geometry for the specialists: normalisation, IoU, NMS, reading order, spatial relations and a
+box's text form.
 
 Boxes are ``[xmin, ymin, xmax, ymax]`` normalised to [0, 1] with y growing downwards (image convention),
 so "above" means a smaller y. Everything here is deterministic (ties broken by input index) because the
@@ -35,6 +36,12 @@ def quad_to_xyxy(points: Sequence[Sequence[float]], width: int, height: int) -> 
     xs = [float(p[0]) for p in points]
     ys = [float(p[1]) for p in points]
     return normalise_xyxy((min(xs), min(ys), max(xs), max(ys)), width, height)
+
+
+def format_box(box: Box) -> str:
+    """``[xmin, ymin, xmax, ymax]`` with two decimals: how a box is written in grounding text and in the
+    bbox_interleaved sidecar answer."""
+    return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
 
 
 def area(b: Box) -> float:

@@ -38,8 +38,9 @@ from vila2_curate.specialists._common import (
     model_tag,
     weights_digest,
 )
-from vila2_curate.specialists.geometry import area, nms, normalise_xyxy
+from vila2_curate.specialists.geometry import area, format_box, nms, normalise_xyxy
 from vila2_curate.specialists.phrases import noun_phrases
+from vila2_curate.specialists.sidecar import specialist_sidecars
 
 NMS_IOU = 0.5  # boxes of one label overlapping more than this are one object
 MAX_PER_LABEL = 3  # instances kept per phrase: the sidecar text stays short, spatial uses the best one
@@ -64,10 +65,6 @@ class Launched(NamedTuple):
     outputs: Any
     input_ids: Any
     done: Any  # a CUDA event, or None on CPU
-
-
-def format_box(box: list[float]) -> str:
-    return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
 
 
 def grounding_text(dets: list[dict[str, Any]]) -> str:
@@ -256,10 +253,6 @@ class GroundingStage(StageBase):
             self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="grounding-prepare")
 
     def sidecars(self) -> dict[str, Any]:
-        from vila2_curate.specialists.sidecar import (
-            specialist_sidecars,  # specialists.sidecar imports the stage modules
-        )
-
         return specialist_sidecars("bbox_interleaved")
 
     def __getstate__(self) -> dict[str, Any]:

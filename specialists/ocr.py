@@ -28,6 +28,7 @@ from vila2_curate.specialists._common import (
     with_vlm_text,
 )
 from vila2_curate.specialists.geometry import quad_to_xyxy, reading_order
+from vila2_curate.specialists.sidecar import specialist_sidecars
 from vila2_curate.specialists.vlm import VlmPrompter
 
 
@@ -169,10 +170,6 @@ class OcrStage(StageBase):
             self._vlm.setup()
 
     def sidecars(self) -> dict[str, Any]:
-        from vila2_curate.specialists.sidecar import (
-            specialist_sidecars,  # specialists.sidecar imports the stage modules
-        )
-
         return specialist_sidecars("ocr")
 
     def __getstate__(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from vila2_curate.schemas import text_hygiene
 from vila2_curate.specialists._common import current_caption, split_vlm_text
-from vila2_curate.specialists.grounding import format_box
+from vila2_curate.specialists.geometry import format_box
 
 # Folder names for the writer: each contains exactly one of VILA's keywords, and "spatial" must never be
 # combined with the others because VILA tests "spatial" first.

@@ -18,6 +18,7 @@ from vila2_curate.schemas.config import SpatialConfig
 from vila2_curate.schemas.stage import Resources, StageBase
 from vila2_curate.specialists._common import SampleError, SpecialistRows, decode_image, with_vlm_text
 from vila2_curate.specialists.geometry import spatial_sentences
+from vila2_curate.specialists.sidecar import specialist_sidecars
 from vila2_curate.specialists.vlm import VlmPrompter
 
 GEOMETRY_TAG = "geometry-v1"  # bump with any change to the sentences for the same boxes
@@ -57,10 +58,6 @@ class SpatialStage(StageBase):
             self._vlm.setup()
 
     def sidecars(self) -> dict[str, Any]:
-        from vila2_curate.specialists.sidecar import (
-            specialist_sidecars,  # specialists.sidecar imports the stage modules
-        )
-
         return specialist_sidecars("spatial")
 
     def __getstate__(self) -> dict[str, Any]:

@@ -1,13 +1,18 @@
-"""A real HTTP server on 127.0.0.1 for fetch tests: scripted responses per path, every request recorded.
+"""Real HTTP servers on 127.0.0.1 for tests, every request recorded.
 
-Threaded (``http.server.ThreadingHTTPServer``), HTTP/1.1 keep-alive, bounded: after ``max_requests``
-requests it answers 503 and stops itself, so a runaway client cannot keep a test alive.
+``LoopbackServer`` (fetch tests): scripted responses per path; threaded (``http.server.ThreadingHTTPServer``),
+HTTP/1.1 keep-alive, bounded: after ``max_requests`` requests it answers 503 and stops itself, so a
+runaway client cannot keep a test alive. ``ChatCompletionsServer`` (captioner tests): an OpenAI-compatible
+chat endpoint whose answers a test function decides.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
+import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -89,3 +94,68 @@ class LoopbackServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join(timeout=5)
+
+
+ChatBehaviour = Callable[[dict[str, Any], int], tuple[int, dict[str, Any], float]]
+
+
+class ChatCompletionsServer:
+    """A loopback OpenAI-compatible ``/v1/chat/completions`` endpoint for the captioner client's tests.
+
+    ``behave(body, n)`` answers the n-th request (1-based) with ``(status, JSON payload, delay_s)``; every
+    request body and its headers are recorded, and the most requests in flight at once is kept.
+    """
+
+    def __init__(self, behave: ChatBehaviour) -> None:
+        self.behave = behave
+        self.bodies: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.inflight = self.max_inflight = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # quiet
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.bodies.append(body)
+                    server.headers.append(dict(self.headers))
+                    n = len(server.bodies)
+                    server.inflight += 1
+                    server.max_inflight = max(server.max_inflight, server.inflight)
+                try:
+                    status, payload, delay = server.behave(body, n)
+                    time.sleep(delay)
+                    data = json.dumps(payload).encode()
+                    self.send_response(status)
+                    if status == 429:
+                        self.send_header("Retry-After", "0")
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out and went away
+                finally:
+                    with server.lock:
+                        server.inflight -= 1
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def chat_completion(text: str, finish: str = "stop", tokens: int = 5) -> dict[str, Any]:
+    """A ``chat.completions`` response payload with one choice."""
+    return {
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+        "usage": {"completion_tokens": tokens},
+    }

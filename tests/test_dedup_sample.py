@@ -86,9 +86,13 @@ def test_every_exact_group_keeps_exactly_one(outcome: Outcome) -> None:
                 assert (outcome.dedup_reason(m) or "").startswith("duplicate_"), (gid, m, outcome.dedup_reason(m))
 
 
-def test_near_duplicate_groups_keep_a_member(outcome: Outcome) -> None:
-    for gid, members in outcome.truth["near_groups"].items():
-        assert any(outcome.kept(m) for m in members), f"{gid}: every near-duplicate variant was dropped"
+def test_every_near_duplicate_group_keeps_exactly_one(outcome: Outcome) -> None:
+    groups = outcome.truth["near_groups"]
+    assert groups, "the sample planted no near-duplicate group"
+    kept_per_group = {gid: [(m["source"], m["key"]) for m in members if outcome.kept(m)]
+                      for gid, members in groups.items()}
+    wrong = {gid: kept for gid, kept in kept_per_group.items() if len(kept) != 1}
+    assert not wrong, f"near-duplicate groups that kept other than one member: {wrong}"
 
 
 def test_near_duplicate_pairs_found(outcome: Outcome) -> None:

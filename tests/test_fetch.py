@@ -1,4 +1,4 @@
-"""The guarded fetcher (issue 9 point 2) against a real loopback HTTP server: opt-out headers, retries,
+"""The guarded fetcher against a real loopback HTTP server: opt-out headers, retries,
 byte cap, redirects, private-address refusal, and a URL-only COYO parquet read end to end with exact
 accounting."""
 

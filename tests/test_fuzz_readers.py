@@ -430,7 +430,7 @@ def test_fuzz_readers_and_runs(world: dict[str, Any], tmp_path: Path, capsys) ->
                 assert SECRET_TOKEN not in p.read_bytes(), f"secret bytes in {p}"
         reasons.update(on_disk["total"]["reasons"])
 
-    with capsys.disabled():  # the record the issue asks for: how many cases ran and what they produced
+    with capsys.disabled():  # shown even under capture: the log records how many cases ran and their outcomes
         print(f"\nfuzz seed={SEED} cases={len(cases)} outcomes={dict(sorted(outcomes.items()))}")
         print(f"fuzz reasons={dict(reasons.most_common())}")
     assert len(cases) >= CASES * 0.95

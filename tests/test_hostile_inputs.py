@@ -1,4 +1,4 @@
-"""Hostile and broken input (issue 9, points 3-5): invalid text quarantines its row and the rest of the
+"""Hostile and broken input: invalid text quarantines its row and the rest of the
 file goes on; configuration and source-format errors end with one `error:` line and exit 2; a source
 whose references mostly fail is flagged on screen, in stats.json and in the report.
 """

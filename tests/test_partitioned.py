@@ -1,4 +1,4 @@
-"""The partitioned decide (issue 8) gives the single-process decide's decisions, for any partition count,
+"""The partitioned decide gives the single-process decide's decisions, for any partition count,
 shard split and row order: synthetic signatures with planted exact, pHash-near, crop-like (thumbnail
 neighbour), semantic, caption-MinHash and document-MinHash duplicates; and the session sample."""
 
@@ -144,13 +144,24 @@ def test_crops_found_only_by_thumbnail_neighbours_in_clusters(synthetic: pa.Tabl
     assert with_knn.num_rows > no_knn.num_rows
 
 
-def test_each_shard_gets_only_its_own_decisions(synthetic: pa.Table) -> None:
+def _row_ids(table: pa.Table) -> set[tuple[str, str]]:
+    return set(zip(table.column("source").to_pylist(), table.column("key").to_pylist(), strict=True))
+
+
+def test_each_shard_gets_exactly_its_own_decisions(synthetic: pa.Table) -> None:
+    """Each shard's decisions are the reference's decisions about that shard's rows, no more and no fewer,
+    and together the shards hold every reference decision."""
+    cfg = CONFIGS["text"]
+    reference = _sorted(DedupStage(cfg).decide(synthetic))
     shards = _shards(synthetic, 5, 3)
-    per_shard = decide_partitioned(DedupStage(CONFIGS["text"]), shards, 4)
+    per_shard = decide_partitioned(DedupStage(cfg), shards, 4)
+    assert sorted(per_shard) == sorted(name for name, _ in shards)
     for name, sig in shards:
-        mine = set(zip(sig.column("source").to_pylist(), sig.column("key").to_pylist(), strict=True))
-        got = per_shard[name]
-        assert set(zip(got.column("source").to_pylist(), got.column("key").to_pylist(), strict=True)) <= mine
+        mine = _row_ids(sig)
+        expected = [r for r in reference if (r["source"], r["key"]) in mine]
+        assert expected, f"{name}: no reference decision falls in this shard, so the split is not tested"
+        assert _sorted(per_shard[name]) == expected, name
+    assert _sorted(pa.concat_tables(per_shard.values())) == reference
 
 
 # ---- per-subset cut-offs: clip_filter and deltaloss -------------------------------------------------------

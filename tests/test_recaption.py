@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import io
 import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from loopback_http import ChatCompletionsServer, chat_completion
 from PIL import Image
 
 from vila2_curate.pipelines.demo.vlm import build_demo_vlm
@@ -282,61 +280,6 @@ def test_postprocess(raw: str, hit_max: bool, text: str, flags: list[str]) -> No
 
 
 # -- OpenAI-compatible client --------------------------------------------------------------------------
-class _Server:
-    """Loopback chat.completions server; ``behave(body, n) -> (status, payload, delay_s)``."""
-
-    def __init__(self, behave) -> None:
-        self.behave, self.bodies, self.headers = behave, [], []
-        self.inflight = self.max_inflight = 0
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.bodies.append(body)
-                    server.headers.append(dict(self.headers))
-                    n = len(server.bodies)
-                    server.inflight += 1
-                    server.max_inflight = max(server.max_inflight, server.inflight)
-                try:
-                    status, payload, delay = server.behave(body, n)
-                    time.sleep(delay)
-                    data = json.dumps(payload).encode()
-                    self.send_response(status)
-                    if status == 429:
-                        self.send_header("Retry-After", "0")
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and went away
-                finally:
-                    with server.lock:
-                        server.inflight -= 1
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def _ok(text: str, finish: str = "stop", tokens: int = 5) -> dict:
-    return {
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-        "usage": {"completion_tokens": tokens},
-    }
-
-
 def _client(url: str, **kw) -> OpenAICaptioner:
     cfg = CaptionerConfig(
         backend="openai",
@@ -350,7 +293,8 @@ def _client(url: str, **kw) -> OpenAICaptioner:
 
 def test_openai_client_retries_429_then_succeeds(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VILA2_TEST_KEY", "sk-test")
-    srv = _Server(lambda body, n: (429, {"error": "slow down"}, 0) if n == 1 else (200, _ok("A cat."), 0))
+    srv = ChatCompletionsServer(
+        lambda body, n: (429, {"error": "slow down"}, 0) if n == 1 else (200, chat_completion("A cat."), 0))
     try:
         client = _client(srv.url)
         [res] = client.generate(_images(1), ["Describe."], sample_ids=["k1"])
@@ -370,12 +314,12 @@ def test_openai_client_timeout_retry_length_and_sample_errors() -> None:
     def behave(body, n):
         prompt = body["messages"][0]["content"][-1]["text"]
         if prompt == "slow-once":
-            return 200, _ok("late"), (1.0 if n == 1 else 0)
+            return 200, chat_completion("late"), (1.0 if n == 1 else 0)
         if prompt == "bad":
             return 400, {"error": "cannot read image"}, 0
-        return 200, _ok("cut", finish="length", tokens=8), 0
+        return 200, chat_completion("cut", finish="length", tokens=8), 0
 
-    srv = _Server(behave)
+    srv = ChatCompletionsServer(behave)
     try:
         client = _client(srv.url, timeout_s=0.3, max_concurrency=1)
         res = client.generate(_images(3), ["slow-once", "bad", "long"], sample_ids=["a", "b", "c"])
@@ -384,7 +328,7 @@ def test_openai_client_timeout_retry_length_and_sample_errors() -> None:
         assert res[2].hit_max_tokens and res[2].n_generated_tokens == 8
         client.close()
         never = _client(srv.url, timeout_s=0.2, max_retries=1)
-        srv.behave = lambda body, n: (200, _ok("never"), 1.0)
+        srv.behave = lambda body, n: (200, chat_completion("never"), 1.0)
         with pytest.raises(CaptionerUnavailable, match="giving up after 2 attempts"):
             never.generate(_images(1), ["x"])
         never.close()
@@ -393,7 +337,7 @@ def test_openai_client_timeout_retry_length_and_sample_errors() -> None:
 
 
 def test_openai_client_bounds_concurrency() -> None:
-    srv = _Server(lambda body, n: (200, _ok(f"caption {n}"), 0.1))
+    srv = ChatCompletionsServer(lambda body, n: (200, chat_completion(f"caption {n}"), 0.1))
     try:
         client = _client(srv.url, max_concurrency=2)
         res = client.generate(_images(8), ["Describe."] * 8)

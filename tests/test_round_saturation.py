@@ -1,4 +1,4 @@
-"""Round saturation (issue 10 point 5): per round k, words per caption (mean, std), the share of captions
+"""Round saturation: per round k, words per caption (mean, std), the share of captions
 changed from round k-1, consecutive-round text similarity and, when a clipscore stage runs after the
 recaption, CLIP agreement per round, in summaries.json and in the report. Checked against figures
 recomputed here from the published samples (and from CLIP run directly on them)."""

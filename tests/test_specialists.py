@@ -9,9 +9,18 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from loopback_http import ChatCompletionsServer, chat_completion
 from PIL import Image, ImageDraw, ImageFont
 
-from vila2_curate.schemas.config import GroundingConfig, OcrConfig, SpatialConfig
+from vila2_curate.recaption.backends import CaptionerUnavailable
+from vila2_curate.recaption.prompts import load_prompt_set
+from vila2_curate.schemas.config import (
+    CaptionerConfig,
+    GenerationParams,
+    GroundingConfig,
+    OcrConfig,
+    SpatialConfig,
+)
 from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table
 from vila2_curate.specialists import geometry as g
 from vila2_curate.specialists._common import VLM_MARKER, split_vlm_text
@@ -20,6 +29,7 @@ from vila2_curate.specialists.ocr import OcrStage
 from vila2_curate.specialists.phrases import noun_phrases
 from vila2_curate.specialists.sidecar import SIDECAR_DIRS, bbox_interleaved_answer, specialist_texts
 from vila2_curate.specialists.spatial import SpatialStage
+from vila2_curate.specialists.vlm import VlmPrompter
 
 
 def _png(img: Image.Image) -> bytes:
@@ -269,8 +279,6 @@ class _FakeVlm:
 
 
 def test_spatial_vlm_prompt_appended_with_marker(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vila2_curate.schemas.config import CaptionerConfig
-
     monkeypatch.setattr("vila2_curate.specialists.spatial.VlmPrompter", _FakeVlm)
     img = _png(Image.new("RGB", (64, 64), "white"))
     spec = {"grounding": [{"label": "dog", "box": [0, 0, 0.3, 0.3], "score": 0.9},
@@ -285,11 +293,53 @@ def test_spatial_vlm_prompt_appended_with_marker(monkeypatch: pytest.MonkeyPatch
     assert out.column("drop_reason")[1].as_py() == "spatial_vlm_failed: boom"
 
 
-def test_vlm_prompter_uses_recaption_api() -> None:
-    pytest.importorskip("vila2_curate.recaption.backends")
-    prompts = pytest.importorskip("vila2_curate.recaption.prompts")
-    ps = prompts.load_prompt_set("ocr")
-    assert ps.prompts and ps.choose(0, "k0")[1] in ps.prompts
+def test_vlm_prompter_asks_through_the_recaption_api() -> None:
+    """``VlmPrompter`` against a loopback OpenAI-compatible server, through recaption's backend: each image
+    is asked the prompt recaption's per-sample choice gives its key, answers are cleaned by recaption's
+    caption clean-up, a refusal, an empty answer or a sample's own error becomes that sample's error, and
+    an outage fails the call."""
+    ocr = load_prompt_set("ocr")
+    seed = 3
+    keys = [f"k{i}" for i in range(8)]
+    assert {ocr.choose(seed, k)[1] for k in keys} == set(ocr.prompts)  # both prompts are in play
+
+    def prompt_of(body: dict) -> str:
+        content = body["messages"][0]["content"]
+        assert content[0]["type"] == "image_url" and content[0]["image_url"]["url"].startswith("data:image/")
+        return content[-1]["text"]
+
+    def looping_answer(body: dict, n: int) -> tuple[int, dict, float]:  # names the prompt it was asked
+        sentence = f"Prompt {ocr.prompts.index(prompt_of(body))} reads OPEN."
+        return 200, chat_completion(f"  {sentence} {sentence} {sentence}  "), 0.0
+
+    srv = ChatCompletionsServer(looping_answer)
+    try:
+        cfg = CaptionerConfig(backend="openai", model="served/nvila-8b", base_url=srv.url,
+                              api_key_env="VILA2_TEST_UNSET_KEY", max_retries=0, timeout_s=10.0,
+                              generation=GenerationParams(seed=seed))
+        vlm = VlmPrompter(cfg, "ocr")
+        assert vlm.model_tag() == f"nvila-8b|prompts:ocr@{ocr.hash}"
+        assert vlm.ask([], []) == []
+        images = [Image.new("RGB", (32, 24), (40 * i, 90, 160)) for i in range(len(keys))]
+        answers = vlm.ask(images, keys)
+        assert len(srv.bodies) == len(keys)
+        for key, answer in zip(keys, answers, strict=True):
+            expected = f"Prompt {ocr.prompts.index(ocr.choose(seed, key)[1])} reads OPEN."
+            assert (answer.text, answer.error, answer.flags) == (expected, None, ["repetition_removed"]), key
+
+        srv.behave = lambda body, n: (200, chat_completion("I'm sorry, I cannot read text in images."), 0.0)
+        [refused] = vlm.ask(images[:1], keys[:1])
+        assert (refused.text, refused.error) == ("", "vlm answer rejected: refusal")
+        srv.behave = lambda body, n: (200, chat_completion("  ...  "), 0.0)
+        assert vlm.ask(images[:1], keys[:1])[0].error == "vlm answer rejected: empty"
+        srv.behave = lambda body, n: (400, {"error": "cannot read image"}, 0.0)
+        [failed] = vlm.ask(images[:1], keys[:1])
+        assert failed.text == "" and failed.error.startswith("http 400")
+        srv.behave = lambda body, n: (503, {"error": "overloaded"}, 0.0)
+        with pytest.raises(CaptionerUnavailable):
+            vlm.ask(images[:1], keys[:1])
+    finally:
+        srv.close()
 
 
 # -- sidecars ------------------------------------------------------------------------------------------------

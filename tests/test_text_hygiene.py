@@ -1,4 +1,4 @@
-"""Caption hygiene (issue 10 point 1): the hostile captions the sample generator plants come out clean in
+"""Caption hygiene: the hostile captions the sample generator plants come out clean in
 the trainer's .txt, every change is counted in stats.json, empty captions are dropped before dedup, MMC4
 sentences keep their indices, and the same cleaner runs on recaption and specialist text."""
 
@@ -200,12 +200,12 @@ def test_interrupted_run_resumes_to_the_same_counts_and_rounds(run: Path, sample
 def test_recaption_stage_cleans_what_the_model_emits(sample_dir: Path):
     """A VLM (here an OpenAI-compatible loopback server) answering with NUL, an image token and U+FFFD: the
     caption record holds the clean text, flags say what was removed, stats get recaption_hygiene counts."""
-    from test_recaption import _ok, _Server
+    from loopback_http import ChatCompletionsServer, chat_completion
 
     from vila2_curate.recaption.stage import RecaptionStage
     from vila2_curate.schemas.config import RecaptionConfig
 
-    srv = _Server(lambda body, n: (200, _ok("A dog\x00 on <image> grass \ufffd."), 0))
+    srv = ChatCompletionsServer(lambda body, n: (200, chat_completion("A dog\x00 on <image> grass \ufffd."), 0))
     try:
         cfg = RecaptionConfig.model_validate({"type": "recaption", "round": 1, "captioner": {
             "backend": "openai", "model": "served-vlm", "base_url": srv.url, "max_retries": 0}})

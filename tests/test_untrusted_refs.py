@@ -1,4 +1,4 @@
-"""Image references that come from data never reach beyond the source's root (issue 9 point 1).
+"""Image references that come from data never reach beyond the source's root.
 
 Each hostile reference is quarantined with ``image_path_unsafe`` and its target is never read: a whole
 run with ``keep_quarantine_payloads`` leaves no byte of the outside files anywhere in its output.

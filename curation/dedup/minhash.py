@@ -6,8 +6,7 @@ multiply-shift hashes ((a*x + b) mod 2^64) >> 32 evaluated as one (perms x shing
 cache-sized chunk of whole documents, reduced per document along contiguous memory with
 ``np.minimum.reduceat`` (the shift after the minimum). datasketch's ``MinHash.bulk`` runs a Python sha1 per
 shingle and a ``% mersenne_prime`` per cell per document; benchmarks/bench_dedup.py measures both.
-The values are a valid MinHash family but not bit-identical to datasketch's; ``to_lean_minhash`` wraps
-them for datasketch's MinHashLSH / jaccard when wanted.
+The values are a valid MinHash family but not bit-identical to datasketch's.
 
 LSH: bands/rows from datasketch's own optimiser (``_optimal_param``); banding is done in numpy (sort
 by band key) so a million signatures need no Python loop, and candidates are verified by the
@@ -20,7 +19,6 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
-from datasketch import LeanMinHash
 from datasketch.lsh import _optimal_param
 
 from vila2_curate.curation.dedup.exact import equal_key_pairs
@@ -108,11 +106,6 @@ def minhash_signatures(texts: Sequence[str], num_perm: int = 128, shingle_words:
         out[has[t0:t1]] = low.T
         t0 = t1
     return out
-
-
-def to_lean_minhash(signature: np.ndarray, seed: int = 0) -> LeanMinHash:
-    """Wrap one of our signatures for datasketch (MinHashLSH.insert / LeanMinHash.jaccard)."""
-    return LeanMinHash(seed=seed, hashvalues=signature.astype(np.uint64))
 
 
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:

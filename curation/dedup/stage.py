@@ -66,7 +66,9 @@ SIGNATURE_SCHEMA = pa.schema(
         pa.field("kind", pa.string()),  # "pair" | "document" (text only) | "doc_image"
         pa.field("sha256", pa.string()),
         pa.field("phash", pa.uint64()),
-        pa.field("thumb", pa.binary()),  # thumbnails.THUMB_BYTES: 16x16 grey + 8x8 RGB, content-cropped
+        # thumbnails.THUMB_BYTES (1,480): 16x16 grey, 8x8 CIE Lab, content box, background Lab and a 32x32
+        # grey detail grid, of the picture cropped to its content when it sits on a flat background
+        pa.field("thumb", pa.binary()),
         pa.field("embedding", pa.list_(pa.float32())),
         pa.field("clip_score", pa.float32()),
         pa.field("text", pa.string()),  # pair caption; first 200 chars of a document (for summaries)

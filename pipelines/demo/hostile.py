@@ -19,7 +19,7 @@ from vila2_curate.pipelines.demo.pictures import PictureGenerator, encode_jpeg
 
 BOMB_SIDE = 30_000  # 900 Mpx declared: > 2x PIL's MAX_IMAGE_PIXELS, so Image.open raises
 
-# Hostile captions as crawls deliver them (issue 10); each kind's text cleans back to ``caption_intended``
+# Hostile captions as crawls deliver them; each kind's text cleans back to ``caption_intended``
 # (recorded in the ground truth) under caption hygiene. Applied to a few plain items, after their caption
 # is settled, so no other caption or image of the sample changes.
 HOSTILE_KINDS = ("control_chars", "invisible_chars", "special_tokens", "mojibake", "replacement_char",

@@ -1,8 +1,11 @@
-"""The local engine's aggregation for global stages: group signatures with a dict, decide per group.
+"""Decision tables in their canonical form, and an in-process reference of a global stage's decide.
 
-Ray and Beam do the same grouping with their own primitives; all three call the stage's ``decide`` on
-the same groups, and ``decide`` is order-independent, so all engines reach the same decisions.
-``decide_partitioned`` is the scale path (schemas.stage.PartitionedDecide) run in one process.
+No engine decides through this module: every engine, the local one included, runs a global stage's
+decide through ``pipelines.engine.runner.decide_segment`` and its own ``group_apply`` (the local engine
+groups with a dict). The engines' decisions are written through ``normalize_decisions``. ``decide_local``
+(the single-process decide, per ``group_by`` group) and ``decide_partitioned`` (the scale path,
+schemas.stage.PartitionedDecide, in one process) hold every shard's signatures at once: they are the
+reference the tests and benchmarks compare the engines' decisions with.
 """
 
 from __future__ import annotations
@@ -88,10 +91,10 @@ def decide_partitioned(stage: GlobalStage, shard_signatures: Sequence[tuple[str,
 
     Same steps as an engine runs them (schemas.stage.PartitionedDecide): fit on the samples, partition each
     shard, decide each of ``partitions`` groups, confirm pending edges shard by shard (ConfirmsPending),
-    combine, hand each shard its own decisions. Engines run the
-    steps on workers; this in-process version is the local engine's and the tests' reference of that path
-    (it holds every shard's signatures, so it is not the memory-bounded one). A stage without the
-    partitioned hooks is decided by ``decide_local`` over all rows and its decisions split by shard.
+    combine, hand each shard its own decisions. Engines run the steps on workers; this in-process version
+    is the tests' and benchmarks' reference of that path (it holds every shard's signatures, so it is not
+    the memory-bounded one). A stage without the partitioned hooks is decided by ``decide_local`` over all
+    rows and its decisions split by shard.
     """
     tagged = [(name, with_shard(sig, name, i)) for i, (name, sig) in enumerate(shard_signatures)]
     if not isinstance(stage, PartitionedDecide):

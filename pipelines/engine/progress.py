@@ -166,7 +166,7 @@ def finalize(fs, root: str, name: str, results: list[ShardResult],
     write_json_atomic(fs, posixpath.join(root, "stats.json"), stats)
     write_json_atomic(fs, posixpath.join(root, "timings.json"),
                       {**_merge_timings([r.timings for r in results] + [run_timings or {}]), **(run_info or {})})
-    rounds = summarize_rounds([r.stats.round_sums for r in results])  # round saturation (issue 10)
+    rounds = summarize_rounds([r.stats.round_sums for r in results])  # how much each recaption round changed
     summaries = {**(summaries or {}), **({"rounds": rounds} if rounds else {})}
     write_json_atomic(fs, posixpath.join(root, "summaries.json"), summaries)
     write_manifest(fs, root, manifest_rows)  # last: the manifest is the commit point of a run

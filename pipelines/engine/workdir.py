@@ -15,12 +15,15 @@
 
 One folder per segment (source names hold no '.'), so the layout adds no directory per source or shard.
 
-Intermediate rows carry no image bytes and none of the columns the reader gives back unchanged (url,
-captions as read, document sentences, source metadata): inputs are immutable, so segment i+1 re-reads the
-input shard through its reader and joins the saved columns by row order (same rows, same order; keys are
-checked). Image bytes (and the metadata that says why) are stored only where normalize changed the image
-(EXIF rotation, re-encoding). Rows dropped by a curation decision get no image back (nothing later needs
-it); quarantined rows do, for the quarantine folder.
+Intermediate rows leave out what segment i+1 can read again: inputs are immutable, so segment i+1
+re-reads the input shard through its reader and joins the saved columns by row order (same rows, same
+order; keys are checked). Left out: the columns no stage changes (``INPUT_COLUMNS``: the url and source
+key; a document's similarity matrix and url-duplicate count), and an image's bytes and its ``meta``
+(source metadata, in which normalize records what it did) unless normalize changed the image (EXIF
+rotation, re-encoding). Captions (``text``, ``text_list``) are stored like every other column, because
+caption hygiene rewrites them. Rows dropped by a curation decision get no image back (nothing later needs
+it); quarantined rows do, for the quarantine folder. A source that cannot be read again identically (URL
+fetching) keeps whole rows.
 """
 
 from __future__ import annotations
@@ -87,8 +90,8 @@ def decided_path(root: str, seg: int) -> str:
 
 
 # Columns the reader yields again, unchanged by every stage: never stored in _work (segment i+1 takes
-# them from the re-read input shard).
-# Not text / text_list: the caption_hygiene stage rewrites them (issue 10), so they are saved like any column.
+# them from the re-read input shard). Not text / text_list: the caption_hygiene stage rewrites them, so
+# they are saved like any column.
 INPUT_COLUMNS = {"pair": ("source_key", "url"),
                  "document": ("source_key", "url", "similarity_matrix", "could_have_url_duplicate")}
 _REENCODED = '"reencoded"'  # the meta key normalize sets when it changed an image's bytes
@@ -252,15 +255,6 @@ def read_rows(fs, path: str, batch_size: int) -> Iterator[pa.Table]:
 def write_signatures(fs, root: str, seg: int, shard: InputShard, parts: list[pa.Table]) -> None:
     table = pa.concat_tables(parts, promote_options="default").combine_chunks() if parts else pa.table({})
     write_parquet_atomic(fs, signatures_path(root, seg, shard), table)
-
-
-def read_signatures(fs, root: str, seg: int, shards: list[InputShard]) -> pa.Table:
-    parts = []
-    for shard in shards:
-        t = read_parquet(fs, signatures_path(root, seg, shard))
-        if t.num_columns:
-            parts.append(t)
-    return pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
 
 
 def write_done(fs, root: str, seg: int, shard: InputShard, payload: dict[str, Any]) -> None:
