@@ -69,7 +69,12 @@ def run(stage_name: str, n: int, shard_rows: int, work: str) -> dict[str, Any]:
     import pyarrow as pa
 
     from vila2_curate.pipelines.engine.components import combine_on_engine
-    from vila2_curate.pipelines.engine.runner import LoadSignatures, RunContext, SampleShard, ShardSignatures
+    from vila2_curate.pipelines.engine.runner import (
+        LoadSignatures,
+        RunContext,
+        ShardSignatures,
+        fit_on_samples,
+    )
     from vila2_curate.pipelines.engine.workdir import read_all_decisions
     from vila2_curate.pipelines.executors.ray_data import RayEngine
     from vila2_curate.schemas.config import BeamOptions, RayOptions, RunConfig
@@ -84,7 +89,7 @@ def run(stage_name: str, n: int, shard_rows: int, work: str) -> dict[str, Any]:
     stage = bench_scale.make_stage(stage_name)
     t0 = time.perf_counter()
     if hasattr(stage, "fit"):
-        stage.fit(x for x in engine.per_shard(ctx, items, SampleShard(fs, root, 0, stage)) if x is not None)
+        fit_on_samples(engine, ctx, 0, stage)
     bench_scale._release_free_heap()
     bench_scale._reset_peak()
     partitions = engine.partitions(ctx)

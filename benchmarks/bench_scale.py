@@ -556,7 +556,12 @@ def run_on_engine(stage_name: str, n: int, shard_rows: int, shards: int, partiti
     import fsspec
 
     from vila2_curate.pipelines.engine.components import combine_on_engine
-    from vila2_curate.pipelines.engine.runner import LoadSignatures, RunContext, SampleShard, ShardSignatures
+    from vila2_curate.pipelines.engine.runner import (
+        LoadSignatures,
+        RunContext,
+        ShardSignatures,
+        fit_on_samples,
+    )
     from vila2_curate.pipelines.engine.workdir import read_all_decisions
 
     root = f"{work}/run"
@@ -569,7 +574,7 @@ def run_on_engine(stage_name: str, n: int, shard_rows: int, shards: int, partiti
     t0, cpu0 = time.perf_counter(), time.process_time()
     peaks_driver: dict[str, float] = {}
     if hasattr(stage, "fit"):
-        stage.fit(x for x in engine.per_shard(ctx, items, SampleShard(fs, root, 0, stage)) if x is not None)
+        fit_on_samples(engine, ctx, 0, stage)
         peaks_driver["driver_fit"] = _mib(_peak_kib())
         _release_free_heap()
         _reset_peak()

@@ -13,9 +13,9 @@ from vila2_curate.pipelines.engine.components import combine_on_engine
 from vila2_curate.pipelines.engine.runner import (
     LoadSignatures,
     RunContext,
-    SampleShard,
     ShardSignatures,
     WorkItem,
+    fit_on_samples,
 )
 from vila2_curate.pipelines.engine.workdir import read_all_decisions, write_signatures
 from vila2_curate.pipelines.io.readers.base import InputShard
@@ -44,7 +44,7 @@ def engine_decisions(engine, stage, shards: list[tuple[str, pa.Table]], root: Pa
     fs, items = work_items(shards, root)
     ctx = context(fs, root, items)
     if hasattr(stage, "fit"):
-        stage.fit(s for s in engine.per_shard(ctx, items, SampleShard(fs, str(root), 0, stage)) if s is not None)
+        fit_on_samples(engine, ctx, 0, stage)
     _, summary = combine_on_engine(engine, ctx, 0, "h", stage, partitions, ShardSignatures(fs, str(root), 0),
                                    LoadSignatures(fs, str(root), 0, stage, partitions))
     return read_all_decisions(fs, str(root), 0, [it.shard for it in items]), summary["components"]

@@ -49,6 +49,8 @@ from vila2_curate.pipelines.engine.workdir import (
     read_done,
     remove_signatures,
     rows_path,
+    sample_path,
+    samples_dir,
     seg_dir,
     signatures_path,
     write_decided,
@@ -61,6 +63,7 @@ from vila2_curate.pipelines.io.writers.atomic import (
     open_parquet,
     read_parquet,
     write_json_atomic,
+    write_parquet_atomic,
 )
 from vila2_curate.schemas.config import RunConfig
 from vila2_curate.schemas.stage import (
@@ -232,14 +235,32 @@ class LoadSignatures:
 
 
 class SampleShard:
-    """Step 0: one shard's bounded sample for ``stage.fit`` (dedup's k-means centroids)."""
+    """Step 0: one shard's bounded sample for ``stage.fit`` (dedup's k-means centroids), written to a file;
+    returns its path (None: no sample). Files, not return values: every shard's sample at once would be
+    up to M rows per shard on the driver, the whole dataset when shards are smaller than M."""
 
     def __init__(self, fs, root: str, seg: int, stage: Any) -> None:
         self.fs, self.root, self.seg, self.stage = fs, root, seg, stage
 
-    def __call__(self, item: WorkItem) -> pa.Table | None:
+    def __call__(self, item: WorkItem) -> str | None:
         sig = read_shard_signatures(self.fs, self.root, self.seg, item.shard)
-        return None if sig is None else self.stage.sample(with_shard(sig, item))
+        sample = None if sig is None else self.stage.sample(with_shard(sig, item))
+        if sample is None or sample.num_rows == 0:
+            return None
+        path = sample_path(self.root, self.seg, item.shard)
+        write_parquet_atomic(self.fs, path, sample)
+        return path
+
+
+def fit_on_samples(engine: Engine, ctx: RunContext, seg: int, stage: Any) -> None:
+    """Step 0 of the partitioned decide for a ``FitsOnSample`` stage: per shard a sample file, then
+    ``fit`` streams them on the driver (it keeps the M smallest: one sample file beside M rows at a time)."""
+    fs, root = ctx.fs, ctx.root
+    paths = [p for p in engine.per_shard(ctx, ctx.items, SampleShard(fs, root, seg, stage)) if p]
+    stage.fit(read_parquet(fs, p) for p in paths)
+    folder = samples_dir(root, seg)
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)
 
 
 class DecidePartition:
@@ -337,7 +358,7 @@ def decide_segment(engine: Engine, ctx: RunContext, segment: Segment) -> None:
     partitioned = uses_partitioned(stage, ctx.config)
     if partitioned:
         if isinstance(stage, FitsOnSample):  # step 0: bounded samples stream into fit on the driver
-            stage.fit(s for s in engine.per_shard(ctx, ctx.items, SampleShard(fs, root, seg, stage)) if s is not None)
+            fit_on_samples(engine, ctx, seg, stage)
         partitions = max(1, int(engine.partitions(ctx)))
         if isinstance(stage, CombinesOnEngine):
             n_decisions, extra = combine_on_engine(engine, ctx, seg, seg_hash, stage, partitions,

@@ -85,6 +85,15 @@ def remove_signatures(fs, root: str, seg: int, shards: list[InputShard]) -> None
             fs.rm(path)
 
 
+def samples_dir(root: str, seg: int) -> str:
+    """Per-shard samples of a partitioned decide's step 0 (removed once fitted)."""
+    return posixpath.join(seg_dir(root, seg), "samples")
+
+
+def sample_path(root: str, seg: int, shard: InputShard) -> str:
+    return posixpath.join(samples_dir(root, seg), f"{shard.source}.{shard.shard_id}.parquet")
+
+
 def decided_path(root: str, seg: int) -> str:
     return posixpath.join(seg_dir(root, seg), "decided.json")
 
