@@ -99,7 +99,22 @@ class LoopbackServer:
 ChatBehaviour = Callable[[dict[str, Any], int], tuple[int, dict[str, Any], float]]
 
 
-class ChatCompletionsServer:
+class ThreadedEndpoint:
+    """A ``ThreadingHTTPServer`` on a free 127.0.0.1 port serving ``handler`` in a daemon thread, with its
+    OpenAI-style base url; ``close`` stops it."""
+
+    def serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class ChatCompletionsServer(ThreadedEndpoint):
     """A loopback OpenAI-compatible ``/v1/chat/completions`` endpoint for the captioner client's tests.
 
     ``behave(body, n)`` answers the n-th request (1-based) with ``(status, JSON payload, delay_s)``; every
@@ -143,14 +158,7 @@ class ChatCompletionsServer:
                     with server.lock:
                         server.inflight -= 1
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.serve(Handler)
 
 
 def chat_completion(text: str, finish: str = "stop", tokens: int = 5) -> dict[str, Any]:

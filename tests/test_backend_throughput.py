@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from loopback_http import ThreadedEndpoint
 from PIL import Image
 
 from vila2_curate.recaption.backends import CaptionerUnavailable
@@ -22,7 +23,7 @@ from vila2_curate.recaption.backends.prefetch import ahead
 from vila2_curate.schemas.config import CaptionerConfig, GenerationParams, ModelRuntime
 
 
-class _ChatServer:
+class _ChatServer(ThreadedEndpoint):
     """chat.completions on 127.0.0.1: answers after ``delay_s`` (404 for the prompt "missing"), records
     each request's prompt with its start and end time; at most ``max_requests`` are answered."""
 
@@ -55,14 +56,7 @@ class _ChatServer:
                 with server.lock:
                     server.spans.append((prompt, start, time.perf_counter()))
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.serve(Handler)
 
 
 def _client(url: str, concurrency: int) -> OpenAICaptioner:

@@ -104,16 +104,20 @@ class EdgesToBuckets:
         return _stats(rows=edges.num_rows)
 
 
-class ConfirmA:
+class _ShardStep:
+    """A per-shard step of the combine: the run's folder, the stage, its shards' signatures, the buckets."""
+
+    def __init__(self, fs, root: str, seg: int, stage: Any, load_signatures: Callable, buckets: int) -> None:
+        self.fs, self.stage, self.load_signatures, self.buckets = fs, stage, load_signatures, buckets
+        self.base = components_dir(root, seg)
+
+
+class ConfirmA(_ShardStep):
     """Per shard: its edges' ready part becomes layer edges; pending candidates get a's payload and go
     to the shard of their b-endpoint."""
 
-    def __init__(self, fs, root: str, seg: int, stage: Any, load_signatures: Callable, buckets: int) -> None:
-        self.fs, self.root, self.seg, self.stage, self.load_signatures = fs, root, seg, stage, load_signatures
-        self.buckets = buckets
-
     def __call__(self, item) -> int:
-        base = components_dir(self.root, self.seg)
+        base = self.base
         edges = read_bucket(self.fs, posixpath.join(base, "edges"), item.index)
         if edges is None:
             return 0
@@ -127,15 +131,11 @@ class ConfirmA:
         return edges.num_rows
 
 
-class ConfirmB:
+class ConfirmB(_ShardStep):
     """Per shard: pending candidates whose b-endpoint it holds get b's payload and are confirmed."""
 
-    def __init__(self, fs, root: str, seg: int, stage: Any, load_signatures: Callable, buckets: int) -> None:
-        self.fs, self.root, self.seg, self.stage, self.load_signatures = fs, root, seg, stage, load_signatures
-        self.buckets = buckets
-
     def __call__(self, item) -> int:
-        base = components_dir(self.root, self.seg)
+        base = self.base
         half = read_bucket(self.fs, posixpath.join(base, "pending"), item.index)
         if half is None:
             return 0
