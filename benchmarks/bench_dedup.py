@@ -1,14 +1,17 @@
-"""Dedup benchmarks: MinHash signatures/s vs datasketch, pHash search vs brute force, bytes per item.
+"""Dedup benchmarks: MinHash signatures/s vs datasketch, pHash search vs brute force, bytes per item,
+thumbnail CPU per image (own decode vs normalize's draft decode), signatures + decide CPU per image.
 
-Every ratio is against a baseline measured in the same run. Run: python benchmarks/bench_dedup.py
+Every ratio is against a baseline measured in the same run.
+Run: python benchmarks/bench_dedup.py [thumbnails] [decide]  (no argument: all)
 """
 
 from __future__ import annotations
 
+import io
 import time
 
 import numpy as np
-from _common import best_of, report
+from _common import best_of, distinct_photo_jpeg, report
 from datasketch import MinHash
 
 from vila2_curate.curation.dedup.minhash import minhash_signatures
@@ -94,7 +97,77 @@ def bench_state_bytes(n_items: int = 1_000_000, sample: int = 10_000, num_perm: 
            signature_table_gib_at_n=round(with_minhash.nbytes / sample * n_items / 2**30, 2))
 
 
+def _cpu_ms(fn, items: list) -> float:
+    """Process CPU ms per item of ``fn`` over ``items``, best of two passes."""
+    best = float("inf")
+    for _ in range(2):
+        t = time.process_time()
+        for x in items:
+            fn(x)
+        best = min(best, time.process_time() - t)
+    return 1000 * best / len(items)
+
+
+def bench_thumbnail_cpu(n: int = 200) -> None:
+    """CPU per image of dedup's thumbnail: ``thumbnail`` (its own draft decode at >= 256 px, then the
+    signature) against ``thumbnail_of`` on the picture as normalize has already decoded it (JPEG draft at
+    >= 128 px: a quarter of 1280x720), with that decode timed on its own; on 1280x720 photo-like JPEGs (the
+    pipeline benchmark's input) and on the dedup evaluation set (~550 px cards, shapes, text, photos)."""
+    from PIL import Image
+
+    from vila2_curate.curation.dedup.thumbnails import thumbnail, thumbnail_of
+    from vila2_curate.pipelines.demo.dedup_eval import make_dedup_eval
+
+    def normalize_decode(data: bytes) -> Image.Image:
+        img = Image.open(io.BytesIO(data))
+        if img.format == "JPEG":
+            img.draft("RGB", (128, 128))
+        img.load()
+        return img
+
+    sets = {"photo_1280x720": [distinct_photo_jpeg(i) for i in range(n)],
+            "dedup_eval": [it.data for it in make_dedup_eval(0, 24).items][:n]}
+    for name, data in sets.items():
+        decoded = [normalize_decode(d) for d in data]
+        report("thumbnail_cpu", images=name, count=len(data),
+               thumbnail_own_decode_ms=round(_cpu_ms(thumbnail, data), 3),
+               normalize_draft_decode_ms=round(_cpu_ms(normalize_decode, data), 3),
+               thumbnail_of_normalize_decode_ms=round(_cpu_ms(thumbnail_of, decoded), 3))
+
+
+def bench_decide_cpu(seeds: int = 3, families: int = 80) -> None:
+    """DedupStage signatures and decide CPU per image on ``seeds`` evaluation sets joined into one table."""
+    import pyarrow as pa
+
+    from vila2_curate.curation.dedup import DedupStage
+    from vila2_curate.pipelines.demo.dedup_eval import eval_table, make_dedup_eval
+
+    tables = []
+    for seed in range(seeds):
+        t = eval_table(make_dedup_eval(seed, families))
+        tables.append(t.set_column(t.schema.get_field_index("key"), "key",
+                                   pa.array([f"s{seed}_{k}" for k in t.column("key").to_pylist()])))
+    table = pa.concat_tables(tables)
+    stage = DedupStage()
+    t = time.process_time()
+    sigs = stage.signatures(table)
+    sig = time.process_time() - t
+    t = time.process_time()
+    stage.decide(sigs)
+    decide = time.process_time() - t
+    report("dedup_cpu", images=table.num_rows, signature_ms_per_image=round(1000 * sig / table.num_rows, 3),
+           decide_ms_per_image=round(1000 * decide / table.num_rows, 3))
+
+
 if __name__ == "__main__":
-    bench_minhash()
-    bench_phash()
-    bench_state_bytes()
+    import sys
+
+    only = set(sys.argv[1:])  # e.g. ``thumbnails decide``: just those; none: every benchmark
+    if not only:
+        bench_minhash()
+        bench_phash()
+        bench_state_bytes()
+    if not only or "thumbnails" in only:
+        bench_thumbnail_cpu()
+    if not only or "decide" in only:
+        bench_decide_cpu()

@@ -9,26 +9,41 @@ import numpy as np
 
 from vila2_curate.curation.dedup.minhash import _bucket_pairs, band_keys
 from vila2_curate.curation.dedup.semantic import _block_pairs, clip_cosines
-from vila2_curate.curation.dedup.thumbnails import GREY_SIDE, confirm_pairs, knn_index_pairs
+from vila2_curate.curation.dedup.thumbnails import (
+    GREY_SIDE,
+    confirm_pairs,
+    content_lines,
+    knn_index_pairs,
+    knn_key,
+)
 from vila2_curate.schemas.config import DedupConfig
 
 
 def coarse_thumbs(thumbs: np.ndarray) -> np.ndarray:
-    """(n, 64) float64: 2x2 sums of the 16x16 grey thumbnail, integers <= 1020 (exact dot products)."""
+    """(n, 64) float64: 2x2 sums of the 16x16 grey thumbnail, integers <= 1020 (exact dot products). For a
+    line of text the sums across the line are replaced by their rounded mean: a line is a few pixels
+    tall, so its grid's rows move with a pixel of content-box error."""
     g = thumbs[:, :GREY_SIDE * GREY_SIDE].reshape(-1, GREY_SIDE // 2, 2, GREY_SIDE // 2, 2).astype(np.float64)
-    return g.sum(axis=(2, 4)).reshape(len(thumbs), -1)
+    g = g.sum(axis=(2, 4))
+    lines = content_lines(thumbs)
+    for axis, line in ((1, 1), (2, 2)):
+        sel = lines == line
+        if sel.any():
+            g[sel] = np.broadcast_to(np.rint(g[sel].mean(axis=axis, keepdims=True)), g[sel].shape)
+    return g.reshape(len(thumbs), -1)
 
 
 def thumb_knn_pairs(thumbs: np.ndarray, k: int) -> np.ndarray:
-    """Pairs i < j with j among i's k nearest thumbnails by the 8x8 pooled grey grid (exact faiss flat search,
-    rows in the given order). Pooled: a quarter of the 16x16 grid's cost, and a small crop or shift moves
-    it even less; every candidate is then confirmed on the full thumbnail."""
+    """Pairs i < j with j among i's k nearest thumbnails (exact faiss flat search, rows in the given order)
+    by ``thumbnails.knn_key``: the 8x8 pooled grey grid (a quarter of the 16x16 grid's cost; a small crop
+    or shift moves it even less), the content box and the mean colour. Every candidate is then confirmed
+    on the full thumbnail."""
     import faiss
 
     n = len(thumbs)
     if n < 2 or k <= 0:
         return np.empty((0, 2), dtype=np.int64)
-    x = np.ascontiguousarray(coarse_thumbs(thumbs), dtype=np.float32)
+    x = knn_key(thumbs, np.rint(coarse_thumbs(thumbs) / 4))
     return knn_index_pairs(faiss.IndexFlatL2(x.shape[1]), x, k)
 
 
@@ -43,8 +58,8 @@ def clustered_pairs(labels: np.ndarray, fn) -> np.ndarray:
 
 def thumb_candidate_pairs(thumbs: np.ndarray, rows: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """Thumbnail k-NN pairs (indices of ``thumbs``) among ``rows``, inside each cluster (``labels``, one per
-    row), with no pHash bound: a 1-5% crop or a JPEG q35 re-encode of a flat graphic moves its pHash by up to
-    ~26 bits (pipelines/demo/dedup_eval.py), so the colour-aware ``thumbnails.confirm_pairs`` decides alone.
+    row), with no pHash bound: a 2-6% crop or a JPEG q35 re-encode of a flat graphic moves its pHash by tens
+    of bits (pipelines/demo/dedup_eval.py), so the colour-aware ``thumbnails.confirm_pairs`` decides alone.
     A cluster's thumbnails are gathered one cluster at a time (never a copy of every row's)."""
     return clustered_pairs(labels, lambda m: rows[m][thumb_knn_pairs(thumbs[rows[m]], k)])
 

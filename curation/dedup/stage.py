@@ -91,7 +91,7 @@ class DedupStage(StageBase):
     """GlobalStage over pair rows and MMC4 document rows; ``group_by=None``: one decide() over all."""
 
     name = "dedup"
-    version = "2"  # 2: keeper = publishable, then pixels, then CLIP score, then id
+    version = "3"  # 2: keeper = publishable, then pixels, then CLIP score, then id; 3: crop-aware confirmation
     resources = Resources(cpus=1)
     group_by: str | None = None
 

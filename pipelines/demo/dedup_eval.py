@@ -7,17 +7,25 @@ pictures that perceptual hashes and grey thumbnails confuse with it and that ded
 * ``card``: a flat label card with a title and a line of words; look-alikes: the same card in a close
   colour of the same lightness (green vs grey-green), the same card with other words (title and subtitle line).
 * ``shape``: one shape on a flat background; look-alikes: the same shape on another background of the
-  same lightness (cream vs grey), the same shape moved by >= 20% of the picture, the shape in another
+  same lightness (a pastel vs grey), the same shape moved by >= 20% of the picture, the shape in another
   colour.
 * ``product``: a shaded bottle, jar or carton on a light backdrop with a vignette and grain; look-alike: the same object in another
   colour of about the same lightness (one product photographed in two colours).
 * ``photo``: a smooth random texture (a photo-like picture, no look-alike: the recall cases).
+* ``graphic``: a simple graphic, one shape on a plain light background, where hash and thumbnail
+  distances between different pictures are smallest; look-alikes: the same shape and colour made 40-60%
+  larger, moved by 18-25% of the picture, or on a background tinted by CIE76 delta E 9.5-13 at the same
+  grey (pHash distance 0): each more than crops of up to 6% per side and JPEG q35 of both can explain.
+* ``text``: one line of dark words on a plain light background; look-alikes: the line 40-60% larger,
+  moved by 18-25%, on a tinted background (as ``graphic``), or other words whose line is 1.45-1.8x shorter.
 
 Every picture then gets near-duplicate copies, the transformations a crawl produces (img2dataset
-re-encodes, resizes and sites crop): JPEG q35-65, WebP<->JPEG, resize x0.5-0.8, a crop of 1-5% on each
-side independently, and combinations of them. Ground truth: items with the same ``picture`` are
-near-duplicates (every pair of them should end in one dedup group); items of different pictures must
-never share a group.
+re-encodes, resizes and sites crop): JPEG q35-65, WebP<->JPEG, resize x0.5-0.8, a crop of 2-6% on each
+side independently, a crop then a JPEG q35-65 re-encode, and combinations of them. Ground truth: items
+with the same ``picture`` are near-duplicates (every pair of them should end in one dedup group); items of
+different pictures must never share a group. Different families stay apart by design (pages from
+palettes whose colours differ by more than JPEG's error, tints kept away from every page in use, product
+height classes 18% of the picture apart), so a merge across families is the detector's error.
 
 ``score(items, group_of)`` turns any grouping (our dedup's decisions, or a baseline's union-find) into
 recall over near-duplicate pairs and false merges; ``write_dedup_eval`` writes the set as a COYO parquet
@@ -30,24 +38,41 @@ import colorsys
 import io
 import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageCms, ImageDraw, ImageFilter, ImageFont
 
 from vila2_curate.pipelines.demo.pictures import WORDS, PictureGenerator
 
 GOLDEN = 0.6180339887  # hue step between families: hues of different families stay far apart
-KINDS = ("card", "shape", "product", "photo")
+KINDS = ("card", "shape", "product", "photo", "graphic", "text")
+CROP_PER_SIDE = (0.02, 0.06)  # near-duplicate crops: this fraction cut from each side independently
+# Graphic and text look-alikes differ from the original by more than a crop of each can explain: a crop of
+# up to 6% per side enlarges content by up to 1 / 0.88 = 1.14 and moves it by up to ~0.065 of the side, and
+# JPEG q35 moves a flat colour by up to ~2.2 delta E, in the original's copies and in the look-alike's.
+LOOKALIKE_SCALE = (1.4, 1.6)  # > 1.14 ** 2
+LOOKALIKE_MOVE = (0.18, 0.25)  # along x or y; > 2 x 0.065
+LOOKALIKE_TINT = (9.5, 13.0)  # background delta E (CIE76), at the same grey: pHash distance 0
 
 
 def _hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
     r, g, b = colorsys.hsv_to_rgb(h % 1.0, s, v)
     return round(r * 255), round(g * 255), round(b * 255)
+
+
+# Pages of the graphic and text families, and of the shape families: 7 hues at two depths each, every two
+# of one palette >= ~9 delta E apart, of the two >= ~6: one family's page is never another's
+PAGES = tuple(_hsv(i / 7 + 0.07 * depth, 0.12 + 0.14 * depth, 0.97 - 0.07 * depth) for depth in (0, 1)
+              for i in range(7))
+SHAPE_PAGES = tuple(_hsv(i / 7 + 0.035 + 0.07 * depth, 0.19 + 0.14 * depth, 0.935 - 0.07 * depth) for depth in (0, 1)
+                    for i in range(7))
 
 
 def _same_grey(colour: tuple[int, int, int], like: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -63,6 +88,51 @@ def _same_grey(colour: tuple[int, int, int], like: tuple[int, int, int]) -> tupl
     return tuple(round(v) for v in out)  # type: ignore[return-value]
 
 
+@lru_cache(maxsize=1)
+def _to_lab() -> ImageCms.ImageCmsTransform:
+    return ImageCms.buildTransformFromOpenProfiles(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"),
+                                                   "RGB", "LAB")
+
+
+def _labs(colours: np.ndarray) -> np.ndarray:
+    """(n, 3) sRGB colours -> CIE L*, a*, b* (littleCMS, PIL's 8-bit Lab: L* x 2.55, a*, b* signed bytes)."""
+    img = Image.fromarray(np.asarray(colours, dtype=np.uint8).reshape(1, -1, 3), "RGB")
+    lab = np.asarray(ImageCms.applyTransform(img, _to_lab()))[0]
+    return np.stack([lab[:, 0] / 2.55, lab[:, 1].view(np.int8), lab[:, 2].view(np.int8)], axis=1).astype(float)
+
+
+def _delta_e(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
+    """CIE76 delta E of two sRGB colours."""
+    lab = _labs(np.array([a, b]))
+    return float(np.sqrt(((lab[0] - lab[1]) ** 2).sum()))
+
+
+def _tinted(colour: tuple[int, int, int], delta_e: tuple[float, float], rng: np.random.Generator,
+            avoid: tuple[tuple[int, int, int], ...] = ()) -> tuple[int, int, int]:
+    """``colour`` moved at constant luma by a delta E within ``delta_e`` (bisection), of 256 random
+    directions and distances the one that gets there and lands farthest from the colours to ``avoid``
+    (other families' pages)."""
+    luma = np.array([0.299, 0.587, 0.114])
+    d = rng.standard_normal((256, 3))
+    d -= np.outer(d @ luma / (luma @ luma), luma)  # no change of grey: pHash and grey thumbnails see one picture
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    target = rng.uniform(*delta_e, size=len(d))
+    base = _labs(np.array([colour]))[0]
+
+    def at(t: np.ndarray) -> np.ndarray:
+        return np.clip(np.round(np.asarray(colour) + t[:, None] * d), 0, 255)
+
+    lo, hi = np.zeros(len(d)), np.full(len(d), 64.0)
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        near = np.sqrt(((_labs(at(mid)) - base) ** 2).sum(axis=1)) < target
+        lo, hi = np.where(near, mid, lo), np.where(near, hi, mid)
+    found = at(hi)
+    labs = _labs(found)
+    gap = (np.sqrt(((labs[:, None] - _labs(np.array(avoid))[None]) ** 2).sum(axis=2)).min(axis=1)
+           if avoid else np.zeros(len(d)))
+    reached = np.sqrt(((labs - base) ** 2).sum(axis=1)) >= target - 0.5  # not stopped by 0 or 255
+    return tuple(int(v) for v in found[int(np.where(reached, gap, -1.0).argmax())])  # type: ignore[return-value]
 
 
 @dataclass
@@ -119,10 +189,12 @@ class _Painter:
         return self.g.randint(480, 640), self.g.randint(450, 560)  # a 10% crop then x0.5 stays >= 200 px
 
     def card(self, w: int, h: int, colour: tuple[int, int, int], words: list[str]) -> Image.Image:
-        """A label card filling most of the picture: coloured panel, white title, a darker band."""
+        """A label card filling most of the picture: coloured panel, white title, a darker band. The page
+        around it (>= 8.4% of each side) outlasts a 6% crop: cut into, a card has no border to be found by,
+        and its grids then cannot tell other words from a crop (as for a picture without a page)."""
         img = Image.new("RGB", (w, h), (250, 250, 248))
         d = ImageDraw.Draw(img)
-        m = int(min(w, h) * 0.06)
+        m = int(min(w, h) * 0.12)
         d.rounded_rectangle((m, m, w - m, h - m), radius=m, fill=colour)
         band = tuple(max(0, int(c * 0.6)) for c in colour)
         d.rectangle((m, int(h * 0.68), w - m, int(h * 0.82)), fill=band)
@@ -170,18 +242,59 @@ class _Painter:
         grain = 3.0 * self.rng.standard_normal(size=(h, w, 1), dtype=np.float32)
         return Image.fromarray(np.clip(arr * shade + grain, 0, 255).astype(np.uint8), "RGB")
 
+    def graphic(self, w: int, h: int, bg: tuple[int, int, int], centre: tuple[float, float], size: float, *,
+                colour: tuple[int, int, int], content: str) -> Image.Image:
+        """One shape (``content``: its label), ``size`` x the short side across, at ``centre`` (fractions)
+        on a plain background."""
+        img = Image.new("RGB", (w, h), bg)
+        r = size * min(w, h) / 2
+        cx, cy = centre[0] * w, centre[1] * h
+        box = [round(cx - r), round(cy - r), round(cx + r), round(cy + r)]
+        PictureGenerator.draw_shape(ImageDraw.Draw(img), content, box, colour)
+        return img
+
+    def font_px(self, words: str, width: float) -> int:
+        """The font size at which ``words`` span ``width`` pixels."""
+        return max(8, round(100 * width / self.font(100).getlength(words)))
+
+    def text_line(self, w: int, h: int, bg: tuple[int, int, int], centre: tuple[float, float], size: float, *,
+                  colour: tuple[int, int, int], content: str, px: int | None = None) -> Image.Image:
+        """One line of words (``content``) spanning ``size`` x the picture's width (or in a font of ``px``
+        pixels), centred at ``centre``."""
+        img = Image.new("RGB", (w, h), bg)
+        ImageDraw.Draw(img).text((centre[0] * w, centre[1] * h), content, font=self.font(px or self.font_px(
+            content, size * w)), fill=colour, anchor="mm")
+        return img
+
+
+def _other_words(p: _Painter, first: str, words: str, width: float) -> tuple[str, int]:
+    """(words, font px): other words (``first`` if it fits), in the font of ``words`` spanning ``width``,
+    whose line is 1.45-1.8x shorter. Same-length other words in small type are beyond what a 256-pixel
+    thumbnail resolves (their letters blur alike), so the look-alike differs where it can be seen: the
+    line's extent (shorter: a longer line would span what the larger look-alike spans)."""
+    px = p.font_px(words, width)
+    font = p.font(px)
+    extra = [WORDS[int(i)] for i in p.rng.permutation(len(WORDS))]
+
+    def shorter(alt: str) -> float:  # how many times shorter
+        ink = font.getbbox(alt)
+        return (font.getbbox(words)[2] - font.getbbox(words)[0]) / max(ink[2] - ink[0], 1)
+    options = [first, *extra, *(f"{first} {x}" for x in extra), *(f"{x} {y}" for x, y in itertools.pairwise(extra))]
+    fits = [alt for alt in options if 1.45 <= shorter(alt) <= 1.8 and alt != words]
+    return (fits[0] if fits else min(options, key=lambda alt: abs(shorter(alt) - 1.6))), px
+
 
 def _near_duplicates(p: _Painter, img: Image.Image, fmt: str, n: int) -> list[tuple[str, bytes, str]]:
     """``n`` near-duplicate copies of ``img`` (stored as ``fmt``): (transform, bytes, format)."""
     w, h = img.size
     other = "jpg" if fmt != "jpg" else "webp"  # WebP <-> JPEG (a PNG original goes to JPEG)
-    kinds = ["jpeg", "format", "resize", "crop", "combo"]
+    kinds = ["jpeg", "format", "resize", "crop", "crop_jpeg", "combo"]
     picked = [kinds[int(k)] for k in p.rng.permutation(len(kinds))[:n]]
     out = []
     for kind in picked:
         im, name, enc, q = img, [], "jpg", p.g.randint(35, 65)
-        if kind in ("crop", "combo"):
-            c = [p.rng.uniform(0.01, 0.05) for _ in range(4)]
+        if kind in ("crop", "crop_jpeg", "combo"):
+            c = [p.rng.uniform(*CROP_PER_SIDE) for _ in range(4)]
             im = im.crop((round(c[0] * w), round(c[1] * h), w - round(c[2] * w), h - round(c[3] * h)))
             name.append("crop_" + "_".join(f"{v:.3f}" for v in c))
         if kind in ("resize", "combo"):
@@ -200,12 +313,13 @@ def _near_duplicates(p: _Painter, img: Image.Image, fmt: str, n: int) -> list[tu
 
 
 def make_dedup_eval(seed: int = 0, families: int = 16, copies: int = 3) -> DedupEvalSet:
-    """``families`` families (kinds in turn: card, shape, product, photo), each picture with ``copies``
+    """``families`` families (kinds in turn: card, shape, product, photo, graphic, text), each picture with ``copies``
     near-duplicates; deterministic for a seed."""
     p = _Painter(seed)
     titles = [WORDS[int(i)] for i in p.rng.permutation(len(WORDS))]  # card titles: no two card pictures share one
     items: list[EvalItem] = []
     lookalikes: list[tuple[str, str, str]] = []
+    pages = [*PAGES, *SHAPE_PAGES]  # page colours in use
     for f in range(families):
         kind = KINDS[f % len(KINDS)]
         fam = f"f{f:03d}"
@@ -224,7 +338,7 @@ def make_dedup_eval(seed: int = 0, families: int = 16, copies: int = 3) -> Dedup
             pictures = [("original", p.card(w, h, c0, words)), ("colour", p.card(w, h, c1, words)),
                         ("words", p.card(w, h, c0, other))]
         elif kind == "shape":  # one shape on cream and on grey; the shape in another hue, same grey
-            bg0 = _hsv(hue + 0.1, p.rng.uniform(0.12, 0.2), p.rng.uniform(0.93, 0.98))
+            bg0 = SHAPE_PAGES[(f // len(KINDS)) % len(SHAPE_PAGES)]
             bg1 = _same_grey((230, 230, 230), bg0)
             s0 = _hsv(hue, p.rng.uniform(0.6, 0.85), p.rng.uniform(0.6, 0.8))
             s1 = _same_grey(_hsv(hue + 0.5, 0.75, 0.8), s0)
@@ -242,11 +356,40 @@ def make_dedup_eval(seed: int = 0, families: int = 16, copies: int = 3) -> Dedup
             top = p.rng.uniform(226, 245, size=3)
             layout = {"type": ("bottle", "jar", "box")[m % 3], "cx": (0.3, 0.5, 0.7)[(m // 3) % 3],
                       "body_w": p.rng.uniform(0.25, 0.32),
-                      "top": (0.08, 0.2, 0.32)[(m // 9) % 3] + p.rng.uniform(0.0, 0.03),  # height class
+                      "top": (0.06, 0.24, 0.42)[(m // 9) % 3] + p.rng.uniform(0.0, 0.03),  # height class
                       "bg_top": top.tolist(), "bg_bottom": (top - p.rng.uniform(10, 30)).tolist()}
             pictures = [("original", p.product(w, h, c0, layout)), ("colour", p.product(w, h, c1, layout))]
-        else:
+        elif kind == "photo":
             pictures = [("original", p.g.photo(w, h)[0])]
+        else:  # graphic / text: same content, larger, moved, or on a tinted background of the same grey
+            m = f // len(KINDS)
+            bg0 = PAGES[m % len(PAGES)]
+            bg1 = _tinted(bg0, LOOKALIKE_TINT, p.rng, tuple(c for c in pages if c != bg0))
+            pages.append(bg1)  # later tints keep away from this one too
+            x, y = p.rng.uniform(0.35, 0.65), p.rng.uniform(0.35, 0.65)
+            angle = p.rng.uniform(0.0, 2 * np.pi)
+            direction = np.array([np.cos(angle), np.sin(angle)])
+            move = p.rng.uniform(*LOOKALIKE_MOVE) * direction / np.abs(direction).max()  # along x or y at least
+            moved = tuple(float(c + d if 0.2 <= c + d <= 0.8 else c - d)  # the shape stays well inside
+                          for c, d in zip((x, y), move, strict=True))
+            scale = p.rng.uniform(*LOOKALIKE_SCALE)
+            draw: Callable[..., Image.Image]
+            other: list[tuple[str, Image.Image]] = []
+            if kind == "graphic":  # hues over the whole circle: one family's shape is never another's colour
+                colour = _hsv((m * GOLDEN) % 1.0, p.rng.uniform(0.55, 0.85), p.rng.uniform(0.5, 0.8))
+                draw = partial(p.graphic, w, h, colour=colour, content=("rectangle", "ellipse", "triangle")[m % 3])
+                size = p.rng.uniform(0.22, 0.32)
+            else:  # each family its own first word; the other-words look-alike takes one no family uses
+                colour = _hsv((m * GOLDEN) % 1.0, p.rng.uniform(0.3, 0.8), p.rng.uniform(0.1, 0.35))
+                words = " ".join([titles[-1 - 2 * m % len(titles)], p.g.choice(WORDS)])
+                draw = partial(p.text_line, w, h, colour=colour, content=words)
+                size = p.rng.uniform(0.3, 0.45)
+                x = 0.5 + (x - 0.5) * 0.3  # the line spans up to 0.72 of the width when larger
+                moved = (x, y + float(np.abs(move).max()) * (1 if y < 0.5 else -1))  # up or down: the line is wide
+                alt, px = _other_words(p, titles[-2 - 2 * m % len(titles)], words, size * w)
+                other = [("words", p.text_line(w, h, bg0, (x, y), size, colour=colour, content=alt, px=px))]
+            pictures = [("original", draw(bg0, (x, y), size)), ("larger", draw(bg0, (x, y), size * scale)),
+                        ("moved", draw(bg0, moved, size)), ("tint", draw(bg1, (x, y), size)), *other]
         for j, (how, img) in enumerate(pictures):
             pic = f"{fam}_{j}"
             if j:
@@ -333,7 +476,11 @@ def dedup_groups(table: pa.Table, cfg: Any = None) -> dict[str, str]:
     from vila2_curate.curation.dedup import DedupStage
 
     stage = DedupStage(cfg)
-    decisions = stage.decide(stage.signatures(table))
+    return groups_of(stage.decide(stage.signatures(table)))
+
+
+def groups_of(decisions: pa.Table) -> dict[str, str]:
+    """item id -> image group id of dedup decision rows."""
     return {k: g for k, g in zip(decisions.column("key").to_pylist(), decisions.column("group").to_pylist(),
                                  strict=True) if g and g.startswith("image:")}
 
