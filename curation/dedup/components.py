@@ -151,11 +151,9 @@ def star_labels(edges: pa.Table) -> pa.Table:
     layer = edges.column("layer").to_numpy(zero_copy_only=False).astype(np.int8)
     u = edges.column("u").to_numpy(zero_copy_only=False)
     v = edges.column("v").to_numpy(zero_copy_only=False)
-    lab = np.r_[layer, layer]
-    node, root = np.r_[u, v], np.r_[v, v]
-    _, first = np.unique(np.stack([lab.astype(np.int64), node], axis=1), axis=0, return_index=True)
-    return pa.table({"layer": pa.array(lab[first], pa.int8()), "node": pa.array(node[first], pa.int64()),
-                     "root": pa.array(root[first], pa.int64())}, schema=LABEL_SCHEMA)
+    return unique_labels(pa.table({"layer": pa.array(np.r_[layer, layer], pa.int8()),
+                                   "node": pa.array(np.r_[u, v], pa.int64()),
+                                   "root": pa.array(np.r_[v, v], pa.int64())}, schema=LABEL_SCHEMA))
 
 
 def unique_labels(labels: pa.Table) -> pa.Table:
