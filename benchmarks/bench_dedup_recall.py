@@ -11,23 +11,21 @@ pHash k=4 + thumbnail neighbours, every candidate confirmed by the colour-aware 
 baseline ``imagehash_phash_k4`` / ``imagehash_phash_k8`` (imagehash.phash of the decoded picture,
 Hamming <= k, joined by union-find, the same scoring). ``signature_cpu_ms_per_image`` (DedupStage.signatures:
 the thumbnail) and ``decide_cpu_ms_per_image`` are process CPU time. Targets for ours: recall >= 0.98 and
-0 merged pictures. ``--thumb-draft=normalize|quarter``: ours with thumbnails of JPEGs decoded in draft mode as
-normalize decodes them, or at a quarter of their size (``draft_decode``), instead of dedup's own decode.
-Run: python benchmarks/bench_dedup_recall.py [families] [seeds] [first seed] [--no-baselines] [--thumb-draft=...]
+0 merged pictures. Ours takes its thumbnails from normalize's decode, as a curation does
+(``eval_table``); ``--own-decode``: the dedup stage decodes each image itself (a dedup without normalize
+in its segment).
+Run: python benchmarks/bench_dedup_recall.py [families] [seeds] [first seed] [--no-baselines] [--own-decode]
 """
 
 from __future__ import annotations
 
-import io
 import sys
 import time
 
 import pyarrow as pa
 from _common import report
-from PIL import Image
 
 from vila2_curate.curation.dedup import DedupStage
-from vila2_curate.curation.dedup.thumbnails import thumbnail_of
 from vila2_curate.pipelines.demo.dedup_eval import (
     eval_table,
     groups_of,
@@ -38,41 +36,24 @@ from vila2_curate.pipelines.demo.dedup_eval import (
 from vila2_curate.schemas.config import DedupConfig
 
 
-def draft_decode(data: bytes, draft: str) -> Image.Image:
-    """The picture decoded as normalize decodes it (``normalize``: a JPEG in draft mode at the smallest DCT
-    scale keeping both sides >= 128 px, a quarter of a 1280x720 picture, half of this set's ~550 px ones) or
-    a JPEG at a quarter of its size (``quarter``); other formats fully decoded, as normalize does."""
-    img = Image.open(io.BytesIO(data))
-    if img.format in ("JPEG", "MPO"):
-        img.draft("RGB", (128, 128) if draft == "normalize" else (img.width // 4, img.height // 4))
-    img.load()
-    return img
-
-
-def bench(families: int, seed: int, baselines: bool = True, draft: str | None = None) -> None:
+def bench(families: int, seed: int, baselines: bool = True, own_decode: bool = False) -> None:
     ev = make_dedup_eval(seed, families)
     table = eval_table(ev)
+    if own_decode:  # no thumbnail from normalize: the dedup stage decodes each image itself
+        table = table.set_column(table.schema.get_field_index("thumb"), "thumb", pa.nulls(table.num_rows, pa.binary()))
     common = {"seed": seed, "families": families, "items": len(ev.items), "lookalike_pairs": len(ev.lookalikes)}
     stage = DedupStage(DedupConfig())
     cpu, wall = time.process_time(), time.perf_counter()
     signatures = stage.signatures(table)
     sig_cpu = time.process_time() - cpu
-    if draft:  # the same rows with thumbnails of the draft-decoded pictures (decode time not counted)
-        data = dict(zip(table.column("key").to_pylist(), table.column("image").to_pylist(), strict=True))
-        images = [draft_decode(data[k], draft) for k in signatures.column("key").to_pylist()]
-        cpu = time.process_time()
-        thumbs = [thumbnail_of(img) for img in images]
-        sig_cpu = time.process_time() - cpu
-        signatures = signatures.set_column(signatures.schema.get_field_index("thumb"), "thumb",
-                                           pa.array(thumbs, pa.binary()))
     cpu = time.process_time()
     decisions = stage.decide(signatures)
     decide_cpu = time.process_time() - cpu
     seconds = time.perf_counter() - wall
     ours = score(ev.items, groups_of(decisions))
-    report("dedup_recall", method=f"ours_thumb_from_{draft}_draft" if draft else "ours", **common, **_fields(ours),
+    report("dedup_recall", method="ours_own_decode" if own_decode else "ours", **common, **_fields(ours),
            decide_seconds=round(seconds, 2),
-           # with a draft: thumbnail_of on the decoded picture alone (normalize has decoded it already)
+           # thumbnails from normalize's decode cost nothing here (normalize made them); own: decode + thumbnail
            signature_cpu_ms_per_image=round(1000 * sig_cpu / len(ev.items), 2),
            decide_cpu_ms_per_image=round(1000 * decide_cpu / len(ev.items), 2),
            target_met=ours["recall"] >= 0.98 and ours["merged_pictures"] == 0)
@@ -96,6 +77,6 @@ if __name__ == "__main__":
     seeds = int(args[1]) if len(args) > 1 else 3
     first = int(args[2]) if len(args) > 2 else 0
     baselines = "--no-baselines" not in sys.argv
-    draft = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--thumb-draft=")), None)
+    own = "--own-decode" in sys.argv
     for seed in range(first, first + seeds):
-        bench(families, seed, baselines and not draft, draft)
+        bench(families, seed, baselines and not own, own)

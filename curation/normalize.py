@@ -15,6 +15,7 @@ import imagehash
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vila2_curate.curation.dedup.thumbnails import thumbnail_of_decoded
 from vila2_curate.schemas.config import NormalizeConfig
 from vila2_curate.schemas.documents import NO_USABLE_IMAGES, has_kept_image
 from vila2_curate.schemas.images import DRAFTABLE_PIL_FORMATS, FORMAT_OF_PIL, undecodable_reason
@@ -37,12 +38,12 @@ class ImageRejected(Exception):
 
 
 class ProbedImage:
-    __slots__ = ("data", "fmt", "sha256", "phash", "width", "height", "reencoded")
+    __slots__ = ("data", "fmt", "sha256", "phash", "width", "height", "reencoded", "thumb")
 
     def __init__(self, data: bytes, fmt: str, sha256: str, phash: int, width: int, height: int,
-                 reencoded: str | None) -> None:
+                 reencoded: str | None, thumb: bytes | None = None) -> None:
         self.data, self.fmt, self.sha256, self.phash = data, fmt, sha256, phash
-        self.width, self.height, self.reencoded = width, height, reencoded
+        self.width, self.height, self.reencoded, self.thumb = width, height, reencoded, thumb
 
 
 def phash_u64(image: Image.Image) -> int:
@@ -50,8 +51,10 @@ def phash_u64(image: Image.Image) -> int:
     return int(str(imagehash.phash(image)), 16)
 
 
-def probe_image(data: bytes | None, cfg: NormalizeConfig) -> ProbedImage:
-    """Decode-check one encoded image and compute its identity; raise ImageRejected when unusable."""
+def probe_image(data: bytes | None, cfg: NormalizeConfig, thumbnail: bool = False) -> ProbedImage:
+    """Decode-check one encoded image and compute its identity; raise ImageRejected when unusable.
+    ``thumbnail``: also dedup's thumbnail signature from this decode (a dedup stage of the segment
+    confirms with thumbnails and would otherwise decode the image a second time)."""
     if not data:
         raise ImageRejected("image_empty", quarantine=True)
     sha = hashlib.sha256(data).hexdigest()
@@ -91,7 +94,8 @@ def probe_image(data: bytes | None, cfg: NormalizeConfig) -> ProbedImage:
         raise ImageRejected(f"too_small: {width}x{height} < {cfg.min_side}", False)
     if long_side / max(side, 1) > cfg.max_aspect:
         raise ImageRejected(f"aspect_ratio: {width}x{height} > {cfg.max_aspect}", False)
-    return ProbedImage(out, ext, sha, phash_u64(img), width, height, reencoded)
+    thumb = thumbnail_of_decoded(img) if thumbnail else None
+    return ProbedImage(out, ext, sha, phash_u64(img), width, height, reencoded, thumb)
 
 
 def _reencode(img: Image.Image, kept_format: str | None, quality: int) -> tuple[bytes, str]:
@@ -110,7 +114,7 @@ class NormalizeStage(StageBase):
     """Pure batch transform over pair rows or MMC4 document rows (per image inside a document)."""
 
     name = "normalize"
-    version = "1"
+    version = "2"  # 2: dedup's thumbnail from this decode (``thumbnails_follow``)
     resources = Resources(cpus=1)
 
     def __init__(self, cfg: NormalizeConfig | None = None) -> None:
@@ -126,15 +130,15 @@ class NormalizeStage(StageBase):
 
     def _pairs(self, batch: pa.Table) -> pa.Table:
         cols: dict[str, list] = {n: batch.column(n).to_pylist() for n in (
-            "image_format", "sha256", "phash", "width", "height", "drop_reason", "drop_stage", "quarantined",
-            "meta")}
+            "image_format", "sha256", "phash", "thumb", "width", "height", "drop_reason", "drop_stage",
+            "quarantined", "meta")}
         images = batch.column("image").to_pylist()
         reencoded = False
         for i, reason in enumerate(cols["drop_reason"]):
             if reason is not None:
                 continue
             try:
-                p = probe_image(images[i], self.cfg)
+                p = probe_image(images[i], self.cfg, self.thumbnails_follow)
             except ImageRejected as e:
                 cols["drop_reason"][i], cols["drop_stage"][i] = e.reason, self.name
                 cols["quarantined"][i] = e.quarantine
@@ -144,6 +148,7 @@ class NormalizeStage(StageBase):
                 continue
             cols["image_format"][i], cols["sha256"][i] = p.fmt, p.sha256
             cols["phash"][i], cols["width"][i], cols["height"][i] = p.phash, p.width, p.height
+            cols["thumb"][i] = p.thumb
             if p.reencoded:
                 images[i], reencoded = p.data, True
                 cols["meta"][i] = _with_meta(cols["meta"][i], reencoded=p.reencoded)
@@ -161,11 +166,11 @@ class NormalizeStage(StageBase):
                 if im.get("drop_reason") is not None:
                     continue
                 try:
-                    p = probe_image(im.get("image"), self.cfg)
+                    p = probe_image(im.get("image"), self.cfg, self.thumbnails_follow)
                 except ImageRejected as e:
                     im["drop_reason"], im["drop_stage"] = e.reason, self.name
                     continue
-                im.update(image=p.data, image_format=p.fmt, sha256=p.sha256, phash=p.phash,
+                im.update(image=p.data, image_format=p.fmt, sha256=p.sha256, phash=p.phash, thumb=p.thumb,
                           width=p.width, height=p.height)
                 if p.reencoded:
                     im["meta"] = _with_meta(im.get("meta"), reencoded=p.reencoded)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 VERSION_KEY = b"vila2.schema_version"
 KIND_KEY = b"vila2.kind"
 
@@ -84,6 +84,9 @@ _IMAGE_FIELDS = [
     pa.field("image_format", pa.string()),  # "jpg" | "png" | "webp" (the shard member extension)
     pa.field("sha256", pa.string()),  # hex sha256 of the image bytes as read
     pa.field("phash", pa.uint64()),  # 64-bit pHash, same bits as imagehash.phash
+    # dedup's thumbnail signature (curation/dedup/thumbnails.py) from normalize's own decode, when a dedup
+    # of the same segment confirms with thumbnails: working state, never published nor kept between segments
+    pa.field("thumb", pa.binary()),
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
     pa.field("clip_score", pa.float32()),  # CLIP-S = 2.5 * max(cos, 0)

@@ -35,6 +35,8 @@ class Stage(Protocol):
     loads_model: bool  # route it like a model: a worker pool that loads it once (Ray actors, Beam RunInference)
     writes_captions: bool  # appends a caption (a caption-hygiene stage before it may keep empty captions)
     recaption_follows: bool  # set by the planner: a later stage of the run writes captions
+    uses_thumbnails: bool  # reads the ``thumb`` column (dedup's thumbnail signature) when an earlier stage filled it
+    thumbnails_follow: bool  # set by the planner: a later stage of the same segment ``uses_thumbnails``
     run_started_at: Any  # set by the engine: the run's recorded start time (for timestamps in the output)
 
     @property
@@ -68,6 +70,8 @@ class StageBase:
     loads_model: bool = False
     writes_captions: bool = False
     recaption_follows: bool = False
+    thumbnails_follow: bool = False
+    uses_thumbnails: bool = False
     run_started_at: Any = None
     cfg: Any = None
 

@@ -14,8 +14,8 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 from vila2_curate.curation.decisions import apply_decisions, index_decisions
 from vila2_curate.curation.dedup import DedupStage, summarize
 from vila2_curate.curation.dedup.minhash import minhash_signatures, near_duplicate_pairs
+from vila2_curate.curation.dedup.pairs import semantic_cluster_pairs
 from vila2_curate.curation.dedup.phash import brute_force_pairs, hamming_pairs
-from vila2_curate.curation.dedup.semantic import semantic_pairs
 from vila2_curate.curation.dedup.unionfind import UnionFind
 from vila2_curate.curation.normalize import phash_u64
 from vila2_curate.schemas.config import DedupConfig
@@ -222,7 +222,8 @@ def test_semantic_groups_on_synthetic_embeddings() -> None:
     centres = rng.normal(size=(40, 64)).astype(np.float32)
     emb = np.repeat(centres, 3, axis=0) + 0.01 * rng.normal(size=(120, 64)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    pairs = semantic_pairs(emb, eps=0.05, n_clusters=6, seed=0)
+    labels = np.arange(120) // 30  # four clusters of ten centres (as k-means would keep a centre's copies)
+    pairs = semantic_cluster_pairs(emb, labels, eps=0.05)
     uf = UnionFind(range(120))
     uf.union_pairs(pairs.tolist())
     assert uf.groups() == [[3 * c, 3 * c + 1, 3 * c + 2] for c in range(40)]

@@ -170,3 +170,38 @@ def test_image_column_is_passed_through_unless_an_image_was_reencoded():
     rotated = _encode(_texture(320, 240), exif=exif.tobytes())
     images = NormalizeStage()(_pairs([jpeg, rotated])).column("image").to_pylist()
     assert images[0] == jpeg and images[1] != rotated and Image.open(io.BytesIO(images[1])).size == (240, 320)
+
+
+def test_dedup_thumbnail_comes_from_normalizes_own_decode():
+    from vila2_curate.curation.dedup.stage import DedupStage
+    from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES, thumbnail, thumbnail_of_decoded
+
+    big, small = _encode(_texture(1280, 720, 1)), _encode(_texture(500, 260, 2))
+    stage = NormalizeStage(NormalizeConfig())
+    stage.thumbnails_follow = True
+    out = stage(_pairs([big, small])).to_pylist()
+    drafted = Image.open(io.BytesIO(big))
+    drafted.draft("RGB", (128, 128))  # normalize's pHash decode: 320x180, long side past the work size
+    drafted.load()
+    assert out[0]["thumb"] == thumbnail_of_decoded(drafted) and len(out[0]["thumb"]) == THUMB_BYTES
+    assert out[0]["thumb"] != thumbnail(big)  # not the dedup stage's own (half-scale) decode
+    assert out[1]["thumb"] is None  # drafted to 250x130, under the work size: dedup decodes the bytes itself
+    assert [r["thumb"] for r in _run([big])] == [None]  # no dedup follows: no thumbnail work
+
+    sigs = DedupStage().signatures(make_table(out, PAIR_SCHEMA)).column("thumb").to_pylist()
+    assert sigs == [out[0]["thumb"], thumbnail(small)]
+
+
+def test_planner_asks_normalize_for_thumbnails_only_when_dedup_confirms_with_them():
+    from vila2_curate.pipelines.engine.plan import build_plan
+    from vila2_curate.schemas.config import DedupConfig, RunConfig
+
+    def normalize_of(dedup: DedupConfig) -> NormalizeStage:
+        cfg = RunConfig.model_validate({"sources": [{"name": "s", "kind": "coyo_parquet", "paths": ["in"]}],
+                                        "output": {"path": "out"},
+                                        "stages": [NormalizeConfig(), dedup]})
+        return build_plan(cfg).segments[0].maps[0]
+
+    assert normalize_of(DedupConfig()).thumbnails_follow
+    assert not normalize_of(DedupConfig(phash_confirm="none")).thumbnails_follow
+    assert not normalize_of(DedupConfig(methods=["exact"])).thumbnails_follow

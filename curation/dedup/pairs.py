@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from vila2_curate.curation.dedup.minhash import _bucket_pairs, band_keys
-from vila2_curate.curation.dedup.semantic import _block_pairs, clip_cosines
+from vila2_curate.curation.dedup.semantic import block_pairs, clip_cosines
 from vila2_curate.curation.dedup.thumbnails import (
     GREY_SIDE,
     confirm_pairs,
@@ -66,7 +66,7 @@ def thumb_candidate_pairs(thumbs: np.ndarray, rows: np.ndarray, labels: np.ndarr
 
 def semantic_cluster_pairs(emb: np.ndarray, labels: np.ndarray, eps: float) -> np.ndarray:
     emb = np.ascontiguousarray(emb, dtype=np.float32)
-    return clustered_pairs(labels, lambda m: _block_pairs(emb, m, 1.0 - eps))
+    return clustered_pairs(labels, lambda m: block_pairs(emb, m, 1.0 - eps))
 
 
 def confirm_candidates(pairs: np.ndarray, thumbs: np.ndarray, has_thumb: np.ndarray, emb: np.ndarray | None,

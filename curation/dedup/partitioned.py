@@ -52,7 +52,7 @@ from vila2_curate.curation.dedup.pairs import (
     thumb_knn_pairs,
 )
 from vila2_curate.curation.dedup.phash import hamming_pairs
-from vila2_curate.curation.dedup.semantic import default_clusters
+from vila2_curate.curation.dedup.semantic import DIRECT_MAX_ITEMS, default_clusters
 from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES
 from vila2_curate.schemas.rows import DECISION_SCHEMA
 from vila2_curate.schemas.stage import NODE_COL, PARTITION_COL, SHARD_COL
@@ -65,7 +65,6 @@ log = logging.getLogger(__name__)
 SAMPLE_ROWS = 65536  # M: k-means training sample (64-dim thumbnails: 4 MiB; 512-dim embeddings: 128 MiB)
 THUMB_CLUSTER_ROWS = 2048  # target rows per thumbnail cluster: flat k-NN inside costs rows^2 x 256
 LABEL_BLOCK_ROWS = 65536  # rows per block when assigning clusters
-_SEMANTIC_DIRECT_MAX = 4096  # as semantic.py: below this, one cluster
 _KMEANS_ITER = 20
 _EMB_QUANT = 127.0  # embeddings are L2-normalised: x 127 fits int8, 512-dim dot products stay exact
 
@@ -202,7 +201,7 @@ def thumb_cluster_count(n: int) -> int:
 def semantic_cluster_count(n: int, configured: int | None) -> int:
     if configured:
         return configured
-    return 1 if n <= _SEMANTIC_DIRECT_MAX else default_clusters(n)
+    return 1 if n <= DIRECT_MAX_ITEMS else default_clusters(n)
 
 
 # ---- the stage's hooks -----------------------------------------------------------------------------------

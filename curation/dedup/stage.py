@@ -91,7 +91,8 @@ class DedupStage(StageBase):
     """GlobalStage over pair rows and MMC4 document rows; ``group_by=None``: one decide() over all."""
 
     name = "dedup"
-    version = "3"  # 2: keeper = publishable, then pixels, then CLIP score, then id; 3: crop-aware confirmation
+    version = "4"  # 2: keeper = publishable, then pixels, then CLIP score, then id; 3: crop-aware confirmation;
+    # 4: thumbnails from normalize's decode where it ran in the same segment
     resources = Resources(cpus=1)
     group_by: str | None = None
 
@@ -100,6 +101,7 @@ class DedupStage(StageBase):
         m = set(self.cfg.methods)
         self._images = bool(m & set(IMAGE_METHODS))
         self._thumbs = "phash" in m and self.cfg.phash_confirm != "none"
+        self.uses_thumbnails = self._thumbs
 
     def setup(self) -> None:
         """No model: embeddings and CLIP scores come from the clipscore stage's columns."""
@@ -131,7 +133,9 @@ class DedupStage(StageBase):
         out = {k: im.get(k) for k in ("sha256", "phash", "embedding", "clip_score")}
         out["pixels"] = pixels(im.get("width"), im.get("height"))
         need_thumb = self._thumbs and (self.cfg.phash_confirm == "thumbnail" or not im.get("embedding"))
-        if need_thumb and im.get("image"):
+        if need_thumb and im.get("thumb"):
+            out["thumb"] = im["thumb"]
+        elif need_thumb and im.get("image"):
             try:
                 out["thumb"] = thumbnail(im["image"])
             except Exception:  # noqa: BLE001 - an undecodable image just gets no confirmation signal
@@ -139,8 +143,8 @@ class DedupStage(StageBase):
         return out
 
     def _pair_rows(self, batch: pa.Table, rows: list[dict[str, Any]]) -> None:
-        names = ["source", "key", "drop_reason", "image", "sha256", "phash", "embedding", "clip_score", "text",
-                 "url", "captions", "width", "height"]
+        names = ["source", "key", "drop_reason", "image", "sha256", "phash", "thumb", "embedding", "clip_score",
+                 "text", "url", "captions", "width", "height"]
         cols = {n: batch.column(n).to_pylist() if n in batch.column_names else [None] * batch.num_rows
                 for n in names}
         captions = "minhash_captions" in self.cfg.methods

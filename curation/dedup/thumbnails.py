@@ -172,6 +172,14 @@ def thumbnail(data: bytes) -> bytes:
     return thumbnail_of(open_for_thumbnail(data))
 
 
+def thumbnail_of_decoded(img: Image.Image) -> bytes | None:
+    """:func:`thumbnail_of` an image another step already decoded (normalize's pHash draft, EXIF applied),
+    or None when its long side is under the work size (the caller then decodes the bytes itself). Saves
+    the second decode, most of a thumbnail's cost; the detector's thresholds hold on such thumbnails
+    (benchmarks/bench_dedup_recall.py)."""
+    return thumbnail_of(img) if max(img.size) >= _WORK_SIDE else None
+
+
 def thumbnail_of(img: Image.Image) -> bytes:
     """:func:`thumbnail` of an image opened by :func:`open_for_thumbnail` (or decoded exactly as it would)."""
     img = img.convert("RGB")

@@ -456,7 +456,8 @@ def write_dedup_eval(out_dir: str, seed: int = 0, families: int = 16, copies: in
 
 
 def eval_table(ev: DedupEvalSet) -> pa.Table:
-    """The set as PAIR_SCHEMA rows after normalize (pHash, sha256, size), keyed by item id."""
+    """The set as PAIR_SCHEMA rows after normalize (pHash, sha256, size and dedup's thumbnail from the same
+    decode, as a curation with dedup computes them), keyed by item id."""
     from vila2_curate.curation.normalize import probe_image
     from vila2_curate.schemas.config import NormalizeConfig
     from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table
@@ -464,10 +465,10 @@ def eval_table(ev: DedupEvalSet) -> pa.Table:
     cfg = NormalizeConfig()
     rows = []
     for it in ev.items:
-        im = probe_image(it.data, cfg)
+        im = probe_image(it.data, cfg, thumbnail=True)
         rows.append({"key": it.id, "source": "eval", "shard": "0", "url": f"https://eval.example/{it.id}",
                      "text": f"{it.kind} picture", "image": im.data, "image_format": im.fmt, "sha256": im.sha256,
-                     "phash": im.phash, "width": im.width, "height": im.height})
+                     "phash": im.phash, "thumb": im.thumb, "width": im.width, "height": im.height})
     return make_table(rows, PAIR_SCHEMA)
 
 

@@ -74,6 +74,9 @@ def build_plan(config: RunConfig) -> Plan:
             segments.append(Segment(len(segments)))
         else:
             segments[-1].maps.append(s)
+    for seg in segments:  # the thumbnail column does not outlive its segment (workdir.slim_for_work)
+        for i, s in enumerate(seg.stages):
+            s.thumbnails_follow = any(t.uses_thumbnails for t in seg.stages[i + 1:])
     from vila2_curate.pipelines.io.sidecars import plan_sidecars
 
     return Plan(segments, config.config_hash(), {s.name: s.version for s in stages},

@@ -132,7 +132,7 @@ def _dropped_by_decision(batch: pa.Table) -> pa.ChunkedArray:
 
 def slim_for_work(batch: pa.Table) -> pa.Table:
     """What segment i+1 cannot get back from the input shard: the input-only columns go, image bytes and
-    metadata stay only where normalize changed the image."""
+    metadata stay only where normalize changed the image, dedup thumbnails go (its signatures hold them)."""
     kind = _row_kind(batch.schema)
     if kind == "pair":
         changed = _changed_by_normalize(batch.column("meta"))
@@ -140,12 +140,14 @@ def slim_for_work(batch: pa.Table) -> pa.Table:
         keep_image = pc.and_(changed, pc.invert(dropped))
         batch = replace_columns(batch, {
             "image": pc.if_else(keep_image, batch.column("image"), pa.scalar(None, pa.binary())),
-            "meta": pc.if_else(changed, batch.column("meta"), pa.scalar(None, pa.string()))})
+            "meta": pc.if_else(changed, batch.column("meta"), pa.scalar(None, pa.string())),
+            "thumb": pa.nulls(batch.num_rows, pa.binary())})
     else:
         # documents hold at most a few images each; a python pass over the nested structs is simplest
         infos = batch.column("image_info").to_pylist()
         for images in infos:
             for im in images or []:
+                im["thumb"] = None
                 if _REENCODED not in (im.get("meta") or ""):
                     im["image"] = im["meta"] = None
         batch = replace_columns(batch, {"image_info": infos})
@@ -200,12 +202,14 @@ def rejoin_input(work_batches: Iterator[pa.Table], input_batches: Iterable[pa.Ta
 
 
 def slim_dropped(batch: pa.Table) -> pa.Table:
-    """Null the image bytes of pair rows a curation decision dropped (not of quarantined rows)."""
+    """Null the image bytes of pair rows a curation decision dropped (not of quarantined rows), and the
+    dedup thumbnails."""
     if "image" not in batch.column_names:
         return batch
     dropped = _dropped_by_decision(batch)
     return replace_columns(batch, {"image": pc.if_else(dropped, pa.scalar(None, pa.binary()),
-                                                        batch.column("image"))})
+                                                        batch.column("image")),
+                                   "thumb": pa.nulls(batch.num_rows, pa.binary())})
 
 
 def is_slim(fs, path: str) -> bool:

@@ -167,7 +167,7 @@ FIELDS: tuple[Field, ...] = (
 # PAIR_SCHEMA columns the sample json leaves out: the image is its own member; the rest are this run's
 # working state (a published row is kept, so it has no drop reason) or too large to publish.
 FROM_MEMBERS = frozenset({"image", "image_format"})
-NOT_PUBLISHED = frozenset({"embedding", "drop_reason", "drop_stage", "quarantined", "run_metrics"})
+NOT_PUBLISHED = frozenset({"embedding", "thumb", "drop_reason", "drop_stage", "quarantined", "run_metrics"})
 
 
 def txt_source_json(txt_source: Mapping[str, Any] | None) -> dict[str, Any]:
