@@ -16,7 +16,7 @@ from importlib.resources import files
 import fsspec
 
 from vila2_curate.pipelines.io.writers.atomic import write_bytes_atomic
-from vila2_curate.pipelines.report import sections
+from vila2_curate.pipelines.report import costs, sections
 from vila2_curate.pipelines.report.markup import esc
 from vila2_curate.pipelines.report.plots import Plots
 from vila2_curate.pipelines.report.scan import Root, dedup_thumbs_from_work, join, open_root, scan_root
@@ -59,14 +59,14 @@ def render_report(out_dirs: list[str], gallery: int = 12, gpus: Mapping[str, flo
     thumbs = dict(first.scan.thumbs)
     thumbs.update(dedup_thumbs_from_work(first, wanted - thumbs.keys()))
     plots = Plots()
-    gpu_map = dict(sections.DEFAULT_STAGE_GPUS if gpus is None else gpus)
+    gpu_map = dict(costs.DEFAULT_STAGE_GPUS if gpus is None else gpus)
     body = {
         "funnel": sections.funnel(first, plots),
         "clip": sections.clip(first, plots),
         "words": sections.words(roots, plots),
         "dedup": sections.dedup(first, plots, thumbs),
         "specialists": sections.specialists(roots, plots),
-        "throughput": sections.throughput(roots, plots, gpu_map),
+        "throughput": costs.throughput(roots, plots, gpu_map),
         "gallery": sections.gallery(roots, gallery),
     }
     nav = "".join(f'<a href="#{sid}">{esc(title.split(" · ")[1])}</a>' for sid, title in SECTIONS)
