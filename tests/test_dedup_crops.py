@@ -21,7 +21,8 @@ from vila2_curate.curation.dedup.thumbnails import (
     thumbnail_signals,
 )
 from vila2_curate.curation.normalize import phash_u64
-from vila2_curate.pipelines.demo.dedup_eval import _tinted, eval_table, make_dedup_eval
+from vila2_curate.pipelines.demo.colours import tinted
+from vila2_curate.pipelines.demo.dedup_eval import eval_table, make_dedup_eval
 from vila2_curate.pipelines.demo.pictures import PictureGenerator
 from vila2_curate.schemas.config import DedupConfig
 from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table
@@ -94,7 +95,7 @@ def test_crops_of_a_photo_end_in_one_group() -> None:
 
 def test_lookalike_simple_graphics_are_not_confirmed() -> None:
     original = _shape()
-    tint = _tinted(PAGE, (10.0, 10.0), np.random.default_rng(0))
+    tint = tinted(PAGE, (10.0, 10.0), np.random.default_rng(0))
     lookalikes = {"larger": _shape(size=0.28 * 1.45), "moved": _shape(centre=(0.62, 0.5)),
                   "tinted page": _shape(page=tint)}
     copies = [original, _crop(original, 0.05, 0.03, 0.02, 0.06)]

@@ -34,21 +34,21 @@ source plus ``ground_truth.json`` so a whole run can be scored too.
 
 from __future__ import annotations
 
-import colorsys
 import io
 import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageCms, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from vila2_curate.pipelines.demo.colours import hsv, same_grey, tinted
 from vila2_curate.pipelines.demo.pictures import WORDS, PictureGenerator
 
 GOLDEN = 0.6180339887  # hue step between families: hues of different families stay far apart
@@ -62,77 +62,12 @@ LOOKALIKE_MOVE = (0.18, 0.25)  # along x or y; > 2 x 0.065
 LOOKALIKE_TINT = (9.5, 13.0)  # background delta E (CIE76), at the same grey: pHash distance 0
 
 
-def _hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
-    r, g, b = colorsys.hsv_to_rgb(h % 1.0, s, v)
-    return round(r * 255), round(g * 255), round(b * 255)
-
-
 # Pages of the graphic and text families, and of the shape families: 7 hues at two depths each, every two
 # of one palette >= ~9 delta E apart, of the two >= ~6: one family's page is never another's
-PAGES = tuple(_hsv(i / 7 + 0.07 * depth, 0.12 + 0.14 * depth, 0.97 - 0.07 * depth) for depth in (0, 1)
+PAGES = tuple(hsv(i / 7 + 0.07 * depth, 0.12 + 0.14 * depth, 0.97 - 0.07 * depth) for depth in (0, 1)
               for i in range(7))
-SHAPE_PAGES = tuple(_hsv(i / 7 + 0.035 + 0.07 * depth, 0.19 + 0.14 * depth, 0.935 - 0.07 * depth) for depth in (0, 1)
+SHAPE_PAGES = tuple(hsv(i / 7 + 0.035 + 0.07 * depth, 0.19 + 0.14 * depth, 0.935 - 0.07 * depth) for depth in (0, 1)
                     for i in range(7))
-
-
-def _same_grey(colour: tuple[int, int, int], like: tuple[int, int, int]) -> tuple[int, int, int]:
-    """``colour`` scaled to the grey level (PIL's ITU-R 601 luma) of ``like``: the grey thumbnail and
-    pHash see the two as one."""
-    def luma(c: tuple[int, int, int]) -> float:
-        return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
-
-    out = [float(v) for v in colour]
-    for _ in range(8):  # scaling clips at 255: a few rounds settle it
-        k = luma(like) / max(luma(tuple(round(v) for v in out)), 1.0)  # type: ignore[arg-type]
-        out = [min(255.0, v * k) for v in out]
-    return tuple(round(v) for v in out)  # type: ignore[return-value]
-
-
-@lru_cache(maxsize=1)
-def _to_lab() -> ImageCms.ImageCmsTransform:
-    return ImageCms.buildTransformFromOpenProfiles(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"),
-                                                   "RGB", "LAB")
-
-
-def _labs(colours: np.ndarray) -> np.ndarray:
-    """(n, 3) sRGB colours -> CIE L*, a*, b* (littleCMS, PIL's 8-bit Lab: L* x 2.55, a*, b* signed bytes)."""
-    img = Image.fromarray(np.asarray(colours, dtype=np.uint8).reshape(1, -1, 3), "RGB")
-    lab = np.asarray(ImageCms.applyTransform(img, _to_lab()))[0]
-    return np.stack([lab[:, 0] / 2.55, lab[:, 1].view(np.int8), lab[:, 2].view(np.int8)], axis=1).astype(float)
-
-
-def _delta_e(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
-    """CIE76 delta E of two sRGB colours."""
-    lab = _labs(np.array([a, b]))
-    return float(np.sqrt(((lab[0] - lab[1]) ** 2).sum()))
-
-
-def _tinted(colour: tuple[int, int, int], delta_e: tuple[float, float], rng: np.random.Generator,
-            avoid: tuple[tuple[int, int, int], ...] = ()) -> tuple[int, int, int]:
-    """``colour`` moved at constant luma by a delta E within ``delta_e`` (bisection), of 256 random
-    directions and distances the one that gets there and lands farthest from the colours to ``avoid``
-    (other families' pages)."""
-    luma = np.array([0.299, 0.587, 0.114])
-    d = rng.standard_normal((256, 3))
-    d -= np.outer(d @ luma / (luma @ luma), luma)  # no change of grey: pHash and grey thumbnails see one picture
-    d /= np.linalg.norm(d, axis=1, keepdims=True)
-    target = rng.uniform(*delta_e, size=len(d))
-    base = _labs(np.array([colour]))[0]
-
-    def at(t: np.ndarray) -> np.ndarray:
-        return np.clip(np.round(np.asarray(colour) + t[:, None] * d), 0, 255)
-
-    lo, hi = np.zeros(len(d)), np.full(len(d), 64.0)
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        near = np.sqrt(((_labs(at(mid)) - base) ** 2).sum(axis=1)) < target
-        lo, hi = np.where(near, mid, lo), np.where(near, hi, mid)
-    found = at(hi)
-    labs = _labs(found)
-    gap = (np.sqrt(((labs[:, None] - _labs(np.array(avoid))[None]) ** 2).sum(axis=2)).min(axis=1)
-           if avoid else np.zeros(len(d)))
-    reached = np.sqrt(((labs - base) ** 2).sum(axis=1)) >= target - 0.5  # not stopped by 0 or 255
-    return tuple(int(v) for v in found[int(np.where(reached, gap, -1.0).argmax())])  # type: ignore[return-value]
 
 
 @dataclass
@@ -328,9 +263,9 @@ def make_dedup_eval(seed: int = 0, families: int = 16, copies: int = 3) -> Dedup
         # per kind, each family its own hue in [0.05, 0.47); colour look-alikes take theirs from [0.55, 0.97):
         # a look-alike of one family is never the colour of another family (>= 0.08 of the hue circle apart)
         hue = 0.05 + ((f // len(KINDS)) * GOLDEN) % 1.0 * 0.4 + p.rng.uniform(0.0, 0.02)
-        if kind == "card":  # the issue's case: a green and a grey-green card (same hue, less saturated)
-            c0 = _hsv(hue, p.rng.uniform(0.6, 0.8), p.rng.uniform(0.55, 0.75))
-            c1 = _same_grey(_hsv(hue, p.rng.uniform(0.15, 0.3), 0.7), c0)
+        if kind == "card":  # a green and a grey-green card (same hue, less saturated)
+            c0 = hsv(hue, p.rng.uniform(0.6, 0.8), p.rng.uniform(0.55, 0.75))
+            c1 = same_grey(hsv(hue, p.rng.uniform(0.15, 0.3), 0.7), c0)
             m = f // len(KINDS)
             words = [titles[2 * m % len(titles)]] + [p.g.choice(WORDS) for _ in range(3)]
             other = [titles[(2 * m + 1) % len(titles)]] + [p.g.choice([x for x in WORDS if x not in words])
@@ -339,9 +274,9 @@ def make_dedup_eval(seed: int = 0, families: int = 16, copies: int = 3) -> Dedup
                         ("words", p.card(w, h, c0, other))]
         elif kind == "shape":  # one shape on cream and on grey; the shape in another hue, same grey
             bg0 = SHAPE_PAGES[(f // len(KINDS)) % len(SHAPE_PAGES)]
-            bg1 = _same_grey((230, 230, 230), bg0)
-            s0 = _hsv(hue, p.rng.uniform(0.6, 0.85), p.rng.uniform(0.6, 0.8))
-            s1 = _same_grey(_hsv(hue + 0.5, 0.75, 0.8), s0)
+            bg1 = same_grey((230, 230, 230), bg0)
+            s0 = hsv(hue, p.rng.uniform(0.6, 0.85), p.rng.uniform(0.6, 0.8))
+            s1 = same_grey(hsv(hue + 0.5, 0.75, 0.8), s0)
             label = ("rectangle", "ellipse", "triangle")[(f // len(KINDS)) % 3]
             x, y = p.rng.uniform(0.25, 0.4), p.rng.uniform(0.3, 0.7)
             pictures = [("original", p.shape(w, h, bg0, s0, label, (x, y))),
@@ -351,8 +286,8 @@ def make_dedup_eval(seed: int = 0, families: int = 16, copies: int = 3) -> Dedup
         elif kind == "product":  # one product in two colours of the same grey
             m = f // len(KINDS)  # product type m % 3; products of one type step through the hues
             hue = 0.05 + ((m // 3) * GOLDEN + (m % 3) / 3) % 1.0 * 0.4 + p.rng.uniform(0.0, 0.02)
-            c0 = _hsv(hue, p.rng.uniform(0.55, 0.8), p.rng.uniform(0.55, 0.8))
-            c1 = _same_grey(_hsv(hue + 0.5, 0.7, 0.7), c0)
+            c0 = hsv(hue, p.rng.uniform(0.55, 0.8), p.rng.uniform(0.55, 0.8))
+            c1 = same_grey(hsv(hue + 0.5, 0.7, 0.7), c0)
             top = p.rng.uniform(226, 245, size=3)
             layout = {"type": ("bottle", "jar", "box")[m % 3], "cx": (0.3, 0.5, 0.7)[(m // 3) % 3],
                       "body_w": p.rng.uniform(0.25, 0.32),
@@ -364,7 +299,7 @@ def make_dedup_eval(seed: int = 0, families: int = 16, copies: int = 3) -> Dedup
         else:  # graphic / text: same content, larger, moved, or on a tinted background of the same grey
             m = f // len(KINDS)
             bg0 = PAGES[m % len(PAGES)]
-            bg1 = _tinted(bg0, LOOKALIKE_TINT, p.rng, tuple(c for c in pages if c != bg0))
+            bg1 = tinted(bg0, LOOKALIKE_TINT, p.rng, tuple(c for c in pages if c != bg0))
             pages.append(bg1)  # later tints keep away from this one too
             x, y = p.rng.uniform(0.35, 0.65), p.rng.uniform(0.35, 0.65)
             angle = p.rng.uniform(0.0, 2 * np.pi)
@@ -376,11 +311,11 @@ def make_dedup_eval(seed: int = 0, families: int = 16, copies: int = 3) -> Dedup
             draw: Callable[..., Image.Image]
             other: list[tuple[str, Image.Image]] = []
             if kind == "graphic":  # hues over the whole circle: one family's shape is never another's colour
-                colour = _hsv((m * GOLDEN) % 1.0, p.rng.uniform(0.55, 0.85), p.rng.uniform(0.5, 0.8))
+                colour = hsv((m * GOLDEN) % 1.0, p.rng.uniform(0.55, 0.85), p.rng.uniform(0.5, 0.8))
                 draw = partial(p.graphic, w, h, colour=colour, content=("rectangle", "ellipse", "triangle")[m % 3])
                 size = p.rng.uniform(0.22, 0.32)
             else:  # each family its own first word; the other-words look-alike takes one no family uses
-                colour = _hsv((m * GOLDEN) % 1.0, p.rng.uniform(0.3, 0.8), p.rng.uniform(0.1, 0.35))
+                colour = hsv((m * GOLDEN) % 1.0, p.rng.uniform(0.3, 0.8), p.rng.uniform(0.1, 0.35))
                 words = " ".join([titles[-1 - 2 * m % len(titles)], p.g.choice(WORDS)])
                 draw = partial(p.text_line, w, h, colour=colour, content=words)
                 size = p.rng.uniform(0.3, 0.45)
