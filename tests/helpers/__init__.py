@@ -1,0 +1,1 @@
+"""What several test files share: run configs, loopback servers, a Ray cluster with S3, engine helpers."""

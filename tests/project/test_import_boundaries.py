@@ -1,0 +1,104 @@
+"""The layer rules of ARCHITECTURE.md section 2, checked on every import statement (function-level ones too).
+
+import-linter cannot run here: grimp discovers modules by walking the root package's folder, and
+``vila2_curate``'s subpackages live in the repository's top-level folders (setuptools ``package-dir``), so
+this test walks those folders with ``ast`` instead.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from tests.helpers.runs import ROOT
+
+# Higher layers may import lower ones, never the reverse.
+PACKAGE_LAYERS = ("pipelines", "specialists", "recaption", "curation", "schemas")
+# Inside pipelines/: entry points -> report / demo / validate -> executors -> engine -> io.
+PIPELINES_LAYERS = (
+    {"cli", "airflow_dag", "recaption", "__init__"},
+    {"report", "demo", "validate"},
+    {"executors"},
+    {"engine"},
+    {"io"},
+)
+INDEPENDENT = {"report", "demo", "validate"}  # siblings that must not import each other
+# No stage knows its engine or its scheduler.
+ENGINE_MODULES = ("ray", "apache_beam", "airflow")
+STAGE_PACKAGES = ("schemas", "curation", "recaption", "specialists")
+
+
+def imported_modules(source: str) -> set[str]:
+    """Absolute module names an import statement anywhere in ``source`` names (``from a import b``: a, a.b)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def _pipelines_layer(part: str) -> int:
+    return next(i for i, layer in enumerate(PIPELINES_LAYERS) if part in layer)
+
+
+def violations(package: str, rel: Path, imports: set[str]) -> list[str]:
+    """Broken rules for the module at ``<package>/<rel>`` importing ``imports``."""
+    where = f"{package}/{rel.as_posix()}"
+    bad = []
+    mine = PACKAGE_LAYERS.index(package)
+    for name in sorted(imports):
+        parts = name.split(".")
+        if parts[0] in ENGINE_MODULES and package in STAGE_PACKAGES:
+            bad.append(f"{where} imports {name}: stages know no engine")
+        if parts[0] != "vila2_curate" or len(parts) < 2 or parts[1] not in PACKAGE_LAYERS:
+            continue
+        if PACKAGE_LAYERS.index(parts[1]) < mine:
+            bad.append(f"{where} imports {name}: {package}/ is below {parts[1]}/")
+        if package == "pipelines" == parts[1] and len(parts) > 2:
+            src = rel.parts[0].removesuffix(".py")
+            dst = parts[2]
+            if dst not in {m for layer in PIPELINES_LAYERS for m in layer}:
+                continue  # a name imported from vila2_curate.pipelines itself
+            if _pipelines_layer(dst) < _pipelines_layer(src):
+                bad.append(f"{where} imports {name}: pipelines/{src} is below pipelines/{dst}")
+            elif src != dst and src in INDEPENDENT and dst in INDEPENDENT:
+                bad.append(f"{where} imports {name}: pipelines/{src} and pipelines/{dst} are independent")
+    return bad
+
+
+def test_every_pipelines_module_has_a_layer() -> None:
+    known = {m for layer in PIPELINES_LAYERS for m in layer}
+    found = {p.name.removesuffix(".py") for p in (ROOT / "pipelines").iterdir()
+             if p.suffix == ".py" or (p / "__init__.py").exists()}
+    assert found <= known, f"give these a layer in PIPELINES_LAYERS and ARCHITECTURE.md: {sorted(found - known)}"
+
+
+def test_imports_follow_the_layer_rules() -> None:
+    bad = []
+    checked = 0
+    for package in PACKAGE_LAYERS:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT / package)
+            bad += violations(package, rel, imported_modules(path.read_text()))
+            checked += 1
+    assert checked > 80  # every folder was walked
+    assert not bad, "\n".join(bad)
+
+
+def test_the_checker_sees_violations() -> None:
+    """Each rule fires on a module that breaks it, including an import inside a function."""
+    src = "def f():\n    from vila2_curate.pipelines.engine import runner\n"
+    assert violations("curation", Path("x.py"), imported_modules(src))
+    assert violations("recaption", Path("x.py"), imported_modules("import ray.data\n"))
+    assert violations("pipelines", Path("io/sink.py"),
+                      imported_modules("from vila2_curate.pipelines.engine.plan import Plan\n"))
+    assert violations("pipelines", Path("report/page.py"),
+                      imported_modules("from vila2_curate.pipelines.demo import sample\n"))
+    assert violations("schemas", Path("x.py"), imported_modules("import vila2_curate.curation.dedup\n"))
+    ok = "from vila2_curate.schemas.rows import PAIR_SCHEMA\nimport numpy\n"
+    assert not violations("curation", Path("x.py"), imported_modules(ok))
+    assert not violations("pipelines", Path("engine/plan.py"),
+                          imported_modules("from vila2_curate.pipelines.io.sink import ShardSink\n"))
