@@ -38,6 +38,31 @@ def sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def curated_sample(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``curated_sample(stages) -> output folder``: the sample curated on the local engine with those
+    stages, run once per stage list for the whole session and shared by every test file that reads it.
+    Read-only: a test that changes an output works on a copy."""
+    import json
+
+    from tests.helpers.runs import write_config
+    from vila2_curate.pipelines.executors.local import run_local
+    from vila2_curate.schemas.config import load_config
+
+    runs: dict[str, Path] = {}
+
+    def curated(stages: list[dict]) -> Path:
+        key = json.dumps(stages, sort_keys=True)
+        if key not in runs:
+            tmp = tmp_path_factory.mktemp("curated")
+            assert run_local(load_config(write_config(sample_dir, tmp / "out", tmp / "run.yaml", stages=stages)),
+                             progress=False)["balanced"]
+            runs[key] = tmp / "out"
+        return runs[key]
+
+    return curated
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     """One local Ray cluster for the whole test session (starting one costs ~10 s). Four logical CPUs on
     the 2-core machine: the placement check wants a segment's reader, model pools and CPU stages to fit

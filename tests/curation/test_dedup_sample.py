@@ -17,10 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers.runs import write_config
-from vila2_curate.pipelines.executors.local import run_local
 from vila2_curate.pipelines.validate import read_vila_samples
-from vila2_curate.schemas.config import load_config
 
 DEDUP = {"type": "dedup", "methods": ["exact", "phash", "minhash_captions", "minhash_documents"]}
 NEAR_PAIR_RECALL = 0.95
@@ -67,12 +64,9 @@ class Outcome:
 
 
 @pytest.fixture(scope="module")
-def outcome(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Outcome:
-    tmp = tmp_path_factory.mktemp("dedup-sample")
-    cfg = write_config(sample_dir, tmp / "out", tmp / "run.yaml", stages=[{"type": "normalize"}, DEDUP])
-    stats = run_local(load_config(cfg), progress=False)
-    assert stats["balanced"]
-    return Outcome(tmp / "out", json.loads((sample_dir / "ground_truth.json").read_text()))
+def outcome(sample_dir: Path, curated_sample) -> Outcome:
+    return Outcome(curated_sample([{"type": "normalize"}, DEDUP]),
+                   json.loads((sample_dir / "ground_truth.json").read_text()))
 
 
 def test_every_exact_group_keeps_exactly_one(outcome: Outcome) -> None:

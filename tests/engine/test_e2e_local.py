@@ -35,11 +35,8 @@ EXPECTED_REASON = {
 
 
 @pytest.fixture(scope="module")
-def clean_run(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("clean")
-    cfg = write_config(sample_dir, tmp / "out", tmp / "run.yaml", stages=NORMALIZE)
-    run_local(load_config(cfg), progress=False)
-    return tmp / "out"
+def clean_run(curated_sample) -> Path:
+    return curated_sample(NORMALIZE)
 
 
 def _rejects(out: Path) -> dict[tuple[str, str], dict]:

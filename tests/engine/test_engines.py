@@ -100,11 +100,8 @@ def local_out(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 @pytest.fixture(scope="module")
-def plain_local_out(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("engines_plain")
-    run_local(load_config(write_config(sample_dir, tmp / "out", tmp / "run.yaml",
-                                       stages=[{"type": "normalize"}, CURATION[1]])), progress=False)
-    return tmp / "out"
+def plain_local_out(curated_sample) -> Path:
+    return curated_sample([{"type": "normalize"}, CURATION[1]])
 
 
 def _decide_modes(out: Path) -> dict[str, str]:
