@@ -15,8 +15,8 @@ import fsspec
 import pytest
 import yaml
 
+from tests.helpers.rows import doc_row
 from tests.helpers.runs import write_config
-from tests.io.test_writers import doc_row
 from vila2_curate.pipelines.executors.local import run_local
 from vila2_curate.pipelines.io.writers.mmc4 import Mmc4PklWriter, first_part
 from vila2_curate.pipelines.validate import check_output

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers.outputs import first_tar, resync, rewrite_tar, sample_urls
 from tests.helpers.runs import write_config, write_round_config
-from tests.io.test_validate import first_tar, resync, rewrite_tar, sample_urls
 from vila2_curate.pipelines.cli import main as cli_main
 from vila2_curate.pipelines.executors.local import run_local
 from vila2_curate.pipelines.validate import check_output, validate_output
