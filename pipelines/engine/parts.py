@@ -31,8 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vila2_curate.pipelines.engine.guard import apply_guarded
+from vila2_curate.pipelines.engine.markers import ShardResult, Timings, add_timing, merge_timings
 from vila2_curate.pipelines.engine.plan import Plan, Segment
-from vila2_curate.pipelines.engine.progress import ShardResult, Timings, add_timing, merge_timings
 from vila2_curate.pipelines.engine.runner import WorkItem
 from vila2_curate.pipelines.engine.shard_task import (
     SegmentOutput,

@@ -34,26 +34,25 @@ import pyarrow.compute as pc
 from vila2_curate.pipelines.engine import aggregate
 from vila2_curate.pipelines.engine.aggregate import normalize_decisions
 from vila2_curate.pipelines.engine.components import GROUP_COL, combine_on_engine
-from vila2_curate.pipelines.engine.plan import Plan, Segment, build_plan, set_run_started_at
-from vila2_curate.pipelines.engine.progress import (
-    finalize,
-    is_done,
+from vila2_curate.pipelines.engine.finalize import finalize
+from vila2_curate.pipelines.engine.markers import (
+    decide_timings,
+    is_decided,
     load_marker,
     remove_stale_outputs,
     run_started_at,
+    segment_done,
+    write_decided,
 )
+from vila2_curate.pipelines.engine.plan import Plan, Segment, build_plan, set_run_started_at
 from vila2_curate.pipelines.engine.workdir import (
-    decided_path,
-    is_decided,
     read_all_decisions,
-    read_done,
     remove_signatures,
     rows_path,
     sample_path,
     samples_dir,
     seg_dir,
     signatures_path,
-    write_decided,
     write_shard_decisions,
 )
 from vila2_curate.pipelines.io.readers import make_reader
@@ -187,12 +186,12 @@ def pending_work(ctx: RunContext) -> dict[int, list[WorkItem]]:
     to the input."""
     fs, root, plan = ctx.fs, ctx.root, ctx.plan
     last = len(plan.segments) - 1
-    todo = {last: {it.index for it in ctx.items if not is_done(fs, root, it.shard, plan.plan_hash)}}
+    todo = {last: {it.index for it in ctx.items if not segment_done(fs, root, plan, last, it.shard)}}
     for i in range(last - 1, -1, -1):
-        seg_hash, decided = plan.segment_hash(i), is_decided(fs, root, i, plan.segment_hash(i))
+        decided = is_decided(fs, root, i, plan.segment_hash(i))
         need = set()
         for it in ctx.items:
-            done = (read_done(fs, root, i, it.shard) or {}).get("segment_hash") == seg_hash
+            done = segment_done(fs, root, plan, i, it.shard)
             undecided_work = not done and not decided
             rows_missing = it.index in todo[i + 1] and not (done and fs.exists(rows_path(root, i, it.shard)))
             if undecided_work or rows_missing:
@@ -389,9 +388,8 @@ def _finish_decide(ctx: RunContext, segment: Segment, seg_hash: str, n_decisions
     stage = segment.decide
     log.info("%s decided (%s) in %.2fs", stage.name, mode, seconds)
     n_sigs = write_segment_summary(ctx, segment, n_decisions, mode, extra)
-    write_decided(ctx.fs, ctx.root, segment.index, seg_hash, {
-        "decisions": n_decisions, "shards": len(ctx.items),
-        "timings": {f"{stage.name}_decide": {"rows": n_sigs, "seconds": seconds}}})
+    write_decided(ctx.fs, ctx.root, segment.index, seg_hash, n_decisions, len(ctx.items),
+                  {f"{stage.name}_decide": {"rows": n_sigs, "seconds": seconds}})
 
 
 def write_segment_summary(ctx: RunContext, segment: Segment, n_decisions: int, mode: str,
@@ -437,18 +435,6 @@ def run_info(plan: Plan, config: RunConfig) -> dict[str, Any]:
               for seg in plan.segments for s in seg.stages]
     return {"run": {"name": config.name, "engine": config.engine, "config_hash": plan.config_hash,
                     "plan_hash": plan.plan_hash, "stages": stages}}
-
-
-def decide_timings(fs, root: str, plan: Plan) -> dict[str, dict[str, float]]:
-    """Each global stage's decide (all its steps, on whatever engine): seconds and signatures, from the
-    segment markers, so a resumed run reports the decide it reused."""
-    out = {}
-    for segment in plan.segments:
-        path = decided_path(root, segment.index)
-        if segment.decide is not None and fs.exists(path):
-            with fs.open(path, "rb") as f:
-                out.update(json.load(f).get("timings") or {})
-    return out
 
 
 def plan_summaries(fs, root: str, plan: Plan) -> dict[str, Any]:

@@ -23,23 +23,23 @@ import pyarrow as pa
 
 from vila2_curate.curation.decisions import apply_decisions, index_decisions
 from vila2_curate.pipelines.engine.guard import apply_guarded
-from vila2_curate.pipelines.engine.plan import Plan, Segment
-from vila2_curate.pipelines.engine.progress import (
+from vila2_curate.pipelines.engine.markers import (
     ShardResult,
     Timings,
     add_timing,
     merge_timings,
+    segment_timings,
     write_marker,
+    write_segment_done,
 )
+from vila2_curate.pipelines.engine.plan import Plan, Segment
 from vila2_curate.pipelines.engine.workdir import (
     IntermediateWriter,
     is_slim,
-    read_done,
     read_rows,
     read_shard_decisions,
     rejoin_input,
     rows_path,
-    write_done,
     write_signatures,
 )
 from vila2_curate.pipelines.io.readers.base import InputShard, Reader
@@ -132,8 +132,7 @@ class SegmentOutput:
         if self.last:
             stats, files = self.sink.close()
             # the shard's timings over the whole plan: earlier segments' from their done markers
-            earlier = [(read_done(self.fs, self.root, s.index, self.shard) or {}).get("timings")
-                       for s in self.plan.segments[:-1]]
+            earlier = [segment_timings(self.fs, self.root, s.index, self.shard) for s in self.plan.segments[:-1]]
             result = ShardResult(shard=self.shard, stats=stats, files=files, config_hash=self.plan.config_hash,
                                  stage_versions=self.plan.stage_versions,
                                  timings=merge_timings([*earlier, timings]), plan_hash=self.plan.plan_hash)
@@ -142,9 +141,8 @@ class SegmentOutput:
             return result
         write_signatures(self.fs, self.root, self.segment.index, self.shard, self.sigs)
         self.inter.commit()
-        write_done(self.fs, self.root, self.segment.index, self.shard,
-                   {"segment_hash": self.plan.segment_hash(self.segment.index), "rows": self.rows,
-                    "timings": timings})
+        write_segment_done(self.fs, self.root, self.segment.index, self.shard,
+                           self.plan.segment_hash(self.segment.index), self.rows, timings)
         self._drop_previous_rows()
         return None
 

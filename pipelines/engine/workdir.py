@@ -29,11 +29,9 @@ fetching) keeps whole rows.
 from __future__ import annotations
 
 import contextlib
-import json
 import posixpath
 import uuid
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -44,7 +42,6 @@ from vila2_curate.pipelines.io.readers.base import InputShard
 from vila2_curate.pipelines.io.writers.atomic import (
     open_parquet,
     read_parquet,
-    write_json_atomic,
     write_parquet_atomic,
 )
 from vila2_curate.schemas.rows import check_schema_version, conform
@@ -92,10 +89,6 @@ def samples_dir(root: str, seg: int) -> str:
 
 def sample_path(root: str, seg: int, shard: InputShard) -> str:
     return posixpath.join(samples_dir(root, seg), f"{shard.source}.{shard.shard_id}.parquet")
-
-
-def decided_path(root: str, seg: int) -> str:
-    return posixpath.join(seg_dir(root, seg), "decided.json")
 
 
 # Columns the reader yields again, unchanged by every stage: never stored in _work (segment i+1 takes
@@ -270,21 +263,6 @@ def write_signatures(fs, root: str, seg: int, shard: InputShard, parts: list[pa.
     write_parquet_atomic(fs, signatures_path(root, seg, shard), table)
 
 
-def write_done(fs, root: str, seg: int, shard: InputShard, payload: dict[str, Any]) -> None:
-    write_json_atomic(fs, done_path(root, seg, shard), payload)
-
-
-def read_done(fs, root: str, seg: int, shard: InputShard) -> dict[str, Any] | None:
-    path = done_path(root, seg, shard)
-    if not fs.exists(path):
-        return None
-    try:
-        with fs.open(path, "rb") as f:
-            return json.load(f)
-    except ValueError:
-        return None
-
-
 def write_shard_decisions(fs, root: str, seg: int, shard: InputShard, decisions: pa.Table,
                           seg_hash: str) -> int:
     """One input shard's decisions, sorted (the same bytes whatever engine or grouping made them)."""
@@ -302,22 +280,6 @@ def read_shard_decisions(fs, root: str, seg: int, shard: InputShard, seg_hash: s
     if seg_hash is not None and (t.schema.metadata or {}).get(b"vila2.segment_hash") != seg_hash.encode():
         raise RuntimeError(f"{path} belongs to another run configuration")
     return t
-
-
-def write_decided(fs, root: str, seg: int, seg_hash: str, payload: dict[str, Any]) -> None:
-    """The segment's commit point, written after every shard's decisions."""
-    write_json_atomic(fs, decided_path(root, seg), {"segment_hash": seg_hash, **payload})
-
-
-def is_decided(fs, root: str, seg: int, seg_hash: str) -> bool:
-    path = decided_path(root, seg)
-    if not fs.exists(path):
-        return False
-    try:
-        with fs.open(path, "rb") as f:
-            return json.load(f).get("segment_hash") == seg_hash
-    except ValueError:
-        return False
 
 
 def read_all_decisions(fs, root: str, seg: int, shards: list[InputShard]) -> pa.Table:

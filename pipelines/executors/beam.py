@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from vila2_curate.pipelines.engine.markers import segment_done
 from vila2_curate.pipelines.engine.parts import (
     RunShard,
     assemble_shard,
@@ -35,7 +36,6 @@ from vila2_curate.pipelines.engine.parts import (
     write_parts,
 )
 from vila2_curate.pipelines.engine.plan import Segment
-from vila2_curate.pipelines.engine.progress import is_done
 from vila2_curate.pipelines.engine.runner import (
     DEFAULT_PARTITIONS,
     RunContext,
@@ -44,7 +44,7 @@ from vila2_curate.pipelines.engine.runner import (
     split_by_key,
 )
 from vila2_curate.pipelines.engine.shard_task import is_rereadable
-from vila2_curate.pipelines.engine.workdir import WORK_DIR, read_done
+from vila2_curate.pipelines.engine.workdir import WORK_DIR
 from vila2_curate.pipelines.io.writers.atomic import read_parquet, write_parquet_atomic
 from vila2_curate.schemas.config import RunConfig
 
@@ -155,9 +155,7 @@ class BeamEngine:
                  | f"assemble_{kind}" >> beam.ParDo(Assemble()))
         # a shard with no rows at all has no parts, so GroupByKey never saw it: give it its (empty) outputs
         for it in pending:
-            finished = (is_done(fs, root, it.shard, plan.plan_hash) if segment.decide is None else
-                        (read_done(fs, root, seg, it.shard) or {}).get("segment_hash") == plan.segment_hash(seg))
-            if not finished:
+            if not segment_done(fs, root, plan, seg, it.shard):
                 assemble_shard(fs, root, plan, seg, it, [], config.output, config.batch_size)
         clear_segment_parts(fs, root, seg)
 

@@ -56,7 +56,7 @@ def good(tmp_path: Path) -> Path:
                               stage_versions={}) for f in pk]
     stats.append(ShardStats(source="mmc4", shard="00000", rows_in=3, kept=3))
     write_wids_meta(FS, str(root), "curated", files)
-    # one per source too, urls relative to its own folder (as pipelines/engine/progress.py writes them)
+    # one per source too, urls relative to its own folder (as pipelines/engine/finalize.py writes them)
     write_wids_meta(FS, str(root / "coyo"), "curated-coyo",
                     [OutputFile(f.relpath.split("/", 1)[1], f.nsamples, f.bytes, f.sha256) for f in files])
     write_json_atomic(FS, str(root / "stats.json"), merge_stats(stats))
