@@ -468,7 +468,7 @@ def t_call(fn: Any, arg: Any) -> dict[str, Any]:
 
 def t_load_split(load: Any, item: Any, key: str, folder: str) -> dict[str, Any]:
     """The map side of a group-by: one shard's rows, one file per group value."""
-    from vila2_curate.pipelines.engine.runner import split_by_key
+    from vila2_curate.pipelines.engine.aggregate import split_by_key
 
     t = time.process_time()
     rows = load(item)

@@ -145,8 +145,8 @@ class PartitionedDecide(Protocol):
 
     ``decide(all signatures)`` above stays the single-process reference; for the same signatures the
     partitioned path must give the same decisions (same kept rows, same reasons).
-    ``pipelines.engine.aggregate.decide_partitioned`` runs these steps in one process (the reference of the path;
-    helpers ``with_shard``, ``split_by_partition``, ``fit_sample`` there). The engine runs:
+    ``pipelines.engine.runner.decide_signatures`` runs these steps on every engine (in one process:
+    ``pipelines.executors.local.decide_in_process``). The engine runs:
 
     0. only when the stage has ``fit`` (optional; dedup with thumbnail neighbours or SemDeDup, for its
        k-means centroids): ``stage.fit(stage.sample(sig) for each shard's sig)``. ``sample`` returns at
@@ -196,8 +196,7 @@ class ConfirmsPending(Protocol):
     partition rows do not carry (dedup: pHash band rows hold no thumbnail or embedding, since each item
     goes to k+1 bands). Each pending edge names its endpoints' input shards (``a_shard``, ``b_shard``).
 
-    The engine (``pipelines.engine.components``: ``ConfirmA``, ``ConfirmB``, with ``CombinesOnEngine``;
-    in one process ``pipelines.engine.aggregate.confirm_pending_local``):
+    The engine (``pipelines.engine.components``: ``ConfirmA``, ``ConfirmB``, with ``CombinesOnEngine``):
 
     a. ``split_pending(partial)`` -> (ready, pending) for the edges of each step-2 group (on the engine:
        per a-endpoint shard, after the groups wrote their edges there).

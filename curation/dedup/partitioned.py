@@ -330,7 +330,7 @@ class PartitionedDedup:
         # matches the reference's clusters.
         if not self.fitted and not self._warned and self._tasks() & {"thumb", "semantic"}:
             log.warning("dedup partition() before fit(): one cluster for thumbnail neighbours / SemDeDup; "
-                        "run pipelines.engine.aggregate.fit_sample(stage, shard signatures) first "
+                        "run stage.fit(stage.sample(sig) for each shard's sig) first "
                         "(schemas.stage.PartitionedDecide step 0)")
             self._warned = True
         sig = sig.combine_chunks()

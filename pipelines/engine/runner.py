@@ -211,8 +211,6 @@ def uses_partitioned(stage: Any, config: RunConfig) -> bool:
     return config.decide == "partitioned" and isinstance(stage, PartitionedDecide)
 
 
-
-
 class LoadSignatures:
     """A shard's signatures with the engine's ``shard`` column; with ``partitions`` set, through
     ``stage.partition`` and keyed by ``partition % partitions`` (a picklable callable: it runs on the
@@ -351,20 +349,27 @@ def decisions_of(decisions: pa.Table, sig: pa.Table) -> pa.Table:
 
 def decide_segment(engine: Engine, ctx: RunContext, segment: Segment) -> None:
     """Aggregate the segment's signatures and store the decisions per input shard, then the marker."""
-    fs, root, stage, seg = ctx.fs, ctx.root, segment.decide, segment.index
-    seg_hash = ctx.plan.segment_hash(seg)
+    seg_hash = ctx.plan.segment_hash(segment.index)
     t = time.perf_counter()
-    partitioned = uses_partitioned(stage, ctx.config)
+    partitioned = uses_partitioned(segment.decide, ctx.config)
+    n_decisions, extra = decide_signatures(engine, ctx, segment.index, seg_hash, segment.decide, partitioned)
+    _finish_decide(ctx, segment, seg_hash, n_decisions, "partitioned" if partitioned else "single",
+                   time.perf_counter() - t, extra)
+
+
+def decide_signatures(engine: Engine, ctx: RunContext, seg: int, seg_hash: str, stage: Any,
+                      partitioned: bool, partitions: int | None = None) -> tuple[int, dict[str, Any]]:
+    """Every shard's decisions of global stage ``stage`` from the shards' signatures of segment ``seg``,
+    written per shard (the steps of the module docstring's two paths); returns (decision rows, what the
+    summary adds). ``partitions``: the step-2 groups (default: the engine's)."""
+    fs, root = ctx.fs, ctx.root
     if partitioned:
         if isinstance(stage, FitsOnSample):  # step 0: bounded samples stream into fit on the driver
             fit_on_samples(engine, ctx, seg, stage)
-        partitions = max(1, int(engine.partitions(ctx)))
+        partitions = max(1, int(partitions or engine.partitions(ctx)))
         if isinstance(stage, CombinesOnEngine):
-            n_decisions, extra = combine_on_engine(engine, ctx, seg, seg_hash, stage, partitions,
-                                                   ShardSignatures(fs, root, seg),
-                                                   LoadSignatures(fs, root, seg, stage, partitions))
-            _finish_decide(ctx, segment, seg_hash, n_decisions, "partitioned", time.perf_counter() - t, extra)
-            return
+            return combine_on_engine(engine, ctx, seg, seg_hash, stage, partitions, ShardSignatures(fs, root, seg),
+                                     LoadSignatures(fs, root, seg, stage, partitions))
         partials = engine.group_apply(ctx, ctx.items, LoadSignatures(fs, root, seg, stage, partitions),
                                       GROUP_COL, DecidePartition(stage))
         partials = [p for p in partials if p is not None]
@@ -378,8 +383,7 @@ def decide_segment(engine: Engine, ctx: RunContext, segment: Segment) -> None:
         combined, decisions = None, pa.concat_tables(tables) if tables else normalize_decisions(None)
     counts = engine.per_shard(ctx, ctx.items, WriteShardDecisions(fs, root, seg, seg_hash, stage, combined,
                                                                   decisions))
-    _finish_decide(ctx, segment, seg_hash, sum(counts), "partitioned" if partitioned else "single",
-                   time.perf_counter() - t)
+    return sum(counts), {}
 
 
 def _finish_decide(ctx: RunContext, segment: Segment, seg_hash: str, n_decisions: int, mode: str,
@@ -448,15 +452,3 @@ def plan_summaries(fs, root: str, plan: Plan) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-def split_by_key(table: pa.Table, key: str | None) -> list[tuple[Any, pa.Table]]:
-    """(value, rows) per distinct value of ``key`` (nulls are one group); one group when key is None."""
-    if key is None:
-        return [(None, table)]
-    keys = table.column(key)
-    out = []
-    for value in sorted(pc.unique(keys).to_pylist(), key=lambda v: (v is None, str(v))):
-        mask = pc.is_null(keys) if value is None else pc.equal(keys, pa.scalar(value, keys.type))
-        out.append((value, table.filter(mask)))
-    return out

@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from vila2_curate.pipelines.engine.aggregate import split_by_key
 from vila2_curate.pipelines.engine.markers import segment_done
 from vila2_curate.pipelines.engine.parts import (
     RunShard,
@@ -41,7 +42,6 @@ from vila2_curate.pipelines.engine.runner import (
     RunContext,
     WorkItem,
     run_engine,
-    split_by_key,
 )
 from vila2_curate.pipelines.engine.shard_task import is_rereadable
 from vila2_curate.pipelines.engine.workdir import WORK_DIR

@@ -7,31 +7,35 @@ map shards one after another, group with a dict, call per shard in a loop.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 from tqdm import tqdm
 
+from vila2_curate.pipelines.engine.aggregate import split_by_key
 from vila2_curate.pipelines.engine.plan import Plan, Segment
 from vila2_curate.pipelines.engine.runner import (
     DEFAULT_PARTITIONS,
     RunContext,
     WorkItem,
+    decide_signatures,
     list_work,
     plan_summaries,
     prepare_run,
     remove_temp_files,
     run_engine,
     run_info,
-    split_by_key,
 )
 from vila2_curate.pipelines.engine.shard_task import run_shard_segment
-from vila2_curate.schemas.config import RunConfig
+from vila2_curate.pipelines.engine.workdir import read_shard_decisions, write_signatures
+from vila2_curate.pipelines.io.readers.base import InputShard
+from vila2_curate.schemas.config import BeamOptions, RayOptions, RunConfig
 
 # the CLI, tests and other engines import these from here
-__all__ = ["LocalEngine", "RunContext", "WorkItem", "list_work", "plan_summaries", "prepare_run",
-           "remove_temp_files", "run_info", "run_local"]
+__all__ = ["LocalEngine", "RunContext", "WorkItem", "decide_in_process", "list_work", "plan_summaries",
+           "prepare_run", "remove_temp_files", "run_info", "run_local", "signature_context"]
 
 
 class _Progress:
@@ -98,3 +102,31 @@ def run_local(config: RunConfig, *, progress: bool = True, max_shards: int | Non
     """Run every source through the plan in this process; returns the merged stats. ``plan``: a prepared
     plan (default: the config's)."""
     return run_engine(LocalEngine(progress, max_shards), config, plan)
+
+
+def decide_in_process(stage: Any, shard_signatures: Sequence[tuple[str, pa.Table]], root: str, *,
+                      partitioned: bool = True, partitions: int | None = None,
+                      engine: Any = None) -> tuple[dict[str, pa.Table], dict[str, Any]]:
+    """A global stage's decide over given signature tables (``"<source>/<shard_id>"`` -> table), by the
+    runner's own steps (``runner.decide_signatures``) on ``engine`` (default: the local engine, in this
+    process), with ``root`` as the run folder and ``partitions`` step-2 groups (default: the engine's).
+    Returns (shard -> its decisions, what the summary adds).
+    The tests' and benchmarks' way to run the path that production runs, on synthetic signatures."""
+    ctx = signature_context(shard_signatures, root)
+    _, extra = decide_signatures(engine or LocalEngine(progress=False), ctx, 0, "in-process", stage, partitioned,
+                                 partitions)
+    return {name: read_shard_decisions(ctx.fs, root, 0, it.shard)
+            for (name, _), it in zip(shard_signatures, ctx.items, strict=True)}, extra
+
+
+def signature_context(shard_signatures: Sequence[tuple[str, pa.Table]], root: str) -> RunContext:
+    """A run folder at ``root`` holding the given shards' signatures of segment 0, as a segment's map side
+    leaves them, and the context the decide steps read (its shards; no plan)."""
+    fs = fsspec.filesystem("file")
+    items = []
+    for i, (name, sig) in enumerate(shard_signatures):
+        source, shard_id = name.split("/", 1)
+        item = WorkItem(i, None, InputShard(source, shard_id, f"in/{i}", "coyo_parquet", "pair"))
+        write_signatures(fs, root, 0, item.shard, [sig])
+        items.append(item)
+    return RunContext(fs, root, None, RunConfig.model_construct(beam=BeamOptions(), ray=RayOptions()), items)

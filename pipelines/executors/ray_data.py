@@ -24,6 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from vila2_curate.pipelines.engine.aggregate import split_by_key
 from vila2_curate.pipelines.engine.parts import (
     RunShard,
     assemble_shard,
@@ -36,7 +37,7 @@ from vila2_curate.pipelines.engine.parts import (
     write_parts,
 )
 from vila2_curate.pipelines.engine.plan import Segment
-from vila2_curate.pipelines.engine.runner import RunContext, WorkItem, run_engine, split_by_key
+from vila2_curate.pipelines.engine.runner import RunContext, WorkItem, run_engine
 from vila2_curate.pipelines.engine.shard_task import is_rereadable
 from vila2_curate.schemas.config import RunConfig
 from vila2_curate.schemas.stage import Resources

@@ -12,7 +12,8 @@ import pytest
 from vila2_curate.curation.dedup.minhash import minhash_signatures
 from vila2_curate.curation.dedup.stage import SIGNATURE_SCHEMA, DedupStage
 from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES
-from vila2_curate.pipelines.engine.aggregate import decide_partitioned
+from tests.helpers.reference import combine_reference
+from vila2_curate.pipelines.executors.local import decide_in_process
 from vila2_curate.schemas.config import DedupConfig
 from vila2_curate.schemas.rows import DECISION_SCHEMA
 
@@ -117,7 +118,7 @@ def test_partitioned_equals_single_process(synthetic: pa.Table, name: str) -> No
     if name == "text":
         assert "duplicate_document" in reasons and any(r["flag"] for r in reference)
     for partitions, shards, seed in ((1, 1, 0), (3, 4, 1), (16, 7, 2)):
-        per_shard = decide_partitioned(DedupStage(cfg), _shards(synthetic, shards, seed), partitions)
+        per_shard = combine_reference(DedupStage(cfg), _shards(synthetic, shards, seed), partitions)
         assert _sorted(pa.concat_tables(per_shard.values())) == reference, (partitions, shards)
 
 
@@ -130,7 +131,7 @@ def test_full_sample_gives_the_same_clusters_for_any_split(synthetic: pa.Table, 
     monkeypatch.setattr(part, "THUMB_CLUSTER_ROWS", 300)
     cfg = CONFIGS["images"]
     reference = _sorted(DedupStage(cfg).decide(synthetic))
-    per_shard = decide_partitioned(DedupStage(cfg), _shards(synthetic, 6, 5), 5)
+    per_shard = combine_reference(DedupStage(cfg), _shards(synthetic, 6, 5), 5)
     assert _sorted(pa.concat_tables(per_shard.values())) == reference
 
 
@@ -154,7 +155,7 @@ def test_each_shard_gets_exactly_its_own_decisions(synthetic: pa.Table) -> None:
     cfg = CONFIGS["text"]
     reference = _sorted(DedupStage(cfg).decide(synthetic))
     shards = _shards(synthetic, 5, 3)
-    per_shard = decide_partitioned(DedupStage(cfg), shards, 4)
+    per_shard = combine_reference(DedupStage(cfg), shards, 4)
     assert sorted(per_shard) == sorted(name for name, _ in shards)
     for name, sig in shards:
         mine = _row_ids(sig)
@@ -206,18 +207,19 @@ def _cut_stages(method: str) -> list:
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
-def test_exact_cutoffs_partitioned_equal_single_process(index: int) -> None:
+def test_exact_cutoffs_partitioned_equal_single_process(index: int, tmp_path) -> None:
     stage, make = _cut_stages("exact")[index]
     sig = make(3000, index)
     reference = _sorted(stage.decide(sig))
     assert any("top" in (r["drop_reason"] or "") for r in reference)
     for partitions, shards in ((1, 1), (3, 5), (16, 9)):
-        per_shard = decide_partitioned(stage, _shards(sig, shards, partitions), partitions)
+        per_shard, _ = decide_in_process(stage, _shards(sig, shards, partitions), str(tmp_path / f"{partitions}-{shards}"),
+                                         partitions=partitions)
         assert _sorted(pa.concat_tables(per_shard.values())) == reference
 
 
 @pytest.mark.parametrize("index", [0, 1, 2])
-def test_sketch_cutoffs_within_the_stated_rank_error(index: int) -> None:
+def test_sketch_cutoffs_within_the_stated_rank_error(index: int, tmp_path) -> None:
     """Each group's kept count is within the KLL rank error of the exact count, floors are identical, and
     the summary states the error."""
     from vila2_curate.curation.cutoffs import rank_error
@@ -226,7 +228,7 @@ def test_sketch_cutoffs_within_the_stated_rank_error(index: int) -> None:
     stage = _cut_stages("sketch")[index][0]
     sig = make(20000, index)
     reference = exact_stage.decide(sig)
-    per_shard = decide_partitioned(stage, _shards(sig, 6, 1), 4)
+    per_shard, _ = decide_in_process(stage, _shards(sig, 6, 1), str(tmp_path), partitions=4)
     got = pa.concat_tables(per_shard.values())
 
     def dropped(t: pa.Table, prefix: str) -> dict[str, int]:
@@ -288,12 +290,12 @@ def cross_shard_near_duplicates(n: int = 240, seed: int = 7, dim: int = 16) -> l
 def test_phash_band_rows_carry_no_payload(confirm: str) -> None:
     """pHash band rows (k+1 per item) carry no thumbnail and no embedding; the one-row-per-item
     thumbnail-neighbour task keeps its thumbnails."""
-    from vila2_curate.pipelines.engine.aggregate import fit_sample, with_shard
+    from vila2_curate.pipelines.engine.aggregate import with_shard
 
     name, sig = cross_shard_near_duplicates()[0]
     stage = DedupStage(DedupConfig(methods=["exact", "phash"], phash_confirm=confirm))
     sig = with_shard(sig, name)
-    fit_sample(stage, [sig])
+    stage.fit([stage.sample(sig)])
     rows = stage.partition(sig)
     band = rows.filter(pc.equal(rows.column("task"), "phash"))
     assert band.num_rows == (stage.cfg.phash_max_distance + 1) * sig.num_rows
@@ -307,7 +309,7 @@ def test_phash_band_rows_carry_no_payload(confirm: str) -> None:
 def test_pending_candidates_across_shards_give_the_reference_decisions(confirm: str) -> None:
     """Candidates whose endpoints sit in different input shards are confirmed after attaching each
     endpoint's payload from its own shard: the reference's decisions, look-alikes rejected."""
-    from vila2_curate.pipelines.engine.aggregate import fit_sample, split_by_partition, with_shard
+    from vila2_curate.pipelines.engine.aggregate import split_by_partition, with_shard
     from vila2_curate.schemas.stage import ConfirmsPending
 
     shards = cross_shard_near_duplicates()
@@ -323,7 +325,7 @@ def test_pending_candidates_across_shards_give_the_reference_decisions(confirm: 
     stage = DedupStage(cfg)
     assert isinstance(stage, ConfirmsPending)
     tagged = [(n, with_shard(s, n)) for n, s in shards]
-    fit_sample(stage, (t for _, t in tagged))
+    stage.fit(stage.sample(t) for _, t in tagged)
     rows = pa.concat_tables([stage.partition(t) for _, t in tagged])
     partials = [stage.decide_partition(r) for _, r in split_by_partition(rows, 4)]
     pending = pa.concat_tables([stage.split_pending(p)[1] for p in partials])
@@ -331,7 +333,7 @@ def test_pending_candidates_across_shards_give_the_reference_decisions(confirm: 
     with pytest.raises(ValueError, match="unconfirmed"):
         stage.combine(partials)  # pending edges never pass for confirmed ones
     for partitions in (1, 4, 16):
-        per_shard = decide_partitioned(DedupStage(cfg), shards, partitions)
+        per_shard = combine_reference(DedupStage(cfg), shards, partitions)
         assert _sorted(pa.concat_tables(per_shard.values())) == reference, partitions
 
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from tests.curation.test_partitioned import CONFIGS, _shards, _sorted, synthetic_signatures
-from tests.helpers.engine_combine import context, engine_decisions, work_items
+from tests.helpers.engine_combine import engine_decisions
 from vila2_curate.curation.dedup.components import (
     both_directions,
     mix,
@@ -24,7 +24,7 @@ from vila2_curate.curation.dedup.components import (
 )
 from vila2_curate.curation.dedup.stage import SIGNATURE_SCHEMA, DedupStage
 from vila2_curate.pipelines.engine.components import connected_components, read_bucket, write_buckets
-from vila2_curate.pipelines.executors.local import LocalEngine
+from vila2_curate.pipelines.executors.local import LocalEngine, signature_context
 from vila2_curate.schemas.config import DedupConfig
 from vila2_curate.schemas.stage import node_ids
 
@@ -96,7 +96,8 @@ def test_engine_rounds_on_a_chain_through_every_shard(engine: str, tmp_path: Pat
         pytest.importorskip("apache_beam")
         from vila2_curate.pipelines.executors.beam import BeamEngine as Engine
     shards = 6
-    fs, items = work_items([(f"s/{i:03d}", SIGNATURE_SCHEMA.empty_table()) for i in range(shards)], tmp_path)
+    ctx = signature_context([(f"s/{i:03d}", SIGNATURE_SCHEMA.empty_table()) for i in range(shards)], str(tmp_path))
+    fs, items = ctx.fs, ctx.items
     rng = np.random.default_rng(1)
     nodes = np.concatenate([node_ids(i, 300) for i in range(shards)])
     chain = rng.permutation(nodes[: 5 * 300])  # the chain hops from shard to shard at random
@@ -105,7 +106,6 @@ def test_engine_rounds_on_a_chain_through_every_shard(engine: str, tmp_path: Pat
     v = np.r_[chain[1:], star_leaves]
     base = str(tmp_path / "components")
     write_buckets(fs, posixpath.join(base, "r0"), "edges", _edges(u, v, layer=2), rng.integers(0, shards, len(u)))
-    ctx = context(fs, tmp_path, items)
     runner_engine = LocalEngine(progress=False) if engine == "local" else Engine()
     rounds = connected_components(runner_engine, ctx, base, groups=4)
     expected = _scipy_roots(u, v)
