@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from tests.helpers.reference import combine_reference
 from vila2_curate.curation.dedup.minhash import minhash_signatures
 from vila2_curate.curation.dedup.stage import SIGNATURE_SCHEMA, DedupStage
 from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES
-from tests.helpers.reference import combine_reference
 from vila2_curate.pipelines.executors.local import decide_in_process
 from vila2_curate.schemas.config import DedupConfig
 from vila2_curate.schemas.rows import DECISION_SCHEMA
