@@ -37,7 +37,7 @@ from vila2_curate.curation import cutoffs
 from vila2_curate.curation.cutoffs import require_datasketches
 from vila2_curate.schemas.config import ClipFilterConfig
 from vila2_curate.schemas.rows import DECISION_SCHEMA
-from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.stage import StageBase
 
 SIGNATURE_SCHEMA = pa.schema(
     [
@@ -60,7 +60,6 @@ class ClipFilterStage(cutoffs.CutoffDecide, StageBase):
 
     name = "clip_filter"
     version = "1"
-    resources = Resources(cpus=1)
     group_by = "group"
 
     def __init__(self, cfg: ClipFilterConfig | None = None) -> None:

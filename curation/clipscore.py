@@ -30,7 +30,7 @@ from vila2_curate.schemas.config import ClipScoreConfig
 from vila2_curate.schemas.documents import NO_USABLE_IMAGES, has_kept_image
 from vila2_curate.schemas.images import UndecodableImage, decode_rgb, decoding
 from vila2_curate.schemas.run_metrics import add_metrics, round_texts
-from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.stage import StageBase
 from vila2_curate.schemas.table_ops import replace_columns
 
 CLIPS_WEIGHT = 2.5  # Hessel et al. 2021: rescales typical cosines (0..0.4) to roughly 0..1
@@ -56,8 +56,6 @@ class ClipScoreStage(StageBase):
 
     def __init__(self, cfg: ClipScoreConfig | None = None) -> None:
         self.cfg = cfg or ClipScoreConfig()
-        rt = self.cfg.runtime
-        self.resources = Resources(cpus=rt.cpus, gpus=rt.gpus)
         self._bundle = None
         self._pool: ThreadPoolExecutor | None = None
 

@@ -32,7 +32,7 @@ from vila2_curate.schemas.captions import TEXT_DELTALOSS_CAPTION, judged_texts
 from vila2_curate.schemas.config import DeltaLossConfig
 from vila2_curate.schemas.documents import document_text
 from vila2_curate.schemas.rows import DECISION_SCHEMA
-from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.stage import StageBase
 from vila2_curate.schemas.table_ops import replace_columns
 
 # float32 elements of [rows, seq, vocab] log-softmax materialised at once (CPU; larger on a GPU)
@@ -143,7 +143,6 @@ class DeltaLossScoreStage(StageBase):
                 "use scorer: lm"
             )
         self.cfg = cfg
-        self.resources = Resources(cpus=cfg.runtime.cpus, gpus=cfg.runtime.gpus)
         self.small: CausalLMScorer | None = None
         self.large: CausalLMScorer | None = None
 
@@ -211,7 +210,6 @@ class DeltaLossTopKStage(cutoffs.CutoffDecide, StageBase):
 
     name = "deltaloss"
     version = "1"
-    resources = Resources(cpus=1)
     group_by = "subset"
 
     def __init__(self, cfg: DeltaLossConfig) -> None:

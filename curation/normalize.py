@@ -19,7 +19,7 @@ from vila2_curate.curation.dedup.thumbnails import thumbnail_of_decoded
 from vila2_curate.schemas.config import NormalizeConfig
 from vila2_curate.schemas.documents import NO_USABLE_IMAGES, has_kept_image
 from vila2_curate.schemas.images import DRAFTABLE_PIL_FORMATS, FORMAT_OF_PIL, undecodable_reason
-from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.stage import StageBase
 from vila2_curate.schemas.table_ops import replace_columns
 
 # Formats VILA's trainer reads as-is, mapped to the shard member extension.
@@ -115,7 +115,6 @@ class NormalizeStage(StageBase):
 
     name = "normalize"
     version = "2"  # 2: dedup's thumbnail from this decode (``thumbnails_follow``)
-    resources = Resources(cpus=1)
 
     def __init__(self, cfg: NormalizeConfig | None = None) -> None:
         self.cfg = cfg or NormalizeConfig()

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from vila2_curate.schemas.config import CaptionHygieneConfig
 from vila2_curate.schemas.run_metrics import add_metrics
-from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.stage import StageBase
 from vila2_curate.schemas.table_ops import replace_columns
 from vila2_curate.schemas.text_hygiene import EMPTY, clean_caption
 
@@ -41,7 +41,6 @@ class CaptionHygieneStage(StageBase):
 
     def __init__(self, cfg: CaptionHygieneConfig | None = None) -> None:
         self.cfg = cfg or CaptionHygieneConfig()
-        self.resources = Resources(cpus=1.0)
         self.recaption_follows = False  # set by pipelines.engine.plan.build_plan
 
     def setup(self) -> None:

@@ -28,7 +28,7 @@ from vila2_curate.schemas.captions import VLM_DELTALOSS_CAPTION, judged_texts
 from vila2_curate.schemas.config import CaptionerConfig, DeltaLossConfig
 from vila2_curate.schemas.documents import document_text
 from vila2_curate.schemas.images import UndecodableImage
-from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.stage import StageBase
 from vila2_curate.schemas.table_ops import replace_columns
 
 SCORING_PROMPT = "Describe this image in detail."  # the same instruction for both models: a fair delta
@@ -55,7 +55,6 @@ class VlmDeltaLossScoreStage(StageBase):
 
     def __init__(self, cfg: DeltaLossConfig) -> None:
         self.cfg = cfg
-        self.resources = Resources(cpus=cfg.runtime.cpus, gpus=cfg.runtime.gpus)
         self.small: TransformersCaptioner | None = None
         self.large: TransformersCaptioner | None = None
 

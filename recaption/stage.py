@@ -34,7 +34,7 @@ from vila2_curate.recaption.sidecar import RoundCaption, caption_folder
 from vila2_curate.schemas.config import RecaptionConfig
 from vila2_curate.schemas.images import UndecodableImage
 from vila2_curate.schemas.run_metrics import add_metrics
-from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.stage import StageBase
 from vila2_curate.schemas.table_ops import replace_columns
 
 DEMO_FLAG = "demo_model"
@@ -60,8 +60,6 @@ class RecaptionStage(StageBase):
             )
         self.cfg = cfg
         self.name = f"recaption_r{cfg.round}"
-        rt = cfg.captioner.runtime
-        self.resources = Resources(cpus=rt.cpus, gpus=rt.gpus)
         self.run_started_at = iso_utc(run_started_at)
         self.model_tag = model_tag(cfg)
         self.prompt_set: PromptSet = load_prompt_set(cfg.prompts)  # fail at construction, not on a worker

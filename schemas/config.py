@@ -145,6 +145,7 @@ class ModelRuntime(_Strict):
     batch_size: int = 32
     gpus: float = 0.0
     cpus: float = 1.0
+    memory_gb: float = 0.0  # memory one worker reserves on Ray (0: no reservation)
     workers: int = 1  # actor-pool size on Ray
 
 

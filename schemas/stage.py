@@ -60,13 +60,14 @@ class Stage(Protocol):
 class StageBase:
     """The defaults of every ``Stage`` hook; stage classes derive from it and override what they need.
 
-    ``batch_size`` and ``workers`` come from the config's ``runtime`` (a ``ModelRuntime``) when the
-    config has one, so model stages get them without code.
+    ``resources``, ``batch_size`` and ``workers`` come from the config's ``runtime`` (a ``ModelRuntime``)
+    when the config has one, so model stages get them without code; a stage whose runtime sits elsewhere
+    in its config overrides ``runtime``.
     """
 
     name: str = ""
     version: str = "1"
-    resources: Resources = Resources()
+    default_resources: Resources = Resources()  # one worker's ask when the stage has no model runtime
     loads_model: bool = False
     writes_captions: bool = False
     recaption_follows: bool = False
@@ -79,6 +80,14 @@ class StageBase:
     def runtime(self) -> Any:
         """The config's ``ModelRuntime``, or None (configs without one have no field)."""
         return getattr(self.cfg, "runtime", None)
+
+    @property
+    def resources(self) -> Resources:
+        """One worker's ask: the runtime's CPUs, GPUs and memory, else ``default_resources``."""
+        rt = self.runtime
+        if rt is None:
+            return self.default_resources
+        return Resources(cpus=rt.cpus, gpus=rt.gpus, memory_gb=rt.memory_gb)
 
     @property
     def batch_size(self) -> int | None:

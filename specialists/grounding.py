@@ -28,7 +28,7 @@ from PIL import Image
 from vila2_curate.recaption.backends.prefetch import PerThread, ahead, pinned
 from vila2_curate.schemas.config import GroundingConfig
 from vila2_curate.schemas.demo_model import is_demo_model
-from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.stage import StageBase
 from vila2_curate.specialists._common import (
     SampleError,
     SpecialistRows,
@@ -241,8 +241,6 @@ class GroundingStage(StageBase):
 
     def __init__(self, cfg: GroundingConfig) -> None:
         self.cfg = cfg
-        rt = cfg.runtime
-        self.resources = Resources(cpus=rt.cpus, gpus=rt.gpus)
         self._detector: Detector | None = None
         self._pool: ThreadPoolExecutor | None = None
 

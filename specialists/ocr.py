@@ -19,7 +19,7 @@ import pyarrow as pa
 from PIL import Image
 
 from vila2_curate.schemas.config import OcrConfig
-from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.stage import StageBase
 from vila2_curate.specialists._common import (
     SampleError,
     SpecialistRows,
@@ -156,8 +156,6 @@ class OcrStage(StageBase):
 
     def __init__(self, cfg: OcrConfig | None = None) -> None:
         self.cfg = cfg or OcrConfig()
-        rt = self.cfg.runtime
-        self.resources = Resources(cpus=rt.cpus, gpus=rt.gpus)
         self._engine: OcrEngine | None = None
         self._vlm: VlmPrompter | None = None
 

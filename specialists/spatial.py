@@ -15,7 +15,7 @@ import pyarrow as pa
 from PIL import Image
 
 from vila2_curate.schemas.config import SpatialConfig
-from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.stage import StageBase
 from vila2_curate.specialists._common import SampleError, SpecialistRows, decode_image, with_vlm_text
 from vila2_curate.specialists.geometry import spatial_sentences
 from vila2_curate.specialists.sidecar import specialist_sidecars
@@ -45,10 +45,13 @@ class SpatialStage(StageBase):
     name = "spatial"
     version = "1"
 
+    @property
+    def runtime(self) -> Any:
+        """The VLM's runtime when spatial prompts one (else none: a CPU stage)."""
+        return self.cfg.vlm.runtime if self.cfg.vlm is not None else None
+
     def __init__(self, cfg: SpatialConfig | None = None) -> None:
         self.cfg = cfg or SpatialConfig()
-        rt = self.cfg.vlm.runtime if self.cfg.vlm is not None else None
-        self.resources = Resources(cpus=rt.cpus, gpus=rt.gpus) if rt else Resources(cpus=1.0)
         self.loads_model = self.cfg.vlm is not None
         self._vlm: VlmPrompter | None = None
 

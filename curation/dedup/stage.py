@@ -56,7 +56,7 @@ from vila2_curate.curation.dedup.thumbnails import thumbnail
 from vila2_curate.curation.dedup.unionfind import UnionFind
 from vila2_curate.schemas.config import DedupConfig
 from vila2_curate.schemas.rows import DECISION_SCHEMA
-from vila2_curate.schemas.stage import Resources, StageBase
+from vila2_curate.schemas.stage import StageBase
 
 SIGNATURE_SCHEMA = pa.schema(
     [
@@ -93,7 +93,6 @@ class DedupStage(StageBase):
     name = "dedup"
     version = "4"  # 2: keeper = publishable, then pixels, then CLIP score, then id; 3: crop-aware confirmation;
     # 4: thumbnails from normalize's decode where it ran in the same segment
-    resources = Resources(cpus=1)
     group_by: str | None = None
 
     def __init__(self, cfg: DedupConfig | None = None) -> None:

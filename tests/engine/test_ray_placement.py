@@ -26,7 +26,7 @@ from vila2_curate.schemas.stage import Resources, StageBase
 class _Stage(StageBase):
     def __init__(self, name: str, cpus: float = 1.0, gpus: float = 0.0, memory_gb: float = 0.0,
                  workers: int = 1, model: bool = False) -> None:
-        self.name, self.resources, self.loads_model = name, Resources(cpus, gpus, memory_gb), model
+        self.name, self.default_resources, self.loads_model = name, Resources(cpus, gpus, memory_gb), model
         self._workers = workers
 
     @property
