@@ -88,7 +88,7 @@ def run(stage_name: str, n: int, shard_rows: int, work: str) -> dict[str, Any]:
     engine = MeasuredEngine(RayEngine(progress=False), peaks)
     stage = bench_scale.make_stage(stage_name)
     t0 = time.perf_counter()
-    if hasattr(stage, "fit"):
+    if stage.fits_on_sample:
         fit_on_samples(engine, ctx, 0, stage)
     bench_scale._release_free_heap()
     bench_scale._reset_peak()

@@ -297,7 +297,7 @@ def t_decide_partition(stage_name: str, p: int, work: str) -> dict[str, Any]:
 
 
 def t_split_pending(stage_name: str, shards: int, work: str) -> dict[str, Any]:
-    """Step 2b-a (ConfirmsPending), the driver's part: holds the edges only, writes pending ones per a-shard."""
+    """Step 2b-a (pending candidates), the driver's part: holds the edges only, writes pending ones per a-shard."""
     from vila2_curate.pipelines.engine.aggregate import split_by_column
     from vila2_curate.schemas.stage import SHARD_COL
 
@@ -418,10 +418,10 @@ def run_partitioned(stage_name: str, n: int, shard_rows: int, shards: int, parti
         os.makedirs(f"{work}/{d}", exist_ok=True)
     t0 = time.perf_counter()
     steps: dict[str, list[dict[str, Any]]] = {}
-    from vila2_curate.schemas.stage import ConfirmsPending
+    from vila2_curate.schemas.stage import CombinesOnEngine
 
     stage = make_stage(stage_name)
-    if hasattr(stage, "fit") and not from_partials:
+    if stage.fits_on_sample and not from_partials:
         steps["sample"] = _pool_run(workers, [(t_sample, (stage_name, n, shard_rows, s, seed, work))
                                               for s in range(shards)])
         steps["fit"] = _pool_run(1, [(t_fit, (stage_name, shards, work))])
@@ -430,7 +430,7 @@ def run_partitioned(stage_name: str, n: int, shard_rows: int, shards: int, parti
                                                                 partitions)) for s in range(shards)])
         steps["decide_partition"] = _pool_run(workers, [(t_decide_partition, (stage_name, p, work))
                                                         for p in range(partitions)])
-    if isinstance(stage, ConfirmsPending):
+    if isinstance(stage, CombinesOnEngine):
         for d in ("ready", "pending"):
             os.makedirs(f"{work}/{d}", exist_ok=True)
         steps["split_pending"] = _pool_run(1, [(t_split_pending, (stage_name, shards, work))])
@@ -573,7 +573,7 @@ def run_on_engine(stage_name: str, n: int, shard_rows: int, shards: int, partiti
     _release_free_heap()
     t0, cpu0 = time.perf_counter(), time.process_time()
     peaks_driver: dict[str, float] = {}
-    if hasattr(stage, "fit"):
+    if stage.fits_on_sample:
         fit_on_samples(engine, ctx, 0, stage)
         peaks_driver["driver_fit"] = _mib(_peak_kib())
         _release_free_heap()

@@ -107,6 +107,17 @@ class StageBase:
         """A global stage's summary (summaries.json), from every decision and signature of a small run."""
         return {}
 
+    # optional step 0 of ``PartitionedDecide``: only a stage with ``fits_on_sample`` is fitted
+    fits_on_sample: bool = False
+
+    def sample(self, signatures: pa.Table) -> pa.Table | None:
+        """At most M rows of one shard's signatures for ``fit`` (a deterministic bottom-M sample)."""
+        return None
+
+    def fit(self, samples: Iterable[pa.Table]) -> None:
+        """Consume every shard's sample (keep at most M rows) before step 1."""
+        return None
+
 
 @runtime_checkable
 class GlobalStage(Protocol):
@@ -157,8 +168,9 @@ class PartitionedDecide(Protocol):
     ``pipelines.engine.runner.decide_signatures`` runs these steps on every engine (in one process:
     ``pipelines.executors.local.decide_in_process``). The engine runs:
 
-    0. only when the stage has ``fit`` (optional; dedup with thumbnail neighbours or SemDeDup, for its
-       k-means centroids): ``stage.fit(stage.sample(sig) for each shard's sig)``. ``sample`` returns at
+    0. only when the stage sets ``fits_on_sample`` (dedup, for the k-means centroids of thumbnail
+       neighbours and SemDeDup; ``StageBase`` gives the hooks no-op defaults):
+       ``stage.fit(stage.sample(sig) for each shard's sig)``. ``sample`` returns at
        most M rows per shard (the M smallest hashes of the item id: a deterministic bottom-M sample,
        independent of sharding and order); ``fit`` consumes the iterable and keeps the M smallest
        overall, so the driver holds one sample, never all rows. Workers of steps 1-2 must use the
@@ -172,7 +184,7 @@ class PartitionedDecide(Protocol):
     2. per partition (in parallel; memory bounded by the partition's size): ``decide_partition(rows)``
        returns partial results (dedup: edges carrying what the keeper rule needs of both endpoints and
        their ``shard``; cut-offs: a serialized mergeable sketch per subset). Some edges may be pending
-       (dedup's pHash candidates): then step 2b (``ConfirmsPending``) runs before step 3.
+       (dedup's pHash candidates): ``CombinesOnEngine`` confirms them before its components.
     3. once (one process, holding only partial results: edges and group members, one sketch per
        subset; never all rows): ``combine(partials)`` returns the combined result. When it has a
        ``shard`` column (dedup: one decision row per group member), the engine hands each shard only
@@ -191,47 +203,21 @@ class PartitionedDecide(Protocol):
 
 
 @runtime_checkable
-class FitsOnSample(Protocol):
-    """Optional step 0 of ``PartitionedDecide``: a bounded per-shard ``sample`` streamed into ``fit``."""
-
-    def sample(self, signatures: pa.Table) -> pa.Table: ...
-
-    def fit(self, samples: Iterable[pa.Table]) -> None: ...
-
-
-@runtime_checkable
-class ConfirmsPending(Protocol):
-    """Optional step 2b of ``PartitionedDecide``: confirm candidate edges whose test needs a payload the
-    partition rows do not carry (dedup: pHash band rows hold no thumbnail or embedding, since each item
-    goes to k+1 bands). Each pending edge names its endpoints' input shards (``a_shard``, ``b_shard``).
-
-    The engine (``pipelines.engine.components``: ``ConfirmA``, ``ConfirmB``, with ``CombinesOnEngine``):
-
-    a. ``split_pending(partial)`` -> (ready, pending) for the edges of each step-2 group (on the engine:
-       per a-endpoint shard, after the groups wrote their edges there).
-    b. per input shard s: ``attach_pending(edges with a_shard == s, s's signatures, "a")``, routed on by
-       ``b_shard`` (stored under the segment's work folder).
-    c. per input shard t: ``confirm_pending(attach_pending(edges with b_shard == t, t's signatures, "b"))``
-       returns confirmed edges, which go to ``combine`` with the ready ones. Memory per task: one shard's
-       signatures and the pending edges that touch it.
-    """
-
-    def split_pending(self, partial: pa.Table) -> tuple[pa.Table, pa.Table]: ...
-
-    def attach_pending(self, pending: pa.Table, signatures: pa.Table, end: str) -> pa.Table: ...
-
-    def confirm_pending(self, attached: pa.Table) -> pa.Table: ...
-
-
-@runtime_checkable
 class CombinesOnEngine(Protocol):
     """Step 3 of ``PartitionedDecide`` without one process: the edges of step 2 become connected
     components by rounds of engine group-bys, and each component is decided where its members meet.
 
     The engine (``pipelines.engine.components``) keeps every step bounded by a group or a shard:
 
-    a. each step-2 group's edges (pending ones confirmed per shard as in ``ConfirmsPending``) go through
-       ``component_edges`` -> (layer, u, v) rows over the integer ``node`` column (u > v);
+    a. each step-2 group's edges, pending candidates confirmed first (their test needs a payload the
+       partition rows do not carry: dedup's pHash band rows hold no thumbnail or embedding, since each
+       item goes to k+1 bands; each pending edge names its endpoints' shards ``a_shard``, ``b_shard``):
+       ``split_pending(edges)`` -> (ready, pending) per a-endpoint shard; per input shard s
+       ``attach_pending(edges with a_shard == s, s's signatures, "a")``, routed on by ``b_shard``; per
+       input shard t ``confirm_pending(attach_pending(edges with b_shard == t, t's signatures, "b"))``
+       (memory per task: one shard's signatures and the pending edges that touch it). Ready and
+       confirmed edges go through ``component_edges`` -> (layer, u, v) rows over the integer ``node``
+       column (u > v);
     b. rounds of group-by (layer, node) run the large-star / small-star steps until every group reports
        a star forest; each node then has its component's ``root`` (the smallest node), per layer;
     c. for each phase of ``component_phases`` in order, per input shard ``phase_members(phase, labels of
@@ -243,6 +229,12 @@ class CombinesOnEngine(Protocol):
     """
 
     large_component: int
+
+    def split_pending(self, partial: pa.Table) -> tuple[pa.Table, pa.Table]: ...
+
+    def attach_pending(self, pending: pa.Table, signatures: pa.Table, end: str) -> pa.Table: ...
+
+    def confirm_pending(self, attached: pa.Table) -> pa.Table: ...
 
     def component_edges(self, confirmed: pa.Table) -> pa.Table: ...
 

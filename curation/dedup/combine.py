@@ -25,7 +25,7 @@ from vila2_curate.schemas.stage import NODE_COL, SHARD_COL
 
 BOILERPLATE_FLAG = "boilerplate_caption"
 IMAGE_METHODS = ("exact", "phash", "semantic")  # also the priority of the reason given to a member
-PENDING_METHOD = "phash_pending"  # a pHash candidate not yet confirmed (ConfirmsPending)
+PENDING_METHOD = "phash_pending"  # a pHash candidate not yet confirmed (CombinesOnEngine step a)
 # NODE_COL: the integer node the engine assigns per input shard (components.node_ids); null in the
 # reference path, which names nodes by id
 NODE_COLS = ("id", SHARD_COL, "sha256", "clip_score", "publishable", "pixels", NODE_COL)
@@ -91,7 +91,7 @@ def combine_edges(partials: list[pa.Table], cfg: DedupConfig) -> pa.Table:
         return COMBINED_SCHEMA.empty_table()
     edges = pa.concat_tables(partials)
     if pc.any(pc.equal(edges.column("method"), PENDING_METHOD)).as_py():
-        raise ValueError("combine() got unconfirmed pHash candidates: run the ConfirmsPending step first "
+        raise ValueError("combine() got unconfirmed pHash candidates: confirm them first "
                          "(split_pending / attach_pending / confirm_pending)")
     ends = [edges.select([f"{e}_{c}" for c in NODE_COLS]).rename_columns(list(NODE_COLS)) for e in "ab"]
     both = pa.concat_tables(ends)

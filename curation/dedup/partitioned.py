@@ -9,7 +9,7 @@ How each method splits (every candidate pair lands whole in at least one group):
   every group, so a group holds whole identical-hash runs and the same representatives as the
   reference's multi-index join. A band row carries ids, hash and keeper attributes only (no thumbnail,
   no embedding: they would travel k+1 times), so a group returns its candidates as *pending* edges
-  (each pair once, in its first agreeing band). They are confirmed afterwards (``ConfirmsPending``,
+  (each pair once, in its first agreeing band). They are confirmed afterwards (``CombinesOnEngine`` step a,
   schemas/stage.py): per input shard of endpoint a, then of endpoint b, each endpoint's thumbnail /
   embedding is attached from its own shard's signatures and ``confirm_candidates`` (thumbnail distance
   or CLIP cosine, a pure function of the pair) keeps the confirmed ones.
@@ -460,7 +460,7 @@ class PartitionedDedup:
         emb_col = t.column("embedding") if self.cfg.phash_confirm == "clip" else None
         return confirm_candidates(pairs, *confirm_payload(t.column("thumb"), emb_col), self.cfg)
 
-    # -- step 2b: confirm pending pHash candidates (schemas.stage.ConfirmsPending) --
+    # -- confirm pending pHash candidates (schemas.stage.CombinesOnEngine, step a) --
     def split_pending(self, partial: pa.Table) -> tuple[pa.Table, pa.Table]:
         """(confirmed edges, pending pHash candidates) of one ``decide_partition`` result."""
         pending = bool_mask(pc.equal(partial.column("method"), PENDING_METHOD))

@@ -94,6 +94,7 @@ class DedupStage(StageBase):
     version = "4"  # 2: keeper = publishable, then pixels, then CLIP score, then id; 3: crop-aware confirmation;
     # 4: thumbnails from normalize's decode where it ran in the same segment
     group_by: str | None = None
+    fits_on_sample = True  # k-means centroids of thumbnail neighbours and SemDeDup (schemas.stage step 0)
 
     def __init__(self, cfg: DedupConfig | None = None) -> None:
         self.cfg = cfg or DedupConfig()
@@ -292,7 +293,7 @@ class DedupStage(StageBase):
                 pairs = np.unique(np.concatenate([pairs, extra]), axis=0) if pairs.size else extra
         return confirm_candidates(pairs, *payload, cfg)
 
-    # ---- the scale path: schemas.stage.PartitionedDecide, ConfirmsPending (curation/dedup/partitioned.py) ---
+    # ---- the scale path: schemas.stage.PartitionedDecide (curation/dedup/partitioned.py) ---
     def _scale(self) -> PartitionedDedup:
         if getattr(self, "_partitioned", None) is None:
             self._partitioned = PartitionedDedup(self)

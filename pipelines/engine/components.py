@@ -9,7 +9,7 @@ the same files. Memory per task: one group of one round, or one shard's signatur
 bucket. The driver holds a few counters per round.
 
 Steps: step-2 groups write their edges per a-endpoint shard (``edges/``); per shard, pending pHash
-candidates are confirmed (a's payload, then b's, as ``ConfirmsPending``) and every confirmed edge turns
+candidates are confirmed (a's payload, then b's, ``CombinesOnEngine`` step a) and every confirmed edge turns
 into layer edges (``r0/``); rounds ``r{k}`` -> ``r{k+1}`` until a round reports a star forest; labels per
 node's shard (``labels/``); one group-by per phase (``decisions/<phase>/``); per shard the merged decisions.
 """
@@ -121,8 +121,7 @@ class ConfirmA(_ShardStep):
         edges = read_bucket(self.fs, posixpath.join(base, "edges"), item.index)
         if edges is None:
             return 0
-        ready, pending = (self.stage.split_pending(edges) if hasattr(self.stage, "split_pending")
-                          else (edges, edges.slice(0, 0)))
+        ready, pending = self.stage.split_pending(edges)
         _write_layers(self.fs, base, self.stage.component_edges(ready), f"ready{item.index}", self.buckets)
         if pending.num_rows:
             half = self.stage.attach_pending(pending, self.load_signatures(item), "a")

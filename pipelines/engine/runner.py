@@ -69,8 +69,6 @@ from vila2_curate.schemas.stage import (
     PARTITION_COL,
     SHARD_COL,
     CombinesOnEngine,
-    ConfirmsPending,
-    FitsOnSample,
     PartitionedDecide,
 )
 
@@ -250,7 +248,7 @@ class SampleShard:
 
 
 def fit_on_samples(engine: Engine, ctx: RunContext, seg: int, stage: Any) -> None:
-    """Step 0 of the partitioned decide for a ``FitsOnSample`` stage: per shard a sample file, then
+    """Step 0 of the partitioned decide for a stage that ``fits_on_sample``: per shard a sample file, then
     ``fit`` streams them on the driver (it keeps the M smallest: one sample file beside M rows at a time)."""
     fs, root = ctx.fs, ctx.root
     paths = [p for p in engine.per_shard(ctx, ctx.items, SampleShard(fs, root, seg, stage)) if p]
@@ -364,7 +362,7 @@ def decide_signatures(engine: Engine, ctx: RunContext, seg: int, seg_hash: str, 
     summary adds). ``partitions``: the step-2 groups (default: the engine's)."""
     fs, root = ctx.fs, ctx.root
     if partitioned:
-        if isinstance(stage, FitsOnSample):  # step 0: bounded samples stream into fit on the driver
+        if stage.fits_on_sample:  # step 0: bounded samples stream into fit on the driver
             fit_on_samples(engine, ctx, seg, stage)
         partitions = max(1, int(partitions or engine.partitions(ctx)))
         if isinstance(stage, CombinesOnEngine):
@@ -373,8 +371,6 @@ def decide_signatures(engine: Engine, ctx: RunContext, seg: int, seg_hash: str, 
         partials = engine.group_apply(ctx, ctx.items, LoadSignatures(fs, root, seg, stage, partitions),
                                       GROUP_COL, DecidePartition(stage))
         partials = [p for p in partials if p is not None]
-        if isinstance(stage, ConfirmsPending):  # its pending edges are confirmed on the way to components
-            raise TypeError(f"{stage.name}: a ConfirmsPending stage must implement CombinesOnEngine")
         combined, decisions = stage.combine(partials), None
     else:
         tables = engine.group_apply(ctx, ctx.items, LoadSignatures(fs, root, seg, stage, None),

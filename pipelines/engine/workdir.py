@@ -3,15 +3,14 @@
     _work/seg{i}/<source>.<shard>.rows.parquet       per-row columns after segment i's map stages
     _work/seg{i}/<source>.<shard>.sig.parquet        segment i's global-stage signatures (removed once
                                                      the segment is decided: nothing reads them again)
-    _work/seg{i}/<source>.<shard>.done.json          marker: both files above are complete
+    _work/seg{i}/<source>.<shard>.done.json          marker: both files above are complete (markers.py)
     _work/seg{i}/<source>.<shard>.decisions.parquet  segment i's decisions about that input shard's rows
     _work/seg{i}/decided.json                        marker (segment hash): every shard's decisions written
     _work/seg{i}/summary.json                        the global stage's summary, if it gives one
-    _work/seg{i}/pending/<source>.<shard>.parquet    while a partitioned decide confirms pending edges
-                                                     (schemas.stage.ConfirmsPending): the edges whose
-                                                     a-endpoint is in that shard; then, with a's payload,
-    _work/seg{i}/pending/<a source>.<a shard>.to.<b source>.<b shard>.parquet   routed to b's shard
-                                                     (the folder is removed once they are confirmed)
+    _work/seg{i}/samples/<source>.<shard>.parquet    a partitioned decide's step-0 samples (removed once fitted)
+    _work/seg{i}/components/                         dedup's combine on the engine: bucket files per shard
+                                                     (edges, pending, rounds, labels, decisions;
+                                                     pipelines/engine/components.py), removed at its end
 
 One folder per segment (source names hold no '.'), so the layout adds no directory per source or shard.
 

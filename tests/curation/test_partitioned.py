@@ -252,7 +252,7 @@ def test_sketch_cutoffs_within_the_stated_rank_error(index: int, tmp_path) -> No
     assert summary["method"] == "sketch" and 0 < summary["normalized_rank_error"] < 0.02
 
 
-# ---- pending pHash candidates (schemas.stage.ConfirmsPending) -----------------------------------------------
+# ---- pending pHash candidates (schemas.stage.CombinesOnEngine, step a) -----------------------------------------------
 def cross_shard_near_duplicates(n: int = 240, seed: int = 7, dim: int = 16) -> list[tuple[str, pa.Table]]:
     """Three input shards: originals in the first, near copies (3 pHash bits, thumbnail and embedding
     noise) and look-alikes (pHash within 2 bits, another picture and another embedding: confirmation must
@@ -310,7 +310,7 @@ def test_pending_candidates_across_shards_give_the_reference_decisions(confirm: 
     """Candidates whose endpoints sit in different input shards are confirmed after attaching each
     endpoint's payload from its own shard: the reference's decisions, look-alikes rejected."""
     from vila2_curate.pipelines.engine.aggregate import split_by_partition, with_shard
-    from vila2_curate.schemas.stage import ConfirmsPending
+    from vila2_curate.schemas.stage import CombinesOnEngine
 
     shards = cross_shard_near_duplicates()
     cfg = DedupConfig(methods=["phash"], phash_confirm=confirm, thumbnail_neighbours=0)
@@ -323,7 +323,7 @@ def test_pending_candidates_across_shards_give_the_reference_decisions(confirm: 
     assert any(r["key"].startswith("l") for r in unconfirmed)  # ... which pHash alone would have merged
 
     stage = DedupStage(cfg)
-    assert isinstance(stage, ConfirmsPending)
+    assert isinstance(stage, CombinesOnEngine)
     tagged = [(n, with_shard(s, n)) for n, s in shards]
     stage.fit(stage.sample(t) for _, t in tagged)
     rows = pa.concat_tables([stage.partition(t) for _, t in tagged])

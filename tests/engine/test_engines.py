@@ -186,7 +186,7 @@ def test_beam_engine_matches_local(local_out: Path, sample_dir: Path, tmp_path: 
 
 @pytest.mark.parametrize("engine", ["local", "ray", "beam"])
 def test_runner_confirms_pending_phash_edges_per_shard(engine: str, tmp_path: Path, request):
-    """The engine's step 2b (schemas.stage.ConfirmsPending) on real signature files: pending pHash
+    """The engine's step 2b (schemas.stage.CombinesOnEngine, step a) on real signature files: pending pHash
     candidates across input shards are confirmed with each endpoint's payload read from its own shard
     (``per_shard`` of each engine), giving the single-process decisions; the work files are removed."""
     import pyarrow as pa
