@@ -116,7 +116,7 @@ class DedupConfig(_Strict):
     phash_max_distance: int = 4  # Hamming distance k on 64-bit pHash
     phash_confirm: Literal["thumbnail", "clip", "none"] = "thumbnail"  # second signal for pHash candidates
     thumbnail_max_distance: float = 0.08  # mean |a-b| of 16x16 grey thumbnails, in [0, 1]
-    # thumbnail confirmation, the colour-aware part (curation/dedup/thumbnails.py; tuned on pipelines/demo/dedup_eval.py)
+    # thumbnail confirmation, the colour-aware part (curation/dedup/thumb_match.py; tuned on pipelines/demo/dedup_eval.py)
     thumbnail_max_local_distance: float = 0.4  # largest grey cell difference (3x3-neighbourhood tolerant), [0, 1]
     colour_max_local_delta_e: float = 22.0  # largest Lab cell difference (CIE76 delta E, 3x3-tolerant)
     colour_max_mean_delta_e: float = 7.0  # delta E of the mean colours, and of the backgrounds cropped away

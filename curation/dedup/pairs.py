@@ -9,13 +9,8 @@ import numpy as np
 
 from vila2_curate.curation.dedup.minhash import _bucket_pairs, band_keys
 from vila2_curate.curation.dedup.semantic import block_pairs, clip_cosines
-from vila2_curate.curation.dedup.thumbnails import (
-    GREY_SIDE,
-    confirm_pairs,
-    content_lines,
-    knn_index_pairs,
-    knn_key,
-)
+from vila2_curate.curation.dedup.thumb_match import confirm_pairs, content_lines, knn_index_pairs, knn_key
+from vila2_curate.curation.dedup.thumbnails import GREY_SIDE
 from vila2_curate.schemas.config import DedupConfig
 
 
@@ -35,7 +30,7 @@ def coarse_thumbs(thumbs: np.ndarray) -> np.ndarray:
 
 def thumb_knn_pairs(thumbs: np.ndarray, k: int) -> np.ndarray:
     """Pairs i < j with j among i's k nearest thumbnails (exact faiss flat search, rows in the given order)
-    by ``thumbnails.knn_key``: the 8x8 pooled grey grid (a quarter of the 16x16 grid's cost; a small crop
+    by ``thumb_match.knn_key``: the 8x8 pooled grey grid (a quarter of the 16x16 grid's cost; a small crop
     or shift moves it even less), the content box and the mean colour. Every candidate is then confirmed
     on the full thumbnail."""
     import faiss
@@ -59,7 +54,7 @@ def clustered_pairs(labels: np.ndarray, fn) -> np.ndarray:
 def thumb_candidate_pairs(thumbs: np.ndarray, rows: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """Thumbnail k-NN pairs (indices of ``thumbs``) among ``rows``, inside each cluster (``labels``, one per
     row), with no pHash bound: a 2-6% crop or a JPEG q35 re-encode of a flat graphic moves its pHash by tens
-    of bits (pipelines/demo/dedup_eval.py), so the colour-aware ``thumbnails.confirm_pairs`` decides alone.
+    of bits (pipelines/demo/dedup_eval.py), so the colour-aware ``thumb_match.confirm_pairs`` decides alone.
     A cluster's thumbnails are gathered one cluster at a time (never a copy of every row's)."""
     return clustered_pairs(labels, lambda m: rows[m][thumb_knn_pairs(thumbs[rows[m]], k)])
 
@@ -72,7 +67,7 @@ def semantic_cluster_pairs(emb: np.ndarray, labels: np.ndarray, eps: float) -> n
 def confirm_candidates(pairs: np.ndarray, thumbs: np.ndarray, has_thumb: np.ndarray, emb: np.ndarray | None,
                        has_emb: np.ndarray | None, cfg: DedupConfig) -> np.ndarray:
     """Keep candidate pairs a second signal confirms: CLIP cosine where both have embeddings (``clip``),
-    else thumbnails (``thumbnails.confirm_pairs``) where both have them; neither signal: not confirmed.
+    else thumbnails (``thumb_match.confirm_pairs``) where both have them; neither signal: not confirmed.
     ``thumbs`` (n, THUMB_BYTES) and ``emb`` (n, d) are row-aligned with their ``has_*`` masks."""
     if pairs.size == 0 or cfg.phash_confirm == "none":
         return pairs

@@ -12,14 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vila2_curate.curation.dedup import DedupStage
 from vila2_curate.curation.dedup.pairs import thumb_knn_pairs
-from vila2_curate.curation.dedup.thumbnails import (
-    THUMB_BYTES,
-    confirm_pair,
-    confirm_pairs,
-    knn_key,
-    thumbnail,
-    thumbnail_signals,
-)
+from vila2_curate.curation.dedup.thumb_match import confirm_pair, confirm_pairs, knn_key, thumbnail_signals
+from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES, thumbnail
 from vila2_curate.curation.normalize import phash_u64
 from vila2_curate.pipelines.demo.colours import tinted
 from vila2_curate.pipelines.demo.dedup_eval import eval_table, make_dedup_eval

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES, confirm_pair, thumbnail
+from vila2_curate.curation.dedup.thumb_match import confirm_pair
+from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES, thumbnail
 from vila2_curate.pipelines.demo.dedup_eval import (
     dedup_groups,
     eval_table,
