@@ -30,17 +30,33 @@ product is exact, so a row lands in the same cluster whatever batch it is assign
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vila2_curate.curation.dedup.clusters import (
+    EMB_QUANT,
+    Centroids,
+    estimate_rows,
+    quantized_embeddings,
+    train_centroids,
+)
+from vila2_curate.curation.dedup.columns import (
+    bool_mask,
+    confirm_payload,
+    first_of_each_id,
+    fixed_binary,
+    has_values,
+    id_rank,
+    item_id_array,
+    item_ids,
+    list_matrix,
+)
 from vila2_curate.curation.dedup.combine import EDGE_SCHEMA, NODE_COLS, PENDING_METHOD, combine_edges
 from vila2_curate.curation.dedup.exact import exact_pairs
 from vila2_curate.curation.dedup.minhash import _PRIME, EMPTY, _fmix64, band_keys, lsh_params
@@ -65,8 +81,6 @@ log = logging.getLogger(__name__)
 SAMPLE_ROWS = 65536  # M: k-means training sample (64-dim thumbnails: 4 MiB; 512-dim embeddings: 128 MiB)
 THUMB_CLUSTER_ROWS = 2048  # target rows per thumbnail cluster: flat k-NN inside costs rows^2 x 256
 LABEL_BLOCK_ROWS = 65536  # rows per block when assigning clusters
-_KMEANS_ITER = 20
-_EMB_QUANT = 127.0  # embeddings are L2-normalised: x 127 fits int8, 512-dim dot products stay exact
 
 _TASK_SALT = {"exact": 1, "phash": 2, "thumb": 3, "semantic": 4, "document": 5, "caption": 6}
 
@@ -93,56 +107,6 @@ SAMPLE_SCHEMA = pa.schema([pa.field("task", pa.string()), pa.field("rank", pa.ui
                            pa.field("thumb", pa.binary()), pa.field("embedding", pa.list_(pa.float32()))])
 
 
-# ---- ids and the canonical order ------------------------------------------------------------------------
-def item_id_array(tbl: pa.Table) -> pa.ChunkedArray:
-    """``source/key/image_index`` per row: the item id edges and groups use."""
-    text = tbl.schema.field("source").type  # string, or large_string in the reference's wide table
-    return pc.binary_join_element_wise(tbl.column("source"), pc.cast(tbl.column("key"), text),
-                                       pc.cast(tbl.column("image_index"), text), pa.scalar("/", text))
-
-
-def item_ids(tbl: pa.Table) -> list[str]:
-    return item_id_array(tbl).to_pylist()
-
-
-def fixed_binary(col: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
-    """(n, width) uint8 matrix of a binary column whose values all have ``width`` bytes (nulls: zeros); a view
-    of a one-chunk column. Chunks are joined in numpy, not Arrow: 32-bit offsets overflow at 2 GiB."""
-    if isinstance(col, pa.ChunkedArray):
-        if col.num_chunks != 1:
-            parts = [fixed_binary(c, width) for c in col.chunks]
-            return np.concatenate(parts) if parts else np.zeros((0, width), dtype=np.uint8)
-        col = col.chunk(0)
-    if len(col) == 0:
-        return np.zeros((0, width), dtype=np.uint8)
-    if col.null_count:
-        col = pc.fill_null(col, pa.scalar(bytes(width), col.type))
-    wide = pa.types.is_large_binary(col.type)
-    offsets = np.frombuffer(col.buffers()[1], dtype=np.int64 if wide else np.int32)[col.offset:col.offset + len(col) + 1]
-    data = np.frombuffer(col.buffers()[2], dtype=np.uint8)
-    if not np.all(np.diff(offsets) == width):
-        raise ValueError(f"binary column values are not all {width} bytes")
-    return data[offsets[0]:offsets[-1]].reshape(-1, width)
-
-
-def list_matrix(col: pa.ChunkedArray | pa.Array, dtype: type) -> np.ndarray:
-    """(n, d) matrix of a list column whose values all have one length (the rows a task selected); chunks
-    joined in numpy (see ``fixed_binary``)."""
-    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
-    parts = [np.asarray(c.flatten().to_numpy(zero_copy_only=False), dtype=dtype).reshape(len(c), -1)
-             for c in chunks if len(c)]
-    if not parts:
-        return np.zeros((0, 0), dtype=dtype)
-    return np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts), dtype=dtype)
-
-
-def id_rank(ids: list[str]) -> np.ndarray:
-    """Stable 64-bit hash of each string (blake2b; ``hash()`` differs per process): the bottom-M sample
-    keeps the smallest ids; also the exact method's partition value of a sha256."""
-    return np.fromiter((int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8, person=b"vila2-sample")
-                                       .digest(), "little") for i in ids), dtype=np.uint64, count=len(ids))
-
-
 def _part_key(task: str, values: np.ndarray) -> np.ndarray:
     """Non-negative int64 partition key of (task, uint64 value)."""
     mixed = _fmix64(values.astype(np.uint64) * _PRIME + np.uint64(_TASK_SALT[task]))
@@ -150,50 +114,6 @@ def _part_key(task: str, values: np.ndarray) -> np.ndarray:
 
 
 # ---- clustering (thumbnail neighbours, SemDeDup) ---------------------------------------------------------
-def quantized_embeddings(emb: np.ndarray) -> np.ndarray:
-    return np.rint(np.asarray(emb, dtype=np.float64) * _EMB_QUANT)
-
-
-@dataclass
-class Centroids:
-    """Integer-valued centroids; ``assign`` is exact (float64 sums of integer products < 2^53)."""
-
-    centres: np.ndarray  # (k, d) float64 holding integers
-    spherical: bool
-
-    def assign(self, x: np.ndarray) -> np.ndarray:
-        if len(self.centres) == 1 or len(x) == 0:
-            return np.zeros(len(x), dtype=np.int64)
-        out = np.empty(len(x), dtype=np.int64)
-        norms = (self.centres ** 2).sum(axis=1)
-        for s in range(0, len(x), 65536):  # bounded (rows x k) score block
-            dots = x[s:s + 65536] @ self.centres.T
-            out[s:s + 65536] = (np.argmax(dots, axis=1) if self.spherical
-                                else np.argmin(norms[None, :] - 2.0 * dots, axis=1))
-        return out
-
-
-def train_centroids(x: np.ndarray, k: int, spherical: bool, seed: int, scale: float) -> Centroids:
-    """faiss k-means on the sample (rows in rank order), centroids rounded to the integer grid."""
-    import faiss
-
-    k = max(1, min(k, len(x)))
-    if k == 1:
-        return Centroids(np.zeros((1, x.shape[1] if x.ndim == 2 else 1)), spherical)
-    km = faiss.Kmeans(x.shape[1], k, niter=_KMEANS_ITER, seed=seed, spherical=spherical, verbose=False,
-                      max_points_per_centroid=max(256, math.ceil(len(x) / k)))
-    km.train(np.ascontiguousarray(x / scale, dtype=np.float32))
-    return Centroids(np.rint(km.centroids.astype(np.float64) * scale), spherical)
-
-
-def estimate_rows(ranks: np.ndarray, m: int) -> int:
-    """Rows behind a bottom-m sample: exact when it is not full, else the KMV estimate. A function of the
-    sample alone (never of how many rows the shards' samples held), so every split of the data agrees."""
-    if len(ranks) < m:
-        return len(ranks)
-    return int((m - 1) * 2.0**64 / (float(ranks[m - 1]) + 1.0))
-
-
 def thumb_cluster_count(n: int) -> int:
     return max(1, math.ceil(n / THUMB_CLUSTER_ROWS))
 
@@ -301,7 +221,7 @@ class PartitionedDedup:
             else:
                 x = list_matrix(tbl.column("embedding"), np.float32)
                 k = semantic_cluster_count(n, self.cfg.semantic_clusters)
-                c = train_centroids(x.astype(np.float64) * _EMB_QUANT, k, True, self.cfg.seed, _EMB_QUANT)
+                c = train_centroids(x.astype(np.float64) * EMB_QUANT, k, True, self.cfg.seed, EMB_QUANT)
                 self.centroids[task] = c
         self.fitted = True
 
@@ -542,48 +462,6 @@ def _canonical_order(tbl: pa.Table, dedupe: bool) -> np.ndarray:
     if dedupe:
         order = order[first_of_each_id(keys.take(pa.array(order)))]
     return order
-
-
-def first_of_each_id(tbl: pa.Table) -> np.ndarray:
-    """Mask of the rows of ``tbl`` (sorted by source, key, image_index) whose id differs from the previous
-    row's: the first row per id (Arrow compares the columns; no Python value per row)."""
-    n = tbl.num_rows
-    first = np.ones(n, dtype=bool)
-    if n > 1:
-        first[1:] = False
-        for c in ("source", "key", "image_index"):
-            col = tbl.column(c)
-            first[1:] |= bool_mask(pc.not_equal(col.slice(1), col.slice(0, n - 1)))
-    return first
-
-
-Payload = tuple[np.ndarray, np.ndarray, "np.ndarray | None", "np.ndarray | None"]
-
-
-def confirm_payload(thumb: pa.ChunkedArray | pa.Array, emb: pa.ChunkedArray | pa.Array | None) -> Payload:
-    """(thumbs, has_thumb, embeddings, has_embedding) row-aligned arrays for ``confirm_candidates``."""
-    has_t = bool_mask(pc.is_valid(thumb))
-    thumbs = fixed_binary(thumb, THUMB_BYTES)
-    if emb is None:
-        return thumbs, has_t, None, None
-    has_e = has_values(emb)
-    if has_e.all():  # every row has one: the matrix directly, no zero-filled copy
-        return thumbs, has_t, list_matrix(emb, np.float32), has_e
-    dim = max(int(pc.max(pc.list_value_length(emb)).as_py() or 0), 1)
-    matrix = np.zeros((len(has_e), dim), dtype=np.float32)
-    if has_e.any():
-        matrix[has_e] = list_matrix(emb.take(pa.array(np.flatnonzero(has_e))), np.float32)
-    return thumbs, has_t, matrix, has_e
-
-
-def bool_mask(arr: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Boolean numpy mask of an Arrow boolean result; null counts as False."""
-    return np.asarray(pc.fill_null(arr, False).to_numpy(zero_copy_only=False), dtype=bool)
-
-
-def has_values(lists: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Mask of the non-null, non-empty values of a list column."""
-    return bool_mask(pc.greater(pc.list_value_length(lists), 0))
 
 
 def _edges(method: str, t: pa.Table, pairs: np.ndarray) -> pa.Table:

@@ -33,6 +33,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vila2_curate.curation.dedup import components
+from vila2_curate.curation.dedup.columns import (
+    Payload,
+    bool_mask,
+    confirm_payload,
+    first_of_each_id,
+    has_values,
+    list_matrix,
+)
 from vila2_curate.curation.dedup.combine import BOILERPLATE_FLAG, IMAGE_METHODS
 from vila2_curate.curation.dedup.exact import exact_pairs
 from vila2_curate.curation.dedup.keeper import keeper_sort_key, pair_publishable, pixels
@@ -42,15 +50,7 @@ from vila2_curate.curation.dedup.pairs import (
     semantic_cluster_pairs,
     thumb_candidate_pairs,
 )
-from vila2_curate.curation.dedup.partitioned import (
-    PartitionedDedup,
-    Payload,
-    bool_mask,
-    confirm_payload,
-    first_of_each_id,
-    has_values,
-    list_matrix,
-)
+from vila2_curate.curation.dedup.partitioned import PartitionedDedup
 from vila2_curate.curation.dedup.phash import hamming_pairs
 from vila2_curate.curation.dedup.thumbnails import thumbnail
 from vila2_curate.curation.dedup.unionfind import UnionFind

@@ -340,7 +340,7 @@ def test_pending_candidates_across_shards_give_the_reference_decisions(confirm: 
 def test_fixed_width_columns_join_chunks_and_wide_offsets() -> None:
     """Thumbnail and embedding matrices come out the same from one chunk, several chunks and 64-bit-offset
     types (the reference's table: 1.5M thumbnails pass the 2 GiB of a 32-bit offset array)."""
-    from vila2_curate.curation.dedup.partitioned import fixed_binary, list_matrix
+    from vila2_curate.curation.dedup.columns import fixed_binary, list_matrix
 
     rng = np.random.default_rng(0)
     thumbs = rng.integers(0, 256, size=(7, 5), dtype=np.uint8)
