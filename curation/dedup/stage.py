@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vila2_curate.curation.dedup import components
+import vila2_curate.curation.dedup.components as components
 from vila2_curate.curation.dedup.columns import (
     Payload,
     bool_mask,

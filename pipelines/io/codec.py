@@ -25,7 +25,7 @@ import numpy as np
 
 # The reader helpers live in the readers package, whose __init__ imports vila_wds, which imports this
 # module: import the module (not its names) so either side may be imported first.
-from vila2_curate.pipelines.io.readers import _common
+from vila2_curate.pipelines.io import values
 from vila2_curate.schemas.images import IMAGE_EXTENSIONS, VILA_IMAGE_FORMATS
 
 CAPTION_FIELDS = ("round", "model", "prompt_id", "params_hash", "text", "created_at", "flags")
@@ -65,7 +65,7 @@ def _meta_dict(meta: str | None) -> dict[str, Any]:
 
 
 def _meta_text(v: dict[str, Any] | None) -> str | None:
-    return _common.to_meta_json(v or {})
+    return values.to_meta_json(v or {})
 
 
 def _captions_out(captions: list[dict[str, Any] | None] | None) -> list[dict[str, Any]]:
@@ -156,8 +156,8 @@ FIELDS: tuple[Field, ...] = (
     Field("delta_loss", _f32),
     Field("logp_small", _f32),
     Field("logp_large", _f32),
-    Field("width", decode=_common.as_int),
-    Field("height", decode=_common.as_int),
+    Field("width", decode=values.as_int),
+    Field("height", decode=values.as_int),
     Field("sha256"),
     Field("phash", _phash_hex, _phash_int),
     Field("flags", _flags, _flags, _is_list, "flags"),
@@ -205,7 +205,7 @@ def row_fields(files: Mapping[str, bytes]) -> tuple[dict[str, Any], str | None]:
     try:
         info = json.loads(files.get("json", b"{}"))
     except ValueError as e:
-        return {}, f"json_invalid: {_common.short_error(e)}"
+        return {}, f"json_invalid: {values.short_error(e)}"
     # our own output, but a round's input may have been edited: check the shapes the decoders need
     if not isinstance(info, dict):
         return {}, "json_invalid: not an object"

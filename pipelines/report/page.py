@@ -15,8 +15,9 @@ from importlib.resources import files
 
 import fsspec
 
+import vila2_curate.pipelines.report.costs as costs
+import vila2_curate.pipelines.report.sections as sections
 from vila2_curate.pipelines.io.writers.atomic import write_bytes_atomic
-from vila2_curate.pipelines.report import costs, sections
 from vila2_curate.pipelines.report.markup import esc
 from vila2_curate.pipelines.report.plots import Plots
 from vila2_curate.pipelines.report.scan import Root, dedup_thumbs_from_work, join, open_root, scan_root

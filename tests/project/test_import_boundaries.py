@@ -102,3 +102,60 @@ def test_the_checker_sees_violations() -> None:
     assert not violations("curation", Path("x.py"), imported_modules(ok))
     assert not violations("pipelines", Path("engine/plan.py"),
                           imported_modules("from vila2_curate.pipelines.io.sink import ShardSink\n"))
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the project modules its module-level imports name (not those under ``TYPE_CHECKING``,
+    which never run); a package is its ``__init__``."""
+    files = {}
+    for package in PACKAGE_LAYERS:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = (package, *path.relative_to(ROOT / package).with_suffix("").parts)
+            files[".".join(("vila2_curate", *(p for p in parts if p != "__init__")))] = path
+    graph = {}
+    for name, path in files.items():
+        body = [n for n in ast.parse(path.read_text()).body
+                if not (isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))]
+        names = imported_modules(ast.unparse(ast.Module(body=body, type_ignores=[])))
+        graph[name] = {m for m in names if m in files and m != name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles() -> None:
+    graph = module_graph()
+    assert len(graph) > 80
+    assert import_cycles(graph) == []
+    # the check finds a cycle through a package's __init__
+    assert import_cycles({"p": {"p.a"}, "p.a": {"p.b"}, "p.b": {"p"}, "q": set()}) == [["p", "p.a", "p.b"]]

@@ -1,5 +1,5 @@
 """Helpers shared by the source readers: path expansion through fsspec, shard ids, key bookkeeping,
-image-format sniffing, JSON meta and bounded row batching.
+image-format sniffing and bounded row batching (value coercion and the JSON meta: ``pipelines/io/values.py``).
 
 Everything here is I/O-light and deterministic so that the same input lists the same shards and emits the
 same keys on every engine.
@@ -8,8 +8,6 @@ same keys on every engine.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import posixpath
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -20,6 +18,7 @@ from fsspec.spec import AbstractFileSystem
 
 from vila2_curate.pipelines.io.readers.base import InputShard, SourceFormatError
 from vila2_curate.pipelines.io.readers.text import scrub_row
+from vila2_curate.pipelines.io.values import as_str, short_error, to_meta_json
 from vila2_curate.schemas.config import SourceConfig
 from vila2_curate.schemas.keys import safe_key
 from vila2_curate.schemas.rows import PAIR_SCHEMA, make_table
@@ -99,69 +98,6 @@ def make_shards(
 
 
 # --------------------------------------------------------------------------------------------- values
-
-
-def _json_default(v: Any) -> Any:
-    if isinstance(v, bytes | bytearray | memoryview):
-        return {"__bytes__": len(v)}  # never inline payloads in meta; record that a blob was there
-    if hasattr(v, "isoformat"):
-        return v.isoformat()
-    if hasattr(v, "tolist"):
-        return v.tolist()
-    if hasattr(v, "item"):
-        return v.item()
-    if isinstance(v, set | frozenset):
-        return sorted(v, key=str)
-    return str(v)
-
-
-def _clean_floats(v: Any) -> Any:
-    """NaN / inf are not JSON; map them to null so every meta string parses with any JSON reader."""
-    if isinstance(v, float):
-        return v if math.isfinite(v) else None
-    if isinstance(v, dict):
-        return {str(k): _clean_floats(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_clean_floats(x) for x in v]
-    return v
-
-
-def to_meta_json(fields: Mapping[str, Any]) -> str | None:
-    """Source fields passed through as a sorted JSON object (None when there is nothing to keep)."""
-    if not fields:
-        return None
-    return json.dumps(_clean_floats(dict(fields)), sort_keys=True, ensure_ascii=False, default=_json_default)
-
-
-def as_int(v: Any) -> int | None:
-    """An int32-safe integer or None (bools and floats with a fraction are not integers here)."""
-    if isinstance(v, bool) or v is None:
-        return None
-    if isinstance(v, float):
-        if not math.isfinite(v) or v != int(v):
-            return None
-        v = int(v)
-    if isinstance(v, int) and -(2**31) <= v < 2**31:
-        return v
-    return None
-
-
-def as_float(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return None
-    f = float(v)
-    return f if math.isfinite(f) else None
-
-
-def as_str(v: Any) -> str | None:
-    if v is None:
-        return None
-    return v if isinstance(v, str) else str(v)
-
-
-def short_error(e: BaseException, limit: int = 160) -> str:
-    msg = f"{type(e).__name__}: {e}"
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------- keys

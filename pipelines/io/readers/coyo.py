@@ -25,14 +25,11 @@ import pyarrow.parquet as pq
 from vila2_curate.pipelines.io.readers._common import (
     READ_STAGE,
     KeyRegistry,
-    as_str,
     base_row,
     batched_tables,
     expand_paths,
     make_shards,
     quarantine,
-    short_error,
-    to_meta_json,
     url_to_fs,
 )
 from vila2_curate.pipelines.io.readers.base import InputShard, SourceFormatError
@@ -40,6 +37,7 @@ from vila2_curate.pipelines.io.readers.corrupt import LostRows, lost_rows_row, p
 from vila2_curate.pipelines.io.readers.fetch import REFUSED, REFUSED_REASON, SUCCESS, Fetcher, FetchResult
 from vila2_curate.pipelines.io.readers.refs import UNSAFE_REASON, ImageRoot, UnsafeRef
 from vila2_curate.pipelines.io.readers.text import arrow_records, invalid_utf8_reason
+from vila2_curate.pipelines.io.values import as_str, short_error, to_meta_json
 from vila2_curate.schemas.config import SourceConfig
 from vila2_curate.schemas.images import sniff_image_format
 from vila2_curate.schemas.rows import PAIR_SCHEMA

@@ -37,13 +37,9 @@ from vila2_curate.pipelines.io.readers._common import (
     READ_STAGE,
     KeyRegistry,
     StreamingReader,
-    as_int,
-    as_str,
     base_row,
     quarantine,
-    short_error,
     strip_extensions,
-    to_meta_json,
     url_to_fs,
 )
 from vila2_curate.pipelines.io.readers.base import InputShard
@@ -60,6 +56,7 @@ from vila2_curate.pipelines.io.readers.text import (
     invalid_utf8_reason,
     loads_json,
 )
+from vila2_curate.pipelines.io.values import as_int, as_str, short_error, to_meta_json
 from vila2_curate.schemas.images import IMAGE_EXTENSIONS, sniff_image_format
 from vila2_curate.schemas.rows import PAIR_SCHEMA
 

@@ -26,19 +26,15 @@ from vila2_curate.pipelines.io.readers._common import (
     READ_STAGE,
     KeyRegistry,
     StreamingReader,
-    as_float,
-    as_int,
-    as_str,
     base_row,
     quarantine,
-    short_error,
-    to_meta_json,
     url_to_fs,
 )
 from vila2_curate.pipelines.io.readers.base import InputShard
 from vila2_curate.pipelines.io.readers.fetch import REFUSED, REFUSED_REASON, SUCCESS, Fetcher
 from vila2_curate.pipelines.io.readers.refs import UNSAFE_REASON, ImageRoot, UnsafeRef
 from vila2_curate.pipelines.io.readers.text import INVALID_UTF8, invalid_utf8_reason, loads_json
+from vila2_curate.pipelines.io.values import as_float, as_int, as_str, short_error, to_meta_json
 from vila2_curate.schemas.images import sniff_image_format
 from vila2_curate.schemas.rows import DOCUMENT_SCHEMA
 

@@ -10,19 +10,19 @@ import posixpath
 from collections.abc import Iterator
 from typing import Any
 
-from vila2_curate.pipelines.io import codec  # the module: codec imports readers._common
+from vila2_curate.pipelines.io import codec
 from vila2_curate.pipelines.io.readers._common import (
     KeyRegistry,
     base_row,
     batched_tables,
     quarantine,
-    short_error,
     to_url,
     url_to_fs,
 )
 from vila2_curate.pipelines.io.readers.base import InputShard, SourceFormatError
 from vila2_curate.pipelines.io.readers.tarstream import TarTruncated, iter_members
 from vila2_curate.pipelines.io.readers.text import loads_json
+from vila2_curate.pipelines.io.values import short_error
 from vila2_curate.schemas.config import SourceConfig
 from vila2_curate.schemas.rows import PAIR_SCHEMA
 
