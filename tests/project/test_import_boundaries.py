@@ -104,9 +104,24 @@ def test_the_checker_sees_violations() -> None:
                           imported_modules("from vila2_curate.pipelines.io.sink import ShardSink\n"))
 
 
+def _import_time_nodes(body: list[ast.stmt]) -> list[ast.stmt]:
+    """The statements that run when the module is imported: not function bodies, not ``TYPE_CHECKING``."""
+    out = []
+    for node in body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if isinstance(node, ast.ClassDef):
+            out += _import_time_nodes(node.body)
+        else:
+            out.append(node)
+    return out
+
+
 def module_graph() -> dict[str, set[str]]:
-    """Module -> the project modules its module-level imports name (not those under ``TYPE_CHECKING``,
-    which never run); a package is its ``__init__``."""
+    """Module -> the project modules it imports when it is imported (a function's own imports run later);
+    a package is its ``__init__``."""
     files = {}
     for package in PACKAGE_LAYERS:
         for path in (ROOT / package).rglob("*.py"):
@@ -114,8 +129,7 @@ def module_graph() -> dict[str, set[str]]:
             files[".".join(("vila2_curate", *(p for p in parts if p != "__init__")))] = path
     graph = {}
     for name, path in files.items():
-        body = [n for n in ast.parse(path.read_text()).body
-                if not (isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))]
+        body = _import_time_nodes(ast.parse(path.read_text()).body)
         names = imported_modules(ast.unparse(ast.Module(body=body, type_ignores=[])))
         graph[name] = {m for m in names if m in files and m != name}
     return graph
