@@ -175,7 +175,7 @@ def decide_timings(fs, root: str, plan: Any) -> Timings:
     segment markers, so a resumed run reports the decide it reused."""
     out: Timings = {}
     for segment in plan.segments:
-        if segment.decide is not None:
+        if segment.global_stage is not None:
             out.update((_read_json(fs, decided_path(root, segment.index)) or {}).get("timings") or {})
     return out
 

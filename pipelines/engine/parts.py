@@ -185,11 +185,11 @@ def write_parts(fs, root: str, segment: Segment, batch: pa.Table, shards: list[I
         base = posixpath.join(parts_dir(root, seg, shards[idx]), f"{first:020d}-{last:020d}")
         desc: dict[str, Any] = {"shard_index": idx, "path": f"{base}.parquet", "sig_path": None,
                                 "first": first, "last": last, "rows": piece.num_rows}
-        if segment.decide is not None:
+        if segment.global_stage is not None:
             t = time.perf_counter()
-            sig = segment.decide.signatures(piece.drop_columns([ROW_COL]))
+            sig = segment.global_stage.signatures(piece.drop_columns([ROW_COL]))
             sig = sig.append_column(ROW_COL, signature_rows(sig, piece))
-            add_timing(timings, f"{segment.decide.name}_signatures", piece.num_rows, time.perf_counter() - t)
+            add_timing(timings, f"{segment.global_stage.name}_signatures", piece.num_rows, time.perf_counter() - t)
             t = time.perf_counter()
             desc["sig_path"] = f"{base}.sig.parquet"
             write_parquet_atomic(fs, desc["sig_path"], sig.combine_chunks())
@@ -263,7 +263,7 @@ def assemble_shard(fs, root: str, plan: Plan, seg: int, item: WorkItem, parts: l
     exchange: Timings = {}
     try:
         rows = _timed(assembled_batches(fs, parts, batch_size), exchange)
-        if segment.decide is None:
+        if segment.global_stage is None:
             if rereadable:
                 schema = DOCUMENT_SCHEMA if item.shard.row_kind == "document" else PAIR_SCHEMA
                 rows = rejoin_input(rows, _timed(item.reader.read(item.shard, batch_size), exchange), schema)

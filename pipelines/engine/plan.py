@@ -21,11 +21,11 @@ from vila2_curate.schemas.stage import GlobalStage, Stage
 class Segment:
     index: int
     maps: list[Stage] = field(default_factory=list)
-    decide: GlobalStage | None = None
+    global_stage: GlobalStage | None = None  # the segment's closing decision (None: the last segment)
 
     @property
     def stages(self) -> list:
-        return [*self.maps, *([self.decide] if self.decide else [])]
+        return [*self.maps, *([self.global_stage] if self.global_stage else [])]
 
 
 @dataclass
@@ -70,7 +70,7 @@ def build_plan(config: RunConfig) -> Plan:
     segments = [Segment(0)]
     for s in stages:
         if is_global(s):
-            segments[-1].decide = s
+            segments[-1].global_stage = s
             segments.append(Segment(len(segments)))
         else:
             segments[-1].maps.append(s)

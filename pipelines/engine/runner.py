@@ -157,7 +157,7 @@ def run_engine(engine: Engine, config: RunConfig, plan: Plan | None = None) -> d
     pending = pending_work(ctx)
     for segment in plan.segments:
         todo = pending[segment.index]
-        if segment.decide is None:
+        if segment.global_stage is None:
             for it in todo:
                 remove_stale_outputs(fs, root, it.shard)
             if todo:
@@ -349,8 +349,8 @@ def decide_segment(engine: Engine, ctx: RunContext, segment: Segment) -> None:
     """Aggregate the segment's signatures and store the decisions per input shard, then the marker."""
     seg_hash = ctx.plan.segment_hash(segment.index)
     t = time.perf_counter()
-    partitioned = uses_partitioned(segment.decide, ctx.config)
-    n_decisions, extra = decide_signatures(engine, ctx, segment.index, seg_hash, segment.decide, partitioned)
+    partitioned = uses_partitioned(segment.global_stage, ctx.config)
+    n_decisions, extra = decide_signatures(engine, ctx, segment.index, seg_hash, segment.global_stage, partitioned)
     _finish_decide(ctx, segment, seg_hash, n_decisions, "partitioned" if partitioned else "single",
                    time.perf_counter() - t, extra)
 
@@ -385,7 +385,7 @@ def decide_signatures(engine: Engine, ctx: RunContext, seg: int, seg_hash: str, 
 def _finish_decide(ctx: RunContext, segment: Segment, seg_hash: str, n_decisions: int, mode: str,
                    seconds: float, extra: dict[str, Any] | None = None) -> None:
     """The segment's summary and its decided marker (with the decide's timing)."""
-    stage = segment.decide
+    stage = segment.global_stage
     log.info("%s decided (%s) in %.2fs", stage.name, mode, seconds)
     n_sigs = write_segment_summary(ctx, segment, n_decisions, mode, extra)
     write_decided(ctx.fs, ctx.root, segment.index, seg_hash, n_decisions, len(ctx.items),
@@ -407,8 +407,8 @@ def write_segment_summary(ctx: RunContext, segment: Segment, n_decisions: int, m
                              for it in ctx.items) if s is not None]
         signatures = pa.concat_tables(parts, promote_options="default") if parts else pa.table({})
         decisions = normalize_decisions(read_all_decisions(fs, root, seg, [it.shard for it in ctx.items]))
-        summary = segment.decide.summarize(decisions, signatures)
-    summary = {"stage": segment.decide.name, "signatures": n_sigs, "decisions": n_decisions,
+        summary = segment.global_stage.summarize(decisions, signatures)
+    summary = {"stage": segment.global_stage.name, "signatures": n_sigs, "decisions": n_decisions,
                "decide": mode, **(extra or {}), **summary}
     write_json_atomic(fs, posixpath.join(seg_dir(root, seg), "summary.json"), summary)
     return n_sigs
@@ -431,7 +431,7 @@ def _summary_columns(sig: pa.Table | None) -> pa.Table | None:
 def run_info(plan: Plan, config: RunConfig) -> dict[str, Any]:
     """What the report needs beside the timings: stage order, each stage's declared resources."""
     stages = [{"name": s.name, "version": s.version, "segment": seg.index,
-               "global": s is seg.decide, "cpus": s.resources.cpus, "gpus": s.resources.gpus}
+               "global": s is seg.global_stage, "cpus": s.resources.cpus, "gpus": s.resources.gpus}
               for seg in plan.segments for s in seg.stages]
     return {"run": {"name": config.name, "engine": config.engine, "config_hash": plan.config_hash,
                     "plan_hash": plan.plan_hash, "stages": stages}}
@@ -441,9 +441,9 @@ def plan_summaries(fs, root: str, plan: Plan) -> dict[str, Any]:
     out = {}
     for segment in plan.segments:
         path = posixpath.join(seg_dir(root, segment.index), "summary.json")
-        if segment.decide is not None and fs.exists(path):
+        if segment.global_stage is not None and fs.exists(path):
             with fs.open(path, "rb") as f:
-                out[segment.decide.name] = json.load(f)
+                out[segment.global_stage.name] = json.load(f)
     return out
 
 

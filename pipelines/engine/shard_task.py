@@ -65,7 +65,7 @@ def input_batches(fs, root: str, plan: Plan, reader: Reader, shard: InputShard, 
         if is_slim(fs, path):
             source = rejoin_input(source, reader.read(shard, batch_size), schema)
         read_name = "read_intermediate"
-        prev_stage = plan.segments[seg - 1].decide.name
+        prev_stage = plan.segments[seg - 1].global_stage.name
         decisions = index_decisions(read_shard_decisions(fs, root, seg - 1, shard, plan.segment_hash(seg - 1)))
     t0 = time.perf_counter()
     for batch in source:
@@ -92,7 +92,7 @@ class SegmentOutput:
     def __init__(self, fs, root: str, plan: Plan, segment: Segment, shard: InputShard,
                  out: OutputConfig, rereadable: bool = True) -> None:
         self.fs, self.root, self.plan, self.segment, self.shard = fs, root, plan, segment, shard
-        self.last = segment.decide is None
+        self.last = segment.global_stage is None
         self.timings: Timings = {}
         self.rows = self.kept = 0
         if self.last:
@@ -114,8 +114,8 @@ class SegmentOutput:
         self.inter.write(batch)
         add_timing(self.timings, "write_intermediate", batch.num_rows, time.perf_counter() - t)
         t = time.perf_counter()
-        self.add_signatures([self.segment.decide.signatures(batch)])
-        add_timing(self.timings, f"{self.segment.decide.name}_signatures", batch.num_rows, time.perf_counter() - t)
+        self.add_signatures([self.segment.global_stage.signatures(batch)])
+        add_timing(self.timings, f"{self.segment.global_stage.name}_signatures", batch.num_rows, time.perf_counter() - t)
 
     def write_mapped(self, rows: pa.Table) -> None:
         """Rows a distributed map side already slimmed (its signatures come through ``add_signatures``)."""

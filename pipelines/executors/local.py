@@ -66,7 +66,7 @@ class LocalEngine:
             if id(stage) not in self._set_up:  # models load once per run, only for segments with work
                 stage.setup()
                 self._set_up.add(id(stage))
-        desc = "write" if segment.decide is None else f"segment {segment.index} -> {segment.decide.name}"
+        desc = "write" if segment.global_stage is None else f"segment {segment.index} -> {segment.global_stage.name}"
         bar = _Progress(len(pending), desc, self.progress)
         for it in pending:
             if self.budget is not None:
