@@ -1,7 +1,7 @@
 """The caption sidecar a recaption round writes: folder name and the text of each row.
 
 VILA reads ``<captions>/<folder>/<tar relpath>.json`` = ``{url: {"output": text}}``; one folder per recaption
-round and model holds its caption. Declared by ``RecaptionStage.sidecars``; written by ``pipelines.io.sidecars``.
+round and model holds its caption. Declared by ``RecaptionStage.sidecars``; planned by ``pipelines.io.sidecar_plan``, written by the sink.
 """
 
 from __future__ import annotations

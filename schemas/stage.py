@@ -54,7 +54,7 @@ class Stage(Protocol):
         """Transform one batch; returns the same rows (same order, same count)."""
 
     def sidecars(self) -> dict[str, Callable[[dict[str, Any]], str | None]]:
-        """Sidecar folder -> picklable function row -> text, written beside the shards (``pipelines.io.sidecars``)."""
+        """Sidecar folder -> picklable function row -> text, written beside the shards (``pipelines.io.sidecar_plan``)."""
 
 
 class StageBase:

@@ -33,7 +33,8 @@ from vila2_curate.curation.dedup.components import (
     unique_labels,
 )
 from vila2_curate.pipelines.engine.workdir import seg_dir, write_shard_decisions
-from vila2_curate.pipelines.io.writers.atomic import read_parquet, write_parquet_atomic
+from vila2_curate.pipelines.io.parquet_read import read_parquet
+from vila2_curate.pipelines.io.writers.atomic import write_parquet_atomic
 from vila2_curate.schemas.stage import NODE_COL, NODE_SHARD_BITS, SHARD_COL
 
 log = logging.getLogger(__name__)

@@ -42,8 +42,9 @@ from vila2_curate.pipelines.engine.shard_task import (
     run_shard_segment,
 )
 from vila2_curate.pipelines.engine.workdir import rejoin_input, seg_dir, slim_dropped, slim_for_work
+from vila2_curate.pipelines.io.parquet_read import read_parquet
 from vila2_curate.pipelines.io.readers.base import InputShard
-from vila2_curate.pipelines.io.writers.atomic import read_parquet, write_parquet_atomic
+from vila2_curate.pipelines.io.writers.atomic import write_parquet_atomic
 from vila2_curate.schemas.config import OutputConfig
 from vila2_curate.schemas.rows import DOCUMENT_SCHEMA, PAIR_SCHEMA
 

@@ -34,7 +34,7 @@ class Plan:
     config_hash: str
     stage_versions: dict[str, str]
     inputs_hash: str = ""  # set by the engine from the listed input shards
-    sidecars: dict = field(default_factory=dict)  # sidecar folder -> row -> text (pipelines.io.sidecars)
+    sidecars: dict = field(default_factory=dict)  # sidecar folder -> row -> text (pipelines.io.sidecar_plan)
 
     def set_inputs(self, shard_paths: list[str]) -> None:
         self.inputs_hash = hashlib.sha256("\n".join(sorted(shard_paths)).encode()).hexdigest()[:16]
@@ -77,7 +77,7 @@ def build_plan(config: RunConfig) -> Plan:
     for seg in segments:  # the thumbnail column does not outlive its segment (workdir.slim_for_work)
         for i, s in enumerate(seg.stages):
             s.thumbnails_follow = any(t.uses_thumbnails for t in seg.stages[i + 1:])
-    from vila2_curate.pipelines.io.sidecars import plan_sidecars
+    from vila2_curate.pipelines.io.sidecar_plan import plan_sidecars
 
     return Plan(segments, config.config_hash(), {s.name: s.version for s in stages},
                 sidecars=plan_sidecars(stages))

@@ -55,12 +55,11 @@ from vila2_curate.pipelines.engine.workdir import (
     signatures_path,
     write_shard_decisions,
 )
+from vila2_curate.pipelines.io.parquet_read import open_parquet, read_parquet
 from vila2_curate.pipelines.io.readers import make_reader
 from vila2_curate.pipelines.io.readers.base import InputShard, Reader
 from vila2_curate.pipelines.io.writers.atomic import (
     is_temp_name,
-    open_parquet,
-    read_parquet,
     write_json_atomic,
     write_parquet_atomic,
 )

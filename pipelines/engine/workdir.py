@@ -37,12 +37,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vila2_curate.pipelines.engine.aggregate import normalize_decisions
+from vila2_curate.pipelines.io.parquet_read import open_parquet, read_parquet
 from vila2_curate.pipelines.io.readers.base import InputShard
-from vila2_curate.pipelines.io.writers.atomic import (
-    open_parquet,
-    read_parquet,
-    write_parquet_atomic,
-)
+from vila2_curate.pipelines.io.writers.atomic import write_parquet_atomic
 from vila2_curate.schemas.rows import check_schema_version, conform
 from vila2_curate.schemas.table_ops import replace_columns
 

@@ -45,7 +45,8 @@ from vila2_curate.pipelines.engine.runner import (
 )
 from vila2_curate.pipelines.engine.shard_task import is_rereadable
 from vila2_curate.pipelines.engine.workdir import WORK_DIR
-from vila2_curate.pipelines.io.writers.atomic import read_parquet, write_parquet_atomic
+from vila2_curate.pipelines.io.parquet_read import read_parquet
+from vila2_curate.pipelines.io.writers.atomic import write_parquet_atomic
 from vila2_curate.schemas.config import RunConfig
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from vila2_curate.pipelines.io.writers.atomic import open_parquet, read_parquet
+from vila2_curate.pipelines.io.parquet_read import open_parquet, read_parquet
 from vila2_curate.schemas.images import IMAGE_EXTENSIONS, VILA_IMAGE_FORMATS, decode_rgb
 
 THUMB_SIDE = 160

@@ -9,7 +9,7 @@ from typing import Any
 
 import fsspec
 
-from vila2_curate.pipelines.io.writers.atomic import read_parquet
+from vila2_curate.pipelines.io.parquet_read import read_parquet
 from vila2_curate.pipelines.io.writers.records import MANIFEST
 from vila2_curate.schemas.records import MANIFEST_SCHEMA
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import fsspec
 
-from vila2_curate.pipelines.io.writers.atomic import read_parquet
+from vila2_curate.pipelines.io.parquet_read import read_parquet
 from vila2_curate.pipelines.io.writers.records import MANIFEST
 
 RECAPTION_STAGE = re.compile(r"recaption_r(\d+)(?:_\d+)?")  # RecaptionStage.name (+ build_plan's _<n>)
