@@ -1,10 +1,10 @@
 """Process one input shard through one plan segment, the same way on every engine.
 
 The local engine runs ``run_shard_segment`` in-process. Ray and Beam run it whole in one worker for a
-segment without model stages (``parts.RunShard``: a Ray task, a Beam ``Map`` element); for a segment with
+segment without model stages (``exchange.RunShard``: a Ray task, a Beam ``Map`` element); for a segment with
 model stages they use its two halves apart, with the engine's map stages in between: ``input_batches``
-feeds their read step (``parts.tagged_batches``) and ``SegmentOutput`` their per-shard assembly
-(``parts.assemble_shard``).
+feeds their read step (``exchange.tagged_batches``) and ``SegmentOutput`` their per-shard assembly
+(``exchange.assemble_shard``).
 
 Input: the source reader (segment 0) or the re-read input joined with the previous segment's saved
 per-row columns, with that shard's decisions of the previous segment applied first. Output: intermediate

@@ -3,7 +3,7 @@ through ``beam.runner`` / ``beam.pipeline_args``). Not run on Ray. The segment l
 file supplies:
 
 - map shards: a segment without model stages is Create(pending shards) -> one shard start to end per
-  element, the local engine's path (``parts.RunShard``: no exchange); one with model stages is
+  element, the local engine's path (``exchange.RunShard``: no exchange); one with model stages is
   Create(pending shards) -> read (each shard with its own decisions) -> each map stage (model stages
   through RunInference with a ModelHandler wrapping the stage, so Beam manages model loading and sharing;
   others as a ParDo) -> image-free part files -> GroupByKey(shard) -> assembly into the same outputs the
@@ -24,8 +24,7 @@ from typing import Any
 import pyarrow as pa
 
 from vila2_curate.pipelines.engine.aggregate import split_by_key
-from vila2_curate.pipelines.engine.markers import segment_done
-from vila2_curate.pipelines.engine.parts import (
+from vila2_curate.pipelines.engine.exchange import (
     RunShard,
     assemble_shard,
     clear_parts,
@@ -36,6 +35,7 @@ from vila2_curate.pipelines.engine.parts import (
     uses_model,
     write_parts,
 )
+from vila2_curate.pipelines.engine.markers import segment_done
 from vila2_curate.pipelines.engine.plan import Segment
 from vila2_curate.pipelines.engine.runner import (
     DEFAULT_PARTITIONS,

@@ -1,7 +1,7 @@
 """Ray Data engine: the scale-out executor. The segment loop is the runner's; this file supplies:
 
 - map shards: a segment without model stages runs as one Ray task per pending shard, start to end, the
-  local engine's path (``parts.RunShard``: no exchange). A segment with model stages is a Ray Data
+  local engine's path (``exchange.RunShard``: no exchange). A segment with model stages is a Ray Data
   pipeline: read tasks (one shard per call, rows tagged with their ``_row``; each loads only its own
   decisions), each map stage as ``map_batches`` (model stages as actor pools with the stage's declared
   ``num_gpus``/``num_cpus`` — fractional GPUs co-locate stages — and ``setup()`` once per actor; CPU
@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 
 from vila2_curate.pipelines.engine.aggregate import split_by_key
-from vila2_curate.pipelines.engine.parts import (
+from vila2_curate.pipelines.engine.exchange import (
     RunShard,
     assemble_shard,
     clear_parts,

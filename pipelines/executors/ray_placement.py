@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
-from vila2_curate.pipelines.engine.parts import runs_whole_shards, uses_model
+from vila2_curate.pipelines.engine.exchange import runs_whole_shards, uses_model
 from vila2_curate.pipelines.engine.plan import Plan, Segment
 from vila2_curate.schemas.config import ConfigError
 
@@ -70,7 +70,7 @@ class Operator:
 def segment_operators(segment: Segment) -> list[Operator]:
     """The workers a segment's pipeline needs at once, in pipeline order.
 
-    A segment without model stages is one 1-CPU task per shard (``parts.RunShard``). Otherwise the
+    A segment without model stages is one 1-CPU task per shard (``exchange.RunShard``). Otherwise the
     reader is a 1-CPU task; a model stage (``uses_model``) an actor pool of ``stage.workers`` actors; a
     CPU stage at least one task. Ray Data fuses consecutive tasks whose remote args match (same CPUs, GPUs,
     memory), the reader's too, so such a run counts once; a task stage before a model stage with the same

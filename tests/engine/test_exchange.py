@@ -1,4 +1,4 @@
-"""The distributed engines' exchange (pipelines/engine/parts.py), run in process with hostile batching:
+"""The distributed engines' exchange (pipelines/engine/exchange.py), run in process with hostile batching:
 parts carry no image bytes and no input-only column, any re-batching gives the local engine's bytes, and
 every map step's cost reaches timings.json."""
 
@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers.runs import output_files, write_config
-from vila2_curate.pipelines.engine import parts
+from vila2_curate.pipelines.engine import exchange
 from vila2_curate.pipelines.engine.runner import run_engine
 from vila2_curate.pipelines.executors.local import LocalEngine, run_local
 from vila2_curate.schemas.config import load_config
@@ -40,7 +40,7 @@ class ShuffledExchangeEngine(LocalEngine):
         rereadable = [True] * len(shards)
         for kind in ("document", "pair"):  # one row schema per batch, as on Ray and Beam
             blocks = [b for it in pending if it.shard.row_kind == kind
-                      for b in parts.tagged_batches(ctx.fs, ctx.root, ctx.plan, it, segment.index, 7)]
+                      for b in exchange.tagged_batches(ctx.fs, ctx.root, ctx.plan, it, segment.index, 7)]
             if not blocks:
                 continue
             rows = pa.concat_tables(blocks, promote_options="default")
@@ -53,15 +53,15 @@ class ShuffledExchangeEngine(LocalEngine):
                 batch = rows.slice(start, size)
                 start += size
                 for stage in segment.maps:
-                    batch = parts.run_stage(stage, batch)
-                for desc in parts.write_parts(ctx.fs, ctx.root, segment, batch, shards, rereadable):
+                    batch = exchange.run_stage(stage, batch)
+                for desc in exchange.write_parts(ctx.fs, ctx.root, segment, batch, shards, rereadable):
                     found[desc["shard_index"]].append(desc)
                     self.part_files += [p for p in (desc["path"], desc["sig_path"]) if p]
                     _assert_no_image_bytes(Path(desc["path"]))
         for it in pending:
-            parts.assemble_shard(ctx.fs, ctx.root, ctx.plan, segment.index, it, found[it.index],
+            exchange.assemble_shard(ctx.fs, ctx.root, ctx.plan, segment.index, it, found[it.index],
                                  ctx.config.output, ctx.config.batch_size)
-        parts.clear_segment_parts(ctx.fs, ctx.root, segment.index)
+        exchange.clear_segment_parts(ctx.fs, ctx.root, segment.index)
 
 
 def _assert_no_image_bytes(path: Path) -> None:
@@ -103,23 +103,23 @@ def test_shuffled_exchange_gives_the_local_bytes_and_timings(local_plain: Path, 
 
 def test_costs_sum_exactly_across_splits():
     batch = pa.table({"x": list(range(10))})
-    batch = parts.add_cost(parts.add_cost(batch, "a", 2.0, gpus=0.5), "a", 1.0)
+    batch = exchange.add_cost(exchange.add_cost(batch, "a", 2.0, gpus=0.5), "a", 1.0)
     halves = [batch.slice(0, 3), batch.slice(3)]
-    sums = [parts.pop_costs(h)[1] for h in halves]
+    sums = [exchange.pop_costs(h)[1] for h in halves]
     total = {k: sum(s["a"][k] for s in sums) for k in ("rows", "seconds", "gpu_seconds")}
     assert total == pytest.approx({"rows": 10, "seconds": 3.0, "gpu_seconds": 1.0})
-    assert parts.pop_costs(batch)[0].column_names == ["x"]
+    assert exchange.pop_costs(batch)[0].column_names == ["x"]
 
 
 def test_signature_rows_pair_repeated_keys_in_order():
-    piece = pa.table({"source": ["s"] * 5, "key": ["a", "b", "a", "c", "a"], parts.ROW_COL: [10, 11, 12, 13, 14]})
+    piece = pa.table({"source": ["s"] * 5, "key": ["a", "b", "a", "c", "a"], exchange.ROW_COL: [10, 11, 12, 13, 14]})
     sig = pa.table({"source": ["s"] * 4, "key": ["a", "a", "c", "a"]})
-    assert parts.signature_rows(sig, piece).to_pylist() == [10, 12, 13, 14]
+    assert exchange.signature_rows(sig, piece).to_pylist() == [10, 12, 13, 14]
     # a document and its images: several signature rows of one row, in rising image_index
     docs = sig.append_column("image_index", pa.array([-1, 0, -1, -1]))
-    assert parts.signature_rows(docs, piece).to_pylist() == [10, 10, 13, 14]
+    assert exchange.signature_rows(docs, piece).to_pylist() == [10, 10, 13, 14]
     with pytest.raises(RuntimeError, match="row order"):
-        parts.signature_rows(pa.table({"source": ["s", "s"], "key": ["c", "b"]}), piece)
+        exchange.signature_rows(pa.table({"source": ["s", "s"], "key": ["c", "b"]}), piece)
 
 
 def test_overlapping_parts_keep_one_copy_per_row(tmp_path: Path):
@@ -128,13 +128,13 @@ def test_overlapping_parts_keep_one_copy_per_row(tmp_path: Path):
     import fsspec
 
     fs = fsspec.filesystem("file")
-    a = pa.table({parts.ROW_COL: [0, 2, 4], "v": ["a0", "a2", "a4"]})
-    b = pa.table({parts.ROW_COL: [1, 2, 2, 3], "v": ["b1", "b2", "b2'", "b3"]})
+    a = pa.table({exchange.ROW_COL: [0, 2, 4], "v": ["a0", "a2", "a4"]})
+    b = pa.table({exchange.ROW_COL: [1, 2, 2, 3], "v": ["b1", "b2", "b2'", "b3"]})
     for name, t in (("a", a), ("b", b)):
         pq.write_table(t, tmp_path / f"{name}.parquet")
     descs = [{"path": str(tmp_path / "a.parquet"), "first": 0, "last": 4},
              {"path": str(tmp_path / "b.parquet"), "first": 1, "last": 3}]
-    out = pa.concat_tables(list(parts.assembled_batches(fs, descs, 100)))
+    out = pa.concat_tables(list(exchange.assembled_batches(fs, descs, 100)))
     assert out.column("v").to_pylist() == ["a0", "b1", "a2", "b3", "a4"]
     descs.reverse()  # listing order does not matter: parts sort by their row range
-    assert pa.concat_tables(list(parts.assembled_batches(fs, descs, 2))).equals(out)
+    assert pa.concat_tables(list(exchange.assembled_batches(fs, descs, 2))).equals(out)
