@@ -158,15 +158,18 @@ def test_beam_single_decide_writes_byte_identical_shards(plain_local_out: Path, 
     _assert_same_decisions(tmp_path / "out", plain_local_out)
 
 
+def _curation_matches_local(run, engine: str, local_out: Path, sample_dir: Path, out: Path) -> None:
+    """The curation on ``engine`` (``run``: its entry point) gives the local engine's result and timing keys."""
+    cfg = load_config(write_config(sample_dir, out, out.parent / "run.yaml", stages=CURATION), {"engine": engine})
+    assert run(cfg, progress=False)["balanced"]
+    _assert_same_result(out, local_out)
+    assert_same_stage_timings(out, local_out)
+
+
 def test_ray_engine_matches_local(ray_cluster, local_out: Path, sample_dir: Path, tmp_path: Path):
     from vila2_curate.pipelines.executors.ray_data import run_ray
 
-    cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml", stages=CURATION),
-                      {"engine": "ray"})
-    stats = run_ray(cfg, progress=False)
-    assert stats["balanced"]
-    _assert_same_result(tmp_path / "out", local_out)
-    assert_same_stage_timings(tmp_path / "out", local_out)
+    _curation_matches_local(run_ray, "ray", local_out, sample_dir, tmp_path / "out")
     assert validate_output(str(tmp_path / "out")) == []
 
 
@@ -174,12 +177,7 @@ def test_beam_engine_matches_local(local_out: Path, sample_dir: Path, tmp_path: 
     pytest.importorskip("apache_beam")
     from vila2_curate.pipelines.executors.beam import run_beam
 
-    cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml", stages=CURATION),
-                      {"engine": "beam"})
-    stats = run_beam(cfg, progress=False)
-    assert stats["balanced"]
-    _assert_same_result(tmp_path / "out", local_out)
-    assert_same_stage_timings(tmp_path / "out", local_out)
+    _curation_matches_local(run_beam, "beam", local_out, sample_dir, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["total"]["rows_in"] == 151
     assert len(list((tmp_path / "out" / "_work").glob("seg*/decided.json"))) == 4
 

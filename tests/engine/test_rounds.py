@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.helpers.runs import ROOT, assert_same_stage_timings, output_files, write_config, write_round_config
 from vila2_curate.pipelines.executors.local import run_local
@@ -39,10 +38,7 @@ def models(sample_dir: Path) -> Path:
 def r0(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small curated round 0: the two COYO sources only (keeps the model rounds fast)."""
     tmp = tmp_path_factory.mktemp("rounds")
-    cfg = write_config(sample_dir, tmp / "r0", tmp / "r0.yaml", stages=CURATE)
-    raw = yaml.safe_load(cfg.read_text())
-    raw["sources"] = [s for s in raw["sources"] if s["name"] in ("coyo_bytes", "coyo_paths")]
-    cfg.write_text(yaml.safe_dump(raw))
+    cfg = write_config(sample_dir, tmp / "r0", tmp / "r0.yaml", stages=CURATE, sources=["coyo_bytes", "coyo_paths"])
     run_local(load_config(cfg), progress=False)
     return tmp
 

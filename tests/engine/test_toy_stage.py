@@ -49,9 +49,8 @@ STAGES = [{"type": "normalize"}, {"type": "toy_every_n", "every": 3}]
 
 def _config(sample_dir: Path, tmp: Path, engine: str) -> Path:
     """The quickstart sources cut to the img2dataset and MMC4 ones (small and fast), with the toy stage."""
-    path = write_config(sample_dir, tmp / "out", tmp / "run.yaml", stages=STAGES)
+    path = write_config(sample_dir, tmp / "out", tmp / "run.yaml", stages=STAGES, sources=["img2dataset", "mmc4"])
     raw = yaml.safe_load(path.read_text())
-    raw["sources"] = [s for s in raw["sources"] if s["name"] in ("img2dataset", "mmc4")]
     raw["engine"] = engine
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path

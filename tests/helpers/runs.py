@@ -8,8 +8,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def write_config(sample: Path, out: Path, dest: Path, *, stages: list | None = None, **output) -> Path:
-    """configs/quickstart.yaml re-pointed at ``sample`` and ``out`` (optionally other stages/output keys)."""
+def write_config(sample: Path, out: Path, dest: Path, *, stages: list | None = None,
+                 sources: list[str] | None = None, **output) -> Path:
+    """configs/quickstart.yaml re-pointed at ``sample`` and ``out`` (optionally other stages, only the named
+    ``sources``, other output keys)."""
     import yaml
 
     raw = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
@@ -22,6 +24,8 @@ def write_config(sample: Path, out: Path, dest: Path, *, stages: list | None = N
     raw["output"].update(output)
     if stages is not None:
         raw["stages"] = stages
+    if sources is not None:
+        raw["sources"] = [s for s in raw["sources"] if s["name"] in sources]
     for stage in raw["stages"]:
         for k, v in list(stage.items()):
             if isinstance(v, str) and v.startswith("../sample"):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import fsspec
 import pytest
-import yaml
 
 from tests.helpers.rows import doc_row
 from tests.helpers.runs import write_config
@@ -94,11 +93,8 @@ def test_no_documents_no_files_and_abort_leaves_nothing(tmp_path: Path) -> None:
 def mmc4_run(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The quickstart flow over the sample's MMC4 documents (2 input shards), default output settings."""
     tmp = tmp_path_factory.mktemp("mmc4layout")
-    cfg = write_config(sample_dir, tmp / "out", tmp / "run.yaml",
+    cfg = write_config(sample_dir, tmp / "out", tmp / "run.yaml", sources=["mmc4"],
                        stages=[{"type": "normalize"}, {"type": "dedup", "methods": ["exact", "minhash_documents"]}])
-    raw = yaml.safe_load(cfg.read_text())
-    raw["sources"] = [s for s in raw["sources"] if s["kind"] == "mmc4"]
-    cfg.write_text(yaml.safe_dump(raw))
     run_local(load_config(cfg), progress=False)
     return tmp / "out"
 

@@ -13,7 +13,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.helpers.outputs import first_tar, resync, rewrite_tar, sample_urls
 from tests.helpers.runs import write_config, write_round_config
@@ -29,11 +28,8 @@ FOLDER = "r1-demo-vlm"
 def runs(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``r0``: the COYO sources curated with exact + pHash dedup; ``r1``: one demo-VLM recaption round."""
     tmp = tmp_path_factory.mktemp("contract")
-    cfg = write_config(sample_dir, tmp / "r0", tmp / "r0.yaml",
+    cfg = write_config(sample_dir, tmp / "r0", tmp / "r0.yaml", sources=["coyo_bytes", "coyo_paths"],
                        stages=[{"type": "normalize"}, {"type": "dedup", "methods": ["exact", "phash"]}])
-    raw = yaml.safe_load(cfg.read_text())
-    raw["sources"] = [s for s in raw["sources"] if s["name"] in ("coyo_bytes", "coyo_paths")]
-    cfg.write_text(yaml.safe_dump(raw))
     run_local(load_config(cfg), progress=False)
     run_local(load_config(write_round_config(sample_dir, tmp, tmp / "round.yaml", name="c"), round=1),
               progress=False)

@@ -57,10 +57,7 @@ def rounds(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
         {"type": "clipscore", "model": str(sample_dir / "models" / "clip")},
         {"type": "clip_filter", "top_percent": 90},
     ]
-    cfg = write_config(sample_dir, tmp / "r0", tmp / "r0.yaml", stages=stages)
-    raw = yaml.safe_load(cfg.read_text())
-    raw["sources"] = [s for s in raw["sources"] if s["name"] in ("coyo_bytes", "coyo_paths")]
-    cfg.write_text(yaml.safe_dump(raw))
+    cfg = write_config(sample_dir, tmp / "r0", tmp / "r0.yaml", stages=stages, sources=["coyo_bytes", "coyo_paths"])
     run_local(load_config(cfg), progress=False)
 
     r1 = {

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from tests.helpers.runs import write_config, write_round_config
 from vila2_curate.curation.clipscore import ClipScoreStage
@@ -33,10 +32,7 @@ def rounds(sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """r0: coyo_bytes through normalize + caption_hygiene; r1: recaption; r2: recaption + clipscore."""
     tmp = tmp_path_factory.mktemp("saturation")
     cfg = write_config(sample_dir, tmp / "r0", tmp / "r0.yaml",
-                       stages=[{"type": "normalize"}, {"type": "caption_hygiene"}])
-    raw = yaml.safe_load(cfg.read_text())
-    raw["sources"] = [s for s in raw["sources"] if s["name"] == "coyo_bytes"]
-    cfg.write_text(yaml.safe_dump(raw))
+                       stages=[{"type": "normalize"}, {"type": "caption_hygiene"}], sources=["coyo_bytes"])
     run_local(load_config(cfg), progress=False)
     run_local(load_config(_round_cfg(sample_dir, tmp, tmp / "r1.yaml", seed=0, clip=False), round=1), progress=False)
     run_local(load_config(_round_cfg(sample_dir, tmp, tmp / "r2.yaml", seed=1, clip=True), round=2), progress=False)
