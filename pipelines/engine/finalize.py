@@ -49,7 +49,7 @@ def finalize(fs, root: str, name: str, results: list[ShardResult],
         write_wids_meta(fs, posixpath.join(root, source), f"{name}-{source}", local)
     write_json_atomic(fs, posixpath.join(root, "stats.json"), stats)
     write_json_atomic(fs, posixpath.join(root, "timings.json"),
-                      {**_merge_timings([r.timings for r in results] + [run_timings or {}]), **(run_info or {})})
+                      {**_timings_json([r.timings for r in results] + [run_timings or {}]), **(run_info or {})})
     rounds = summarize_rounds([r.stats.round_sums for r in results])  # how much each recaption round changed
     summaries = {**(summaries or {}), **({"rounds": rounds} if rounds else {})}
     write_json_atomic(fs, posixpath.join(root, "summaries.json"), summaries)
@@ -57,7 +57,8 @@ def finalize(fs, root: str, name: str, results: list[ShardResult],
     return stats
 
 
-def _merge_timings(timings: list[Timings]) -> dict[str, Any]:
+def _timings_json(timings: list[Timings]) -> dict[str, Any]:
+    """timings.json's body: every shard's and the decides' timings summed per step, with seconds per 1k rows."""
     stages = merge_timings(timings)
     for t in stages.values():
         t["seconds_per_1k"] = round(1000 * t["seconds"] / t["rows"], 4) if t["rows"] else None

@@ -59,7 +59,8 @@ def _encoded(img: Image.Image, fmt: str = "JPEG", quality: int = 90) -> bytes:
 
 
 def test_colour_and_background_change_is_seen_copies_are_not():
-    """The issue's cases: a green and a grey-green card of the same grey; a shape on cream and on grey."""
+    """Colour look-alikes pHash cannot tell apart: a green and a grey-green card of the same grey; a shape on
+    cream and on grey."""
     cfg = DedupConfig()
 
     def card(colour: tuple[int, int, int]) -> Image.Image:
