@@ -31,7 +31,6 @@ product is exact, so a row lands in the same cluster whatever batch it is assign
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -39,36 +38,27 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vila2_curate.curation.dedup.clusters import (
-    EMB_QUANT,
-    Centroids,
-    estimate_rows,
-    quantized_embeddings,
-    train_centroids,
-)
+from vila2_curate.curation.dedup.clusters import Centroids, DedupClusters
 from vila2_curate.curation.dedup.columns import (
     bool_mask,
     confirm_payload,
     first_of_each_id,
     fixed_binary,
-    has_values,
     id_rank,
     item_id_array,
-    item_ids,
     list_matrix,
 )
 from vila2_curate.curation.dedup.combine import EDGE_SCHEMA, NODE_COLS, PENDING_METHOD, combine_edges
 from vila2_curate.curation.dedup.exact import exact_pairs
-from vila2_curate.curation.dedup.minhash import _PRIME, EMPTY, _fmix64, band_keys, lsh_params
+from vila2_curate.curation.dedup.minhash import _PRIME, _fmix64, band_keys, lsh_params
 from vila2_curate.curation.dedup.pairs import (
-    coarse_thumbs,
     confirm_candidates,
     minhash_band_pairs,
     semantic_cluster_pairs,
     thumb_knn_pairs,
 )
 from vila2_curate.curation.dedup.phash import hamming_pairs
-from vila2_curate.curation.dedup.semantic import DIRECT_MAX_ITEMS, default_clusters
+from vila2_curate.curation.dedup.tasks import dedup_tasks, eligible_rows
 from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES
 from vila2_curate.schemas.rows import DECISION_SCHEMA
 from vila2_curate.schemas.stage import NODE_COL, PARTITION_COL, SHARD_COL
@@ -78,9 +68,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SAMPLE_ROWS = 65536  # M: k-means training sample (64-dim thumbnails: 4 MiB; 512-dim embeddings: 128 MiB)
-THUMB_CLUSTER_ROWS = 2048  # target rows per thumbnail cluster: flat k-NN inside costs rows^2 x 256
-LABEL_BLOCK_ROWS = 65536  # rows per block when assigning clusters
 
 _TASK_SALT = {"exact": 1, "phash": 2, "thumb": 3, "semantic": 4, "document": 5, "caption": 6}
 
@@ -103,9 +90,6 @@ PART_SCHEMA = pa.schema([
     pa.field("publishable", pa.bool_()),
     pa.field("pixels", pa.int64()),
 ])
-SAMPLE_SCHEMA = pa.schema([pa.field("task", pa.string()), pa.field("rank", pa.uint64()),
-                           pa.field("thumb", pa.binary()), pa.field("embedding", pa.list_(pa.float32()))])
-
 
 def _part_key(task: str, values: np.ndarray) -> np.ndarray:
     """Non-negative int64 partition key of (task, uint64 value)."""
@@ -113,142 +97,42 @@ def _part_key(task: str, values: np.ndarray) -> np.ndarray:
     return (mixed >> np.uint64(1)).astype(np.int64)
 
 
-# ---- clustering (thumbnail neighbours, SemDeDup) ---------------------------------------------------------
-def thumb_cluster_count(n: int) -> int:
-    return max(1, math.ceil(n / THUMB_CLUSTER_ROWS))
-
-
-def semantic_cluster_count(n: int, configured: int | None) -> int:
-    if configured:
-        return configured
-    return 1 if n <= DIRECT_MAX_ITEMS else default_clusters(n)
-
-
 # ---- the stage's hooks -----------------------------------------------------------------------------------
 class PartitionedDedup:
-    """The partitioned hooks of one DedupStage (its config, and centroids after ``fit``)."""
+    """The partitioned hooks of one DedupStage (its config, and its clusters after ``fit``)."""
 
     def __init__(self, stage: DedupStage) -> None:
         self.stage = stage
         self.cfg = stage.cfg
-        self.centroids: dict[str, Centroids] = {}
-        self.fitted = False
+        self.tasks = dedup_tasks(stage.cfg, stage._images)
+        self.clusters = DedupClusters(stage.cfg, self.tasks)
         self._warned = False
 
-    # -- which rows take part in which method (mirrors DedupStage.decide) --
-    def _tasks(self) -> set[str]:
-        cfg, m = self.cfg, set(self.cfg.methods)
-        out = set()
-        if self.stage._images:
-            out |= {"exact"} & m
-            if "phash" in m:
-                out.add("phash")
-                if cfg.phash_confirm != "none" and cfg.thumbnail_neighbours:
-                    out.add("thumb")
-            if "semantic" in m:
-                out.add("semantic")
-        if "minhash_documents" in m:
-            out.add("document")
-        if "minhash_captions" in m:
-            out.add("caption")
-        return out
+    @property
+    def fitted(self) -> bool:
+        return self.clusters.fitted
 
-    def eligible(self, sig: pa.Table, task: str) -> np.ndarray:
-        """Row indices of ``sig`` that take part in ``task`` (vectorised: no per-row Python values)."""
-        kind = sig.column("kind")
-        if task in ("document", "caption"):
-            ok = bool_mask(pc.equal(kind, "document" if task == "document" else "pair"))
-            mh = sig.column("minhash")
-            ok &= has_values(mh)
-            rows = np.flatnonzero(ok)
-            if rows.size == 0:
-                return rows
-            first = pc.list_element(mh.take(pa.array(rows)), 0)
-            return rows[bool_mask(pc.not_equal(first, pa.scalar(int(EMPTY), pa.uint32())))]
-        ok = bool_mask(pc.equal(kind, "pair"))
-        if self.cfg.mmc4_policy == "drop_image":
-            ok |= bool_mask(pc.equal(kind, "doc_image"))
-        if task == "exact":
-            ok &= bool_mask(pc.greater(pc.utf8_length(sig.column("sha256")), 0))
-        elif task in ("phash", "thumb"):
-            ok &= bool_mask(pc.is_valid(sig.column("phash")))
-            if task == "thumb":
-                ok &= bool_mask(pc.is_valid(sig.column("thumb")))
-        else:
-            ok &= has_values(sig.column("embedding"))
-        return np.flatnonzero(ok)
+    @property
+    def centroids(self) -> dict[str, Centroids]:
+        return self.clusters.centroids
 
-    # -- step 0: sample and fit --
+    # -- step 0: the clusters' sample and fit --
     def sample(self, sig: pa.Table) -> pa.Table:
-        parts = []
-        for task, col in (("thumb", "thumb"), ("semantic", "embedding")):
-            if task not in self._tasks():
-                continue
-            rows = self.eligible(sig, task)
-            if rows.size == 0:
-                continue
-            rank = id_rank(item_ids(sig.select(["source", "key", "image_index"]).take(pa.array(rows))))
-            order = np.argsort(rank, kind="stable")[:SAMPLE_ROWS]
-            sub = sig.select([col]).take(pa.array(rows[order], type=pa.int64()))  # only the M sampled payloads
-            n = sub.num_rows
-            parts.append(pa.table({
-                "task": pa.array([task] * n), "rank": pa.array(rank[order], type=pa.uint64()),
-                "thumb": sub.column("thumb").cast(pa.binary()) if col == "thumb" else pa.nulls(n, pa.binary()),
-                "embedding": (sub.column("embedding").cast(pa.list_(pa.float32())) if col == "embedding"
-                              else pa.nulls(n, pa.list_(pa.float32()))),
-            }, schema=SAMPLE_SCHEMA))
-        return pa.concat_tables(parts) if parts else SAMPLE_SCHEMA.empty_table()
+        return self.clusters.sample(sig)
 
     def fit(self, samples: Iterable[pa.Table]) -> None:
-        kept: dict[str, pa.Table] = {}
-        for s in samples:
-            for task in ("thumb", "semantic"):
-                part = s.filter(pc.equal(s.column("task"), task))
-                if task in kept and kept[task].num_rows >= SAMPLE_ROWS:  # only rows that can enter the bottom M
-                    part = part.filter(pc.less(part.column("rank"), kept[task].column("rank")[-1]))
-                if part.num_rows == 0:
-                    continue
-                both = pa.concat_tables([kept[task], part]) if task in kept else part
-                order = pc.sort_indices(both, sort_keys=[("rank", "ascending")])[:SAMPLE_ROWS]
-                kept[task] = both.take(order)
-        self.centroids = {}
-        for task, tbl in kept.items():
-            ranks = tbl.column("rank").to_numpy()
-            n = estimate_rows(ranks, SAMPLE_ROWS)
-            if task == "thumb":
-                x = coarse_thumbs(fixed_binary(tbl.column("thumb"), THUMB_BYTES))
-                self.centroids[task] = train_centroids(x, thumb_cluster_count(n), False, self.cfg.seed, 1020.0)
-            else:
-                x = list_matrix(tbl.column("embedding"), np.float32)
-                k = semantic_cluster_count(n, self.cfg.semantic_clusters)
-                c = train_centroids(x.astype(np.float64) * EMB_QUANT, k, True, self.cfg.seed, EMB_QUANT)
-                self.centroids[task] = c
-        self.fitted = True
+        self.clusters.fit(samples)
 
     def labels(self, sig: pa.Table, task: str, rows: np.ndarray | None = None) -> np.ndarray:
-        """Cluster of every row of ``sig`` (or of ``rows`` of it), all eligible for ``task``."""
-        c = self.centroids.get(task)
-        n = sig.num_rows if rows is None else len(rows)
-        if c is None or n == 0:
-            return np.zeros(n, dtype=np.int64)
-        features = sig.select(["thumb" if task == "thumb" else "embedding"])
-        out = np.empty(n, dtype=np.int64)
-        for s in range(0, n, LABEL_BLOCK_ROWS):  # features per block, never a copy of all rows: bounded memory
-            part = (features.slice(s, LABEL_BLOCK_ROWS) if rows is None
-                    else features.take(pa.array(rows[s:s + LABEL_BLOCK_ROWS], type=pa.int64())))
-            if task == "thumb":
-                x = coarse_thumbs(fixed_binary(part.column("thumb"), THUMB_BYTES))
-            else:
-                x = quantized_embeddings(list_matrix(part.column("embedding"), np.float32))
-            out[s:s + part.num_rows] = c.assign(x)
-        return out
+        return self.clusters.labels(sig, task, rows)
+
 
     # -- step 1: partition (map side, per input shard) --
     def partition(self, sig: pa.Table) -> pa.Table:
         # An engine that skips step 0 still gets correct groups: one cluster per method, which equals the
         # reference up to 2048 thumbnails / 4096 embeddings, but above that neither bounds the group nor
         # matches the reference's clusters.
-        if not self.fitted and not self._warned and self._tasks() & {"thumb", "semantic"}:
+        if not self.fitted and not self._warned and self.tasks & {"thumb", "semantic"}:
             log.warning("dedup partition() before fit(): one cluster for thumbnail neighbours / SemDeDup; "
                         "run stage.fit(stage.sample(sig) for each shard's sig) first "
                         "(schemas.stage.PartitionedDecide step 0)")
@@ -256,8 +140,8 @@ class PartitionedDedup:
         sig = sig.combine_chunks()
         cfg = self.cfg
         parts: list[pa.Table] = []
-        for task in sorted(self._tasks()):
-            rows = self.eligible(sig, task)
+        for task in sorted(self.tasks):
+            rows = eligible_rows(self.cfg, sig, task)
             if rows.size == 0:
                 continue
             sub = sig.take(pa.array(rows, type=pa.int64()))

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import vila2_curate.curation.dedup.components as components
+from vila2_curate.curation.dedup.clusters import DedupClusters
 from vila2_curate.curation.dedup.columns import (
     Payload,
     bool_mask,
@@ -52,6 +53,7 @@ from vila2_curate.curation.dedup.pairs import (
 )
 from vila2_curate.curation.dedup.partitioned import PartitionedDedup
 from vila2_curate.curation.dedup.phash import hamming_pairs
+from vila2_curate.curation.dedup.tasks import dedup_tasks
 from vila2_curate.curation.dedup.thumbnails import thumbnail
 from vila2_curate.curation.dedup.unionfind import UnionFind
 from vila2_curate.schemas.config import DedupConfig
@@ -227,7 +229,7 @@ class DedupStage(StageBase):
         rows = [i for i, k in enumerate(kinds) if k == "pair" or (k == "doc_image" and cfg.mmc4_policy == "drop_image")]
         if not rows or not self._images:
             return
-        scale = PartitionedDedup(self)
+        scale = DedupClusters(cfg, dedup_tasks(cfg, self._images))
         scale.fit([scale.sample(sig)])  # the same centroids the engine fits on its bottom-M sample
         # every row is an image row for pair data: no copy then
         image_sig = sig if len(rows) == sig.num_rows else sig.take(pa.array(rows, type=pa.int64()))
@@ -270,7 +272,7 @@ class DedupStage(StageBase):
                     reason = f"duplicate_{method}: of {kid}"
                 out[ids[rows[g]]] = [reason, None, gid, float(len(group))]
 
-    def _phash_pairs(self, image_sig: pa.Table, payload: Payload, scale: PartitionedDedup) -> np.ndarray:
+    def _phash_pairs(self, image_sig: pa.Table, payload: Payload, scale: DedupClusters) -> np.ndarray:
         """pHash candidates within k (multi-index join: identical hashes linked through one representative,
         as a partitioned group sees them), plus thumbnail nearest neighbours within 2k inside each coarse
         thumbnail cluster (crops), each confirmed by a second signal: thumbnail distance (or CLIP cosine

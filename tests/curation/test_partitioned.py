@@ -125,7 +125,7 @@ def test_partitioned_equals_single_process(synthetic: pa.Table, name: str) -> No
 def test_full_sample_gives_the_same_clusters_for_any_split(synthetic: pa.Table, monkeypatch) -> None:
     """When the bottom-M sample is full, the cluster count comes from the KMV estimate of the sample
     alone, so the reference and every shard split train the same centroids."""
-    import vila2_curate.curation.dedup.partitioned as part
+    import vila2_curate.curation.dedup.clusters as part
 
     monkeypatch.setattr(part, "SAMPLE_ROWS", 400)
     monkeypatch.setattr(part, "THUMB_CLUSTER_ROWS", 300)
