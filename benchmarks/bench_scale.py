@@ -33,7 +33,8 @@ thumbnail noise), ~1% crops (8 bits flipped: found by thumbnail neighbours), ~3%
 (embedding noise; 64-dim embeddings), 1% stock captions for MinHash.
 
     python benchmarks/bench_scale.py --n 200000 --partitions 16 --shard-rows 25000
-    # 2M dedup and dedup_captions against the single-process combine on the same edges:
+    # 2M dedup and dedup_captions against the single-process combine on the same edges (``--keep``: the
+    # work folder stays, both sides' decisions in it, for a row-by-row look):
     python benchmarks/bench_scale.py --n 2000000 --partitions 16 --shard-rows 25000 --stages dedup dedup_captions
 """
 
@@ -676,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the single-process reference alongside the partitioned mode (less wall time; "
                          "us_per_row is CPU time of each task, so it stays comparable, wall_s does not)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", action="store_true",
+                    help="keep each stage's work folder (signatures, edges, both sides' decisions) and print its path")
     ap.add_argument("--stages", nargs="*", default=STAGES, choices=STAGES)
     ap.add_argument("--child", choices=["single", "partitioned", "combine"], help=argparse.SUPPRESS)
     ap.add_argument("--stage", help=argparse.SUPPRESS)
@@ -723,7 +726,10 @@ def main(argv: list[str] | None = None) -> int:
             line["error"] = str(e)[-2000:]
             rc = 1
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            if args.keep:
+                line["work"] = work
+            else:
+                shutil.rmtree(work, ignore_errors=True)
         print(json.dumps(line), flush=True)
     return rc
 
