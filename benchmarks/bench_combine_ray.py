@@ -60,8 +60,8 @@ class MeasuredEngine:
         return self.inner.group_apply(ctx, items, Measured(load, self._name(load), self.folder), key,
                                       Measured(fn, self._name(fn), self.folder))
 
-    def partitions(self, ctx) -> int:
-        return self.inner.partitions(ctx)
+    def decide_groups(self, ctx) -> int:
+        return self.inner.decide_groups(ctx)
 
 
 def run(stage_name: str, n: int, shard_rows: int, work: str) -> dict[str, Any]:
@@ -92,7 +92,7 @@ def run(stage_name: str, n: int, shard_rows: int, work: str) -> dict[str, Any]:
         fit_on_samples(engine, ctx, 0, stage)
     bench_scale._release_free_heap()
     bench_scale._reset_peak()
-    partitions = engine.partitions(ctx)
+    partitions = engine.decide_groups(ctx)
     _, summary = combine_on_engine(engine, ctx, 0, "bench", stage, partitions, ShardSignatures(fs, root, 0),
                                    LoadSignatures(fs, root, 0, stage, partitions))
     driver = bench_scale._mib(bench_scale._peak_kib())

@@ -525,7 +525,7 @@ class PoolEngine:
                 shutil.copy(path, f"{self.work}/partials/{i:06d}.parquet")
         return [r["result"] for r in reduces]
 
-    def partitions(self, ctx) -> int:
+    def decide_groups(self, ctx) -> int:
         return self.groups
 
 

@@ -146,7 +146,8 @@ class GlobalStage(Protocol):
     def summarize(self, decisions: pa.Table, signatures: pa.Table) -> dict[str, Any]: ...
 
 
-SHARD_COL = "shard"  # "<source>/<shard_id>": the input shard a signature (and so a decision) belongs to
+SHARD_COL = "input_shard"  # "<source>/<shard_id>": the input shard a signature (and so a decision) belongs to;
+# rows keep their own "shard" column (the shard_id alone)
 PARTITION_COL = "partition"  # int64 group key of the partitioned decide
 NODE_COL = "node"  # int64 node of a signature row: input shard index << 32 | row (engines add it with SHARD_COL)
 NODE_SHARD_BITS = 32  # 4 billion rows a shard, 2^31 shards
@@ -211,10 +212,10 @@ class CombinesOnEngine(Protocol):
 
     a. each step-2 group's edges, pending candidates confirmed first (their test needs a payload the
        partition rows do not carry: dedup's pHash band rows hold no thumbnail or embedding, since each
-       item goes to k+1 bands; each pending edge names its endpoints' shards ``a_shard``, ``b_shard``):
+       item goes to k+1 bands; each pending edge names its endpoints' shards ``a_input_shard``, ``b_input_shard``):
        ``split_pending(edges)`` -> (ready, pending) per a-endpoint shard; per input shard s
-       ``attach_pending(edges with a_shard == s, s's signatures, "a")``, routed on by ``b_shard``; per
-       input shard t ``confirm_pending(attach_pending(edges with b_shard == t, t's signatures, "b"))``
+       ``attach_pending(edges with a_input_shard == s, s's signatures, "a")``, routed on by ``b_input_shard``; per
+       input shard t ``confirm_pending(attach_pending(edges with b_input_shard == t, t's signatures, "b"))``
        (memory per task: one shard's signatures and the pending edges that touch it). Ready and
        confirmed edges go through ``component_edges`` -> (layer, u, v) rows over the integer ``node``
        column (u > v);

@@ -109,7 +109,7 @@ class Engine(Protocol):
     def per_shard(self, ctx: RunContext, items: list[WorkItem], fn: Callable[[WorkItem], Any]) -> list[Any]:
         """Call ``fn`` once per shard, anywhere; results in ``items`` order."""
 
-    def partitions(self, ctx: RunContext) -> int:
+    def decide_groups(self, ctx: RunContext) -> int:
         """How many groups the partitioned decide forms (any number gives the same decisions)."""
 
 
@@ -363,7 +363,7 @@ def decide_signatures(engine: Engine, ctx: RunContext, seg: int, seg_hash: str, 
     if partitioned:
         if stage.fits_on_sample:  # step 0: bounded samples stream into fit on the driver
             fit_on_samples(engine, ctx, seg, stage)
-        partitions = max(1, int(partitions or engine.partitions(ctx)))
+        partitions = max(1, int(partitions or engine.decide_groups(ctx)))
         if isinstance(stage, CombinesOnEngine):
             return combine_on_engine(engine, ctx, seg, seg_hash, stage, partitions, ShardSignatures(fs, root, seg),
                                      LoadSignatures(fs, root, seg, stage, partitions))

@@ -192,7 +192,7 @@ class BeamEngine:
             fs.rm(out_dir, recursive=True)
         return [results[k] for k in sorted(results)]
 
-    def partitions(self, ctx: RunContext) -> int:
+    def decide_groups(self, ctx: RunContext) -> int:
         return DEFAULT_PARTITIONS
 
     def per_shard(self, ctx: RunContext, items: list[WorkItem], fn: Callable[[WorkItem], Any]) -> list[Any]:

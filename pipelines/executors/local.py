@@ -90,7 +90,7 @@ class LocalEngine:
         order = sorted(groups, key=lambda v: (v is None, str(v)))
         return [fn(pa.concat_tables(groups[v], promote_options="default")) for v in order]
 
-    def partitions(self, ctx: RunContext) -> int:
+    def decide_groups(self, ctx: RunContext) -> int:
         return DEFAULT_PARTITIONS
 
     def per_shard(self, ctx: RunContext, items: list[WorkItem], fn: Callable[[WorkItem], Any]) -> list[Any]:

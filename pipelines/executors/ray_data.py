@@ -206,7 +206,7 @@ class RayEngine:
         results = ray.get([reduce.remote(fn_ref, key, *[o[r] for o in outs]) for r in range(reducers)])
         return [t for part in results for t in part]
 
-    def partitions(self, ctx: RunContext) -> int:
+    def decide_groups(self, ctx: RunContext) -> int:
         return 2 * _cluster_cpus(self.ray)  # a few groups per CPU evens out unequal group sizes
 
     def per_shard(self, ctx: RunContext, items: list[WorkItem], fn: Callable[[WorkItem], Any]) -> list[Any]:

@@ -329,7 +329,7 @@ def test_pending_candidates_across_shards_give_the_reference_decisions(confirm: 
     rows = pa.concat_tables([stage.partition(t) for _, t in tagged])
     partials = [stage.decide_partition(r) for _, r in split_by_partition(rows, 4)]
     pending = pa.concat_tables([stage.split_pending(p)[1] for p in partials])
-    assert pending.num_rows and pc.any(pc.not_equal(pending.column("a_shard"), pending.column("b_shard"))).as_py()
+    assert pending.num_rows and pc.any(pc.not_equal(pending.column("a_input_shard"), pending.column("b_input_shard"))).as_py()
     with pytest.raises(ValueError, match="unconfirmed"):
         stage.combine(partials)  # pending edges never pass for confirmed ones
     for partitions in (1, 4, 16):
