@@ -102,8 +102,7 @@ class DedupStage(StageBase):
         self.cfg = cfg or DedupConfig()
         m = set(self.cfg.methods)
         self._images = bool(m & set(IMAGE_METHODS))
-        self._thumbs = "phash" in m and self.cfg.phash_confirm != "none"
-        self.uses_thumbnails = self._thumbs
+        self.uses_thumbnails = "phash" in m and self.cfg.phash_confirm != "none"  # pHash candidates confirmed by them
 
     def setup(self) -> None:
         """No model: embeddings and CLIP scores come from the clipscore stage's columns."""
@@ -134,7 +133,7 @@ class DedupStage(StageBase):
     def _image_fields(self, im: dict[str, Any]) -> dict[str, Any]:
         out = {k: im.get(k) for k in ("sha256", "phash", "embedding", "clip_score")}
         out["pixels"] = pixels(im.get("width"), im.get("height"))
-        need_thumb = self._thumbs and (self.cfg.phash_confirm == "thumbnail" or not im.get("embedding"))
+        need_thumb = self.uses_thumbnails and (self.cfg.phash_confirm == "thumbnail" or not im.get("embedding"))
         if need_thumb and im.get("thumb"):
             out["thumb"] = im["thumb"]
         elif need_thumb and im.get("image"):

@@ -64,16 +64,24 @@ def with_shard(signatures: pa.Table, shard: str, index: int | None = None) -> pa
     return signatures
 
 
+def split_by_values(table: pa.Table, values: np.ndarray) -> list[tuple[int, pa.Table]]:
+    """(v, the rows whose ``values`` entry is v, in table order) for every distinct integer v, ascending:
+    one stable sort and one take per value."""
+    if table.num_rows == 0:
+        return []
+    order = np.argsort(values, kind="stable")
+    sv = values[order]
+    starts = np.flatnonzero(np.r_[True, sv[1:] != sv[:-1]])
+    ends = np.r_[starts[1:], sv.size]
+    return [(int(sv[s]), table.take(pa.array(order[s:e]))) for s, e in zip(starts, ends, strict=True)]
+
+
 def split_by_partition(rows: pa.Table, partitions: int) -> list[tuple[int, pa.Table]]:
     """(p, rows with ``partition % partitions == p``) for every non-empty p: what one map task shuffles."""
     if rows.num_rows == 0:
         return []
     p = np.asarray(rows.column(PARTITION_COL).to_numpy(zero_copy_only=False), dtype=np.int64) % partitions
-    order = np.argsort(p, kind="stable")
-    sp = p[order]
-    starts = np.flatnonzero(np.r_[True, sp[1:] != sp[:-1]])
-    ends = np.r_[starts[1:], sp.size]
-    return [(int(sp[s]), rows.take(pa.array(order[s:e]))) for s, e in zip(starts, ends, strict=True)]
+    return split_by_values(rows, p)
 
 
 def split_by_column(table: pa.Table, column: str) -> list[tuple[str, pa.Table]]:

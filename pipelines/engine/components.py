@@ -32,6 +32,7 @@ from vila2_curate.curation.dedup.components import (
     star_round,
     unique_labels,
 )
+from vila2_curate.pipelines.engine.aggregate import split_by_values
 from vila2_curate.pipelines.engine.workdir import seg_dir, write_shard_decisions
 from vila2_curate.pipelines.io.parquet_read import read_parquet
 from vila2_curate.pipelines.io.writers.atomic import write_parquet_atomic
@@ -57,14 +58,8 @@ def _bucket_dir(folder: str, bucket: int) -> str:
 
 def write_buckets(fs, folder: str, name: str, table: pa.Table, buckets: np.ndarray) -> None:
     """``table`` split by ``buckets`` (one value per row) into ``folder/b<bucket>/<name>.parquet``."""
-    if table.num_rows == 0:
-        return
-    order = np.argsort(buckets, kind="stable")
-    sb = buckets[order]
-    starts = np.flatnonzero(np.r_[True, sb[1:] != sb[:-1]])
-    for s, e in zip(starts, np.r_[starts[1:], len(sb)], strict=True):
-        part = table.take(pa.array(order[s:e]))
-        write_parquet_atomic(fs, posixpath.join(_bucket_dir(folder, int(sb[s])), f"{name}.parquet"), part)
+    for bucket, part in split_by_values(table, buckets):
+        write_parquet_atomic(fs, posixpath.join(_bucket_dir(folder, bucket), f"{name}.parquet"), part)
 
 
 def read_bucket(fs, folder: str, bucket: int) -> pa.Table | None:
