@@ -557,6 +557,7 @@ def run_on_engine(stage_name: str, n: int, shard_rows: int, shards: int, partiti
     import fsspec
 
     from vila2_curate.pipelines.engine.components import combine_on_engine
+    from vila2_curate.pipelines.engine.group_size import decide_group_count, partition_bytes
     from vila2_curate.pipelines.engine.runner import (
         LoadSignatures,
         RunContext,
@@ -579,8 +580,9 @@ def run_on_engine(stage_name: str, n: int, shard_rows: int, shards: int, partiti
         peaks_driver["driver_fit"] = _mib(_peak_kib())
         _release_free_heap()
         _reset_peak()
-    _, summary = combine_on_engine(engine, ctx, 0, "bench", stage, partitions, ShardSignatures(fs, root, 0),
-                                   LoadSignatures(fs, root, 0, stage, partitions))
+    groups = decide_group_count(partitions, partition_bytes(fs, root, 0, stage, items))  # as the runner sizes them
+    _, summary = combine_on_engine(engine, ctx, 0, "bench", stage, groups, ShardSignatures(fs, root, 0),
+                                   LoadSignatures(fs, root, 0, stage, groups))
     wall, driver_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     pq.write_table(read_all_decisions(fs, root, 0, [it.shard for it in items]), f"{work}/engine.parquet")
     baseline = _pool_run(1, [(t_baseline, (stage_name,))])[0]
@@ -590,7 +592,7 @@ def run_on_engine(stage_name: str, n: int, shard_rows: int, shards: int, partiti
     peaks.update(peaks_driver)
     peaks["driver_combine"] = _mib(_peak_kib())
     components = summary["components"]
-    return {"largest_process_peak_mib": max(peaks.values()), "peak_mib_by_step": peaks,
+    return {"decide_groups": groups, "largest_process_peak_mib": max(peaks.values()), "peak_mib_by_step": peaks,
             "cpu_s_by_step": {k: round(sum(r["decide_s"] for r in rs), 2) for k, rs in steps.items()},
             "process_baseline_mib": _mib(baseline["peak_kib"]), "decide_s": round(decide_s, 2),
             "us_per_row": round(1e6 * decide_s / n, 2), "wall_s": round(wall, 1),
@@ -668,7 +670,9 @@ def _child_result(mode: str, proc: subprocess.Popen, work: str, line: dict[str, 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200_000, help="rows (signatures) per stage")
-    ap.add_argument("--partitions", type=int, default=16)
+    ap.add_argument("--partitions", type=int, default=16,
+                    help="the fewest step-2 groups; dedup forms more when a group would pass the runner's "
+                         "decide_group_mb (256 MiB of partition rows), as a run does")
     ap.add_argument("--shard-rows", type=int, default=62_500, help="rows per input shard")
     ap.add_argument("--workers", type=int, default=2, help="processes running tasks at once")
     ap.add_argument("--single-max-n", type=int, default=1_000_000,

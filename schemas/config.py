@@ -309,6 +309,9 @@ class RayOptions(_Strict):
     placement_timeout_s: float = Field(default=0.0, ge=0)
 
 
+DEFAULT_DECIDE_GROUP_MB = 256  # a group's decide task peaks near 2x this
+
+
 class RunConfig(_Strict):
     name: str = "vila2-curate"
     engine: Literal["local", "ray", "beam"] = "local"
@@ -318,6 +321,9 @@ class RunConfig(_Strict):
     # how global stages decide: "partitioned" (groups in parallel, bounded memory; stages that implement
     # schemas.stage.PartitionedDecide) or "single" (one decide over all signatures: the reference)
     decide: Literal["partitioned", "single"] = "partitioned"
+    # partitioned: the target partition bytes of one group (MiB); the runner forms enough groups for it
+    # (pipelines/engine/group_size.py), at least the engine's own count. A group's task peaks near 2x this.
+    decide_group_mb: float = Field(default=DEFAULT_DECIDE_GROUP_MB, gt=0)
     sources: list[SourceConfig]
     stages: list[StageConfig] = Field(default_factory=lambda: [NormalizeConfig()])
     output: OutputConfig
@@ -325,7 +331,8 @@ class RunConfig(_Strict):
     def config_hash(self) -> str:
         """Hash of everything that changes the output (not the engine, the batch size or the decide path,
         which must all give the same output)."""
-        exclude: dict[str, Any] = dict.fromkeys(("engine", "batch_size", "beam", "ray", "decide"), True)
+        exclude: dict[str, Any] = dict.fromkeys(("engine", "batch_size", "beam", "ray", "decide", "decide_group_mb"),
+                                                 True)
         exclude["sources"] = {"__all__": {"fetch": _FETCH_SPEED_KNOBS}}
         payload = self.model_dump(mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

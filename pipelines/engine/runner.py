@@ -35,6 +35,7 @@ from vila2_curate.pipelines.engine import aggregate
 from vila2_curate.pipelines.engine.aggregate import normalize_decisions
 from vila2_curate.pipelines.engine.components import GROUP_COL, combine_on_engine
 from vila2_curate.pipelines.engine.finalize import finalize
+from vila2_curate.pipelines.engine.group_size import decide_group_count, partition_bytes
 from vila2_curate.pipelines.engine.markers import (
     decide_timings,
     is_decided,
@@ -63,7 +64,7 @@ from vila2_curate.pipelines.io.writers.atomic import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from vila2_curate.schemas.config import RunConfig
+from vila2_curate.schemas.config import DEFAULT_DECIDE_GROUP_MB, RunConfig
 from vila2_curate.schemas.stage import (
     PARTITION_COL,
     SHARD_COL,
@@ -358,15 +359,20 @@ def decide_signatures(engine: Engine, ctx: RunContext, seg: int, seg_hash: str, 
                       partitioned: bool, partitions: int | None = None) -> tuple[int, dict[str, Any]]:
     """Every shard's decisions of global stage ``stage`` from the shards' signatures of segment ``seg``,
     written per shard (the steps of the module docstring's two paths); returns (decision rows, what the
-    summary adds). ``partitions``: the step-2 groups (default: the engine's)."""
+    summary adds). ``partitions``: the fewest step-2 groups (default: the engine's); more when the partition
+    rows would exceed the config's ``decide_group_mb`` a group (``group_size``)."""
     fs, root = ctx.fs, ctx.root
     if partitioned:
         if stage.fits_on_sample:  # step 0: bounded samples stream into fit on the driver
             fit_on_samples(engine, ctx, seg, stage)
-        partitions = max(1, int(partitions or engine.decide_groups(ctx)))
+        estimate = partition_bytes(fs, root, seg, stage, ctx.items)
+        group_mb = ctx.config.decide_group_mb if ctx.config is not None else DEFAULT_DECIDE_GROUP_MB
+        partitions = decide_group_count(partitions or engine.decide_groups(ctx), estimate, group_mb)
+        extra: dict[str, Any] = {"decide_groups": partitions, "partition_bytes_per_row": round(estimate["bytes_per_row"], 1)}
         if isinstance(stage, CombinesOnEngine):
-            return combine_on_engine(engine, ctx, seg, seg_hash, stage, partitions, ShardSignatures(fs, root, seg),
-                                     LoadSignatures(fs, root, seg, stage, partitions))
+            n, components = combine_on_engine(engine, ctx, seg, seg_hash, stage, partitions, ShardSignatures(fs, root, seg),
+                                              LoadSignatures(fs, root, seg, stage, partitions))
+            return n, {**extra, **components}
         partials = engine.group_apply(ctx, ctx.items, LoadSignatures(fs, root, seg, stage, partitions),
                                       GROUP_COL, DecidePartition(stage))
         partials = [p for p in partials if p is not None]
@@ -376,9 +382,10 @@ def decide_signatures(engine: Engine, ctx: RunContext, seg: int, seg_hash: str, 
                                     stage.group_by, DecideGroup(stage))
         tables = [t for t in tables if t is not None and t.num_rows]
         combined, decisions = None, pa.concat_tables(tables) if tables else normalize_decisions(None)
+        extra = {}
     counts = engine.per_shard(ctx, ctx.items, WriteShardDecisions(fs, root, seg, seg_hash, stage, combined,
                                                                   decisions))
-    return sum(counts), {}
+    return sum(counts), extra
 
 
 def _finish_decide(ctx: RunContext, segment: Segment, seg_hash: str, n_decisions: int, mode: str,

@@ -130,6 +130,20 @@ def test_single_process_decide_matches_partitioned_locally(local_out: Path, samp
     _assert_same_decisions(tmp_path / "out", local_out)
 
 
+def test_decide_forms_more_groups_when_a_group_would_exceed_its_byte_target(plain_local_out: Path, sample_dir: Path,
+                                                                           tmp_path: Path):
+    """``decide_group_mb`` sizes step 2 from the measured partition bytes: a tiny target means many more
+    groups than the engine's 16, and the decisions cannot change with the count."""
+    cfg = load_config(write_config(sample_dir, tmp_path / "out", tmp_path / "run.yaml",
+                                   stages=[{"type": "normalize"}, CURATION[1]]), {"decide_group_mb": 0.02})
+    run_local(cfg, progress=False)
+    default, small = (json.loads((o / "summaries.json").read_text())["dedup"] for o in (plain_local_out,
+                                                                                          tmp_path / "out"))
+    assert default["decide_groups"] == 16 and default["partition_bytes_per_row"] > 0
+    assert small["decide_groups"] > 16
+    _assert_same_decisions(tmp_path / "out", plain_local_out)
+
+
 def test_ray_writes_byte_identical_shards_without_model_stages(ray_cluster, plain_local_out: Path,
                                                                sample_dir: Path, tmp_path: Path):
     """Ray with the single-process decide against the local engine's partitioned decide."""
