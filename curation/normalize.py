@@ -114,7 +114,8 @@ class NormalizeStage(StageBase):
     """Pure batch transform over pair rows or MMC4 document rows (per image inside a document)."""
 
     name = "normalize"
-    version = "2"  # 2: dedup's thumbnail from this decode (``thumbnails_follow``)
+    version = "3"  # 2: dedup's thumbnail from this decode (``thumbnails_follow``); 3: a photo's without the
+    # work-size copy
 
     def __init__(self, cfg: NormalizeConfig | None = None) -> None:
         self.cfg = cfg or NormalizeConfig()

@@ -93,8 +93,9 @@ class DedupStage(StageBase):
     """GlobalStage over pair rows and MMC4 document rows; ``group_by=None``: one decide() over all."""
 
     name = "dedup"
-    version = "4"  # 2: keeper = publishable, then pixels, then CLIP score, then id; 3: crop-aware confirmation;
-    # 4: thumbnails from normalize's decode where it ran in the same segment
+    version = "5"  # 2: keeper = publishable, then pixels, then CLIP score, then id; 3: crop-aware confirmation;
+    # 4: thumbnails from normalize's decode where it ran in the same segment; 5: a photo's grids from the
+    # decoded picture (no work-size copy)
     group_by: str | None = None
     fits_on_sample = True  # k-means centroids of thumbnail neighbours and SemDeDup (schemas.stage step 0)
 
