@@ -9,6 +9,7 @@ are compared with: the stage's own ``decide`` over all rows of each ``group_by``
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -29,14 +30,22 @@ def normalize_decisions(table: pa.Table | None) -> pa.Table:
     return table.select(DECISION_SCHEMA.names).cast(DECISION_SCHEMA)
 
 
+def group_order(values: Iterable[Any]) -> list[Any]:
+    """Group values in the one order every engine hands groups out in (nulls last)."""
+    return sorted(values, key=lambda v: (v is None, str(v)))
+
+
 def split_by_key(table: pa.Table, key: str | None) -> list[tuple[Any, pa.Table]]:
     """(value, rows) per distinct value of ``key`` (nulls are one group, last), values in a fixed order;
     one group when key is None."""
     if key is None:
         return [(None, table)]
     keys = table.column(key)
+    if pa.types.is_integer(keys.type) and keys.null_count == 0:  # one sort, not one pass per value: the
+        parts = dict(split_by_values(table, keys.to_numpy()))  # step-2 group count grows with the data
+        return [(v, parts[v]) for v in group_order(parts)]
     out = []
-    for value in sorted(pc.unique(keys).to_pylist(), key=lambda v: (v is None, str(v))):
+    for value in group_order(pc.unique(keys).to_pylist()):
         mask = pc.is_null(keys) if value is None else pc.equal(keys, pa.scalar(value, keys.type))
         out.append((value, table.filter(mask)))
     return out

@@ -14,7 +14,7 @@ import fsspec
 import pyarrow as pa
 from tqdm import tqdm
 
-from vila2_curate.pipelines.engine.aggregate import split_by_key
+from vila2_curate.pipelines.engine.aggregate import group_order, split_by_key
 from vila2_curate.pipelines.engine.plan import Plan, Segment
 from vila2_curate.pipelines.engine.runner import (
     DEFAULT_PARTITIONS,
@@ -87,8 +87,7 @@ class LocalEngine:
             if rows is not None:
                 for value, part in split_by_key(rows, key):
                     groups.setdefault(value, []).append(part)
-        order = sorted(groups, key=lambda v: (v is None, str(v)))
-        return [fn(pa.concat_tables(groups[v], promote_options="default")) for v in order]
+        return [fn(pa.concat_tables(groups.pop(v), promote_options="default")) for v in group_order(list(groups))]
 
     def decide_groups(self, ctx: RunContext) -> int:
         return DEFAULT_PARTITIONS

@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from vila2_curate.pipelines.engine.aggregate import split_by_key
+from vila2_curate.pipelines.engine.aggregate import group_order, split_by_key
 from vila2_curate.pipelines.engine.exchange import (
     RunShard,
     assemble_shard,
@@ -100,15 +100,15 @@ def _write_parts_task(batch: pa.Table, fs, root: str, segment: Segment, shards: 
 
 
 def _load_split(load: Callable[[WorkItem], pa.Table | None], item: WorkItem, key: str | None,
-                reducers: int) -> list[pa.Table | None] | pa.Table | None:
-    """One shard's rows cut by reducer (``group value % reducers`` for integers, else a stable hash)."""
+                reducers: int) -> list[list[tuple[Any, pa.Table]]] | list[tuple[Any, pa.Table]]:
+    """One shard's (group value, rows) pieces by reducer (``value % reducers`` for integers, else a stable
+    hash); kept apart, so a reducer meets each group's pieces whole and never re-splits its input."""
     rows = load(item)
-    out: list[list[pa.Table]] = [[] for _ in range(reducers)]
+    out: list[list[tuple[Any, pa.Table]]] = [[] for _ in range(reducers)]
     if rows is not None and rows.num_rows:
         for value, part in split_by_key(rows, key):
-            out[_reducer(value, reducers)].append(part)
-    tables = [pa.concat_tables(p, promote_options="default") if p else None for p in out]
-    return tables[0] if reducers == 1 else tables
+            out[_reducer(value, reducers)].append((value, part))
+    return out[0] if reducers == 1 else out
 
 
 def _reducer(value: Any, reducers: int) -> int:
@@ -117,13 +117,16 @@ def _reducer(value: Any, reducers: int) -> int:
     return zlib.crc32(repr(value).encode()) % reducers  # not hash(): salted per process
 
 
-def _reduce_groups(fn: Callable[[pa.Table], pa.Table], key: str | None, *parts: pa.Table | None) -> list[pa.Table]:
-    tables = [p for p in parts if p is not None and p.num_rows]
-    if not tables:
-        return []
-    rows = pa.concat_tables(tables, promote_options="default")
-    del tables
-    results = (fn(group) for _, group in split_by_key(rows, key))
+def _reduce_groups(fn: Callable[[pa.Table], pa.Table], key: str | None,
+                   *shards: list[tuple[Any, pa.Table]]) -> list[pa.Table]:
+    """``fn`` per group of this reducer, one group at a time: a reducer gets many groups when there are
+    more groups than reducers, and only one of them is ever concatenated."""
+    pieces: dict[Any, list[pa.Table]] = {}
+    for shard in shards:
+        for value, part in shard:
+            if part.num_rows:
+                pieces.setdefault(value, []).append(part)
+    results = (fn(pa.concat_tables(pieces.pop(v), promote_options="default")) for v in group_order(list(pieces)))
     return [r for r in results if r is not None and r.num_rows]
 
 
