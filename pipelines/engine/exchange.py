@@ -22,7 +22,6 @@ reach the shard's markers (``timings.json``) through the part descriptions.
 from __future__ import annotations
 
 import posixpath
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vila2_curate.pipelines.engine.guard import apply_guarded
-from vila2_curate.pipelines.engine.markers import ShardResult, Timings, add_timing, merge_timings
+from vila2_curate.pipelines.engine.markers import ShardResult, Stopwatch, Timings, add_timing, merge_timings
 from vila2_curate.pipelines.engine.plan import Plan, Segment
 from vila2_curate.pipelines.engine.runner import WorkItem
 from vila2_curate.pipelines.engine.shard_task import (
@@ -52,6 +51,7 @@ ROW_COL = "_row"
 SHARD_BITS = 32
 COST_PREFIX = "_cost:"
 GPU_PREFIX = "_gpu:"
+CPU_PREFIX = "_cpu:"
 # what only a distributed engine spends: writing the parts, reading them and the input back at assembly
 EXCHANGE_WRITE, EXCHANGE_READ = "exchange_write", "exchange_read"
 
@@ -105,30 +105,36 @@ def _spread(batch: pa.Table, col: str, total: float) -> pa.Table:
     return batch.set_column(i, col, pc.add(batch.column(i), per_row))
 
 
-def add_cost(batch: pa.Table, name: str, seconds: float, gpus: float = 0.0) -> pa.Table:
-    """Spread ``seconds`` (and ``seconds * gpus`` GPU-seconds) of work on this batch over its rows."""
+def add_cost(batch: pa.Table, name: str, seconds: float, gpus: float = 0.0, cpu_seconds: float = 0.0) -> pa.Table:
+    """Spread ``seconds`` of wall time, ``cpu_seconds`` of CPU time (and ``seconds * gpus`` GPU-seconds) of
+    work on this batch over its rows."""
     if not batch.num_rows:
         return batch
-    batch = _spread(batch, COST_PREFIX + name, seconds)
+    batch = _spread(_spread(batch, COST_PREFIX + name, seconds), CPU_PREFIX + name, cpu_seconds)
     return _spread(batch, GPU_PREFIX + name, seconds * gpus) if gpus else batch
+
+
+_COST_KEYS = {COST_PREFIX: "seconds", CPU_PREFIX: "cpu_seconds", GPU_PREFIX: "gpu_seconds"}
 
 
 def pop_costs(batch: pa.Table) -> tuple[pa.Table, Timings]:
     """The batch without its cost columns, and their sums as timings."""
     timings: Timings = {}
-    cols = [c for c in batch.column_names if c.startswith((COST_PREFIX, GPU_PREFIX))]
+    cols = [c for c in batch.column_names if c.startswith(tuple(_COST_KEYS))]
     for col in cols:
         prefix, name = col.split(":", 1)
-        acc = timings.setdefault(name, {"rows": batch.num_rows, "seconds": 0.0, "gpu_seconds": 0.0})
-        acc["seconds" if prefix + ":" == COST_PREFIX else "gpu_seconds"] += float(pc.sum(batch.column(col)).as_py() or 0.0)
+        acc = timings.setdefault(name, {"rows": batch.num_rows, "seconds": 0.0, "cpu_seconds": 0.0,
+                                        "gpu_seconds": 0.0})
+        acc[_COST_KEYS[prefix + ":"]] += float(pc.sum(batch.column(col)).as_py() or 0.0)
     return batch.drop_columns(cols), timings
 
 
 def run_stage(stage: Any, batch: pa.Table) -> pa.Table:
     """One map stage on a batch of the distributed map side, its cost added to the rows."""
-    t = time.perf_counter()
+    t = Stopwatch()
     out = apply_guarded(stage, batch)
-    return add_cost(out, stage.name, time.perf_counter() - t, gpu_share(stage))
+    seconds, cpu = t.elapsed()
+    return add_cost(out, stage.name, seconds, gpu_share(stage), cpu)
 
 
 # ------------------------------------------------------------------------------------------ map side
@@ -139,14 +145,15 @@ def tagged_batches(fs, root: str, plan: Plan, item: WorkItem, seg: int, batch_si
     and carrying the cost of reading it."""
     offset = item.index << SHARD_BITS
     timings: Timings = {}
-    spent: dict[str, float] = {}
+    spent: dict[str, tuple[float, float]] = {}
     for batch in input_batches(fs, root, plan, item.reader, item.shard, seg, batch_size, timings):
         rows = pa.array(range(offset, offset + batch.num_rows), type=pa.int64())
         offset += batch.num_rows
         batch = batch.append_column(ROW_COL, rows)
         for name, acc in timings.items():  # this batch's share: what was spent since the last one
-            batch = add_cost(batch, name, acc["seconds"] - spent.get(name, 0.0))
-            spent[name] = acc["seconds"]
+            wall, cpu = spent.get(name, (0.0, 0.0))
+            batch = add_cost(batch, name, acc["seconds"] - wall, cpu_seconds=acc["cpu_seconds"] - cpu)
+            spent[name] = (acc["seconds"], acc["cpu_seconds"])
         yield batch
 
 
@@ -187,18 +194,18 @@ def write_parts(fs, root: str, segment: Segment, batch: pa.Table, shards: list[I
         desc: dict[str, Any] = {"shard_index": idx, "path": f"{base}.parquet", "sig_path": None,
                                 "first": first, "last": last, "rows": piece.num_rows}
         if segment.global_stage is not None:
-            t = time.perf_counter()
+            t = Stopwatch()
             sig = segment.global_stage.signatures(piece.drop_columns([ROW_COL]))
             sig = sig.append_column(ROW_COL, signature_rows(sig, piece))
-            add_timing(timings, f"{segment.global_stage.name}_signatures", piece.num_rows, time.perf_counter() - t)
-            t = time.perf_counter()
+            t.add_to(timings, f"{segment.global_stage.name}_signatures", piece.num_rows)
+            t = Stopwatch()
             desc["sig_path"] = f"{base}.sig.parquet"
             write_parquet_atomic(fs, desc["sig_path"], sig.combine_chunks())
-            add_timing(timings, EXCHANGE_WRITE, 0, time.perf_counter() - t)
-        t = time.perf_counter()
+            t.add_to(timings, EXCHANGE_WRITE, 0)
+        t = Stopwatch()
         slim = slim_for_work(piece) if rereadable[idx] else slim_dropped(piece)
         write_parquet_atomic(fs, desc["path"], slim.combine_chunks())
-        add_timing(timings, EXCHANGE_WRITE, piece.num_rows, time.perf_counter() - t)
+        t.add_to(timings, EXCHANGE_WRITE, piece.num_rows)
         desc["timings"] = timings
         out.append(desc)
     return out
@@ -288,9 +295,9 @@ def _timed(batches, timings: Timings) -> Iterator[pa.Table]:
     """Count the time spent producing each batch as exchange reading."""
     it = iter(batches)
     while True:
-        t = time.perf_counter()
+        t = Stopwatch()
         batch = next(it, None)
-        add_timing(timings, EXCHANGE_READ, 0, time.perf_counter() - t)
+        t.add_to(timings, EXCHANGE_READ, 0)
         if batch is None:
             return
         yield batch

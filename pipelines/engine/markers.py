@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import posixpath
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,16 +31,37 @@ from vila2_curate.schemas.records import ShardStats
 
 PROGRESS_DIR = "_progress"
 
-Timings = dict[str, dict[str, float]]  # step -> {rows, seconds, gpu_seconds}
+# step -> {rows, seconds, cpu_seconds, gpu_seconds}; cpu_seconds is the process CPU of map-side steps (a
+# global decide's CPU is spread over the engine's workers: its entry holds wall seconds only)
+Timings = dict[str, dict[str, float]]
 
 
 # ---- timings ---------------------------------------------------------------------------------------------
-def add_timing(timings: Timings, name: str, rows: int, seconds: float, gpus: float = 0.0) -> None:
-    """Add one step's rows and seconds (and GPU-seconds at ``gpus`` GPUs) to ``timings``."""
-    acc = timings.setdefault(name, {"rows": 0, "seconds": 0.0, "gpu_seconds": 0.0})
+def add_timing(timings: Timings, name: str, rows: int, seconds: float, gpus: float = 0.0,
+               cpu_seconds: float = 0.0) -> None:
+    """Add one step's rows, wall seconds, CPU seconds and GPU-seconds (wall at ``gpus`` GPUs) to ``timings``."""
+    acc = timings.setdefault(name, {"rows": 0, "seconds": 0.0, "cpu_seconds": 0.0, "gpu_seconds": 0.0})
     acc["rows"] += rows
     acc["seconds"] += seconds
+    acc["cpu_seconds"] = acc.get("cpu_seconds", 0.0) + cpu_seconds
     acc["gpu_seconds"] = acc.get("gpu_seconds", 0.0) + seconds * gpus
+
+
+class Stopwatch:
+    """Wall and process CPU seconds since it started. On a shared node other processes (an engine's own
+    daemons, neighbours) stretch a step's wall time but not the CPU time it computed: both are kept."""
+
+    __slots__ = ("cpu", "wall")
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def elapsed(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def add_to(self, timings: Timings, name: str, rows: int, gpus: float = 0.0) -> None:
+        seconds, cpu = self.elapsed()
+        add_timing(timings, name, rows, seconds, gpus, cpu)
 
 
 def merge_timings(parts: Iterable[dict[str, Any] | None]) -> Timings:
@@ -47,7 +69,8 @@ def merge_timings(parts: Iterable[dict[str, Any] | None]) -> Timings:
     total: Timings = {}
     for p in parts:
         for k, v in (p or {}).items():
-            add_timing(total, k, int(v.get("rows", 0)), float(v.get("seconds", 0.0)))
+            add_timing(total, k, int(v.get("rows", 0)), float(v.get("seconds", 0.0)),
+                       cpu_seconds=float(v.get("cpu_seconds", 0.0)))
             total[k]["gpu_seconds"] += float(v.get("gpu_seconds", 0.0))
     return total
 

@@ -15,7 +15,6 @@ segment).
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,8 +24,8 @@ from vila2_curate.curation.decisions import apply_decisions, index_decisions
 from vila2_curate.pipelines.engine.guard import apply_guarded
 from vila2_curate.pipelines.engine.markers import (
     ShardResult,
+    Stopwatch,
     Timings,
-    add_timing,
     merge_timings,
     segment_timings,
     write_marker,
@@ -67,22 +66,22 @@ def input_batches(fs, root: str, plan: Plan, reader: Reader, shard: InputShard, 
         read_name = "read_intermediate"
         prev_stage = plan.segments[seg - 1].global_stage.name
         decisions = index_decisions(read_shard_decisions(fs, root, seg - 1, shard, plan.segment_hash(seg - 1)))
-    t0 = time.perf_counter()
+    t0 = Stopwatch()
     for batch in source:
-        add_timing(timings, read_name, batch.num_rows, time.perf_counter() - t0)
+        t0.add_to(timings, read_name, batch.num_rows)
         if decisions is not None:
-            t = time.perf_counter()
+            t = Stopwatch()
             batch = apply_decisions(batch, decisions, prev_stage)
-            add_timing(timings, f"{prev_stage}_apply", batch.num_rows, time.perf_counter() - t)
+            t.add_to(timings, f"{prev_stage}_apply", batch.num_rows)
         yield batch
-        t0 = time.perf_counter()
+        t0 = Stopwatch()
 
 
 def map_batch(segment: Segment, batch: pa.Table, timings: Timings) -> pa.Table:
     for stage in segment.maps:
-        t = time.perf_counter()
+        t = Stopwatch()
         batch = apply_guarded(stage, batch)
-        add_timing(timings, stage.name, batch.num_rows, time.perf_counter() - t, gpu_share(stage))
+        t.add_to(timings, stage.name, batch.num_rows, gpu_share(stage))
     return batch
 
 
@@ -103,26 +102,26 @@ class SegmentOutput:
             self.sigs: list[pa.Table] = []
 
     def write(self, batch: pa.Table) -> None:
-        t = time.perf_counter()
+        t = Stopwatch()
         self.rows += batch.num_rows
         if self.last:
             before = self.sink.stats.kept
             self.sink.write(batch)
             self.kept += self.sink.stats.kept - before
-            add_timing(self.timings, "write", batch.num_rows, time.perf_counter() - t)
+            t.add_to(self.timings, "write", batch.num_rows)
             return
         self.inter.write(batch)
-        add_timing(self.timings, "write_intermediate", batch.num_rows, time.perf_counter() - t)
-        t = time.perf_counter()
+        t.add_to(self.timings, "write_intermediate", batch.num_rows)
+        t = Stopwatch()
         self.add_signatures([self.segment.global_stage.signatures(batch)])
-        add_timing(self.timings, f"{self.segment.global_stage.name}_signatures", batch.num_rows, time.perf_counter() - t)
+        t.add_to(self.timings, f"{self.segment.global_stage.name}_signatures", batch.num_rows)
 
     def write_mapped(self, rows: pa.Table) -> None:
         """Rows a distributed map side already slimmed (its signatures come through ``add_signatures``)."""
-        t = time.perf_counter()
+        t = Stopwatch()
         self.rows += rows.num_rows
         self.inter.write_slim(rows)
-        add_timing(self.timings, "write_intermediate", rows.num_rows, time.perf_counter() - t)
+        t.add_to(self.timings, "write_intermediate", rows.num_rows)
 
     def add_signatures(self, sigs: list[pa.Table]) -> None:
         self.sigs.extend(s for s in sigs if s.num_rows)
