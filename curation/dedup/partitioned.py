@@ -317,15 +317,20 @@ def band_span(band: int, bands: int) -> tuple[int, int]:
 
 
 def _first_band_pairs(pairs: np.ndarray, hashes: np.ndarray, band: int, bands: int) -> np.ndarray:
-    """The pairs whose first agreeing band is ``band``: a pair that also agrees on an earlier band is
-    confirmed in that band's group (which holds both rows too), so each pair is confirmed once."""
-    if pairs.size == 0 or band == 0:
+    """The pairs whose first agreeing band is ``band``, so each pair leaves step 2 once, whatever the
+    group count: a pair that agrees on an earlier band comes from that band's group (which holds both
+    rows too), and one that disagrees on ``band`` met here only because two band values share a group."""
+    if pairs.size == 0:
         return pairs
     x = hashes[pairs[:, 0]] ^ hashes[pairs[:, 1]]
-    keep = np.ones(len(pairs), dtype=bool)
+
+    def agree(b: int) -> np.ndarray:
+        start, width = band_span(b, bands)
+        return ((x >> np.uint64(start)) & np.uint64((1 << width) - 1)) == 0
+
+    keep = agree(band)
     for earlier in range(band):
-        start, width = band_span(earlier, bands)
-        keep &= ((x >> np.uint64(start)) & np.uint64((1 << width) - 1)) != 0
+        keep &= ~agree(earlier)
     return pairs[keep]
 
 

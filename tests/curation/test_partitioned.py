@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 import pytest
 
 from tests.helpers.reference import combine_reference
+from vila2_curate.curation.dedup.combine import PENDING_METHOD
 from vila2_curate.curation.dedup.minhash import minhash_signatures
 from vila2_curate.curation.dedup.stage import SIGNATURE_SCHEMA, DedupStage
 from vila2_curate.curation.dedup.thumbnails import THUMB_BYTES
@@ -356,3 +357,22 @@ def test_fixed_width_columns_join_chunks_and_wide_offsets() -> None:
         assert np.array_equal(list_matrix(col, np.float32), emb)
     with pytest.raises(ValueError, match="not all 5 bytes"):
         fixed_binary(pa.array([b"12345", b"123"]), 5)
+
+
+def test_step_two_edges_do_not_depend_on_the_group_count(synthetic: pa.Table) -> None:
+    """Each candidate leaves step 2 once whatever the group count: two pHash band values that share a
+    group by chance pair no rows that disagree on that band (they meet in their own first band's group)."""
+    from vila2_curate.pipelines.engine.aggregate import split_by_partition, with_shard
+
+    stage = DedupStage(CONFIGS["images"])
+    sig = with_shard(synthetic, "web/00000", 0)
+    stage.fit([stage.sample(sig)])
+    rows = stage.partition(sig)
+
+    def edges(groups: int) -> list[tuple]:
+        out = pa.concat_tables([stage.decide_partition(g) for _, g in split_by_partition(rows, groups)])
+        return sorted(zip(*(out.column(c).to_pylist() for c in ("method", "a_id", "b_id")), strict=True))
+
+    one = edges(1)
+    assert one and any(m == PENDING_METHOD for m, _, _ in one)
+    assert edges(7) == one and edges(64) == one
