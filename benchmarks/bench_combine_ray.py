@@ -69,6 +69,7 @@ def run(stage_name: str, n: int, shard_rows: int, work: str) -> dict[str, Any]:
     import pyarrow as pa
 
     from vila2_curate.pipelines.engine.components import combine_on_engine
+    from vila2_curate.pipelines.engine.group_size import decide_group_count, partition_bytes
     from vila2_curate.pipelines.engine.runner import (
         LoadSignatures,
         RunContext,
@@ -92,7 +93,8 @@ def run(stage_name: str, n: int, shard_rows: int, work: str) -> dict[str, Any]:
         fit_on_samples(engine, ctx, 0, stage)
     bench_scale._release_free_heap()
     bench_scale._reset_peak()
-    partitions = engine.decide_groups(ctx)
+    # as the runner sizes them: the engine's count, more when a group would pass decide_group_mb
+    partitions = decide_group_count(engine.decide_groups(ctx), partition_bytes(fs, root, 0, stage, items))
     _, summary = combine_on_engine(engine, ctx, 0, "bench", stage, partitions, ShardSignatures(fs, root, 0),
                                    LoadSignatures(fs, root, 0, stage, partitions))
     driver = bench_scale._mib(bench_scale._peak_kib())
