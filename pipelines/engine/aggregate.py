@@ -59,6 +59,11 @@ def decide_local(stage: GlobalStage, signatures: pa.Table) -> pa.Table:
     return pa.concat_tables(parts) if parts else empty_decisions()
 
 
+def shard_label(shard: Any) -> str:
+    """An input shard's label in the signatures' shard column and in reports: ``<source>/<shard_id>``."""
+    return f"{shard.source}/{shard.shard_id}"
+
+
 def with_shard(signatures: pa.Table, shard: str, index: int | None = None) -> pa.Table:
     """The shard's signatures with the ``shard`` column the partitioned decide needs, and with ``index``
     (the shard's position in the run's shard list) each row's integer ``node`` (both replaced if present)."""

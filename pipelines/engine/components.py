@@ -32,7 +32,7 @@ from vila2_curate.curation.dedup.components import (
     star_round,
     unique_labels,
 )
-from vila2_curate.pipelines.engine.aggregate import split_by_values
+from vila2_curate.pipelines.engine.aggregate import shard_label, split_by_values
 from vila2_curate.pipelines.engine.workdir import seg_dir, write_shard_decisions
 from vila2_curate.pipelines.io.parquet_read import read_parquet
 from vila2_curate.pipelines.io.writers.atomic import write_parquet_atomic
@@ -331,6 +331,6 @@ def _phase_report(stats: list[pa.Table], ctx) -> dict[str, Any]:
     return {"components": int(pc.sum(t.column("components")).as_py()),
             "members": int(pc.sum(t.column("rows")).as_py()),
             "largest": int(t.column("largest")[i].as_py()),
-            "largest_at": {SHARD_COL: f"{item.shard.source}/{item.shard.shard_id}",
+            "largest_at": {SHARD_COL: shard_label(item.shard),
                            "row": root & ((1 << NODE_SHARD_BITS) - 1)},
             "large": int(pc.sum(t.column("large")).as_py())}

@@ -40,8 +40,7 @@ def partition_bytes(fs, root: str, seg: int, stage: Any, items: list) -> dict[st
             if pf.metadata.num_rows == 0 or pf.metadata.num_columns == 0:
                 continue
             head = pa.Table.from_batches([next(pf.iter_batches(batch_size=SAMPLE_ROWS, use_threads=False))])
-        label = f"{item.shard.source}/{item.shard.shard_id}"
-        part_bytes += stage.partition(aggregate.with_shard(head, label, item.index)).nbytes
+        part_bytes += stage.partition(aggregate.with_shard(head, aggregate.shard_label(item.shard), item.index)).nbytes
         sampled += head.num_rows
     est_rows = rows / shards_seen * len(items) if shards_seen else 0.0
     return {"signature_rows": round(est_rows), "bytes_per_row": part_bytes / sampled if sampled else 0.0}

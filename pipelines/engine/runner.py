@@ -201,10 +201,6 @@ def pending_work(ctx: RunContext) -> dict[int, list[WorkItem]]:
 # ------------------------------------------------------------------------------------------ decisions
 
 
-def shard_label(shard: InputShard) -> str:
-    return f"{shard.source}/{shard.shard_id}"
-
-
 def uses_partitioned(stage: Any, config: RunConfig) -> bool:
     return config.decide == "partitioned" and isinstance(stage, PartitionedDecide)
 
@@ -271,7 +267,7 @@ class DecidePartition:
 def _pending_signatures(fs, root: str, seg: int, shard: InputShard) -> pa.Table:
     sig = read_shard_signatures(fs, root, seg, shard)
     if sig is None:
-        raise RuntimeError(f"pending edges name {shard_label(shard)}, which has no signatures")
+        raise RuntimeError(f"pending edges name {aggregate.shard_label(shard)}, which has no signatures")
     return sig
 
 
@@ -288,7 +284,7 @@ def read_shard_signatures(fs, root: str, seg: int, shard: InputShard) -> pa.Tabl
 
 def with_shard(sig: pa.Table, item: WorkItem) -> pa.Table:
     """The shard's signatures with its label and each row's integer node (``schemas.stage.NODE_COL``)."""
-    return aggregate.with_shard(sig, shard_label(item.shard), item.index)
+    return aggregate.with_shard(sig, aggregate.shard_label(item.shard), item.index)
 
 
 class ShardSignatures:
@@ -327,7 +323,7 @@ class WriteShardDecisions:
         elif self.combined is not None:
             combined = self.combined
             if SHARD_COL in combined.column_names:
-                combined = combined.filter(pc.equal(combined.column(SHARD_COL), shard_label(item.shard)))
+                combined = combined.filter(pc.equal(combined.column(SHARD_COL), aggregate.shard_label(item.shard)))
             mine = normalize_decisions(self.stage.shard_decisions(combined, with_shard(sig, item)))
         else:
             mine = decisions_of(self.decisions, sig)
